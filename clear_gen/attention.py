@@ -1,0 +1,361 @@
+"""CLEAR attention for diffusers' FluxTransformer2DModel: processor, backends, apply/remove.
+
+`apply_clear` does four things to a transformer, all undone by `remove_clear`:
+1. a `ClearAttnProcessor` on every double and single block (same signature as FluxAttnProcessor);
+2. RoPE theta multiplied by `ntk_factor`;
+3. hooks that tile-order the image tokens (and `img_ids`) at the transformer's input and restore
+   row-major order at its output, so every layer works on tiles with no per-layer gather;
+4. optionally, a CLEAR checkpoint's projections and spatial weights (the originals are kept on the CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import geometry as G
+from .errors import CheckpointError, ConfigError
+
+BACKENDS = ("auto", "flex", "dense")
+DENSE_MAX_ELEMENTS = 1 << 26  # q_len * kv_len; beyond it the dense mask and scores are too large
+
+
+@dataclass
+class ClearConfig:
+    window: int  # r: image keys with dy^2 + dx^2 < r^2
+    down_factor: int = 1  # f: pooled key per f x f cell; 1 = none
+    proportional_attention: bool = False  # scale sqrt(log_4608(N) / d) instead of 1/sqrt(d)
+    ntk_factor: float = 1.0  # RoPE theta multiplier
+    backend: str = "auto"  # auto | flex | dense
+
+
+@dataclass
+class _Layout:
+    """What one forward pass needs: the geometry and the permutation that tile-orders its tokens."""
+
+    geometry: G.Geometry
+    perm: Tensor  # (N,) row-major index of each tile-order position, on the device
+    inv: Tensor  # (N,) tile-order position of each row-major token
+
+
+@dataclass
+class _ClearState:
+    """Shared by the transformer's hooks and all its processors."""
+
+    config: ClearConfig
+    layout: _Layout | None = None
+    originals: dict[str, Tensor] = field(default_factory=dict)  # replaced parameters, on the CPU
+    processors: dict[str, object] = field(default_factory=dict)  # the processors we replaced
+    theta: float = 10000.0
+    hooks: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- backends
+
+
+_compiled_flex = None
+
+
+def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
+    """Compiled FlexAttention with the analytic block mask. (B, H, L, D) in and out."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention)
+    mask = G.block_mask(geo, str(query.device))
+    return _compiled_flex(query, key, value, block_mask=mask, scale=scale)
+
+
+def _dense(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
+    """SDPA with an explicit boolean mask: the small-size reference. (B, H, L, D) in and out."""
+    if geo.q_len * geo.kv_len > DENSE_MAX_ELEMENTS:
+        raise ConfigError(
+            f"the dense backend needs a {geo.q_len} x {geo.kv_len} mask, too large; use backend='flex'"
+        )
+    mask = G.dense_mask(geo, query.device)  # (Lq, Lkv) bool
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "flex" if device.type in ("cuda", "cpu") else "dense"
+    return backend
+
+
+# ---------------------------------------------------------------- the processor
+
+
+def pool_keys(x: Tensor, geo: G.Geometry, inv: Tensor, weight: Tensor) -> Tensor:
+    """Down-sampled tokens: sum_{i,j<f} s[i,j] x[cell_y*f+i, cell_x*f+j]. x: (B, N, H, D) tile order."""
+    f, (h, w) = geo.down_factor, (geo.height, geo.width)
+    grid = x[:, inv].unflatten(1, (h // f, f, w // f, f))  # (B, h/f, f, w/f, f, H, D), row-major cells
+    s = weight.view(f, f).to(x.dtype)[None, None, :, None, :, None, None]  # (1, 1, f, 1, f, 1, 1)
+    return (grid * s).sum(dim=(2, 4)).flatten(1, 2)  # (B, M, H, D)
+
+
+class ClearAttnProcessor(torch.nn.Module):
+    """FluxAttnProcessor with CLEAR's local attention. An nn.Module so that `spatial_weight` is
+    saved and loaded as `...attn.processor.spatial_weight`, as in the published checkpoints."""
+
+    def __init__(self, state: _ClearState, like: Tensor):
+        super().__init__()
+        self._state = [state]  # a list, so nn.Module does not try to register or copy it
+        f = state.config.down_factor
+        if f > 1:
+            init = torch.full((1, 1, 1, f, 1, f, 1), 1.0 / f**2, dtype=like.dtype, device=like.device)
+            self.spatial_weight = torch.nn.Parameter(init, requires_grad=False)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        state = self._state[0]
+        layout = state.layout
+        assert layout is not None, "CLEAR attention runs inside its transformer's forward (hooks set it up)"
+        assert attention_mask is None, "CLEAR attention takes no attention_mask"
+        geo = layout.geometry
+        # 1. Projections and q/k RMSNorm, exactly as FluxAttnProcessor: (B, L, H, D).
+        query, key, value = _project(hidden_states, attn.head_dim, attn.to_q, attn.to_k, attn.to_v)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            assert encoder_hidden_states.shape[1] == geo.text_len
+            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            eq, ek, ev = _project(encoder_hidden_states, attn.head_dim, *projections)
+            query = torch.cat([attn.norm_added_q(eq), query], dim=1)  # (B, T + N, H, D): text first
+            key = torch.cat([attn.norm_added_k(ek), key], dim=1)
+            value = torch.cat([ev, value], dim=1)
+        assert query.shape[1] == geo.q_len, (query.shape, geo)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        # 2. Down-sampled keys and values from post-norm, post-RoPE keys, appended after the image.
+        if geo.down_factor > 1:
+            image = slice(geo.text_len, None)
+            key = torch.cat([key, pool_keys(key[:, image], geo, layout.inv, self.spatial_weight)], dim=1)
+            value = torch.cat([value, pool_keys(value[:, image], geo, layout.inv, self.spatial_weight)], 1)
+        # 3. Attention over (B, H, L, D).
+        scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
+        run = _flex if resolve_backend(state.config.backend, query.device) == "flex" else _dense
+        out = run(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), geo, scale)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
+        # 4. Output projections, exactly as FluxAttnProcessor.
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([geo.text_len, geo.image_len], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+def _project(x: Tensor, head_dim: int, *linears) -> list[Tensor]:
+    """(B, L, C) -> one (B, L, H, D) per linear."""
+    return [linear(x).unflatten(-1, (-1, head_dim)) for linear in linears]
+
+
+# ---------------------------------------------------------------- token order hooks
+
+
+def _grid_of(img_ids: Tensor) -> tuple[int, int]:
+    """(h, w) of the row-major grid that img_ids (N, 3) = [0, row, col] describe; refuse anything else."""
+    n = img_ids.shape[0]
+    w = int(img_ids[:, 2].max() - img_ids[:, 2].min()) + 1
+    h = n // w
+    y0, x0 = img_ids[0, 1], img_ids[0, 2]
+    rows = torch.arange(h, device=img_ids.device).repeat_interleave(w) + y0
+    cols = torch.arange(w, device=img_ids.device).repeat(h) + x0
+    if h * w != n or not (torch.equal(img_ids[:, 1], rows.to(img_ids.dtype)) and torch.equal(
+        img_ids[:, 2], cols.to(img_ids.dtype)
+    )):
+        raise ConfigError("CLEAR needs img_ids of one row-major image grid (as FluxPipeline makes)")
+    return h, w
+
+
+def _choose_tile(height: int, width: int) -> tuple[int, int]:
+    """8 x 16 tiles, or 16 x 8 when that divides the width and 8 x 16 does not (blocks stay whole tiles)."""
+    if width % 16 and not width % 8:
+        return (16, 8)
+    return G.DEFAULT_TILE
+
+
+_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+
+
+def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
+    """Tile-order hidden_states and img_ids and record the layout for this forward."""
+    kwargs = {**dict(zip(_ARGS, args)), **kwargs}  # positional arguments by name
+    hidden, text, img_ids = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["img_ids"]
+    if img_ids.ndim == 3:
+        img_ids = img_ids[0]
+    h, w = _grid_of(img_ids)
+    f = state.config.down_factor
+    if h % f or w % f:
+        raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
+    geo = G.Geometry(text.shape[1], h, w, state.config.window, f, _choose_tile(h, w))
+    device = hidden.device
+    perm = G.tile_order(h, w, geo.tile).to(device)
+    state.layout = _Layout(geo, perm, G.inverse_order(h, w, geo.tile).to(device))
+    kwargs["hidden_states"] = hidden[:, perm]  # (B, N, C) tile order
+    kwargs["img_ids"] = img_ids[perm]  # RoPE positions move with their tokens
+    return (), kwargs
+
+
+def _post_hook(state: _ClearState, module, args, output):
+    """Back to row-major order."""
+    inv = state.layout.inv
+    state.layout = None
+    if isinstance(output, tuple):
+        return (output[0][:, inv], *output[1:])
+    output.sample = output.sample[:, inv]
+    return output
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _attn_modules(transformer) -> dict[str, torch.nn.Module]:
+    """'transformer_blocks.{i}.attn' / 'single_transformer_blocks.{i}.attn' -> module."""
+    out = {}
+    for kind in ("transformer_blocks", "single_transformer_blocks"):
+        for i, block in enumerate(getattr(transformer, kind)):
+            out[f"{kind}.{i}.attn"] = block.attn
+    return out
+
+
+def expected_checkpoint(transformer, down_factor: int) -> dict[str, torch.Size]:
+    """Keys and shapes of a published CLEAR checkpoint for this transformer."""
+    shapes = {}
+    for name, attn in _attn_modules(transformer).items():
+        layers = ["to_q", "to_k", "to_v"] + (["to_out.0"] if name.startswith("transformer_") else [])
+        for layer in layers:
+            module = attn.get_submodule(layer)
+            shapes[f"{name}.{layer}.weight"] = module.weight.shape
+            if module.bias is not None:
+                shapes[f"{name}.{layer}.bias"] = module.bias.shape
+        if down_factor > 1:
+            shapes[f"{name}.processor.spatial_weight"] = torch.Size((1, 1, 1, down_factor, 1, down_factor, 1))
+    return shapes
+
+
+def _first(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_checkpoint(transformer, state_dict: Mapping[str, Tensor], down_factor: int) -> None:
+    """Refuse a checkpoint that does not fit, naming its first offending keys."""
+    expected = expected_checkpoint(transformer, down_factor)
+    spatial = [k for k in state_dict if k.endswith("processor.spatial_weight")]
+    if spatial and down_factor == 1:
+        f = state_dict[spatial[0]].shape[3] if state_dict[spatial[0]].dim() == 7 else "?"
+        raise CheckpointError(
+            f"this CLEAR checkpoint is down-sampled (f = {f}: {_first(spatial, 1)}) but down_factor=1; "
+            f"pass down_factor={f}"
+        )
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    if missing:
+        raise CheckpointError(f"CLEAR checkpoint lacks {len(missing)} keys the model needs: {_first(missing)}")
+    if unexpected:
+        raise CheckpointError(f"CLEAR checkpoint has {len(unexpected)} unexpected keys: {_first(unexpected)}")
+    wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != tuple(shape)]
+    if wrong:
+        k = sorted(wrong)[0]
+        raise CheckpointError(
+            f"CLEAR checkpoint does not fit this model: {k} is {tuple(state_dict[k].shape)}, "
+            f"the model wants {tuple(expected[k])} ({len(wrong)} keys differ)"
+        )
+
+
+def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> None:
+    """Copy the checkpoint in place (spatial weights included), keeping the replaced originals on the CPU."""
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            param = transformer.get_parameter(key)
+            if not key.endswith("spatial_weight"):
+                state.originals.setdefault(key, param.detach().to("cpu", copy=True))
+            param.copy_(value)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _validate(config: ClearConfig) -> None:
+    if not isinstance(config.window, int) or config.window < 1:
+        raise ConfigError(f"window must be a positive integer, got {config.window!r}")
+    if not isinstance(config.down_factor, int) or config.down_factor < 1:
+        raise ConfigError(f"down_factor must be a positive integer, got {config.down_factor!r}")
+    if not config.ntk_factor > 0:
+        raise ConfigError(f"ntk_factor must be positive, got {config.ntk_factor!r}")
+    resolve_backend(config.backend, torch.device("cpu"))
+
+
+def apply_clear(
+    transformer,
+    *,
+    window: int,
+    down_factor: int = 1,
+    state_dict: Mapping[str, Tensor] | None = None,
+    proportional_attention: bool = False,
+    ntk_factor: float = 1.0,
+    backend: str = "auto",
+) -> None:
+    """Turn a diffusers FluxTransformer2DModel into its CLEAR version, in place (see module docstring).
+
+    Applying again first removes the previous CLEAR. A checkpoint that does not fit is refused
+    before anything changes.
+    """
+    config = ClearConfig(window, down_factor, proportional_attention, ntk_factor, backend)
+    _validate(config)
+    if any(getattr(a, "fused_projections", False) for a in _attn_modules(transformer).values()):
+        raise ConfigError("CLEAR needs separate q/k/v projections: call transformer.unfuse_qkv_projections()")
+    if state_dict is not None:
+        check_checkpoint(transformer, state_dict, down_factor)
+    remove_clear(transformer)
+    state = _ClearState(config, theta=transformer.pos_embed.theta)
+    like = transformer.x_embedder.weight
+    for name, attn in _attn_modules(transformer).items():
+        state.processors[name] = attn.processor
+        attn.set_processor(ClearAttnProcessor(state, like))
+    if state_dict is not None:
+        _load(transformer, state, state_dict)
+    transformer.pos_embed.theta = state.theta * ntk_factor
+    state.hooks = [
+        transformer.register_forward_pre_hook(lambda m, a, k: _pre_hook(state, m, a, k), with_kwargs=True),
+        transformer.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
+    ]
+    transformer._clear_state = state
+
+
+def remove_clear(transformer) -> None:
+    """Back to the stock attention: processors, RoPE theta, token order and replaced weights restored."""
+    state: _ClearState | None = getattr(transformer, "_clear_state", None)
+    if state is None:
+        return
+    for handle in state.hooks:
+        handle.remove()
+    modules = _attn_modules(transformer)
+    for name, processor in state.processors.items():
+        modules[name].set_processor(processor)
+    with torch.no_grad():
+        for key, value in state.originals.items():
+            transformer.get_parameter(key).copy_(value)
+    transformer.pos_embed.theta = state.theta
+    del transformer._clear_state
+
+
+def clear_config(transformer) -> ClearConfig | None:
+    """The CLEAR settings of a transformer, or None when it runs stock attention."""
+    state = getattr(transformer, "_clear_state", None)
+    return None if state is None else state.config

@@ -1,0 +1,348 @@
+"""CLEAR's attention pattern as a pure function of the geometry: token order, mask, block mask.
+
+Sequence layout (what every layer sees once the transformer's input is tile-ordered):
+    queries: [text T ; image N]              (N = h * w, image tokens in tile order)
+    keys:    [text T ; image N ; down M]     (M = (h / f) * (w / f) pooled tokens, row-major; M = 0 if f = 1)
+An image query at (y, x) sees all text, the image keys with (y - y')^2 + (x - x')^2 < r^2 and all
+down-sampled keys; a text query sees all text and image keys but no down-sampled ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+BLOCK = 128  # FlexAttention's sparse block size (queries and keys)
+DEFAULT_TILE = (8, 16)  # image tokens per tile: rows x cols = 128 = one block
+PROPORTIONAL_BASE = 64 * 64 + 512  # 4608 tokens: FLUX's 1024 px training length
+
+
+@dataclass(frozen=True)
+class Geometry:
+    text_len: int  # T: text tokens, first in the sequence
+    height: int  # h: image token rows (pixels / 16)
+    width: int  # w: image token columns
+    window: int  # r: image keys strictly inside the circle of radius r
+    down_factor: int = 1  # f: one pooled key per f x f cell; 1 = none
+    tile: tuple[int, int] = DEFAULT_TILE
+
+    def __post_init__(self) -> None:
+        assert self.text_len >= 0 and self.height > 0 and self.width > 0 and self.window > 0
+        assert self.height % self.down_factor == 0 and self.width % self.down_factor == 0
+
+    @property
+    def image_len(self) -> int:
+        return self.height * self.width
+
+    @property
+    def down_len(self) -> int:
+        f = self.down_factor
+        return 0 if f == 1 else (self.height // f) * (self.width // f)
+
+    @property
+    def q_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def kv_len(self) -> int:
+        return self.q_len + self.down_len
+
+
+def attention_scale(geo: Geometry, head_dim: int, proportional: bool) -> float:
+    """Softmax scale: 1/sqrt(d), or CLEAR's proportional sqrt(log_4608(N) / d) (log_4608(10 N) if f > 1)."""
+    if not proportional:
+        return 1.0 / math.sqrt(head_dim)
+    n = geo.q_len * (10 if geo.down_factor > 1 else 1)
+    return math.sqrt(math.log(n, PROPORTIONAL_BASE) / head_dim)
+
+
+# ---------------------------------------------------------------- token order
+
+
+@lru_cache(maxsize=32)
+def tile_order(height: int, width: int, tile: tuple[int, int] = DEFAULT_TILE) -> torch.Tensor:
+    """perm[i] = row-major index of the i-th token in tile order (tiles row-major, row-major inside).
+
+    Edge tiles are cut to the grid, so any h x w works; `x[:, perm]` tile-orders a row-major sequence.
+    """
+    th, tw = tile
+    y = torch.arange(height).view(-1, 1)  # (h, 1)
+    x = torch.arange(width).view(1, -1)  # (1, w)
+    ty, tx = y // th, x // tw
+    tile_h = torch.clamp(height - ty * th, max=th)  # rows of the tile holding (y, x)
+    tile_w = torch.clamp(width - tx * tw, max=tw)
+    # Tokens before this tile's row of tiles, before this tile in its row, then inside the tile.
+    key = ty * th * width + tx * tw * tile_h + (y % th) * tile_w + (x % tw)  # (h, w): position in tile order
+    return torch.argsort(key.flatten())
+
+
+@lru_cache(maxsize=32)
+def inverse_order(height: int, width: int, tile: tuple[int, int] = DEFAULT_TILE) -> torch.Tensor:
+    """inv[j] = tile-order position of row-major token j; `x[:, inv]` undoes `x[:, perm]`."""
+    perm = tile_order(height, width, tile)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return inv
+
+
+def kv_coordinates(geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ys, xs): grid row and column of every key position (text and down entries are 0), int32.
+
+    Padded to whole blocks so that a mask_mod may index any position of a partial block.
+    """
+    padded = math.ceil(geo.kv_len / BLOCK) * BLOCK
+    ys = torch.zeros(padded, dtype=torch.int32)
+    xs = torch.zeros(padded, dtype=torch.int32)
+    perm = tile_order(geo.height, geo.width, geo.tile)
+    image = slice(geo.text_len, geo.q_len)
+    ys[image] = (perm // geo.width).to(torch.int32)
+    xs[image] = (perm % geo.width).to(torch.int32)
+    return ys, xs
+
+
+# ---------------------------------------------------------------- the mask
+
+
+def make_mask_mod(geo: Geometry, device: torch.device | str = "cpu"):
+    """FlexAttention mask_mod(b, h, q_idx, kv_idx) of CLEAR over the tile-ordered sequence."""
+    ys, xs = (t.to(device) for t in kv_coordinates(geo))
+    text_len, q_len, r2 = geo.text_len, geo.q_len, geo.window**2
+
+    def clear_mask(b, h, q_idx, kv_idx):
+        dy = ys[q_idx] - ys[kv_idx]
+        dx = xs[q_idx] - xs[kv_idx]
+        kv_down = kv_idx >= q_len
+        image_row = (kv_idx < text_len) | kv_down | (dy * dy + dx * dx < r2)
+        return torch.where(q_idx < text_len, ~kv_down, image_row)
+
+    return clear_mask
+
+
+def dense_mask(geo: Geometry, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (q_len, kv_len) boolean mask, True = attend. Memory O(q_len * kv_len): small sizes only."""
+    q = torch.arange(geo.q_len, device=device).view(-1, 1)
+    kv = torch.arange(geo.kv_len, device=device).view(1, -1)
+    return make_mask_mod(geo, device)(0, 0, q, kv)
+
+
+def needed_pairs(geo: Geometry) -> int:
+    """Exact count of True entries of the mask, in O(r^2): the work an ideal kernel would do."""
+    h, w, r = geo.height, geo.width, geo.window
+    T, N, M = geo.text_len, geo.image_len, geo.down_len
+    window_pairs = sum(
+        max(h - abs(dy), 0) * max(w - abs(dx), 0)
+        for dy in range(-r + 1, r)
+        for dx in range(-r + 1, r)
+        if dy * dy + dx * dx < r * r
+    )
+    return T * (T + N) + N * (T + M) + window_pairs
+
+
+# ---------------------------------------------------------------- block mask, analytically
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """Per query block, the key blocks to compute: `partial` (mask_mod applied) and `full` (no mask).
+
+    Each is (count (nq,), indices (nq, width)) in FlexAttention's kv_num_blocks / kv_indices layout.
+    """
+
+    partial_num: torch.Tensor
+    partial_idx: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+
+    def computed_pairs(self) -> int:
+        return int(self.partial_num.sum() + self.full_num.sum()) * BLOCK * BLOCK
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """What each block of 128 sequence positions holds: token kinds and the image tokens' bounding box."""
+
+    text: torch.Tensor  # (n,) bool: holds a text token
+    image: torch.Tensor  # (n,) bool: holds an image token
+    down: torch.Tensor  # (n,) bool: holds a down-sampled token
+    y0: torch.Tensor  # (n,) image bbox rows [y0, y1] and columns [x0, x1], int64
+    y1: torch.Tensor
+    x0: torch.Tensor
+    x1: torch.Tensor
+    ragged: torch.Tensor  # (n,) bool: its image tokens do not fill their bbox (block straddles tiles)
+
+
+def _summarise(geo: Geometry, length: int) -> _Blocks:
+    n = math.ceil(length / BLOCK)
+    ys, xs = (t[: n * BLOCK].long().view(n, BLOCK) for t in kv_coordinates(geo))  # (n, 128) each
+    pos = torch.arange(n * BLOCK).view(n, BLOCK)
+    is_image = (pos >= geo.text_len) & (pos < geo.q_len)
+    big = geo.height + geo.width + 1
+    y0, y1 = torch.where(is_image, ys, big).amin(1), torch.where(is_image, ys, -big).amax(1)
+    x0, x1 = torch.where(is_image, xs, big).amin(1), torch.where(is_image, xs, -big).amax(1)
+    area = (y1 - y0 + 1).clamp(min=0) * (x1 - x0 + 1).clamp(min=0)
+    return _Blocks(
+        text=(pos < geo.text_len).any(1),
+        image=is_image.any(1),
+        down=((pos >= geo.q_len) & (pos < length)).any(1),
+        y0=y0,
+        y1=y1,
+        x0=x0,
+        x1=x1,
+        ragged=is_image.sum(1) < area,
+    )
+
+
+def _classify(q: _Blocks, qi: torch.Tensor, kv: _Blocks, ki: torch.Tensor, r: int):
+    """(any, full) for query blocks qi (nq, 1) against key blocks ki (nq, K); ki < 0 = no candidate."""
+    valid = ki >= 0
+    k = ki.clamp(min=0)
+    qt, qm, kt, km, kd = q.text[qi], q.image[qi], kv.text[k], kv.image[k], kv.down[k]
+    gap_y = torch.clamp(torch.maximum(q.y0[qi] - kv.y1[k], kv.y0[k] - q.y1[qi]), min=0)
+    gap_x = torch.clamp(torch.maximum(q.x0[qi] - kv.x1[k], kv.x0[k] - q.x1[qi]), min=0)
+    span_y = torch.maximum(q.y1[qi] - kv.y0[k], kv.y1[k] - q.y0[qi])
+    span_x = torch.maximum(q.x1[qi] - kv.x0[k], kv.x1[k] - q.x0[qi])
+    near = qm & km & (gap_y**2 + gap_x**2 < r * r)  # some image pair may be inside the circle
+    inside = span_y**2 + span_x**2 < r * r  # every image pair is inside the circle
+    any_ = valid & ((qt & (kt | km)) | (qm & (kt | kd)) | near)
+    full = any_ & ~(qt & kd) & (~(qm & km) | inside)
+    return any_, full
+
+
+REFINE_BUDGET = 1 << 25  # mask evaluations allowed to sharpen bbox guesses on ragged blocks
+
+
+def _refine(geo: Geometry, q: _Blocks, qi: torch.Tensor, kv: _Blocks, ki: torch.Tensor, any_, full):
+    """Exact (any, full) for candidate pairs touching a ragged block, by evaluating their 128 x 128 masks.
+
+    Bounding boxes are exact for blocks that are whole tiles (the usual case: T a multiple of 128 and
+    the grid's width a multiple of the tile's), and a conservative guess otherwise; within
+    REFINE_BUDGET evaluations the guesses are replaced by the truth, beyond it they stay (still exact
+    attention: a guessed-partial block only costs work).
+    """
+    k = ki.clamp(min=0)
+    todo = any_ & (q.ragged[qi] | kv.ragged[k])
+    pairs = torch.nonzero(todo)  # (P, 2): row in qi, column in ki
+    if pairs.shape[0] == 0 or pairs.shape[0] * BLOCK * BLOCK > REFINE_BUDGET:
+        return any_, full
+    offs = torch.arange(BLOCK)
+    q_idx = (qi.view(-1)[pairs[:, 0]] * BLOCK).view(-1, 1, 1) + offs.view(1, -1, 1)  # (P, 128, 1)
+    kv_idx = (k[pairs[:, 0], pairs[:, 1]] * BLOCK).view(-1, 1, 1) + offs.view(1, 1, -1)  # (P, 1, 128)
+    real = (q_idx < geo.q_len) & (kv_idx < geo.kv_len)
+    sub = make_mask_mod(geo)(0, 0, q_idx, kv_idx) & real  # (P, 128, 128)
+    any_, full = any_.clone(), full.clone()
+    any_[pairs[:, 0], pairs[:, 1]] = sub.flatten(1).any(1)
+    full[pairs[:, 0], pairs[:, 1]] = (sub | ~real).flatten(1).all(1)
+    return any_, full
+
+
+def _compact(keep: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of idx (nq, K) reduced to their kept entries, left-aligned: (count (nq,), indices (nq, K'))."""
+    num = keep.sum(1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept entries first, in order
+    width = max(int(num.max()) if num.numel() else 0, 1)
+    out = torch.gather(idx.clamp(min=0), 1, order[:, :width])
+    out = torch.where(torch.arange(width) < num.view(-1, 1), out, 0)
+    return num.to(torch.int32), out.to(torch.int32)
+
+
+def _image_candidates(geo: Geometry, q: _Blocks, rows: torch.Tensor) -> torch.Tensor:
+    """Key blocks that may hold image tokens within r of query blocks `rows`: (len(rows), K), -1 padded.
+
+    With tiles row-major, the tiles a dilated bbox touches in one tile row are contiguous in the
+    sequence, so each tile row contributes one contiguous range of key blocks: O(blocks * r^2 / tile).
+    """
+    (th, tw), h, w, reach = geo.tile, geo.height, geo.width, geo.window - 1
+    nty, ntx = math.ceil(h / th), math.ceil(w / tw)
+    sizes = torch.clamp(h - torch.arange(nty) * th, max=th).view(-1, 1) * torch.clamp(
+        w - torch.arange(ntx) * tw, max=tw
+    ).view(1, -1)  # (nty, ntx) tokens per tile
+    start = geo.text_len + torch.cumsum(sizes.flatten(), 0).view(nty, ntx) - sizes  # first position
+    end = start + sizes - 1  # last position
+    ty0 = (q.y0[rows] - reach).clamp(min=0) // th
+    ty1 = (q.y1[rows] + reach).clamp(max=h - 1) // th
+    tx0 = (q.x0[rows] - reach).clamp(min=0) // tw
+    tx1 = (q.x1[rows] + reach).clamp(max=w - 1) // tw
+    n_rows = int((ty1 - ty0).max()) + 1
+    ty = ty0.view(-1, 1) + torch.arange(n_rows)  # (nq, n_rows)
+    row_ok = ty <= ty1.view(-1, 1)
+    ty = ty.clamp(max=nty - 1)
+    first = start[ty, tx0.view(-1, 1).expand_as(ty)] // BLOCK  # (nq, n_rows) first key block
+    last = end[ty, tx1.view(-1, 1).expand_as(ty)] // BLOCK
+    n_cols = int((last - first).max()) + 1
+    cand = first.unsqueeze(-1) + torch.arange(n_cols)  # (nq, n_rows, n_cols)
+    ok = row_ok.unsqueeze(-1) & (cand <= last.unsqueeze(-1))
+    return torch.where(ok, cand, -1).flatten(1)
+
+
+def build_block_lists(geo: Geometry) -> BlockLists:
+    """Full and partial key blocks per query block, from the tile geometry alone (no N^2 mask).
+
+    Query blocks holding text see every key block; the others see the text blocks, the down-sampled
+    blocks and the image blocks near their bounding box. A block pair is full when every image pair
+    in the two bounding boxes lies inside the circle, empty when none can, partial otherwise.
+    """
+    r = geo.window
+    q, kv = _summarise(geo, geo.q_len), _summarise(geo, geo.kv_len)
+    nq, nk = q.text.numel(), kv.text.numel()
+    text_blocks = torch.arange(math.ceil(geo.text_len / BLOCK))
+    down_blocks = torch.arange(geo.q_len // BLOCK, nk) if geo.down_len else torch.arange(0)
+    # 1. Query blocks with text tokens: their rows are (almost) full, every key block is a candidate.
+    text_rows = torch.nonzero(q.text).flatten()
+    cand_text = torch.arange(nk).expand(len(text_rows), nk)
+    # 2. Image-only query blocks: text blocks, down blocks and nearby image blocks, deduplicated.
+    img_rows = torch.nonzero(~q.text).flatten()
+    cand_img = torch.cat(
+        [
+            text_blocks.expand(len(img_rows), -1),
+            down_blocks.expand(len(img_rows), -1),
+            _image_candidates(geo, q, img_rows),
+        ],
+        dim=1,
+    ).sort(dim=1).values
+    repeated = torch.zeros_like(cand_img, dtype=torch.bool)
+    repeated[:, 1:] = cand_img[:, 1:] == cand_img[:, :-1]
+    cand_img = torch.where(repeated, -1, cand_img)
+    # 3. Classify each candidate and pack both groups into FlexAttention's layout.
+    parts = []
+    for rows, cand in ((text_rows, cand_text), (img_rows, cand_img)):
+        any_, full = _classify(q, rows.view(-1, 1), kv, cand, r)
+        any_, full = _refine(geo, q, rows.view(-1, 1), kv, cand, any_, full)
+        parts.append((rows, *_compact(any_ & ~full, cand), *_compact(full, cand)))
+    return _merge(nq, nk, parts)
+
+
+def _merge(nq: int, nk: int, parts) -> BlockLists:
+    """Scatter the row groups back into one (nq,) / (nq, nk) set of tensors (FlexAttention wants nk wide)."""
+    out = []
+    for col in (1, 3):  # partial, full
+        width = nk
+        num = torch.zeros(nq, dtype=torch.int32)
+        idx = torch.zeros(nq, width, dtype=torch.int32)
+        for p in parts:
+            rows, n, i = p[0], p[col], p[col + 1]
+            num[rows] = n
+            idx[rows, : i.shape[1]] = i
+        out += [num, idx]
+    return BlockLists(*out)
+
+
+@lru_cache(maxsize=16)
+def block_mask(geo: Geometry, device: str):
+    """FlexAttention BlockMask of CLEAR for this geometry, cached: shared by all layers and steps."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lists = build_block_lists(geo)
+    as4d = lambda t: t.to(device)[None, None]  # noqa: E731  (1, 1, nq[, width]): broadcast over batch, heads
+    return BlockMask.from_kv_blocks(
+        as4d(lists.partial_num),
+        as4d(lists.partial_idx),
+        as4d(lists.full_num),
+        as4d(lists.full_idx),
+        BLOCK_SIZE=BLOCK,
+        mask_mod=make_mask_mod(geo, device),
+        seq_lengths=(geo.q_len, geo.kv_len),
+        compute_q_blocks=False,
+    )
