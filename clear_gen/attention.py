@@ -81,6 +81,17 @@ def _dense(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: fl
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
+def clear_attention(
+    query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float, backend: str = "auto"
+) -> Tensor:
+    """CLEAR attention over a tile-ordered sequence (keys include any down-sampled tokens).
+
+    query (B, H, q_len, D), key/value (B, H, kv_len, D) -> (B, H, q_len, D).
+    """
+    run = _flex if resolve_backend(backend, query.device) == "flex" else _dense
+    return run(query, key, value, geo, scale)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -148,8 +159,8 @@ class ClearAttnProcessor(torch.nn.Module):
             value = torch.cat([value, pool_keys(value[:, image], geo, layout.inv, self.spatial_weight)], 1)
         # 3. Attention over (B, H, L, D).
         scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
-        run = _flex if resolve_backend(state.config.backend, query.device) == "flex" else _dense
-        out = run(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), geo, scale)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
+        out = clear_attention(q, k, v, geo, scale, state.config.backend)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
         # 4. Output projections, exactly as FluxAttnProcessor.
         if encoder_hidden_states is None:
