@@ -255,6 +255,8 @@ def _image_candidates(geo: Geometry, q: _Blocks, rows: torch.Tensor) -> torch.Te
     sequence, so each tile row contributes one contiguous range of key blocks: O(blocks * r^2 / tile).
     """
     (th, tw), h, w, reach = geo.tile, geo.height, geo.width, geo.window - 1
+    if rows.numel() == 0:
+        return torch.zeros(0, 0, dtype=torch.long)
     nty, ntx = math.ceil(h / th), math.ceil(w / tw)
     sizes = torch.clamp(h - torch.arange(nty) * th, max=th).view(-1, 1) * torch.clamp(
         w - torch.arange(ntx) * tw, max=tw
@@ -294,14 +296,18 @@ def build_block_lists(geo: Geometry) -> BlockLists:
     cand_text = torch.arange(nk).expand(len(text_rows), nk)
     # 2. Image-only query blocks: text blocks, down blocks and nearby image blocks, deduplicated.
     img_rows = torch.nonzero(~q.text).flatten()
-    cand_img = torch.cat(
-        [
-            text_blocks.expand(len(img_rows), -1),
-            down_blocks.expand(len(img_rows), -1),
-            _image_candidates(geo, q, img_rows),
-        ],
-        dim=1,
-    ).sort(dim=1).values
+    cand_img = (
+        torch.cat(
+            [
+                text_blocks.expand(len(img_rows), -1),
+                down_blocks.expand(len(img_rows), -1),
+                _image_candidates(geo, q, img_rows),
+            ],
+            dim=1,
+        )
+        .sort(dim=1)
+        .values
+    )
     repeated = torch.zeros_like(cand_img, dtype=torch.bool)
     repeated[:, 1:] = cand_img[:, 1:] == cand_img[:, :-1]
     cand_img = torch.where(repeated, -1, cand_img)

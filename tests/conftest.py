@@ -1,0 +1,54 @@
+"""Tiny FLUX-architecture models and inputs, built locally: no network, about a second on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HEADS, HEAD_DIM = 2, 16
+ROPE_AXES = (4, 6, 6)  # sums to HEAD_DIM
+
+
+def tiny_transformer(seed: int = 0, layers: int = 1, single_layers: int = 1):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=ROPE_AXES,
+    )
+    return model.eval()
+
+
+def grid_ids(h: int, w: int) -> torch.Tensor:
+    """img_ids of a row-major h x w grid, as FluxPipeline makes them: (h * w, 3) = [0, row, col]."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h).view(-1, 1)
+    ids[..., 2] = torch.arange(w).view(1, -1)
+    return ids.view(-1, 3)
+
+
+def tiny_inputs(batch: int, text_len: int, h: int, w: int, dtype=torch.float32, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, h * w, 4, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g).to(dtype),
+        pooled_projections=torch.randn(batch, 32, generator=g).to(dtype),
+        timestep=torch.full((batch,), 0.7, dtype=dtype),
+        img_ids=grid_ids(h, w),
+        txt_ids=torch.zeros(text_len, 3),
+        guidance=torch.full((batch,), 3.5, dtype=dtype),
+    )
+
+
+@pytest.fixture
+def transformer():
+    return tiny_transformer()

@@ -1,0 +1,326 @@
+"""CLEAR inside a tiny FluxTransformer2DModel against a dense reference written here, independently.
+
+The reference keeps tokens row-major, builds the circle mask with explicit coordinates and pools the
+down-sampled keys with explicit loops; it shares nothing with clear_gen but diffusers' own layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_inputs, tiny_transformer
+from diffusers.models.embeddings import apply_rotary_emb
+
+import clear_gen
+from clear_gen.attention import ClearAttnProcessor, clear_attention, expected_checkpoint
+from clear_gen.errors import CheckpointError, ConfigError
+from clear_gen.geometry import Geometry
+
+
+class ReferenceProcessor:
+    """CLEAR attention the slow, obvious way: row-major tokens, dense mask, SDPA."""
+
+    def __init__(self, text_len, h, w, r, f, spatial_weight, proportional):
+        self.text_len, self.h, self.w, self.r, self.f = text_len, h, w, r, f
+        self.spatial_weight, self.proportional = spatial_weight, proportional
+
+    def mask(self) -> torch.Tensor:
+        T, h, w, r, f = self.text_len, self.h, self.w, self.r, self.f
+        n, m = h * w, (h // f) * (w // f) if f > 1 else 0
+        mask = torch.zeros(T + n, T + n + m, dtype=torch.bool)
+        mask[:T, : T + n] = True  # text rows: text and image, no down-sampled tokens
+        mask[T:, :T] = True  # image rows: all text
+        mask[T:, T + n :] = True  # image rows: all down-sampled tokens
+        for i in range(n):
+            yi, xi = divmod(i, w)
+            for j in range(n):
+                yj, xj = divmod(j, w)
+                mask[T + i, T + j] = (yi - yj) ** 2 + (xi - xj) ** 2 < r * r
+        return mask
+
+    def pool(self, x):  # x: (B, N, H, D) row-major
+        f, h, w = self.f, self.h, self.w
+        grid = x.view(x.shape[0], h, w, *x.shape[2:])
+        s = self.spatial_weight.view(f, f)
+        out = torch.zeros(x.shape[0], h // f, w // f, *x.shape[2:], dtype=x.dtype)
+        for cy in range(h // f):
+            for cx in range(w // f):
+                for i in range(f):
+                    for j in range(f):
+                        out[:, cy, cx] += s[i, j] * grid[:, cy * f + i, cx * f + j]
+        return out.flatten(1, 2)
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
+        def heads(t):
+            return t.unflatten(-1, (attn.heads, attn.head_dim))
+
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            e = encoder_hidden_states
+            q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(e))), q], 1)
+            k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(e))), k], 1)
+            v = torch.cat([heads(attn.add_v_proj(e)), v], 1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        T = self.text_len
+        if self.f > 1:
+            k = torch.cat([k, self.pool(k[:, T:])], 1)
+            v = torch.cat([v, self.pool(v[:, T:])], 1)
+        n_tokens = q.shape[1] * (10 if self.f > 1 else 1)
+        scale = math.sqrt(math.log(n_tokens) / math.log(4608) / attn.head_dim) if self.proportional else None
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask(), scale=scale
+        )
+        out = out.transpose(1, 2).flatten(2)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out[:, :T], out[:, T:]
+        return attn.to_out[0](image), attn.to_add_out(text)
+
+
+def clear_checkpoint(model, f: int, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A checkpoint in the published format, with random values, for this model."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) * 0.2 for k, shape in expected_checkpoint(model, f).items()}
+
+
+def reference_output(model, sd, inputs, text_len, h, w, r, f, proportional, ntk):
+    ref = copy.deepcopy(model)
+    ref.load_state_dict({k: v for k, v in sd.items() if "spatial" not in k}, strict=False)
+    for kind in ("transformer_blocks", "single_transformer_blocks"):
+        for i, block in enumerate(getattr(ref, kind)):
+            weight = sd.get(f"{kind}.{i}.attn.processor.spatial_weight")
+            block.attn.set_processor(ReferenceProcessor(text_len, h, w, r, f, weight, proportional))
+    ref.pos_embed.theta = 10000 * ntk
+    with torch.no_grad():
+        return ref(**inputs).sample
+
+
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# batch, text_len, h, w, r, f, proportional, ntk: square and not, grids not multiples of the tile.
+CASES = [
+    (2, 7, 12, 20, 4, 1, False, 1.0),
+    (1, 77, 16, 16, 8, 4, True, 10.0),
+    (2, 5, 10, 18, 2, 2, True, 1.0),
+    (1, 16, 24, 20, 8, 4, False, 10.0),
+    (1, 3, 9, 13, 2, 1, True, 10.0),
+    (2, 130, 8, 32, 4, 2, False, 1.0),
+]
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-{}x{}-r{}-f{}-p{:d}-ntk{:g}".format(*c))
+def test_matches_dense_reference(case, backend):
+    batch, text_len, h, w, r, f, proportional, ntk = case
+    model = tiny_transformer()
+    sd = clear_checkpoint(model, f)
+    inputs = tiny_inputs(batch, text_len, h, w)
+    expected = reference_output(model, sd, inputs, text_len, h, w, r, f, proportional, ntk)
+    clear_gen.apply_clear(
+        model,
+        window=r,
+        down_factor=f,
+        state_dict=sd,
+        proportional_attention=proportional,
+        ntk_factor=ntk,
+        backend=backend,
+    )
+    with torch.no_grad():
+        got = model(**inputs).sample
+    assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_flex_matches_reference(dtype):
+    text_len, h, w, r, f = 9, 16, 16, 4, 2
+    model = tiny_transformer().to(dtype)
+    sd = {k: v.to(dtype) for k, v in clear_checkpoint(model, f).items()}
+    inputs = tiny_inputs(2, text_len, h, w, dtype=dtype)
+    expected = reference_output(model, sd, inputs, text_len, h, w, r, f, True, 10.0)
+    clear_gen.apply_clear(
+        model, window=r, down_factor=f, state_dict=sd, proportional_attention=True, ntk_factor=10.0
+    )
+    with torch.no_grad():
+        got = model(**inputs).sample
+    assert got.dtype == dtype
+    assert rel_err(got, expected) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_window_beyond_diagonal_is_stock_attention(backend):
+    model = tiny_transformer()
+    inputs = tiny_inputs(2, 11, 10, 14, seed=3)
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        clear_gen.apply_clear(model, window=18, backend=backend)  # 18^2 > 9^2 + 13^2
+        got = model(**inputs).sample
+    assert rel_err(got, stock) < 1e-5
+
+
+def test_remove_clear_restores_stock_bit_for_bit():
+    model = tiny_transformer()
+    inputs = tiny_inputs(1, 7, 8, 12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        clear_gen.apply_clear(
+            model,
+            window=3,
+            down_factor=2,
+            state_dict=clear_checkpoint(model, 2),
+            ntk_factor=10.0,
+            backend="dense",
+        )
+        assert not torch.equal(model(**inputs).sample, stock)
+        clear_gen.remove_clear(model)
+        again = model(**inputs).sample
+    assert torch.equal(again, stock)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert clear_gen.clear_config(model) is None
+    assert model.pos_embed.theta == 10000
+
+
+def test_apply_twice_replaces_previous():
+    model = tiny_transformer()
+    inputs = tiny_inputs(1, 7, 8, 8)
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        clear_gen.apply_clear(model, window=2, ntk_factor=10.0, backend="dense")
+        clear_gen.apply_clear(model, window=50, backend="dense")
+        assert rel_err(model(**inputs).sample, stock) < 1e-5
+    assert model.pos_embed.theta == 10000
+
+
+def test_training_free_spatial_weights_are_uniform():
+    model = tiny_transformer()
+    clear_gen.apply_clear(model, window=4, down_factor=4)
+    procs = [b.attn.processor for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
+    assert all(isinstance(p, ClearAttnProcessor) for p in procs)
+    for p in procs:
+        assert p.spatial_weight.shape == (1, 1, 1, 4, 1, 4, 1)
+        assert torch.all(p.spatial_weight == 1 / 16)
+    assert "transformer_blocks.0.attn.processor.spatial_weight" in model.state_dict()
+
+
+def test_published_format_checkpoint_loads():
+    model = tiny_transformer()
+    sd = clear_checkpoint(model, 4)
+    clear_gen.apply_clear(model, window=8, down_factor=4, state_dict=sd)
+    state = model.state_dict()
+    for key, value in sd.items():
+        assert torch.equal(state[key], value), key
+    assert "single_transformer_blocks.0.attn.to_q.weight" in sd
+    assert "single_transformer_blocks.0.attn.to_out.0.weight" not in sd  # single blocks have no to_out
+    assert "transformer_blocks.0.attn.add_q_proj.weight" not in sd  # text branch comes from the base
+
+
+def _refused(model, sd, down_factor, match):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    processors = [b.attn.processor for b in model.transformer_blocks]
+    with pytest.raises(CheckpointError, match=match):
+        clear_gen.apply_clear(model, window=8, down_factor=down_factor, state_dict=sd)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [b.attn.processor for b in model.transformer_blocks] == processors
+    assert clear_gen.clear_config(model) is None
+
+
+def test_checkpoint_missing_key_is_refused_and_nothing_loaded():
+    model = tiny_transformer()
+    sd = clear_checkpoint(model, 1)
+    del sd["single_transformer_blocks.0.attn.to_k.bias"]
+    _refused(model, sd, 1, "lacks 1 keys.*single_transformer_blocks.0.attn.to_k.bias")
+
+
+def test_checkpoint_unexpected_key_is_refused():
+    model = tiny_transformer()
+    sd = clear_checkpoint(model, 1)
+    sd["transformer_blocks.7.attn.to_q.weight"] = torch.zeros(32, 32)
+    _refused(model, sd, 1, "unexpected keys: transformer_blocks.7.attn.to_q.weight")
+
+
+def test_checkpoint_of_another_model_is_refused():
+    other = tiny_transformer()
+    sd = clear_checkpoint(other, 1)
+    sd["transformer_blocks.0.attn.to_q.weight"] = torch.zeros(64, 32)
+    _refused(tiny_transformer(), sd, 1, r"transformer_blocks.0.attn.to_q.weight is \(64, 32\)")
+
+
+def test_down_sampled_checkpoint_with_down_factor_1_is_refused():
+    model = tiny_transformer()
+    _refused(model, clear_checkpoint(model, 4), 1, "down-sampled .f = 4.*pass down_factor=4")
+
+
+def test_checkpoint_with_other_down_factor_is_refused():
+    model = tiny_transformer()
+    _refused(model, clear_checkpoint(model, 2), 4, "spatial_weight is \\(1, 1, 1, 2, 1, 2, 1\\)")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "window must be a positive integer"),
+        (dict(window=4, down_factor=0), "down_factor"),
+        (dict(window=4, backend="cuda-magic"), "unknown attention backend 'cuda-magic'"),
+        (dict(window=4, ntk_factor=0), "ntk_factor"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        clear_gen.apply_clear(tiny_transformer(), **kwargs)
+
+
+def test_fused_projections_are_refused():
+    model = tiny_transformer()
+    model.fuse_qkv_projections()
+    with pytest.raises(ConfigError, match="unfuse_qkv_projections"):
+        clear_gen.apply_clear(model, window=4)
+
+
+def test_grid_not_divisible_by_down_factor_is_refused():
+    model = tiny_transformer()
+    clear_gen.apply_clear(model, window=4, down_factor=4)
+    with pytest.raises(ConfigError, match="divisible by 4"), torch.no_grad():
+        model(**tiny_inputs(1, 3, 8, 10))
+
+
+def test_img_ids_that_are_not_a_grid_are_refused():
+    model = tiny_transformer()
+    clear_gen.apply_clear(model, window=4)
+    inputs = tiny_inputs(1, 3, 4, 4)
+    inputs["img_ids"] = inputs["img_ids"].flip(0)
+    with pytest.raises(ConfigError, match="row-major image grid"), torch.no_grad():
+        model(**inputs)
+
+
+def test_dense_backend_refuses_large_sequences():
+    geo = Geometry(512, 128, 128, 8)  # 2048 px: 16896 tokens
+    q = torch.zeros(1, 1, 1, 8)
+    with pytest.raises(ConfigError, match="too large; use backend='flex'"):
+        clear_attention(q, q, q, geo, 1.0, backend="dense")
+
+
+def test_positional_call_and_tuple_output():
+    model = tiny_transformer()
+    inputs = tiny_inputs(1, 5, 6, 10)
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        clear_gen.apply_clear(model, window=20, backend="dense")
+        args = [inputs.pop(k) for k in ("hidden_states", "encoder_hidden_states", "pooled_projections")]
+        got = model(*args, **inputs, return_dict=False)[0]
+    assert rel_err(got, stock) < 1e-5

@@ -1,0 +1,130 @@
+"""Token order and block masks: pure functions of the geometry, checked against dense evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from clear_gen.geometry import (
+    BLOCK,
+    Geometry,
+    attention_scale,
+    block_mask,
+    build_block_lists,
+    dense_mask,
+    inverse_order,
+    make_mask_mod,
+    needed_pairs,
+    tile_order,
+)
+
+
+def reference_mask(geo: Geometry) -> torch.Tensor:
+    """CLEAR's mask over [text; image in tile order; down], written from the definition."""
+    T, n, m = geo.text_len, geo.image_len, geo.down_len
+    perm = tile_order(geo.height, geo.width, geo.tile)
+    y, x = perm // geo.width, perm % geo.width  # grid position of each tile-order token
+    mask = torch.zeros(T + n, T + n + m, dtype=torch.bool)
+    mask[:T, : T + n] = True
+    mask[T:, :T] = True
+    mask[T:, T + n :] = True
+    mask[T:, T : T + n] = (y.view(-1, 1) - y.view(1, -1)) ** 2 + (
+        x.view(-1, 1) - x.view(1, -1)
+    ) ** 2 < geo.window**2
+    return mask
+
+
+GEOMETRIES = [
+    Geometry(7, 20, 36, 4),
+    Geometry(77, 16, 16, 8, 4),
+    Geometry(0, 9, 13, 2),
+    Geometry(128, 24, 40, 3, 2),
+    Geometry(512, 32, 48, 8, 4, (16, 8)),
+    Geometry(256, 32, 32, 16),
+    Geometry(3, 9, 13, 2),  # a single block of queries, all of it holding text
+]
+
+
+@pytest.mark.parametrize(
+    "h, w, tile", [(16, 32, (8, 16)), (9, 13, (8, 16)), (20, 24, (16, 8)), (5, 3, (8, 16))]
+)
+def test_tile_order_is_a_permutation_that_round_trips(h, w, tile):
+    perm, inv = tile_order(h, w, tile), inverse_order(h, w, tile)
+    assert torch.equal(perm.sort().values, torch.arange(h * w))
+    x = torch.randn(2, h * w, 3)
+    assert torch.equal(x[:, perm][:, inv], x)
+
+
+def test_tile_order_groups_whole_tiles():
+    h, w = 16, 32
+    perm = tile_order(h, w, (8, 16))
+    for start in range(0, h * w, BLOCK):
+        y, x = perm[start : start + BLOCK] // w, perm[start : start + BLOCK] % w
+        assert (y.max() - y.min(), x.max() - x.min()) == (7, 15)  # one 8 x 16 rectangle
+    first = perm[:BLOCK]
+    assert torch.equal(first[:16], torch.arange(16)) and int(first[16]) == w  # row-major inside
+
+
+def test_edge_tiles_are_cut_to_the_grid():
+    perm = tile_order(10, 20, (8, 16))  # tiles: 8x16, 8x4, 2x16, 2x4
+    sizes = [128, 32, 32, 8]
+    start = 0
+    for size, (rows, cols) in zip(sizes, [(8, 16), (8, 4), (2, 16), (2, 4)], strict=True):
+        chunk = perm[start : start + size]
+        assert (
+            int(chunk.div(20, rounding_mode="floor").unique().numel()),
+            int((chunk % 20).unique().numel()),
+        ) == (
+            rows,
+            cols,
+        )
+        start += size
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=str)
+def test_mask_mod_and_pair_count_match_the_definition(geo):
+    expected = reference_mask(geo)
+    assert torch.equal(dense_mask(geo), expected)
+    assert needed_pairs(geo) == int(expected.sum())
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=str)
+def test_analytic_block_mask_equals_create_block_mask(geo):
+    ours = block_mask(geo, "cpu")
+    exact = create_block_mask(make_mask_mod(geo), 1, 1, geo.q_len, geo.kv_len, device="cpu")
+    assert torch.equal(ours.to_dense(), exact.to_dense())
+    # Full blocks skip the mask_mod: every one of ours must truly be full.
+    nq, nk = math.ceil(geo.q_len / BLOCK), math.ceil(geo.kv_len / BLOCK)
+    padded = torch.ones(nq * BLOCK, nk * BLOCK, dtype=torch.bool)
+    padded[: geo.q_len, : geo.kv_len] = reference_mask(geo)
+    truly_full = padded.view(nq, BLOCK, nk, BLOCK).all(3).all(1)
+    lists = build_block_lists(geo)
+    for i in range(nq):
+        for j in lists.full_idx[i, : lists.full_num[i]].tolist():
+            assert truly_full[i, j], (i, j)
+        partial = set(lists.partial_idx[i, : lists.partial_num[i]].tolist())
+        assert not partial & set(lists.full_idx[i, : lists.full_num[i]].tolist())
+    # And where blocks are whole tiles, ours finds every full block.
+    if geo.text_len % BLOCK == 0 and geo.width % geo.tile[1] == 0 and geo.height % geo.tile[0] == 0:
+        assert int(lists.full_num.sum()) == int(
+            (truly_full & padded.view(nq, BLOCK, nk, BLOCK).any(3).any(1)).sum()
+        )
+
+
+@pytest.mark.parametrize("window, bound", [(8, 1.8), (16, 1.65)])
+def test_computed_over_needed_pairs_at_8k(window, bound):
+    geo = Geometry(512, 512, 512, window)  # 8192 x 8192 px
+    ratio = build_block_lists(geo).computed_pairs() / needed_pairs(geo)
+    assert 1.0 <= ratio <= bound
+
+
+def test_proportional_scale():
+    geo = Geometry(512, 64, 64, 8)
+    assert attention_scale(geo, 128, False) == pytest.approx(128**-0.5)
+    assert attention_scale(geo, 128, True) == pytest.approx(math.sqrt(math.log(4608) / math.log(4608) / 128))
+    big = Geometry(512, 512, 512, 8, 4)
+    n = 10 * (512 + 512 * 512)
+    assert attention_scale(big, 128, True) == pytest.approx(math.sqrt(math.log(n) / math.log(4608) / 128))
