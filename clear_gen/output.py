@@ -15,6 +15,7 @@ import re
 import secrets
 import threading
 import unicodedata
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,10 @@ class ImageRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         unknown = {k: v for k, v in data.items() if k not in names}
-        known["extra"] = {**unknown, **(known.get("extra") or {})}
+        extra = known.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise OutputError(f"corrupt clear-gen metadata: extra is {type(extra).__name__}, not an object")
+        known["extra"] = {**unknown, **extra}
         try:
             return cls(**known)
         except TypeError as e:
@@ -143,19 +147,27 @@ def _unjson(name: str, value: str) -> Any:
 def _png_text(path: Path) -> dict[str, str]:
     """All tEXt/iTXt/zTXt chunks of a PNG, as OutputError on anything unreadable."""
     try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise OutputError(
-                    f"{path} is a {im.format} image, not a PNG; clear-gen metadata is in its PNGs"
-                )
-            # PngImageFile.text also reads chunks after IDAT; iTXt values are str subclasses
-            return {k: str(v) for k, v in im.text.items()}  # type: ignore[attr-defined]
+        with warnings.catch_warnings():  # only the header and text chunks are read: no bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.format != "PNG":
+                    raise OutputError(
+                        f"{path} is a {im.format} image, not a PNG; clear-gen metadata is in its PNGs"
+                    )
+                # info has the text chunks before IDAT (where save_png puts them) without decoding pixels;
+                # `im.text` also finds those after IDAT but decodes the whole image (1 s at 8192^2)
+                text = {k: str(v) for k, v in im.info.items() if isinstance(v, str)}
+                if not any(k.startswith(PREFIX) for k in text):
+                    text = {k: str(v) for k, v in im.text.items()}  # type: ignore[attr-defined]
+                return text
     except FileNotFoundError:
         raise OutputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise OutputError(f"{path} is a directory; give a PNG file") from None
     except UnidentifiedImageError:
         raise OutputError(f"{path} is not an image (not a PNG)") from None
+    except Image.DecompressionBombError:
+        raise OutputError(f"{path} is larger than any image clear-gen makes; not a clear-gen PNG") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt chunks, permission denied
         raise OutputError(f"cannot read {path}: {e}") from None
 
@@ -322,9 +334,8 @@ def save_png(image: Image.Image, path: str | Path, record: ImageRecord) -> Path:
         _fsync_dir(path.parent)
         return final
     except OSError as e:
-        raise OutputError(
-            f"cannot save {path} ({e.strerror or e}); check free space and permissions"
-        ) from None
+        hint = "; check free space and permissions" if e.errno else ""  # errno None: e.g. an unsavable mode
+        raise OutputError(f"cannot save {path} ({e.strerror or e}){hint}") from None
     finally:
         tmp.unlink(missing_ok=True)
         release(path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -170,6 +172,34 @@ def test_round_trip_minimal_record(tmp_path: Path) -> None:
     assert ImageRecord.from_png(saved(tmp_path, record)) == record
 
 
+def test_reading_does_not_decode_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = saved(tmp_path)
+
+    def no_load(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_load)
+    assert ImageRecord.from_png(path) == make_record()
+
+
+def test_chunks_after_image_data_are_found(tmp_path: Path) -> None:
+    record = make_record()
+    info = PngImagePlugin.PngInfo()
+    for key, value in record.to_text_chunks().items():
+        info.add_text(key, value)
+    plain = io.BytesIO()
+    small_image().save(plain, format="PNG")
+    raw = plain.getvalue()
+    iend = raw.rindex(b"IEND") - 4  # the chunk starts with its 4-byte length
+    late = io.BytesIO()
+    for cid, data, *_ in info.chunks:
+        PngImagePlugin.putchunk(late, cid, data)
+    (tmp_path / "a.png").write_bytes(raw[:iend] + late.getvalue() + raw[iend:])  # as some editors write
+    with Image.open(tmp_path / "a.png") as im:
+        assert "clear-gen:params" not in im.info  # really after the image data
+    assert ImageRecord.from_png(tmp_path / "a.png") == record
+
+
 def test_per_field_chunks_suffice_and_unknown_keys_go_to_extra(tmp_path: Path) -> None:
     record = make_record(variant=None, prompt="null")
     info = PngImagePlugin.PngInfo()
@@ -245,6 +275,21 @@ def test_read_errors(tmp_path: Path) -> None:
     for name, message in cases.items():
         with pytest.raises(OutputError, match=message):
             ImageRecord.from_png(tmp_path / name)
+
+
+def test_huge_and_corrupt_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = saved(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 // 3)  # 64x48 is now a "bomb" (> 2x limit)
+    with pytest.raises(OutputError, match="larger than any image"):
+        ImageRecord.from_png(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 - 1)  # now only a warning, silenced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ImageRecord.from_png(path) == make_record()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(OutputError, match="truncated.png"):
+        ImageRecord.from_png(truncated)
 
 
 def test_describe() -> None:
