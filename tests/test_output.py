@@ -155,6 +155,7 @@ def test_round_trip_every_field(tmp_path: Path) -> None:
     path = saved(tmp_path, record)
     loaded = ImageRecord.from_png(path)
     assert loaded == record
+    assert ImageRecord.from_png(saved(tmp_path, make_record(stages=(1024, 2048)))).stages == [1024, 2048]
     assert loaded.timings == {"stage 1": 12.25, "stage 2": 301.5, "total": 313.75}
     with Image.open(path) as im:
         assert im.size == (64, 48) and im.mode == "RGB"
@@ -290,6 +291,14 @@ def test_huge_and_corrupt_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     truncated.write_bytes(path.read_bytes()[:60])
     with pytest.raises(OutputError, match="truncated.png"):
         ImageRecord.from_png(truncated)
+
+
+def test_incomplete_metadata(tmp_path: Path) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("clear-gen:params", json.dumps({"prompt": "p", "seed": 1}))
+    small_image().save(tmp_path / "x.png", pnginfo=info)
+    with pytest.raises(OutputError, match=r"x\.png: clear-gen metadata is incomplete"):
+        ImageRecord.from_png(tmp_path / "x.png")
 
 
 def test_describe() -> None:
