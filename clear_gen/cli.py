@@ -5,13 +5,18 @@ User errors (ClearGenError) become one red line on stderr and exit code 1, never
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from . import __version__
 from .errors import ClearGenError
+from .output import describe, record_from_image
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +32,24 @@ def version() -> None:
     print(__version__)
 
 
+@app.command()
+def info(
+    image: Path = typer.Argument(..., help="A PNG made by clear-gen."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as one JSON object."),
+) -> None:
+    """Show the prompt, seed and settings stored in a clear-gen PNG."""
+    record = record_from_image(image)
+    if as_json:
+        print(json.dumps(record.to_dict(), ensure_ascii=False, default=str))
+        return
+    table = Table(title=escape(str(image)), show_header=False, title_justify="left")
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    for name, value in describe(record):
+        table.add_row(name, escape(value))
+    Console(highlight=False).print(table)
+
+
 def _with_default_command(argv: list[str]) -> list[str]:
     """`clear-gen "a castle" --res 2048` means `clear-gen generate "a castle" --res 2048`."""
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
@@ -40,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="clear-gen", standalone_mode=False)
     except ClearGenError as e:
-        err.print(f"[red]error:[/red] {e}")
+        # escape: a path like a[1].png is not markup; soft_wrap: one line even when longer than the terminal
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
