@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import ClearGenError
+from .errors import ClearGenError, ConfigError
 from .output import describe, record_from_image
 
 app = typer.Typer(
@@ -48,6 +48,217 @@ def info(
     for name, value in describe(record):
         table.add_row(name, escape(value))
     Console(highlight=False).print(table)
+
+
+def _ints(text: str | None, name: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(
+            f"{name} takes comma-separated pixel sizes, e.g. 1024,2048,4096; got {text!r}"
+        ) from None
+
+
+def _size(res: int | None, width: int | None, height: int | None) -> tuple[int | None, int | None]:
+    if res is not None and (width is not None or height is not None):
+        raise ConfigError("give either --res or --width/--height, not both")
+    if res is not None:
+        return res, res
+    if (width is None) != (height is None):
+        return (width or height), (height or width)
+    return width, height
+
+
+def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    if prompts_file is None:
+        return [prompt] if prompt is not None else []
+    try:
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from e
+    return ([prompt] if prompt else []) + [line.strip() for line in lines if line.strip()]
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(None, help="What to draw."),
+    res: int = typer.Option(
+        None, "--res", help="Square size in pixels (multiple of 16; 64 for -down4 variants)."
+    ),
+    width: int = typer.Option(None, help="Width in pixels."),
+    height: int = typer.Option(None, help="Height in pixels."),
+    model: str = typer.Option(None, help="Base name (dev, schnell), Hub repo id or local diffusers folder."),
+    variant: str = typer.Option(
+        None, help="CLEAR variant from weights.toml (default r8-down4); none = full."
+    ),
+    window: int = typer.Option(None, help="Custom CLEAR window r (training-free unless --clear-weights)."),
+    down_factor: int = typer.Option(None, help="Custom down factor f (with --window)."),
+    clear_weights: Path = typer.Option(None, help="A local CLEAR .safetensors (with --window)."),
+    steps: int = typer.Option(None, help="Steps of each CLEAR stage (default 20)."),
+    guidance: float = typer.Option(None, help="Guidance of CLEAR stages (7.5 SDEdit, 3.5 direct)."),
+    first_steps: int = typer.Option(None, help="Steps of the full-attention first pass (default 20)."),
+    first_guidance: float = typer.Option(None, help="Guidance of the first pass (default 3.5)."),
+    seed: list[int] = typer.Option(None, "--seed", help="Seed; repeat for several images (default random)."),
+    count: int = typer.Option(None, help="Images per prompt with random seeds."),
+    prompts_file: Path = typer.Option(None, help="One prompt a line."),
+    max_sequence_length: int = typer.Option(None, help="T5 tokens (default 512 dev, 256 schnell)."),
+    upscale_from: int = typer.Option(None, help="One SDEdit stage from a first pass at this long side."),
+    stages: str = typer.Option(None, help="Progressive long sides, e.g. 1024,2048,4096,8192."),
+    direct: bool = typer.Option(False, "--direct", help="No first pass: text-to-image at the target."),
+    strength: float = typer.Option(None, help="SDEdit strength (default 0.7)."),
+    ntk_factor: float = typer.Option(None, help="RoPE NTK factor (default 10 above 1024 px)."),
+    proportional_attention: bool = typer.Option(
+        None, "--proportional-attention/--no-proportional-attention", help="Default: on above 1024 px."
+    ),
+    keep_stages: bool = typer.Option(False, "--keep-stages", help="Also save each stage's image."),
+    out: str = typer.Option(None, "--out", "-o", help="Output file or directory (default: here)."),
+    from_image: Path = typer.Option(None, "--from", help="Re-run the parameters stored in a clear-gen PNG."),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
+    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU)."),
+    offload: str = typer.Option("none", help="none, model or sequential (needs accelerate)."),
+    compare_full: bool = typer.Option(
+        True, "--compare-full/--no-compare-full", help="Time full attention at each CLEAR size."
+    ),
+    backend: str = typer.Option("auto", help="CLEAR attention backend: auto, flex or dense."),
+    token: str = typer.Option(None, help="Hugging Face token (default HF_TOKEN or the stored login)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+) -> None:
+    """Generate 2K-8K images: a full-attention first pass, then SDEdit stages with CLEAR."""
+    from .pipeline import GenerateOptions, generate, options_from_record
+
+    # 1. Parse: explicit flags win over --from, which wins over the defaults.
+    w, h = _size(res, width, height)
+    long_sides = _ints(stages, "--stages")
+    if upscale_from is not None or direct:
+        if long_sides or (upscale_from is not None and direct):
+            raise ConfigError("give only one of --stages, --upscale-from and --direct")
+    given = {
+        "prompts": _prompts(prompt, prompts_file) or None,
+        "width": w,
+        "height": h,
+        "model": model,
+        "variant": variant,
+        "window": window,
+        "down_factor": down_factor,
+        "clear_weights": str(clear_weights) if clear_weights else None,
+        "steps": steps,
+        "guidance": guidance,
+        "first_steps": first_steps,
+        "first_guidance": first_guidance,
+        "seeds": list(seed or []) or None,
+        "count": count,
+        "max_sequence_length": max_sequence_length,
+        "strength": strength,
+        "ntk_factor": ntk_factor,
+        "proportional_attention": proportional_attention,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    given.update(keep_stages=keep_stages, out=out, device=device, dtype=dtype, offload=offload)
+    given.update(compare_full=compare_full, backend=backend, token=token)
+    if from_image is not None:
+        opts = options_from_record(record_from_image(from_image), **given)
+    else:
+        opts = GenerateOptions(**{"prompts": [], "width": 1024, "height": 1024, **given})
+    target = max(opts.width, opts.height)
+    if direct:
+        opts.stages = [target]
+    elif upscale_from is not None:
+        opts.stages = [upscale_from, target]
+    elif long_sides:
+        opts.stages = long_sides
+        if res is None and width is None and height is None and from_image is None:
+            opts.width = opts.height = long_sides[-1]
+    # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
+    with _GenerateDisplay(as_json) as display:
+        generate(opts, display.hooks())
+
+
+class _GenerateDisplay:
+    """A rich progress bar per stage and a timing table per image, on stderr; JSON lines on stdout."""
+
+    def __init__(self, as_json: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.as_json = as_json
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def hooks(self):
+        from .pipeline import Hooks
+
+        return Hooks(stage_start=self._stage, step=self._step, image_done=self._done)
+
+    def _stage(self, i: int, stage) -> None:
+        import time
+
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        label = "CLEAR" if stage.clear else "full attention"
+        desc = f"stage {i + 1}: {stage.width}x{stage.height} {label}"
+        self.task = self.progress.add_task(desc, total=stage.steps, rate="")
+        self.started = time.perf_counter()
+
+    def _step(self) -> None:
+        import time
+
+        self.progress.advance(self.task)
+        done = self.progress.tasks[-1].completed
+        self.progress.update(self.task, rate=f"{done / (time.perf_counter() - self.started):.2f} it/s")
+
+    def _done(self, result) -> None:
+        if self.as_json:
+            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+        self.progress.console.print(_timing_table(result))
+
+
+def _timing_table(result) -> Table:
+    table = Table(title=escape(f"{result.path}  (seed {result.seed})"), title_justify="left")
+    for col in (
+        "stage",
+        "size",
+        "attention",
+        "steps",
+        "total s",
+        "s/step",
+        "full s/step",
+        "speedup",
+        "density",
+    ):
+        table.add_column(col, justify="right" if col not in ("size", "attention") else "left")
+    for i, t in enumerate(result.stages):
+        full = (
+            "-" if t.full_step_s is None else f"{t.full_step_s:.2f}" + (" (est.)" if t.full_estimated else "")
+        )
+        speed = "-" if t.speedup is None else f"{t.speedup:.2f}x" + (" (est.)" if t.full_estimated else "")
+        table.add_row(
+            str(i + 1),
+            f"{t.width}x{t.height}",
+            t.attention,
+            str(t.steps),
+            f"{t.seconds:.1f}",
+            f"{t.step_s:.2f}",
+            full,
+            speed,
+            f"{t.density:.2%}",
+        )
+    return table
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

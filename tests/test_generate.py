@@ -1,0 +1,202 @@
+"""`clear-gen PROMPT` end to end on a tiny FLUX pipeline saved in diffusers format (CPU, no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tiny_pipeline import save_tiny_flux
+
+from clear_gen.cli import main
+from clear_gen.output import ImageRecord
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_flux(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def clear_file(tiny, tmp_path_factory) -> Path:
+    """A CLEAR checkpoint (r = 2, f = 1) for the tiny model, in the published key format."""
+    from diffusers import FluxTransformer2DModel
+
+    from clear_gen.attention import expected_checkpoint
+
+    model = FluxTransformer2DModel.from_pretrained(tiny / "transformer")
+    g = torch.Generator().manual_seed(3)
+    sd = {k: torch.randn(s, generator=g) * 0.1 for k, s in expected_checkpoint(model, 1).items()}
+    path = tmp_path_factory.mktemp("clear") / "clear_tiny_2.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """Every test runs offline with an empty Hugging Face cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    """clear-gen in this process: (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def common(tiny: Path, out: Path) -> list[str]:
+    return ["--model", str(tiny), "--out", f"{out}/", "--max-sequence-length", "16", "--steps", "2", "--backend", "dense"]
+
+
+def images(out: Path) -> list[Path]:
+    return sorted(out.glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_text_to_image_with_json_and_metadata(tiny, clear_file, tmp_path, capsys):
+    args = ["a red castle", *common(tiny, tmp_path), "--window", "2", "--clear-weights", str(clear_file)]
+    code, out, err = run([*args, "--res", "128", "--seed", "7", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out.strip())
+    path = Path(row["path"])
+    assert path.name == "a-red-castle-7-128x128.png" and path.exists()
+    assert Image.open(path).size == (128, 128)
+    record = ImageRecord.from_png(path)
+    assert (record.prompt, record.seed, record.window, record.width, record.height) == ("a red castle", 7, 2, 128, 128)
+    stage = row["stages"][0]
+    assert stage["attention"] == "CLEAR r=2" and stage["steps"] == 2
+    assert stage["full_step_s"] > 0 and stage["full_estimated"] is False and stage["speedup"] > 0
+    assert "speedup" in err and "s/step" in err  # the timing table, on stderr
+
+
+def test_upscale_from_keeps_stages(tiny, tmp_path, capsys):
+    args = ["a tower", *common(tiny, tmp_path), "--window", "4", "--down-factor", "4"]
+    code, out, err = run([*args, "--width", "256", "--height", "128", "--upscale-from", "128", "--seed", "1",
+                          "--keep-stages", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert [(s["width"], s["height"], s["attention"]) for s in row["stages"]] == [
+        (128, 64, "full"),
+        (256, 128, "CLEAR r=4 f=4"),
+    ]
+    assert Image.open(row["stage_paths"][0]).size == (128, 64)
+    assert Image.open(row["path"]).size == (256, 128)
+    record = ImageRecord.from_png(row["path"])
+    assert record.stages == [128, 256] and record.strength == 0.7 and record.down_factor == 4
+
+
+def test_progressive_stages_and_seed_reproducibility(tiny, tmp_path, capsys):
+    args = ["a bridge", *common(tiny, tmp_path), "--window", "3", "--stages", "128,192,256", "--seed", "5"]
+    code, out, err = run([*args, "--json"], capsys)
+    assert code == 0, err
+    first = Path(json.loads(out)["path"])
+    assert [s["width"] for s in json.loads(out)["stages"]] == [128, 192, 256]
+    code, out, err = run([*args, "--json", "--no-compare-full"], capsys)
+    second = Path(json.loads(out)["path"])
+    assert second != first and second.name.endswith("-1.png")  # never overwritten
+    np.testing.assert_array_equal(pixels(first), pixels(second))  # same seed, same image
+
+
+def test_several_seeds_and_a_prompts_file(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    out = tmp_path / "out"
+    args = ["--prompts-file", str(prompts), *common(tiny, out), "--window", "2", "--res", "128"]
+    code, stdout, err = run([*args, "--seed", "1", "--seed", "2", "--json", "--no-compare-full"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 1), ("a cat", 2), ("a dog", 1), ("a dog", 2)]
+    assert len(images(out)) == 4
+
+
+def test_from_image_reruns_the_same_image(tiny, tmp_path, capsys):
+    args = ["a lighthouse", *common(tiny, tmp_path / "a"), "--window", "2", "--res", "128", "--count", "1"]
+    code, out, err = run([*args, "--json", "--no-compare-full"], capsys)
+    assert code == 0, err
+    original = Path(json.loads(out)["path"])
+    code, out, err = run(["info", str(original), "--json"], capsys)
+    assert code == 0 and json.loads(out)["prompt"] == "a lighthouse"
+    code, out, err = run(["--from", str(original), "--out", f"{tmp_path / 'b'}/", "--json", "--no-compare-full"], capsys)
+    assert code == 0, err
+    again = Path(json.loads(out)["path"])
+    assert again.name == original.name
+    np.testing.assert_array_equal(pixels(original), pixels(again))
+
+
+def test_full_attention_variant_none(tiny, tmp_path, capsys):
+    code, out, err = run(["a hill", *common(tiny, tmp_path), "--variant", "none", "--res", "128", "--json"], capsys)
+    assert code == 0, err
+    stage = json.loads(out)["stages"][0]
+    assert stage["attention"] == "full" and stage["speedup"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--res", "1000"], "not a multiple of 16; try --width 1008 --height 1008"),
+        (["--res", "128", "--window", "2", "--down-factor", "4"], "not a multiple of 64"),
+        (["--res", "64"], "out of range"),
+        (["--res", "128", "--variant", "r7"], "r8-down4"),
+        (["--res", "128", "--variant", "r8"], "clear-gen download r8"),
+        (["--res", "128", "--window", "2", "--device", "cuda"], "no CUDA GPU"),
+        (["--res", "128", "--window", "2", "--dtype", "fp8"], "bf16, fp16, fp32"),
+        (["--res", "128", "--window", "2", "--stages", "256,128"], "must grow"),
+    ],
+)
+def test_user_errors_are_one_line(tiny, tmp_path, capsys, extra, message):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run(["a castle", "--model", str(tiny), "--out", f"{tmp_path}/", *extra], capsys)
+    assert code == 1
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert images(tmp_path) == []
+
+
+def test_empty_prompt_and_unwritable_output(tiny, tmp_path, capsys):
+    code, _, err = run(["  ", "--model", str(tiny), "--window", "2", "--res", "128"], capsys)
+    assert code == 1 and "prompt is empty" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["a", "--model", str(tiny), "--window", "2", "--res", "128", "--out", f"{blocker}/x/"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_model_folder_missing_files(tiny, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    shutil.rmtree(broken / "transformer")
+    code, _, err = run(["a", "--model", str(broken), "--window", "2", "--res", "128", "--out", f"{tmp_path}/"], capsys)
+    assert code == 1 and "clear-gen download" in err and "Traceback" not in err
+
+
+def test_installed_executable(tiny, tmp_path):
+    exe = shutil.which("clear-gen", path=str(Path(sys.executable).parent)) or shutil.which("clear-gen")
+    if exe is None:
+        pytest.skip("clear-gen is not installed in this environment (scripts/test.sh installs it)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    args = [exe, "a small house", *common(tiny, tmp_path), "--window", "2", "--res", "128", "--seed", "3", "--json"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Path(json.loads(done.stdout)["path"]).exists()
+    bad = subprocess.run([exe, "a", "--res", "100"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 1 and "try --width 96 --height 96" in bad.stderr and "Traceback" not in bad.stderr

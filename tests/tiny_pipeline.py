@@ -1,0 +1,118 @@
+"""A tiny FLUX.1 pipeline in diffusers format, built from local configs and vocabularies (no network)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+
+def _tokenizers(tmp: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    letters = string.ascii_lowercase
+    words = ["<|startoftext|>", "<|endoftext|>"] + [f"{c}</w>" for c in letters] + list(letters)
+    (tmp / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    clip = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77)
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *letters]
+    unigram = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    t5 = T5TokenizerFast(
+        tokenizer_object=unigram,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=512,
+    )
+    return clip, t5, len(words), len(pieces)
+
+
+def save_tiny_flux(path: Path, seed: int = 0) -> Path:
+    """Write a FluxPipeline with 1 double + 1 single block, 2 heads of 16, a 4-level VAE; ~1 MB."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    clip_tok, t5_tok, clip_vocab, t5_vocab = _tokenizers(path)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=clip_vocab,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=32,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=t5_vocab,
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_heads=4,
+            num_layers=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            relative_attention_num_buckets=8,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(path / "flux")
+    for leftover in ("vocab.json", "merges.txt"):
+        (path / leftover).unlink()
+    return path / "flux"
