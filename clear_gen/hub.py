@@ -66,6 +66,14 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _access_message(t: Target) -> str:
     how = (
         f"accept its licence at {HUB_URL}/{t.repo} and log in (`hf auth login`) or set HF_TOKEN "
@@ -88,6 +96,8 @@ def hub_error(e: BaseException, t: Target) -> WeightsError | None:
         RevisionNotFoundError,
     )
 
+    # huggingface_hub wraps some HTTP refusals (a plain 403) in "not found locally": use the refusal.
+    e = next((c for c in _causes(e) if isinstance(c, HfHubHTTPError)), e)
     status = getattr(getattr(e, "response", None), "status_code", None)
     missing = (
         f"{t.what} is not in the cache ({constants.HF_HUB_CACHE}) and the Hub is "
@@ -266,15 +276,17 @@ def disk_size(path: Path) -> int:
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    """huggingface_hub's own tqdm bars (one per file, on stderr), or none."""
+    """huggingface_hub's own tqdm bars (per file, on stderr; HF_HUB_DISABLE_PROGRESS_BARS wins), or none."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    was_disabled = are_progress_bars_disabled()
-    (enable_progress_bars if enabled else disable_progress_bars)()
+    switch_off = not enabled and not are_progress_bars_disabled()
+    if switch_off:
+        disable_progress_bars()
     try:
         yield
     finally:
-        (disable_progress_bars if was_disabled else enable_progress_bars)()
+        if switch_off:
+            enable_progress_bars()
 
 
 def plan_download(
