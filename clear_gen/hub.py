@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 from .registry import DIFFUSERS_PATTERNS, Base, Registry, Variant, load_registry
 
 HUB_URL = "https://huggingface.co"
@@ -294,6 +294,8 @@ def plan_download(
 ) -> tuple[list[str], list[str]]:
     """(variants, bases) for `clear-gen download`: no variant named -> the default one, unless only --base is;
     the bases default to those the variants were distilled from."""
+    if base and no_base:
+        raise ConfigError("--base and --no-base contradict each other; pick one")
     if all_variants:
         names = list(registry.variants)
     elif variants:

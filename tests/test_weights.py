@@ -334,6 +334,8 @@ def test_plan_download_defaults():
     assert hub.plan_download([], True, None, False, reg) == (list(reg.variants), ["dev"])
     with pytest.raises(ConfigError, match="r8-down4"):
         hub.plan_download(["nope"], False, None, False, reg)
+    with pytest.raises(ConfigError, match="contradict"):
+        hub.plan_download([], False, "dev", True, reg)
 
 
 # ------------------------------------------------------------------------------------------ resolver
@@ -494,8 +496,10 @@ def test_cli_download_then_weights_then_again(fake_hub):
     r = cli("download")
     assert r.returncode == 0, r.stderr
     assert "r8-down4" in r.stdout and DEV_REPO in r.stdout and "KB" in r.stdout
+    fake_hub.requests.clear()
     r = cli("weights")
     assert r.returncode == 0, r.stderr
+    assert fake_hub.requests == []  # the table comes from the cache alone
     rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") > 3}
     assert "no" not in rows["r8-down4 (default)"].split("│")[6] and "no" in rows["r16"].split("│")[6]
     assert "no" not in rows["dev"].split("│")[4] and "no" in rows["schnell"].split("│")[4]
