@@ -6,6 +6,7 @@ User errors (ClearGenError) become one red line on stderr and exit code 1, never
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -13,6 +14,11 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import ClearGenError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .hub import Fetched
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +42,7 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
-def _weights_table(rows: list, title: str):
+def _weights_table(rows: list[Fetched], title: str) -> Table:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -56,7 +62,7 @@ def download(
     no_base: bool = typer.Option(False, "--no-base", help="Only the CLEAR checkpoints."),
     token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
 ) -> None:
-    """Download CLEAR weights and their FLUX.1 base into the Hugging Face cache (resumable, idempotent)."""
+    """Download CLEAR weights and their FLUX.1 base into the Hugging Face cache; a re-run transfers nothing."""
     from .hub import download as fetch
     from .hub import plan_download
     from .registry import load_registry
