@@ -62,7 +62,7 @@ def download(
     no_base: bool = typer.Option(False, "--no-base", help="Only the CLEAR checkpoints."),
     token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
 ) -> None:
-    """Download CLEAR weights and their FLUX.1 base into the Hugging Face cache; a re-run transfers nothing."""
+    """Download CLEAR weights and their FLUX.1 base into the Hugging Face cache; re-runs transfer nothing."""
     from .hub import download as fetch
     from .hub import plan_download
     from .registry import load_registry
