@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -17,6 +18,9 @@ from rich.table import Table
 from . import __version__
 from .errors import ClearGenError, ConfigError
 from .output import describe, record_from_image
+
+if TYPE_CHECKING:
+    from .hub import Fetched
 
 app = typer.Typer(
     add_completion=False,
@@ -61,7 +65,7 @@ def _ints(text: str | None, name: str) -> list[int] | None:
         ) from None
 
 
-def _size(res: int | None, width: int | None, height: int | None) -> tuple[int | None, int | None]:
+def _dimensions(res: int | None, width: int | None, height: int | None) -> tuple[int | None, int | None]:
     if res is not None and (width is not None or height is not None):
         raise ConfigError("give either --res or --width/--height, not both")
     if res is not None:
@@ -129,7 +133,7 @@ def generate(
     from .pipeline import GenerateOptions, generate, options_from_record
 
     # 1. Parse: explicit flags win over --from, which wins over the defaults.
-    w, h = _size(res, width, height)
+    w, h = _dimensions(res, width, height)
     long_sides = _ints(stages, "--stages")
     if upscale_from is not None or direct:
         if long_sides or (upscale_from is not None and direct):
@@ -259,6 +263,71 @@ def _timing_table(result) -> Table:
             f"{t.density:.2%}",
         )
     return table
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _weights_table(rows: list[Fetched], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("name", "kind", "source", "size", "path"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        size = _human_size(r.size) if r.path else "-"
+        table.add_row(r.name, r.kind, r.source, size, str(r.path) if r.path else "[dim]not cached[/dim]")
+    return table
+
+
+@app.command()
+def download(
+    variants: list[str] = typer.Argument(None, help="Variant names (default: the default variant)."),
+    all_variants: bool = typer.Option(False, "--all", help="Every variant in weights.toml."),
+    base: str = typer.Option(None, "--base", help="Base name (dev, schnell) or Hub repo id."),
+    no_base: bool = typer.Option(False, "--no-base", help="Only the CLEAR checkpoints."),
+    token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
+) -> None:
+    """Download CLEAR weights and their FLUX.1 base into the Hugging Face cache; re-runs transfer nothing."""
+    from .hub import download as fetch
+    from .hub import plan_download
+    from .registry import load_registry
+
+    names, bases = plan_download(variants or [], all_variants, base, no_base, load_registry())
+    rows = fetch(names, bases, token=token)
+    Console().print(_weights_table(rows, "Downloaded"))
+
+
+@app.command()
+def weights() -> None:
+    """The weights registry (weights.toml) and what of it is already cached."""
+    from .hub import status
+    from .registry import load_registry
+
+    registry = load_registry()
+    cached = {(r.kind, r.name): r for r in status(registry)}
+    table = Table(title="CLEAR variants", title_justify="left")
+    for column in ("name", "r", "f", "base", "file", "cached", "description"):
+        table.add_column(column, overflow="fold")
+    for v in registry.variants.values():
+        row = cached[("variant", v.name)]
+        name = f"{v.name} (default)" if v.name == registry.default_variant else v.name
+        where = _human_size(row.size) if row.path else "[dim]no[/dim]"
+        file = f"{v.repo}/{v.filename}"
+        table.add_row(name, str(v.window), str(v.down_factor), v.base, file, where, v.description)
+    bases = Table(title="Bases", title_justify="left")
+    for column in ("name", "repo", "gated", "cached", "description"):
+        bases.add_column(column, overflow="fold")
+    for b in registry.bases.values():
+        row = cached[("base", b.name)]
+        where = _human_size(row.size) if row.path else "[dim]no[/dim]"
+        bases.add_row(b.name, b.repo, "yes" if b.gated else "no", where, b.description)
+    console = Console()
+    console.print(table)
+    console.print(bases)
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -1,0 +1,365 @@
+"""Weights on disk: registry names (or local paths) -> files in the Hugging Face cache.
+
+Everything goes through huggingface_hub, so the cache is the usual one (`HF_HOME` / `HF_HUB_CACHE`), a
+re-run transfers nothing, and `HF_HUB_OFFLINE=1` uses cached files without a single network call.
+Every huggingface_hub failure leaves here as one `WeightsError` that says what to do (`hub_error`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, WeightsError
+from .registry import DIFFUSERS_PATTERNS, Base, Registry, Variant, load_registry
+
+HUB_URL = "https://huggingface.co"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_verified: set[tuple[str, int, int, str]] = set()  # (blob path, size, mtime_ns, sha256) hashed this process
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One row of `clear-gen download` / `clear-gen weights`: what is where, and how big."""
+
+    name: str
+    kind: str  # "variant" | "base"
+    source: str  # "repo/filename" for a variant, "repo" for a base
+    path: Path | None  # None: not cached
+    size: int  # bytes on disk (0 when not cached)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a Hub call was fetching, for error messages."""
+
+    what: str  # "variant r8-down4 (Huage001/CLEAR/clear_local_8_down_4.safetensors)"
+    repo: str
+    revision: str
+    gated: bool
+    command: str  # the `clear-gen download ...` that fetches it
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE, read now (huggingface_hub reads it once at import; we also honour a later setenv)."""
+    from huggingface_hub import constants
+
+    late = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or late
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level exception classes of whichever HTTP client this huggingface_hub uses."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    clients = (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"))
+    for module, name in clients:
+        with contextlib.suppress(ImportError):
+            found.append(getattr(__import__(module), name))
+    return tuple(found)
+
+
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _access_message(t: Target) -> str:
+    how = (
+        f"accept its licence at {HUB_URL}/{t.repo} and log in (`hf auth login`) or set HF_TOKEN "
+        "(or pass --token)"
+    )
+    if t.gated:
+        return f"{t.repo} is gated: {how}"
+    return f"{t.repo} refused access (gated or private?): {how}"
+
+
+def hub_error(e: BaseException, t: Target) -> WeightsError | None:
+    """Translate a huggingface_hub failure while fetching `t` into a WeightsError; None if it is not one."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # huggingface_hub wraps some HTTP refusals (a plain 403) in "not found locally": use the refusal.
+    e = next((c for c in _causes(e) if isinstance(c, HfHubHTTPError)), e)
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    missing = (
+        f"{t.what} is not in the cache ({constants.HF_HUB_CACHE}) and the Hub is "
+        f"{'offline (HF_HUB_OFFLINE=1)' if is_offline() else 'unreachable'}: "
+        f"run `{t.command}` on a machine with internet"
+    )
+    if isinstance(e, GatedRepoError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)):
+        return WeightsError(_access_message(t))
+    if isinstance(e, RevisionNotFoundError):
+        return WeightsError(f"{t.repo} has no revision {t.revision!r} (check weights.toml)")
+    if isinstance(e, RepositoryNotFoundError):
+        return WeightsError(f"{t.repo} is not on the Hub (check the name; a private repo needs a token)")
+    if isinstance(e, (LocalEntryNotFoundError, *_transport_errors())):
+        return WeightsError(missing)
+    if isinstance(e, EntryNotFoundError):
+        return WeightsError(f"{t.what}: the file is not in {t.repo} at {t.revision!r} (check weights.toml)")
+    if isinstance(e, HfHubHTTPError):
+        return WeightsError(f"the Hub answered HTTP {status} for {t.what}; try `{t.command}` again later")
+    if isinstance(e, OSError):
+        return WeightsError(f"fetching {t.what} failed ({e}); run `{t.command}` again")
+    return None
+
+
+@contextlib.contextmanager
+def _hub_errors(t: Target) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        translated = hub_error(e, t)
+        if translated is None:
+            raise
+        raise translated from e
+
+
+# -------------------------------------------------------------------------------------------- checking
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _evict(path: Path) -> None:
+    """Delete a cached file: the snapshot symlink and the blob it points to."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+
+
+def verify_file(path: Path, v: Variant) -> None:
+    """Check the size, then the sha256, where weights.toml pins them; a bad file is deleted from the cache."""
+    if v.sha256 is None and v.size is None:
+        return
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, v.sha256 or "")
+    if key in _verified:
+        return
+    if v.size is not None and stat.st_size != v.size:
+        problem = f"is {stat.st_size} bytes, weights.toml says {v.size}"
+    elif v.sha256 is not None and (digest := _sha256(path)) != v.sha256:
+        problem = f"has sha256 {digest}, weights.toml says {v.sha256}"
+    else:
+        _verified.add(key)
+        return
+    _evict(path)
+    raise WeightsError(
+        f"{v.repo}/{v.filename} {problem}; deleted it from the cache. Run `clear-gen download {v.name}` "
+        "again; if it keeps failing the file on the Hub changed (update weights.toml)"
+    )
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+
+def _variant_target(v: Variant) -> Target:
+    return Target(
+        what=f"variant {v.name} ({v.repo}/{v.filename})",
+        repo=v.repo,
+        revision=v.revision,
+        gated=False,
+        command=f"clear-gen download {v.name} --no-base",
+    )
+
+
+def _base_target(b: Base) -> Target:
+    return Target(
+        what=f"base {b.name} ({b.repo})" if b.name != b.repo else f"base {b.repo}",
+        repo=b.repo,
+        revision=b.revision,
+        gated=b.gated,
+        command=f"clear-gen download --base {b.name}",
+    )
+
+
+def fetch_variant(v: Variant, token: str | None = None) -> Path:
+    """The cached file of `v`, downloaded first if needed (cache only when offline), checked if pinned."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(_variant_target(v)):
+        path = hf_hub_download(
+            v.repo, v.filename, revision=v.revision, token=token, local_files_only=is_offline()
+        )
+    verify_file(Path(path), v)
+    return Path(path)
+
+
+def fetch_base(b: Base, token: str | None = None) -> Path:
+    """The cached snapshot folder of `b` (its diffusers folders only), downloaded first if needed."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(_base_target(b)):
+        path = snapshot_download(
+            b.repo,
+            revision=b.revision,
+            allow_patterns=list(b.allow_patterns),
+            token=token,
+            local_files_only=is_offline(),
+        )
+    return Path(path)
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or os.sep in s or s.endswith((".safetensors", ".bin", ".pt"))
+
+
+def resolve_variant_file(
+    variant_or_path: str, token: str | None = None, registry: Registry | None = None
+) -> Path:
+    """A CLEAR checkpoint: an existing local file as is, else a registry variant from the cache or the Hub."""
+    path = Path(variant_or_path).expanduser()
+    if path.is_file():
+        return path
+    registry = registry or load_registry()
+    if variant_or_path not in registry.variants and _looks_like_path(variant_or_path):
+        raise WeightsError(f"no such file: {path} (nor a variant: {', '.join(registry.variants)})")
+    return fetch_variant(registry.variant(variant_or_path), token)
+
+
+def base_for(name_or_repo: str, registry: Registry | None = None) -> Base:
+    """A registry base by name, or an ad-hoc one for a raw Hub repo id (diffusers folders, revision main)."""
+    registry = registry or load_registry()
+    if name_or_repo in registry.bases:
+        return registry.bases[name_or_repo]
+    known = {b.repo: b for b in registry.bases.values()}
+    if name_or_repo in known:
+        return known[name_or_repo]
+    if _REPO_ID.match(name_or_repo):
+        return Base(name_or_repo, name_or_repo, "main", False, DIFFUSERS_PATTERNS, "")
+    raise WeightsError(
+        f"{name_or_repo!r} is not a local folder, a base ({', '.join(registry.bases)}) nor a Hub repo id"
+    )
+
+
+def resolve_base(
+    name_or_repo_or_dir: str, token: str | None = None, registry: Registry | None = None
+) -> Path:
+    """A FLUX.1 model folder: an existing local directory as is, else a base name or repo id via the cache."""
+    path = Path(name_or_repo_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    return fetch_base(base_for(name_or_repo_or_dir, registry), token)
+
+
+# ------------------------------------------------------------------------------------ download / status
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder (following the cache's symlinks)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's own tqdm bars (per file, on stderr; HF_HUB_DISABLE_PROGRESS_BARS wins), or none."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    switch_off = not enabled and not are_progress_bars_disabled()
+    if switch_off:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch_off:
+            enable_progress_bars()
+
+
+def plan_download(
+    variants: Sequence[str], all_variants: bool, base: str | None, no_base: bool, registry: Registry
+) -> tuple[list[str], list[str]]:
+    """(variants, bases) for `clear-gen download`: no variant named -> the default one, unless only --base is;
+    the bases default to those the variants were distilled from."""
+    if base and no_base:
+        raise ConfigError("--base and --no-base contradict each other; pick one")
+    if all_variants:
+        names = list(registry.variants)
+    elif variants:
+        names = list(dict.fromkeys(variants))
+    else:
+        names = [] if base else [registry.default_variant]
+    chosen = [registry.variant(n) for n in names]  # unknown name -> ConfigError listing the valid ones
+    if no_base:
+        return names, []
+    return names, [base] if base else list(dict.fromkeys(v.base for v in chosen))
+
+
+def download(
+    variants: Sequence[str],
+    base: str | Sequence[str] | None,
+    token: str | None = None,
+    progress: bool = True,
+) -> list[Fetched]:
+    """Fetch `variants` (registry names) and `base` (names or repo ids) into the cache; one row per item."""
+    registry = load_registry()
+    bases = [base] if isinstance(base, str) else list(base or [])
+    rows = []
+    with _progress_bars(progress):
+        for name in variants:  # 1. the CLEAR checkpoints (small, never gated)
+            v = registry.variant(name)
+            path = fetch_variant(v, token)
+            rows.append(Fetched(name, "variant", f"{v.repo}/{v.filename}", path, disk_size(path)))
+        for name in bases:  # 2. the FLUX.1 bases (tens of GB, dev is gated)
+            b = base_for(name, registry)
+            path = fetch_base(b, token)
+            rows.append(Fetched(b.name, "base", b.repo, path, disk_size(path)))
+    return rows
+
+
+def cached_variant(v: Variant) -> Path | None:
+    """The cached file of `v`, without any network call."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(v.repo, v.filename, revision=v.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def cached_base(b: Base) -> Path | None:
+    """The cached snapshot of `b`, without any network call (None if absent or known to be partial)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = list(b.allow_patterns)
+    try:
+        found = snapshot_download(b.repo, revision=b.revision, allow_patterns=patterns, local_files_only=True)
+        path = Path(found)
+    except Exception:  # not cached, partial, unreadable: all mean "download it"
+        return None
+    return path if any(path.iterdir()) else None
+
+
+def status(registry: Registry | None = None) -> list[Fetched]:
+    """Every registry entry with what is already cached (path None and size 0 when not)."""
+    registry = registry or load_registry()
+    rows = []
+    for v in registry.variants.values():
+        path = cached_variant(v)
+        size = disk_size(path) if path else 0
+        rows.append(Fetched(v.name, "variant", f"{v.repo}/{v.filename}", path, size))
+    for b in registry.bases.values():
+        path = cached_base(b)
+        rows.append(Fetched(b.name, "base", b.repo, path, disk_size(path) if path else 0))
+    return rows

@@ -1,0 +1,194 @@
+"""The weights registry: `weights.toml` loaded into frozen dataclasses.
+
+`[variants.NAME]` are the published CLEAR checkpoints, `[bases.NAME]` the FLUX.1 models they plug into.
+An unknown name or a malformed file is a `ConfigError` that says what is valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PACKAGED_REGISTRY = Path(__file__).with_name("weights.toml")
+
+# What a diffusers FluxPipeline needs; used for a base given as a raw repo id.
+DIFFUSERS_PATTERNS: tuple[str, ...] = (
+    "model_index.json",
+    "scheduler/*",
+    "text_encoder/*",
+    "text_encoder_2/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "transformer/*",
+    "vae/*",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One CLEAR checkpoint on the Hub."""
+
+    name: str  # short name used on the command line, e.g. "r8-down4"
+    repo: str  # Hub repo id
+    filename: str  # file inside the repo
+    revision: str  # branch, tag or commit
+    window: int  # r: image keys within distance < r attend
+    down_factor: int  # f: 1 = no down-sampled tokens
+    base: str  # name of the [bases] entry it was distilled from
+    description: str
+    sha256: str | None = None  # hex digest, checked after download when set
+    size: int | None = None  # bytes, checked (cheaply) before the hash
+
+
+@dataclass(frozen=True)
+class Base:
+    """A FLUX.1 model in diffusers layout."""
+
+    name: str
+    repo: str
+    revision: str
+    gated: bool  # the user must accept a licence on the Hub and send a token
+    allow_patterns: tuple[str, ...]  # the diffusers folders, not the single-file checkpoint beside them
+    description: str
+
+
+@dataclass(frozen=True)
+class Registry:
+    variants: dict[str, Variant]
+    bases: dict[str, Base]
+    default_variant: str
+
+    def variant(self, name: str) -> Variant:
+        if name not in self.variants:
+            raise ConfigError(f"unknown variant {name!r}; valid: {', '.join(self.variants)}")
+        return self.variants[name]
+
+    def base(self, name: str) -> Base:
+        if name not in self.bases:
+            raise ConfigError(f"unknown base {name!r}; valid: {', '.join(self.bases)}")
+        return self.bases[name]
+
+
+# field -> (type, required); bool is checked before int because bool is an int.
+_VARIANT_FIELDS: dict[str, tuple[type, bool]] = {
+    "repo": (str, True),
+    "filename": (str, True),
+    "revision": (str, False),
+    "window": (int, True),
+    "down_factor": (int, True),
+    "base": (str, True),
+    "description": (str, True),
+    "sha256": (str, False),
+    "size": (int, False),
+}
+_BASE_FIELDS: dict[str, tuple[type, bool]] = {
+    "repo": (str, True),
+    "revision": (str, False),
+    "gated": (bool, False),
+    "allow_patterns": (list, True),
+    "description": (str, True),
+}
+
+
+def _fields(table: Any, spec: dict[str, tuple[type, bool]], where: str) -> dict[str, Any]:
+    """Check one [kind.NAME] table against `spec`; return its fields. Raises a message (str) on error."""
+    if not isinstance(table, dict):
+        raise ValueError(f"[{where}] must be a table")
+    unknown = sorted(set(table) - set(spec))
+    if unknown:
+        raise ValueError(f"[{where}] has unknown field(s) {', '.join(unknown)}")
+    out = {}
+    for key, (typ, required) in spec.items():
+        if key not in table:
+            if required:
+                raise ValueError(f"[{where}] is missing {key!r}")
+            continue
+        value = table[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ValueError(f"[{where}] {key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        out[key] = value
+    return out
+
+
+def _variant(name: str, table: Any) -> Variant:
+    f = _fields(table, _VARIANT_FIELDS, f"variants.{name}")
+    if f["window"] < 1 or f["down_factor"] < 1:
+        raise ValueError(f"[variants.{name}] window and down_factor must be >= 1")
+    sha = f.get("sha256")
+    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+        raise ValueError(f"[variants.{name}] sha256 must be 64 hex digits")
+    return Variant(
+        name=name,
+        repo=f["repo"],
+        filename=f["filename"],
+        revision=f.get("revision", "main"),
+        window=f["window"],
+        down_factor=f["down_factor"],
+        base=f["base"],
+        description=f["description"],
+        sha256=sha.lower() if sha else None,
+        size=f.get("size"),
+    )
+
+
+def _base(name: str, table: Any) -> Base:
+    f = _fields(table, _BASE_FIELDS, f"bases.{name}")
+    patterns = f["allow_patterns"]
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"[bases.{name}] allow_patterns must be a non-empty list of strings")
+    return Base(
+        name=name,
+        repo=f["repo"],
+        revision=f.get("revision", "main"),
+        gated=f.get("gated", False),
+        allow_patterns=tuple(patterns),
+        description=f["description"],
+    )
+
+
+def parse_registry(data: dict[str, Any]) -> Registry:
+    """Build a Registry from parsed TOML; ValueError says what is wrong."""
+    unknown = sorted(set(data) - {"default_variant", "variants", "bases"})
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {', '.join(unknown)}")
+    variants_t, bases_t = data.get("variants"), data.get("bases")
+    if not isinstance(variants_t, dict) or not variants_t or not isinstance(bases_t, dict) or not bases_t:
+        raise ValueError("needs at least one [variants.NAME] and one [bases.NAME] table")
+    variants = {name: _variant(name, t) for name, t in variants_t.items()}
+    bases = {name: _base(name, t) for name, t in bases_t.items()}
+    for v in variants.values():
+        if v.base not in bases:
+            raise ValueError(f"[variants.{v.name}] base {v.base!r} is not one of: {', '.join(bases)}")
+    default = data.get("default_variant", next(iter(variants)))
+    if default not in variants:
+        raise ValueError(f"default_variant {default!r} is not one of: {', '.join(variants)}")
+    return Registry(variants=variants, bases=bases, default_variant=default)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: Path) -> Registry:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read weights registry {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"weights registry {path} is not valid TOML: {e}") from e
+    try:
+        return parse_registry(data)
+    except ValueError as e:
+        raise ConfigError(f"weights registry {path}: {e}") from e
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """The registry in `path` (default: the packaged weights.toml), parsed once per path."""
+    return _load(Path(path).resolve() if path is not None else PACKAGED_REGISTRY)
