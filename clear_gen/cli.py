@@ -27,7 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="FLUX.1 at 2K-8K with CLEAR local attention. `clear-gen PROMPT` is `clear-gen generate PROMPT`.",
 )
-err = Console(stderr=True, highlight=False)
+err = Console(
+    stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160
+)  # tables unclipped in logs
 
 
 @app.command()
@@ -198,11 +200,11 @@ class _GenerateDisplay:
         self.task = None
 
     def __enter__(self):
-        self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def hooks(self):
         from .pipeline import Hooks
@@ -212,7 +214,9 @@ class _GenerateDisplay:
     def _stage(self, i: int, stage) -> None:
         import time
 
-        if self.task is not None:
+        if self.task is None:
+            self.progress.start()  # not before: an early error stays one line
+        else:
             self.progress.remove_task(self.task)
         label = "CLEAR" if stage.clear else "full attention"
         desc = f"stage {i + 1}: {stage.width}x{stage.height} {label}"

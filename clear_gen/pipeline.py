@@ -23,7 +23,7 @@ from .errors import ConfigError, DeviceError, WeightsError
 from .flops import FluxShape, speedup_bound, step_flops
 from .geometry import Geometry, build_block_lists, needed_pairs
 
-MIN_SIDE, MAX_SIDE = 128, 16384
+MIN_SIDE, MAX_SIDE = 64, 16384
 FIRST_PASS_SIDE = 1024  # long side of the full-attention first pass in the reference recipe
 FULL_MEASURE_BUDGET_S = 60.0  # measure full attention when a warm + timed step costs less than this
 
@@ -111,7 +111,7 @@ def check_size(width: int, height: int, multiple: int) -> None:
                 f"size {width}x{height} is out of range: each side must be {MIN_SIDE}-{MAX_SIDE} px"
             )
     if width % multiple or height % multiple:
-        w, h = (max(multiple, round(s / multiple) * multiple) for s in (width, height))
+        w, h = (max(multiple, int(s / multiple + 0.5) * multiple) for s in (width, height))
         raise ConfigError(
             f"size {width}x{height} is not a multiple of {multiple}; try --width {w} --height {h}"
         )
@@ -185,8 +185,7 @@ class ClearChoice:
 
 
 def resolve_clear(opts: GenerateOptions) -> ClearChoice:
-    """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched lazily)."""
-    from .hub import resolve_variant_file
+    """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched later)."""
     from .registry import load_registry
 
     if opts.window is not None or opts.clear_weights is not None:
@@ -202,9 +201,40 @@ def resolve_clear(opts: GenerateOptions) -> ClearChoice:
         return ClearChoice("none", None)
     registry = load_registry()
     variant = registry.variant(opts.variant or registry.default_variant)
-    return ClearChoice(
-        variant.name, variant.window, variant.down_factor, resolve_variant_file(variant.name, opts.token)
-    )
+    return ClearChoice(variant.name, variant.window, variant.down_factor)
+
+
+def clear_weights_file(choice: ClearChoice, token: str | None) -> Path | None:
+    """The checkpoint of a registry variant (from the cache or the Hub), a custom file, or None."""
+    from .hub import resolve_variant_file
+
+    if choice.weights is not None or choice.label in ("custom", "none"):
+        return choice.weights
+    return resolve_variant_file(choice.label, token)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No loading bars, accelerate hints or deprecation notes from diffusers/transformers on the user's screen."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        diffusers.logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
+        diffusers.logging.enable_progress_bar()
+        transformers.logging.enable_progress_bar()
 
 
 def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtype):
@@ -215,7 +245,8 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
 
     path = resolve_base(opts.model, opts.token)
     try:
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+        with _quiet_loading():
+            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         raise WeightsError(
             f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
@@ -462,11 +493,10 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    # 2. Load the pipeline and the CLEAR weights; encode every prompt once.
+    # 2. Load the CLEAR weights and the pipeline; encode every prompt once.
+    weights = clear_weights_file(choice, opts.token)
+    state_dict = load_clear_weights(weights) if weights is not None else None
     pipe = load_pipeline(opts, device, dtype)
-    state_dict = None
-    if choice.weights is not None:
-        state_dict = load_clear_weights(choice.weights)
     if max(opts.width, opts.height) > 2048:
         pipe.vae.enable_tiling()
     max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)

@@ -62,7 +62,18 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def common(tiny: Path, out: Path) -> list[str]:
-    return ["--model", str(tiny), "--out", f"{out}/", "--max-sequence-length", "16", "--steps", "2", "--backend", "dense"]
+    return [
+        "--model",
+        str(tiny),
+        "--out",
+        f"{out}/",
+        "--max-sequence-length",
+        "16",
+        "--steps",
+        "2",
+        "--backend",
+        "dense",
+    ]
 
 
 def images(out: Path) -> list[Path]:
@@ -82,7 +93,13 @@ def test_text_to_image_with_json_and_metadata(tiny, clear_file, tmp_path, capsys
     assert path.name == "a-red-castle-7-128x128.png" and path.exists()
     assert Image.open(path).size == (128, 128)
     record = ImageRecord.from_png(path)
-    assert (record.prompt, record.seed, record.window, record.width, record.height) == ("a red castle", 7, 2, 128, 128)
+    assert (record.prompt, record.seed, record.window, record.width, record.height) == (
+        "a red castle",
+        7,
+        2,
+        128,
+        128,
+    )
     stage = row["stages"][0]
     assert stage["attention"] == "CLEAR r=2" and stage["steps"] == 2
     assert stage["full_step_s"] > 0 and stage["full_estimated"] is False and stage["speedup"] > 0
@@ -91,8 +108,22 @@ def test_text_to_image_with_json_and_metadata(tiny, clear_file, tmp_path, capsys
 
 def test_upscale_from_keeps_stages(tiny, tmp_path, capsys):
     args = ["a tower", *common(tiny, tmp_path), "--window", "4", "--down-factor", "4"]
-    code, out, err = run([*args, "--width", "256", "--height", "128", "--upscale-from", "128", "--seed", "1",
-                          "--keep-stages", "--json"], capsys)
+    code, out, err = run(
+        [
+            *args,
+            "--width",
+            "256",
+            "--height",
+            "128",
+            "--upscale-from",
+            "128",
+            "--seed",
+            "1",
+            "--keep-stages",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     row = json.loads(out)
     assert [(s["width"], s["height"], s["attention"]) for s in row["stages"]] == [
@@ -125,7 +156,12 @@ def test_several_seeds_and_a_prompts_file(tiny, tmp_path, capsys):
     code, stdout, err = run([*args, "--seed", "1", "--seed", "2", "--json", "--no-compare-full"], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in stdout.splitlines()]
-    assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 1), ("a cat", 2), ("a dog", 1), ("a dog", 2)]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [
+        ("a cat", 1),
+        ("a cat", 2),
+        ("a dog", 1),
+        ("a dog", 2),
+    ]
     assert len(images(out)) == 4
 
 
@@ -136,7 +172,9 @@ def test_from_image_reruns_the_same_image(tiny, tmp_path, capsys):
     original = Path(json.loads(out)["path"])
     code, out, err = run(["info", str(original), "--json"], capsys)
     assert code == 0 and json.loads(out)["prompt"] == "a lighthouse"
-    code, out, err = run(["--from", str(original), "--out", f"{tmp_path / 'b'}/", "--json", "--no-compare-full"], capsys)
+    code, out, err = run(
+        ["--from", str(original), "--out", f"{tmp_path / 'b'}/", "--json", "--no-compare-full"], capsys
+    )
     assert code == 0, err
     again = Path(json.loads(out)["path"])
     assert again.name == original.name
@@ -144,7 +182,9 @@ def test_from_image_reruns_the_same_image(tiny, tmp_path, capsys):
 
 
 def test_full_attention_variant_none(tiny, tmp_path, capsys):
-    code, out, err = run(["a hill", *common(tiny, tmp_path), "--variant", "none", "--res", "128", "--json"], capsys)
+    code, out, err = run(
+        ["a hill", *common(tiny, tmp_path), "--variant", "none", "--res", "128", "--json"], capsys
+    )
     assert code == 0, err
     stage = json.loads(out)["stages"][0]
     assert stage["attention"] == "full" and stage["speedup"] is None
@@ -153,9 +193,10 @@ def test_full_attention_variant_none(tiny, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--res", "1000"], "not a multiple of 16; try --width 1008 --height 1008"),
-        (["--res", "128", "--window", "2", "--down-factor", "4"], "not a multiple of 64"),
-        (["--res", "64"], "out of range"),
+        (["--res", "1000", "--window", "2"], "not a multiple of 16; try --width 1008 --height 1008"),
+        (["--res", "1000"], "not a multiple of 64; try --width 1024 --height 1024"),  # r8-down4
+        (["--res", "160", "--window", "2", "--down-factor", "4"], "160x160 is not a multiple of 64"),
+        (["--res", "48"], "out of range"),
         (["--res", "128", "--variant", "r7"], "r8-down4"),
         (["--res", "128", "--variant", "r8"], "clear-gen download r8"),
         (["--res", "128", "--window", "2", "--device", "cuda"], "no CUDA GPU"),
@@ -177,7 +218,9 @@ def test_empty_prompt_and_unwritable_output(tiny, tmp_path, capsys):
     assert code == 1 and "prompt is empty" in err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run(["a", "--model", str(tiny), "--window", "2", "--res", "128", "--out", f"{blocker}/x/"], capsys)
+    code, _, err = run(
+        ["a", "--model", str(tiny), "--window", "2", "--res", "128", "--out", f"{blocker}/x/"], capsys
+    )
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -185,7 +228,9 @@ def test_model_folder_missing_files(tiny, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny, broken)
     shutil.rmtree(broken / "transformer")
-    code, _, err = run(["a", "--model", str(broken), "--window", "2", "--res", "128", "--out", f"{tmp_path}/"], capsys)
+    code, _, err = run(
+        ["a", "--model", str(broken), "--window", "2", "--res", "128", "--out", f"{tmp_path}/"], capsys
+    )
     assert code == 1 and "clear-gen download" in err and "Traceback" not in err
 
 
@@ -194,9 +239,52 @@ def test_installed_executable(tiny, tmp_path):
     if exe is None:
         pytest.skip("clear-gen is not installed in this environment (scripts/test.sh installs it)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    args = [exe, "a small house", *common(tiny, tmp_path), "--window", "2", "--res", "128", "--seed", "3", "--json"]
+    args = [
+        exe,
+        "a small house",
+        *common(tiny, tmp_path),
+        "--window",
+        "2",
+        "--res",
+        "128",
+        "--seed",
+        "3",
+        "--json",
+    ]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert Path(json.loads(done.stdout)["path"]).exists()
     bad = subprocess.run([exe, "a", "--res", "100"], capture_output=True, text=True, env=env, timeout=300)
-    assert bad.returncode == 1 and "try --width 96 --height 96" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 1 and "try --width 128 --height 128" in bad.stderr and "Traceback" not in bad.stderr
+    )
+
+
+def test_out_of_gpu_memory_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    import clear_gen.pipeline as P
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(P, "_run_stage", oom)
+    code, _, err = run(["a", *common(tiny, tmp_path), "--window", "2", "--res", "128"], capsys)
+    assert code == 1 and "--offload model" in err and len(err.strip().splitlines()) == 1
+    assert images(tmp_path) == []
+
+
+def test_base_missing_offline_names_the_download(tmp_path, capsys):
+    code, _, err = run(
+        ["a castle", "--model", "dev", "--window", "2", "--res", "128", "--out", f"{tmp_path}/"], capsys
+    )
+    assert code == 1 and "clear-gen download --base dev" in err and "Traceback" not in err
+
+
+def test_full_attention_is_estimated_when_too_slow_to_measure(tiny, tmp_path, capsys, monkeypatch):
+    import clear_gen.pipeline as P
+
+    monkeypatch.setattr(P, "FULL_MEASURE_BUDGET_S", 0.0)
+    code, out, err = run(["a", *common(tiny, tmp_path), "--window", "2", "--res", "128", "--json"], capsys)
+    assert code == 0, err
+    stage = json.loads(out)["stages"][0]
+    assert stage["full_estimated"] is True and stage["full_step_s"] > 0
+    assert "(est.)" in err
