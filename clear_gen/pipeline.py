@@ -215,7 +215,7 @@ def clear_weights_file(choice: ClearChoice, token: str | None) -> Path | None:
 
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """No loading bars, accelerate hints or deprecation notes from diffusers/transformers on the user's screen."""
+    """No loading bars, accelerate hints or deprecation notes from diffusers and transformers."""
     import warnings
 
     import diffusers
