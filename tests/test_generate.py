@@ -280,9 +280,9 @@ def test_base_missing_offline_names_the_download(tmp_path, capsys):
 
 
 def test_full_attention_is_estimated_when_too_slow_to_measure(tiny, tmp_path, capsys, monkeypatch):
-    import clear_gen.pipeline as P
+    import clear_gen.timing
 
-    monkeypatch.setattr(P, "FULL_MEASURE_BUDGET_S", 0.0)
+    monkeypatch.setattr(clear_gen.timing, "FULL_MEASURE_BUDGET_S", 0.0)
     code, out, err = run(["a", *common(tiny, tmp_path), "--window", "2", "--res", "128", "--json"], capsys)
     assert code == 0, err
     stage = json.loads(out)["stages"][0]

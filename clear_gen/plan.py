@@ -1,0 +1,197 @@
+"""Planning a run, before anything heavy loads: options, stage sizes, seeds and the attention choice.
+
+Every user error that can be found from the arguments alone is raised here.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+MIN_SIDE, MAX_SIDE = 64, 16384
+FIRST_PASS_SIDE = 1024  # long side of the full-attention first pass in the reference recipe
+
+
+@dataclass
+class GenerateOptions:
+    """Everything one `clear-gen` run needs. None means: the recipe's default for that stage."""
+
+    prompts: list[str]
+    width: int = 1024
+    height: int = 1024
+    model: str = "dev"  # registry base name, Hub repo id or local diffusers directory
+    variant: str | None = None  # registry variant; "none" = stock attention; None = registry default
+    window: int | None = None  # custom CLEAR window (training-free unless clear_weights)
+    down_factor: int | None = None
+    clear_weights: str | None = None  # a local CLEAR .safetensors
+    stages: list[int] | None = None  # long sides; the last is the target; None = recipe
+    strength: float = 0.7
+    steps: int = 20  # steps of each CLEAR / target stage
+    guidance: float | None = None  # target stages: 7.5 for SDEdit, 3.5 for direct text-to-image
+    first_steps: int = 20
+    first_guidance: float = 3.5
+    seeds: list[int] | None = None
+    count: int = 1
+    max_sequence_length: int | None = None  # None: 512 (dev), 256 (schnell), from the model
+    ntk_factor: float | None = None  # None: 10 above 1024 px, else 1
+    proportional_attention: bool | None = None  # None: on above 1024 px
+    keep_stages: bool = False
+    out: str | None = None
+    device: str = "auto"
+    dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere
+    offload: str = "none"  # none | model | sequential
+    compare_full: bool = True
+    backend: str = "auto"
+    token: str | None = None
+
+
+def check_size(width: int, height: int, multiple: int) -> None:
+    """Sides in range and multiples of 16 (64 for down-sampled variants); else propose the nearest."""
+    for side in (width, height):
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise ConfigError(
+                f"size {width}x{height} is out of range: each side must be {MIN_SIDE}-{MAX_SIDE} px"
+            )
+    if width % multiple or height % multiple:
+        w, h = (max(multiple, int(s / multiple + 0.5) * multiple) for s in (width, height))
+        raise ConfigError(
+            f"size {width}x{height} is not a multiple of {multiple}; try --width {w} --height {h}"
+        )
+
+
+def stage_sizes(width: int, height: int, long_sides: list[int], multiple: int) -> list[tuple[int, int]]:
+    """(w, h) of each stage: the target's aspect at each long side, sides rounded to `multiple`."""
+    sizes = []
+    for side in long_sides:
+        scale = side / max(width, height)
+        sizes.append(tuple(max(multiple, round(s * scale / multiple) * multiple) for s in (width, height)))
+    sizes[-1] = (width, height)
+    return sizes
+
+
+def default_stages(width: int, height: int, stages: list[int] | None) -> list[int]:
+    """The recipe: above 1024 px, a 1024 px first pass then the target; else the target alone."""
+    if stages:
+        if any(b <= a for a, b in zip(stages, stages[1:], strict=False)):
+            raise ConfigError(f"--stages must grow: got {','.join(map(str, stages))}")
+        return stages
+    long_side = max(width, height)
+    return [FIRST_PASS_SIDE, long_side] if long_side > FIRST_PASS_SIDE else [long_side]
+
+
+def image_seeds(seeds: list[int] | None, count: int) -> list[int]:
+    if seeds:
+        if count not in (1, len(seeds)):
+            raise ConfigError("give either --seed (once per image) or --count, not both")
+        return list(seeds)
+    if count < 1:
+        raise ConfigError("--count must be at least 1")
+    return [random.randrange(2**32) for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class ClearChoice:
+    """Which attention the CLEAR stages use, and where its weights come from."""
+
+    label: str  # variant name, "custom" or "none"
+    window: int | None  # None: stock attention
+    down_factor: int = 1
+    weights: Path | None = None
+
+
+def resolve_clear(opts: GenerateOptions) -> ClearChoice:
+    """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched later)."""
+    from .registry import load_registry
+
+    if opts.window is not None or opts.clear_weights is not None:
+        if opts.window is None:
+            raise ConfigError(
+                "--clear-weights needs --window (and --down-factor if the weights are down-sampled)"
+            )
+        weights = Path(opts.clear_weights) if opts.clear_weights else None
+        if weights is not None and not weights.is_file():
+            raise ConfigError(f"--clear-weights {weights}: no such file")
+        return ClearChoice("custom", opts.window, opts.down_factor or 1, weights)
+    if opts.variant == "none":
+        return ClearChoice("none", None)
+    registry = load_registry()
+    variant = registry.variant(opts.variant or registry.default_variant)
+    return ClearChoice(variant.name, variant.window, variant.down_factor)
+
+
+@dataclass
+class Stage:
+    width: int
+    height: int
+    clear: bool  # CLEAR attention (else the original model with full attention)
+    steps: int
+    guidance: float
+    sdedit: bool  # img2img from the previous stage's image
+
+
+def plan_stages(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
+    """The stages of one image, checked before anything heavy is loaded."""
+    multiple = 64 if choice.down_factor > 1 else 16
+    check_size(opts.width, opts.height, multiple)
+    long_sides = default_stages(opts.width, opts.height, opts.stages)
+    if long_sides[-1] != max(opts.width, opts.height):
+        raise ConfigError(
+            f"the last stage ({long_sides[-1]} px) must be the target's long side "
+            f"({max(opts.width, opts.height)} px)"
+        )
+    sizes = stage_sizes(opts.width, opts.height, long_sides, multiple)
+    for w, h in sizes:
+        check_size(w, h, multiple)
+    use_clear = choice.window is not None
+    if len(sizes) == 1:
+        w, h = sizes[0]
+        return [Stage(w, h, use_clear, opts.steps, 3.5 if opts.guidance is None else opts.guidance, False)]
+    first = Stage(*sizes[0], False, opts.first_steps, opts.first_guidance, False)
+    guidance = 7.5 if opts.guidance is None else opts.guidance
+    return [first] + [Stage(w, h, use_clear, opts.steps, guidance, True) for w, h in sizes[1:]]
+
+
+def clear_kwargs(opts: GenerateOptions, choice: ClearChoice, stage: Stage, state_dict) -> dict:
+    high_res = max(stage.width, stage.height) > FIRST_PASS_SIDE
+    ntk = opts.ntk_factor if opts.ntk_factor is not None else (10.0 if high_res else 1.0)
+    prop = opts.proportional_attention if opts.proportional_attention is not None else high_res
+    return dict(
+        window=choice.window,
+        down_factor=choice.down_factor,
+        state_dict=state_dict,
+        proportional_attention=prop,
+        ntk_factor=ntk,
+        backend=opts.backend,
+    )
+
+
+def options_from_record(record, **overrides) -> GenerateOptions:
+    """GenerateOptions that re-run a saved image (`--from`); `overrides` win over the record."""
+    extra = record.extra or {}
+    custom = record.variant == "custom"
+    opts = GenerateOptions(
+        prompts=[record.prompt],
+        width=record.width,
+        height=record.height,
+        model=record.model,
+        variant=None if custom else record.variant,
+        window=record.window if custom else None,
+        down_factor=record.down_factor if custom else None,
+        clear_weights=extra.get("clear_weights"),
+        stages=list(record.stages) if record.stages else None,
+        strength=record.strength if record.strength is not None else 0.7,
+        steps=record.steps,
+        guidance=record.guidance,
+        first_steps=extra.get("first_steps", 20),
+        first_guidance=extra.get("first_guidance", 3.5),
+        seeds=[record.seed],
+        max_sequence_length=extra.get("max_sequence_length"),
+        ntk_factor=extra.get("ntk_factor"),
+        proportional_attention=extra.get("proportional_attention"),
+        dtype=extra.get("dtype"),
+        backend=extra.get("backend", "auto"),
+    )
+    return replace(opts, **overrides)

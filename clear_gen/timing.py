@@ -1,0 +1,114 @@
+"""Timing: CLEAR's steps as they run, and full attention at the same size (measured, or estimated)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .attention import remove_clear
+from .flops import FluxShape, speedup_bound, step_flops
+from .geometry import Geometry, build_block_lists
+
+FULL_MEASURE_BUDGET_S = 60.0  # measure full attention when a warm + timed step costs less than this
+
+
+@dataclass
+class StageTiming:
+    width: int
+    height: int
+    attention: str  # "full" or "CLEAR r=8 f=4"
+    steps: int
+    seconds: float  # whole stage, compile included
+    step_s: float  # median seconds per step after the first
+    full_step_s: float | None = None  # full attention, same size and device
+    full_estimated: bool = False  # True: from the FLOP model, not measured
+    density: float = 1.0  # fraction of (q, kv) pairs CLEAR computes exactly
+
+    @property
+    def speedup(self) -> float | None:
+        return None if not self.full_step_s or self.attention == "full" else self.full_step_s / self.step_s
+
+
+class StepClock:
+    """Times denoising steps through the pipeline's step-end callback (synchronising CUDA)."""
+
+    def __init__(self, device: torch.device, on_step: Callable[[], None] | None = None):
+        self.device, self.on_step, self.stamps = device, on_step, [time.perf_counter()]
+
+    def __call__(self, pipe, step: int, timestep, kwargs: dict) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        if self.on_step:
+            self.on_step()
+        return kwargs
+
+    def step_seconds(self) -> float:
+        """Median step time, leaving out the first (it holds compilation) when there are others."""
+        d = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        d = d[1:] if len(d) > 1 else d
+        return sorted(d)[len(d) // 2] if d else 0.0
+
+
+@contextmanager
+def capture_transformer_call(transformer) -> Iterator[dict]:
+    """Keep the last call's inputs, seen before any CLEAR hook changes them."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen.clear()
+        seen.update(kwargs)
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _synced_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _shape(config) -> FluxShape:
+    return FluxShape(
+        heads=config.num_attention_heads,
+        head_dim=config.attention_head_dim,
+        double=config.num_layers,
+        single=config.num_single_layers,
+        in_channels=config.in_channels,
+        joint_dim=config.joint_attention_dim,
+    )
+
+
+def time_full_attention(
+    transformer, inputs: dict, timing: StageTiming, geo: Geometry, device, reapply
+) -> None:
+    """timing.full_step_s: one warm step with stock attention when that is cheap, else the FLOP model.
+
+    The estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
+    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate.
+    """
+    computed = build_block_lists(geo).computed_pairs()
+    estimate = timing.step_s * speedup_bound(step_flops(_shape(transformer.config), geo, computed))
+    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs:
+        timing.full_step_s, timing.full_estimated = estimate, True
+        return
+    remove_clear(transformer)
+    try:
+        _synced_seconds(lambda: transformer(**inputs), device)  # warm-up
+        timing.full_step_s = _synced_seconds(lambda: transformer(**inputs), device)
+    finally:
+        reapply()
