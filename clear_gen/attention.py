@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +75,18 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: flo
     return _compiled_flex(query, key, value, block_mask=mask, scale=scale)
 
 
+@lru_cache(maxsize=4)
+def _cached_dense_mask(geo: G.Geometry, device: str) -> Tensor:
+    return G.dense_mask(geo, device)
+
+
 def _dense(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
     """SDPA with an explicit boolean mask: the small-size reference. (B, H, L, D) in and out."""
     if geo.q_len * geo.kv_len > DENSE_MAX_ELEMENTS:
         raise ConfigError(
             f"the dense backend needs a {geo.q_len} x {geo.kv_len} mask, too large; use backend='flex'"
         )
-    mask = G.dense_mask(geo, query.device)  # (Lq, Lkv) bool
+    mask = _cached_dense_mask(geo, str(query.device))  # (Lq, Lkv) bool
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 

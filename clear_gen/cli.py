@@ -6,6 +6,7 @@ User errors (ClearGenError) become one red line on stderr and exit code 1, never
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,7 +221,7 @@ class _GenerateDisplay:
             self.progress.remove_task(self.task)
         label = "CLEAR" if stage.clear else "full attention"
         desc = f"stage {i + 1}: {stage.width}x{stage.height} {label}"
-        self.task = self.progress.add_task(desc, total=stage.steps, rate="")
+        self.task = self.progress.add_task(desc, total=stage.denoising_steps, rate="")
         self.started = time.perf_counter()
 
     def _step(self) -> None:
@@ -343,6 +344,7 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notes are not for our users
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="clear-gen", standalone_mode=False)

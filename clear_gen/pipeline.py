@@ -124,28 +124,21 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
     from .hub import resolve_base
 
     path = resolve_base(opts.model, opts.token)
-    try:
-        with _quiet_loading():
-            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise WeightsError(
-            f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
-            f"fetch one with `clear-gen download --base dev`"
-        ) from e
-    pipe.set_progress_bar_config(disable=True)
-    if opts.offload == "none":
-        pipe.to(device)
-    elif opts.offload in ("model", "sequential"):
+    with _quiet_loading():
         try:
-            import accelerate  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("--offload needs accelerate: pip install accelerate") from e
-        offload = (
-            pipe.enable_model_cpu_offload if opts.offload == "model" else pipe.enable_sequential_cpu_offload
-        )
-        offload(device=device)
-    else:
-        raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
+            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise WeightsError(
+                f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
+                f"fetch one with `clear-gen download --base dev`"
+            ) from e
+        if opts.offload == "none":
+            pipe.to(device)
+        elif opts.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -205,7 +198,8 @@ def _img2img(pipe):
     """FluxImg2ImgPipeline sharing pipe's modules, with the recipe's static shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
 
-    img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+    with _quiet_loading():
+        img2img = FluxImg2ImgPipeline.from_pipe(pipe)
     img2img.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config, use_dynamic_shifting=False
     )

@@ -130,10 +130,33 @@ class Stage:
     steps: int
     guidance: float
     sdedit: bool  # img2img from the previous stage's image
+    strength: float = 1.0  # SDEdit: the part of the schedule that runs
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps that run: img2img skips the first (1 - strength) of the schedule, as diffusers does."""
+        return self.steps - int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
+
+
+def check_options(opts: GenerateOptions) -> None:
+    """Numbers and names that need no model to check."""
+    if not 0 < opts.strength <= 1:
+        raise ConfigError(f"--strength must be in (0, 1], got {opts.strength}")
+    for name in ("steps", "first_steps"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.offload not in ("none", "model", "sequential"):
+        raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
+    if opts.offload != "none":
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--offload {opts.offload} needs accelerate: pip install accelerate") from None
 
 
 def plan_stages(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
     """The stages of one image, checked before anything heavy is loaded."""
+    check_options(opts)
     multiple = 64 if choice.down_factor > 1 else 16
     check_size(opts.width, opts.height, multiple)
     long_sides = default_stages(opts.width, opts.height, opts.stages)
@@ -151,7 +174,7 @@ def plan_stages(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
         return [Stage(w, h, use_clear, opts.steps, 3.5 if opts.guidance is None else opts.guidance, False)]
     first = Stage(*sizes[0], False, opts.first_steps, opts.first_guidance, False)
     guidance = 7.5 if opts.guidance is None else opts.guidance
-    return [first] + [Stage(w, h, use_clear, opts.steps, guidance, True) for w, h in sizes[1:]]
+    return [first] + [Stage(w, h, use_clear, opts.steps, guidance, True, opts.strength) for w, h in sizes[1:]]
 
 
 def clear_kwargs(opts: GenerateOptions, choice: ClearChoice, stage: Stage, state_dict) -> dict:
