@@ -1,7 +1,17 @@
 """clear-gen: FLUX.1 at 2K-8K with CLEAR local attention."""
 
-from .attention import apply_clear, clear_config, remove_clear
-from .errors import ClearGenError
-
 __version__ = "0.1.0"
-__all__ = ["ClearGenError", "__version__", "apply_clear", "clear_config", "remove_clear"]
+
+from .attention import apply_clear, clear_config, remove_clear  # noqa: E402
+from .errors import ClearGenError  # noqa: E402
+from .pipeline import GenerateOptions, generate  # noqa: E402
+
+__all__ = [
+    "ClearGenError",
+    "GenerateOptions",
+    "__version__",
+    "apply_clear",
+    "clear_config",
+    "generate",
+    "remove_clear",
+]
