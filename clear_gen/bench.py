@@ -398,31 +398,46 @@ TIMING_COLUMNS = (
 )  # fmt: skip
 
 
+def _cells(row: dict) -> list[str]:
+    head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
+    if row["what"] != "plan":
+        return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
+    return [
+        *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
+        f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
+        f"{row['mask_build_ms']:.0f}", f"{row['linear_pflop']:.3f}", f"{row['attn_full_pflop']:.3f}",
+        f"{row['attn_exact_pflop']:.3f} / {row['attn_computed_pflop']:.3f}", f"{row['speedup_bound']:.1f}x",
+    ]  # fmt: skip
+
+
+def title(rows: list[dict]) -> str:
+    """'clear-gen bench --what step on NVIDIA H100 ..., bfloat16, 24 heads x 128, 57 layers'."""
+    what, first = rows[0]["what"], rows[0]
+    text = f"clear-gen bench --what {what} on {first['device']}, torch {torch.__version__}"
+    if what != "plan":
+        text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
+        text += f", {first['layers']} layers" if what == "step" else ""
+    return text
+
+
 def table(rows: list[dict]):
     """A rich Table of benchmark rows (all of one kind), titled with the device and settings."""
     from rich.table import Table
 
-    what, first = rows[0]["what"], rows[0]
-    title = f"clear-gen bench --what {what} on {first['device']}"
-    if what != "plan":
-        title += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
-        title += f", {first['layers']} layers" if what == "step" else ""
-    out = Table(title=title)
-    for col in PLAN_COLUMNS if what == "plan" else TIMING_COLUMNS:
+    out = Table(title=title(rows))
+    for col in PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS:
         out.add_column(col, justify="right")
     for row in rows:
-        head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
-        if what == "plan":
-            out.add_row(
-                *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
-                f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
-                f"{row['mask_build_ms']:.0f}", f"{row['linear_pflop']:.3f}", f"{row['attn_full_pflop']:.3f}",
-                f"{row['attn_exact_pflop']:.3f} / {row['attn_computed_pflop']:.3f}",
-                f"{row['speedup_bound']:.1f}x",
-            )  # fmt: skip
-        else:
-            out.add_row(*head, f"{row['computed_density']:.2%}", *_timing_cells(row))
+        out.add_row(*_cells(row))
     return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """The same table in Markdown, for BENCHMARKS.md."""
+    cols = PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS
+    lines = [f"{title(rows)}\n", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- the one entry point

@@ -55,6 +55,7 @@ def bench(
         None, help="Skip full-attention calls the FLOP model estimates slower than this; report the estimate."
     ),
     json_file: Path | None = typer.Option(None, "--json", help="Write the rows as JSON, as they land."),
+    markdown: Path | None = typer.Option(None, help="Also write the table as Markdown (for BENCHMARKS.md)."),
 ) -> None:
     """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
     from . import bench as B
@@ -72,15 +73,21 @@ def bench(
         on_row=lambda row: (done.append(row), write(done)),
     )  # fmt: skip
     write(rows)
-    # 3. Print.
-    Console().print(B.table(rows))
+    # 3. Print (wide enough not to truncate when piped into a file).
+    Console(width=None if sys.stdout.isatty() else 200).print(B.table(rows))
+    if markdown:
+        _write(markdown, B.markdown(rows))
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
 
 
 def _write_json(path: Path, rows: list[dict]) -> None:
-    try:
-        path.write_text(json.dumps(rows, indent=1) + "\n")
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+    _write(path, json.dumps(rows, indent=1) + "\n")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
