@@ -234,20 +234,24 @@ def _computed(geo: G.Geometry) -> int:
 
 
 class FullGuard:
-    """Skips full-attention runs estimated to take over `max_seconds` per call, and says so.
+    """Skips full-attention runs estimated to take over `max_seconds` per call, or to overrun the
+    `deadline` (a time.monotonic() value), and says so.
 
     The estimate is FLOPs at the rate of the last measured full run, or failing that the CLEAR time
     times the FLOP ratio (same rate assumed). A skipped run gets the estimate, marked `full_estimated`.
     """
 
-    def __init__(self, enabled: bool, max_seconds: float | None):
-        self.enabled, self.max_seconds, self.rate = enabled, max_seconds, None  # rate: FLOP per ms
+    def __init__(self, enabled: bool, max_seconds: float | None, deadline: float | None = None):
+        self.enabled, self.max_seconds, self.deadline = enabled, max_seconds, deadline
+        self.rate = None  # FLOP per ms of the last measured full run
 
     def measure(self, fn, flops: float, clear_ms: float, ratio: float, device, repeats: int) -> dict:
         if not self.enabled:
             return {"full_ms": None, "full_estimated": False}
         est_ms = flops / self.rate if self.rate else clear_ms * ratio
         limit_ms = math.inf if self.max_seconds is None else self.max_seconds * 1e3
+        if self.deadline is not None:
+            limit_ms = min(limit_ms, (self.deadline - time.monotonic()) * 1e3)
         if est_ms > limit_ms:
             return {"full_ms": est_ms, "full_estimated": True}
         reps = repeats if est_ms * (1 + repeats) <= limit_ms else 0  # too slow to repeat: one call
@@ -457,10 +461,16 @@ def run(
     text_len: int = 512,
     compare_full: bool = True,
     max_full_seconds: float | None = None,
+    time_budget: float | None = None,
     progress: Progress = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands."""
+    """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands.
+
+    Full-attention runs estimated (FLOP model) to take over `max_full_seconds` per call, or to end
+    after `time_budget` seconds from now, are skipped and reported as estimates (`full_estimated`).
+    """
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     # 1. Validate everything before any work.
     if what not in WHATS:
         raise ConfigError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
@@ -474,7 +484,7 @@ def run(
     dt = resolve_dtype(dtype, dev)
     shape = flux_shape(heads, head_dim, layers)
     say = progress or (lambda _msg: None)
-    guard = FullGuard(compare_full, max_full_seconds)
+    guard = FullGuard(compare_full, max_full_seconds, deadline)
     wf = (window, down_factor, text_len)
     rows = []
     # 2. One row per resolution; correctness checks in the same run, after the timings (so that the

@@ -54,6 +54,9 @@ def bench(
     max_full_seconds: float | None = typer.Option(
         None, help="Skip full-attention calls the FLOP model estimates slower than this; report the estimate."
     ),
+    time_budget: float | None = typer.Option(
+        None, help="Seconds: skip (and estimate) full-attention runs that would end after this budget."
+    ),
     json_file: Path | None = typer.Option(None, "--json", help="Write the rows as JSON, as they land."),
     markdown: Path | None = typer.Option(None, help="Also write the table as Markdown (for BENCHMARKS.md)."),
 ) -> None:
@@ -69,7 +72,7 @@ def bench(
     done: list[dict] = []
     rows = B.run(
         what, sizes, window, down_factor, device, dtype, repeats, heads, head_dim, layers, text_len,
-        compare_full, max_full_seconds, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+        compare_full, max_full_seconds, time_budget, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
         on_row=lambda row: (done.append(row), write(done)),
     )  # fmt: skip
     write(rows)
