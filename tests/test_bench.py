@@ -60,6 +60,7 @@ def test_plan_8k_meets_density_targets(window, ours_max, row_major):
 # ---------------------------------------------------------------- timed runs, tiny
 
 
+@pytest.mark.slow  # compiles FlexAttention
 def test_attention_runs_and_checks_against_dense():
     rows = B.run("attention", res=[256, 512], heads=2, head_dim=32, repeats=1, device="cpu")
     assert [r["res"] for r in rows] == [256, 512]
@@ -71,6 +72,7 @@ def test_attention_runs_and_checks_against_dense():
     assert "attention" in B.markdown(rows) and "cpu" in B.title(rows)
 
 
+@pytest.mark.slow  # compiles FlexAttention
 def test_step_runs_with_a_tiny_flux():
     (row,) = B.run("step", res=[256], heads=2, head_dim=32, layers=2, repeats=1, device="cpu")
     assert set(B.ROW_KEYS) <= row.keys() and row["layers"] == 2
@@ -78,6 +80,7 @@ def test_step_runs_with_a_tiny_flux():
     assert row["clear_ms"] > 0 and row["full_ms"] > 0 and not row["full_estimated"]
 
 
+@pytest.mark.slow  # compiles FlexAttention
 def test_step_guard_estimates_instead_of_running_full():
     kw = dict(heads=2, head_dim=32, layers=2, repeats=1, device="cpu", down_factor=4)
     (row,) = B.run("step", res=[256], max_full_seconds=1e-9, **kw)
