@@ -186,9 +186,10 @@ def _grid_of(img_ids: Tensor) -> tuple[int, int]:
     y0, x0 = img_ids[0, 1], img_ids[0, 2]
     rows = torch.arange(h, device=img_ids.device).repeat_interleave(w) + y0
     cols = torch.arange(w, device=img_ids.device).repeat(h) + x0
-    if h * w != n or not (torch.equal(img_ids[:, 1], rows.to(img_ids.dtype)) and torch.equal(
-        img_ids[:, 2], cols.to(img_ids.dtype)
-    )):
+    if h * w != n or not (
+        torch.equal(img_ids[:, 1], rows.to(img_ids.dtype))
+        and torch.equal(img_ids[:, 2], cols.to(img_ids.dtype))
+    ):
         raise ConfigError("CLEAR needs img_ids of one row-major image grid (as FluxPipeline makes)")
     return h, w
 
@@ -205,7 +206,7 @@ _ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timest
 
 def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
     """Tile-order hidden_states and img_ids and record the layout for this forward."""
-    kwargs = {**dict(zip(_ARGS, args)), **kwargs}  # positional arguments by name
+    kwargs = {**dict(zip(_ARGS, args, strict=False)), **kwargs}  # positional arguments by name
     hidden, text, img_ids = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["img_ids"]
     if img_ids.ndim == 3:
         img_ids = img_ids[0]
@@ -277,7 +278,9 @@ def check_checkpoint(transformer, state_dict: Mapping[str, Tensor], down_factor:
     missing = expected.keys() - state_dict.keys()
     unexpected = state_dict.keys() - expected.keys()
     if missing:
-        raise CheckpointError(f"CLEAR checkpoint lacks {len(missing)} keys the model needs: {_first(missing)}")
+        raise CheckpointError(
+            f"CLEAR checkpoint lacks {len(missing)} keys the model needs: {_first(missing)}"
+        )
     if unexpected:
         raise CheckpointError(f"CLEAR checkpoint has {len(unexpected)} unexpected keys: {_first(unexpected)}")
     wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != tuple(shape)]

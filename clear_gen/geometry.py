@@ -294,14 +294,18 @@ def build_block_lists(geo: Geometry) -> BlockLists:
     cand_text = torch.arange(nk).expand(len(text_rows), nk)
     # 2. Image-only query blocks: text blocks, down blocks and nearby image blocks, deduplicated.
     img_rows = torch.nonzero(~q.text).flatten()
-    cand_img = torch.cat(
-        [
-            text_blocks.expand(len(img_rows), -1),
-            down_blocks.expand(len(img_rows), -1),
-            _image_candidates(geo, q, img_rows),
-        ],
-        dim=1,
-    ).sort(dim=1).values
+    cand_img = (
+        torch.cat(
+            [
+                text_blocks.expand(len(img_rows), -1),
+                down_blocks.expand(len(img_rows), -1),
+                _image_candidates(geo, q, img_rows),
+            ],
+            dim=1,
+        )
+        .sort(dim=1)
+        .values
+    )
     repeated = torch.zeros_like(cand_img, dtype=torch.bool)
     repeated[:, 1:] = cand_img[:, 1:] == cand_img[:, :-1]
     cand_img = torch.where(repeated, -1, cand_img)
