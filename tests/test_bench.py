@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from clear_gen import bench as B
 from clear_gen import flops as FL
 from clear_gen import geometry as G
+from clear_gen import random_flux as RF
 from clear_gen.cli import app, main
 from clear_gen.errors import ConfigError
 
@@ -32,11 +33,11 @@ def test_flop_model_reproduces_clear_facts():
 
 
 def test_flux_shape_splits_layers_like_flux():
-    assert (B.flux_shape(24, 128, 57).double, B.flux_shape(24, 128, 57).single) == (19, 38)
-    assert (B.flux_shape(2, 32, 2).double, B.flux_shape(2, 32, 2).single) == (1, 1)
-    assert B.rope_axes(128) == (16, 56, 56) and B.rope_axes(64) == (8, 28, 28)
+    assert (RF.flux_shape(24, 128, 57).double, RF.flux_shape(24, 128, 57).single) == (19, 38)
+    assert (RF.flux_shape(2, 32, 2).double, RF.flux_shape(2, 32, 2).single) == (1, 1)
+    assert RF.rope_axes(128) == (16, 56, 56) and RF.rope_axes(64) == (8, 28, 28)
     with pytest.raises(ConfigError):
-        B.flux_shape(2, 32, 0)
+        RF.flux_shape(2, 32, 0)
 
 
 # ---------------------------------------------------------------- plan
