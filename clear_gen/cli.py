@@ -71,8 +71,10 @@ def bench(
     write = (lambda rows: _write_json(json_file, rows)) if json_file else (lambda rows: None)
     done: list[dict] = []
     rows = B.run(
-        what, sizes, window, down_factor, device, dtype, repeats, heads, head_dim, layers, text_len,
-        compare_full, max_full_seconds, time_budget, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+        what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
+        heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=compare_full,
+        max_full_seconds=max_full_seconds, time_budget=time_budget,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
         on_row=lambda row: (done.append(row), write(done)),
     )  # fmt: skip
     write(rows)
