@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import ClearGenError, ConfigError
+from .errors import ClearGenError, ConfigError, OutputError
 from .output import describe, record_from_image
 
 if TYPE_CHECKING:
@@ -333,6 +333,65 @@ def weights() -> None:
     console = Console()
     console.print(table)
     console.print(bases)
+
+
+@app.command()
+def bench(
+    what: str = typer.Option("plan", help="plan (FLOPs, densities; no compute) | attention | step"),
+    res: str = typer.Option("1024,2048,4096,8192", help="Image sides in pixels, comma-separated."),
+    variant: str | None = typer.Option(None, help="r8 | r16 | r32 | r8-down4 | r16-down4 (sets both)."),
+    window: int = typer.Option(8, help="CLEAR window radius r in tokens."),
+    down_factor: int = typer.Option(1, help="CLEAR down-sampling factor f (1 = none)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    dtype: str | None = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)."),
+    repeats: int = typer.Option(3, help="Timed calls after one warm-up; the median is reported."),
+    heads: int = typer.Option(24, help="Attention heads (FLUX: 24; use 2 on a CPU)."),
+    head_dim: int = typer.Option(128, help="Head dimension (FLUX: 128; use 64 or 32 on a CPU)."),
+    layers: int = typer.Option(57, help="Step: blocks, split 1:2 double:single (57 = FLUX.1-dev's 19 + 38)."),
+    text_len: int = typer.Option(512, help="Text tokens (FLUX.1-dev: 512)."),
+    compare_full: bool = typer.Option(True, help="Also time full attention / the stock model."),
+    max_full_seconds: float | None = typer.Option(
+        None, help="Skip full-attention calls the FLOP model estimates slower than this; report the estimate."
+    ),
+    time_budget: float | None = typer.Option(
+        None, help="Seconds: skip (and estimate) full-attention runs that would end after this budget."
+    ),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the rows as JSON, as they land."),
+    markdown: Path | None = typer.Option(None, help="Also write the table as Markdown (for BENCHMARKS.md)."),
+) -> None:
+    """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
+    from . import bench as B
+
+    # 1. Parse.
+    if variant is not None:
+        window, down_factor = B.variant(variant)
+    sizes = _ints(res, "--res") or []
+    # 2. Run, saving the rows as they land (a killed run keeps what it measured).
+    write = (lambda rows: _write_json(json_file, rows)) if json_file else (lambda rows: None)
+    done: list[dict] = []
+    rows = B.run(
+        what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
+        heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=compare_full,
+        max_full_seconds=max_full_seconds, time_budget=time_budget,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+        on_row=lambda row: (done.append(row), write(done)),
+    )  # fmt: skip
+    write(rows)
+    # 3. Print (wide enough not to truncate when piped into a file).
+    Console(width=None if sys.stdout.isatty() else 200).print(B.table(rows))
+    if markdown:
+        _write(markdown, B.markdown(rows))
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _write_json(path: Path, rows: list[dict]) -> None:
+    _write(path, json.dumps(rows, indent=1) + "\n")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .attention import apply_clear, remove_clear
+from .device import resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError, WeightsError
 from .geometry import Geometry, needed_pairs
 from .plan import (
@@ -58,30 +59,6 @@ class ImageResult:
 
 
 # ---------------------------------------------------------------- loading
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(
-            f"--device {device}: torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch"
-        )
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from e
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def clear_weights_file(choice: ClearChoice, token: str | None) -> Path | None:

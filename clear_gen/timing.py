@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .attention import remove_clear
+from .device import synchronize
 from .flops import FluxShape, speedup_bound, step_flops
 from .geometry import Geometry, build_block_lists
 
@@ -41,8 +42,7 @@ class StepClock:
         self.device, self.on_step, self.stamps = device, on_step, [time.perf_counter()]
 
     def __call__(self, pipe, step: int, timestep, kwargs: dict) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.stamps.append(time.perf_counter())
         if self.on_step:
             self.on_step()
@@ -72,13 +72,11 @@ def capture_transformer_call(transformer) -> Iterator[dict]:
 
 
 def _synced_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 

@@ -1,0 +1,420 @@
+"""`clear-gen bench`: CLEAR versus full attention on random weights, so it runs with no download.
+
+Three measurements, one row (a dict) per resolution:
+- plan: no compute; tokens, mask densities, block-mask build time, FLOPs and the speedup they bound;
+- attention: the attention op alone, CLEAR (FlexAttention) versus full SDPA, plus a check of CLEAR
+  against the dense reference;
+- step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock.
+Timing follows nanoGPT's bench: warm up (first call, compilation included, reported apart),
+synchronise, median of repeats, device named in every row.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import flops as FL
+from . import geometry as G
+from .device import device_name, resolve_device, resolve_dtype, synchronize
+from .errors import ConfigError
+from .random_flux import build_transformer, flux_shape, step_inputs
+
+WHATS = ("plan", "attention", "step")
+CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
+ROW_KEYS = (
+    "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
+    "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device",
+)  # fmt: skip
+
+Progress = Callable[[str], None] | None
+
+
+# ---------------------------------------------------------------- small pieces
+
+
+def variant(name: str) -> tuple[int, int]:
+    """(window, down_factor) of a weights.toml variant such as 'r8' or 'r8-down4'."""
+    from .registry import load_registry
+
+    v = load_registry().variant(name)
+    return v.window, v.down_factor
+
+
+def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geometry:
+    """Geometry of a res x res image: (res / 16)^2 image tokens, tiled as the transformer tiles them."""
+    from .attention import _choose_tile
+
+    if res <= 0 or res % (16 * down_factor):
+        raise ConfigError(f"resolution {res} must be a positive multiple of {16 * down_factor} px")
+    side = res // 16
+    return G.Geometry(text_len, side, side, window, down_factor, _choose_tile(side, side))
+
+
+def row_major(geo: G.Geometry) -> G.Geometry:
+    """The same attention with image tokens row-major (the reference layout): one tile = one grid row."""
+    return G.Geometry(geo.text_len, geo.height, geo.width, geo.window, geo.down_factor, (1, geo.width))
+
+
+def samples(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
+    """Milliseconds of n synchronised calls."""
+    times = []
+    for _ in range(n):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median_ms, first_call_ms): one warm-up call (compilation lands here), then `repeats` timed calls.
+
+    With repeats = 0 the warm-up call is the only measurement (for calls too slow to repeat).
+    """
+    times = samples(fn, device, 1 + max(repeats, 0))
+    return (statistics.median(times[1:]) if repeats > 0 else times[0]), times[0]
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, float | None]:
+    """timeit plus the peak allocated MB over those calls (CUDA); None on the CPU (torch keeps no count)."""
+    if device.type != "cuda":
+        return (*timeit(fn, device, repeats), None)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    median_ms, first_ms = timeit(fn, device, repeats)
+    return median_ms, first_ms, torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _base_row(what: str, res: int, geo: G.Geometry, lists: G.BlockLists, dev: str) -> dict:
+    size = geo.q_len * geo.kv_len
+    return {
+        "what": what,
+        "res": res,
+        "window": geo.window,
+        "down_factor": geo.down_factor,
+        "tokens": geo.q_len,
+        "exact_density": G.needed_pairs(geo) / size,
+        "computed_density": lists.computed_pairs() / size,
+        "full_ms": None,
+        "clear_ms": None,
+        "speedup": None,
+        "peak_mem_mb": None,
+        "device": dev,
+    }
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.FluxShape) -> dict:
+    """Densities, block-mask build time, FLOPs per step and the speedup bound; no attention computed."""
+    geo = geometry(res, window, down_factor, text_len)
+    uncached = lambda: G.block_mask.__wrapped__(geo, "cpu")  # noqa: E731
+    build = samples(uncached, torch.device("cpu"), 6)[1:]  # ms, after one warm-up
+    lists = G.build_block_lists(geo)
+    needed = G.needed_pairs(geo)
+    flops = FL.step_flops(shape, geo, lists.computed_pairs())
+    row = _base_row("plan", res, geo, lists, device_name(torch.device("cpu")))
+    row.update(
+        computed_over_needed=lists.computed_pairs() / needed,
+        rowmajor_over_needed=G.build_block_lists(row_major(geo)).computed_pairs() / needed,
+        mask_build_ms=statistics.median(build),
+        mask_build_min_ms=min(build),  # on a shared machine the best run is the intrinsic cost
+        linear_pflop=flops["linear"] / 1e15,
+        attn_full_pflop=flops["attn_full"] / 1e15,
+        attn_exact_pflop=flops["attn_exact"] / 1e15,
+        attn_computed_pflop=flops["attn_computed"] / 1e15,
+        speedup_bound=FL.speedup_bound(flops),
+        layers=shape.layers,
+    )
+    return row
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _qkv(geo: G.Geometry, heads: int, head_dim: int, device, dtype, seed: int = 0):
+    """Random q (1, H, q_len, D) and k, v (1, H, kv_len, D)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, heads, geo.q_len, head_dim, generator=g, device=device, dtype=dtype)
+    k = torch.randn(1, heads, geo.kv_len, head_dim, generator=g, device=device, dtype=dtype)
+    return q, k, torch.randn(k.shape, generator=g, device=device, dtype=dtype)
+
+
+def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype) -> dict:
+    """CLEAR (flex, in dtype) against the dense masked SDPA reference in float32 on the same inputs."""
+    from .attention import clear_attention
+
+    q, k, v = _qkv(geo, heads, head_dim, device, dtype, seed=1)
+    scale = head_dim**-0.5
+    out = clear_attention(q, k, v, geo, scale, "flex").float()
+    ref = clear_attention(q.float(), k.float(), v.float(), geo, scale, "dense")
+    err = (out - ref).abs().max().item()
+    return {"check_res": geo.height * 16, "check_max_err": err, "check_ok": err <= CHECK_ATOL[dtype]}
+
+
+def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len: int) -> G.Geometry:
+    """The smallest asked-for size if the dense reference fits it, else 1024 px or less."""
+    from .attention import DENSE_MAX_ELEMENTS
+
+    for r in (min(res), 1024, 512, 256):
+        geo = geometry(r, window, down_factor, text_len)
+        if geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS:
+            return geo
+    raise ConfigError(f"text length {text_len} is too long for the dense reference check")
+
+
+def attention_row(
+    res: int, window: int, down_factor: int, text_len: int, heads: int, head_dim: int,
+    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard,
+) -> dict:  # fmt: skip
+    """CLEAR attention (flex) versus full SDPA over the text + image tokens, heads x head_dim."""
+    import torch.nn.functional as F
+
+    from .attention import clear_attention
+
+    geo = geometry(res, window, down_factor, text_len)
+    q, k, v = _qkv(geo, heads, head_dim, device, dtype)
+    scale = head_dim**-0.5
+    clear = lambda: clear_attention(q, k, v, geo, scale, "flex")  # noqa: E731
+    clear_ms, first_ms, peak = timed(clear, device, repeats)
+    row = _base_row("attention", res, geo, G.build_block_lists(geo), device_name(device))
+    row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+    kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
+    full = lambda: F.scaled_dot_product_attention(q, kq, vq, scale=scale)  # noqa: E731
+    flops = 4.0 * FL.full_pairs(geo) * heads * head_dim
+    row.update(guard.measure(full, flops, clear_ms, FL.full_pairs(geo) / _computed(geo), device, repeats))
+    row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
+    row.update(heads=heads, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."))
+    return row
+
+
+def _computed(geo: G.Geometry) -> int:
+    return G.build_block_lists(geo).computed_pairs()
+
+
+class FullGuard:
+    """Skips full-attention runs estimated to take over `max_seconds` per call, or to overrun the
+    `deadline` (a time.monotonic() value), and says so.
+
+    The estimate is FLOPs at the rate of the last measured full run, or failing that the CLEAR time
+    times the FLOP ratio (same rate assumed). A skipped run gets the estimate, marked `full_estimated`.
+    """
+
+    def __init__(self, enabled: bool, max_seconds: float | None, deadline: float | None = None):
+        self.enabled, self.max_seconds, self.deadline = enabled, max_seconds, deadline
+        self.rate = None  # FLOP per ms of the last measured full run
+
+    def measure(self, fn, flops: float, clear_ms: float, ratio: float, device, repeats: int) -> dict:
+        if not self.enabled:
+            return {"full_ms": None, "full_estimated": False}
+        est_ms = flops / self.rate if self.rate else clear_ms * ratio
+        limit_ms = math.inf if self.max_seconds is None else self.max_seconds * 1e3
+        if self.deadline is not None:
+            limit_ms = min(limit_ms, (self.deadline - time.monotonic()) * 1e3)
+        if est_ms > limit_ms:
+            return {"full_ms": est_ms, "full_estimated": True}
+        reps = repeats if est_ms * (1 + repeats) <= limit_ms else 0  # too slow to repeat: one call
+        full_ms, _, peak = timed(fn, device, reps)
+        self.rate = flops / full_ms
+        return {"full_ms": full_ms, "full_estimated": False, "full_repeats": reps, "full_peak_mem_mb": peak}
+
+
+# ---------------------------------------------------------------- step
+
+
+def check_step(model, inputs: dict, window: int, down_factor: int) -> dict:
+    """Whole-step CLEAR with FlexAttention against the dense-mask backend: relative L2 error."""
+    from .attention import apply_clear
+
+    outs = []
+    for backend in ("dense", "flex"):
+        apply_clear(model, window=window, down_factor=down_factor, backend=backend)
+        outs.append(model(**inputs)[0].float())
+    err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    tol = 1e-3 if inputs["hidden_states"].dtype == torch.float32 else 5e-2
+    return {"check_rel_err": err, "check_ok": bool(math.isfinite(err) and err <= tol)}
+
+
+def step_row(
+    res: int, window: int, down_factor: int, text_len: int, model, shape: FL.FluxShape,
+    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard, check: bool,
+) -> dict:  # fmt: skip
+    """One denoising step with CLEAR (flex) versus the stock attention; check vs dense if asked."""
+    from .attention import apply_clear, remove_clear
+
+    geo = geometry(res, window, down_factor, text_len)
+    inputs = step_inputs(model, res, text_len, device, dtype)
+    step = lambda: model(**inputs)  # noqa: E731
+    row = _base_row("step", res, geo, G.build_block_lists(geo), device_name(device))
+    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
+    apply_clear(model, window=window, down_factor=down_factor, backend="flex")
+    clear_ms, first_ms, peak = timed(step, device, repeats)
+    row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+    if check:
+        row.update(check_res=res, **check_step(model, inputs, window, down_factor))
+    # 2. Stock attention, unless the guard estimates it too slow.
+    remove_clear(model)
+    flops = FL.step_flops(shape, geo, _computed(geo))
+    full_flops = flops["linear"] + flops["attn_full"]
+    row.update(guard.measure(step, full_flops, clear_ms, FL.speedup_bound(flops), device, repeats))
+    row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
+    row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim)
+    row.update(dtype=str(dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
+    return row
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _timing_cells(row: dict) -> list[str]:
+    full = _fmt(row["full_ms"]) if row["full_ms"] is not None else "skipped"
+    if row.get("full_estimated"):
+        full = f"~{full} (est.)"
+    speedup = _fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else "")
+    if row.get("full_estimated"):
+        speedup = f"~{speedup} (est.)"
+    check = "-" if "check_ok" not in row else ("pass" if row["check_ok"] else "FAIL")
+    if "check_ok" in row:
+        err = row.get("check_max_err", row.get("check_rel_err"))
+        check += f" {err:.1e} @{row['check_res']}"
+    compile_s = _fmt(row.get("clear_compile_ms", 0) / 1e3, ".1f")
+    peak = _fmt(row["peak_mem_mb"], ".0f")
+    return [full, _fmt(row["clear_ms"]), compile_s, speedup, peak, check]
+
+
+PLAN_COLUMNS = (
+    "res", "r", "f", "tokens", "needed dens.", "computed dens.", "computed/needed", "row-major",
+    "mask build ms med/min", "linear PF", "full attn PF", "CLEAR attn PF exact/comp.", "bound",
+)  # fmt: skip
+TIMING_COLUMNS = (
+    "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
+    "peak MB", "check",
+)  # fmt: skip
+
+
+def _cells(row: dict) -> list[str]:
+    head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
+    if row["what"] != "plan":
+        return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
+    return [
+        *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
+        f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
+        f"{row['mask_build_ms']:.0f} / {row['mask_build_min_ms']:.0f}",
+        f"{row['linear_pflop']:.3f}", f"{row['attn_full_pflop']:.3f}",
+        f"{row['attn_exact_pflop']:.3f} / {row['attn_computed_pflop']:.3f}", f"{row['speedup_bound']:.1f}x",
+    ]  # fmt: skip
+
+
+def title(rows: list[dict]) -> str:
+    """'clear-gen bench --what step on NVIDIA H100 ..., bfloat16, 24 heads x 128, 57 layers'."""
+    what, first = rows[0]["what"], rows[0]
+    text = f"clear-gen bench --what {what} on {first['device']}, torch {torch.__version__}"
+    if what != "plan":
+        text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
+        text += f", {first['layers']} layers" if what == "step" else ""
+    return text
+
+
+def table(rows: list[dict]):
+    """A rich Table of benchmark rows (all of one kind), titled with the device and settings."""
+    from rich.table import Table
+
+    out = Table(title=title(rows))
+    for col in PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS:
+        out.add_column(col, justify="right")
+    for row in rows:
+        out.add_row(*_cells(row))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """The same table in Markdown, for BENCHMARKS.md."""
+    cols = PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS
+    lines = [f"{title(rows)}\n", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the one entry point
+
+
+def run(
+    what: str = "plan",
+    res: Sequence[int] = (1024, 2048, 4096, 8192),
+    window: int = 8,
+    down_factor: int = 1,
+    device: str = "auto",
+    dtype: str | None = None,
+    repeats: int = 3,
+    heads: int = 24,
+    head_dim: int = 128,
+    layers: int = 57,
+    text_len: int = 512,
+    compare_full: bool = True,
+    max_full_seconds: float | None = None,
+    time_budget: float | None = None,
+    progress: Progress = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands.
+
+    Full-attention runs estimated (FLOP model) to take over `max_full_seconds` per call, or to end
+    after `time_budget` seconds from now, are skipped and reported as estimates (`full_estimated`).
+    """
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    # 1. Validate everything before any work.
+    if what not in WHATS:
+        raise ConfigError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
+    if not res:
+        raise ConfigError("no resolution given")
+    if window < 1 or down_factor < 1 or repeats < 0 or heads < 1 or head_dim < 1:
+        raise ConfigError("window, down factor, heads and head dim must be positive, repeats >= 0")
+    for r in res:
+        geometry(r, window, down_factor, text_len)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    shape = flux_shape(heads, head_dim, layers)
+    say = progress or (lambda _msg: None)
+    guard = FullGuard(compare_full, max_full_seconds, deadline)
+    wf = (window, down_factor, text_len)
+    rows = []
+    # 2. One row per resolution; correctness checks in the same run, after the timings (so that the
+    #    first timed call carries the compilation).
+    with torch.inference_mode():
+        model = build_transformer(shape, dev, dt) if what == "step" else None
+        for r in res:
+            say(f"{what} {r} px, r = {window}, f = {down_factor} on {device_name(dev)}")
+            if what == "plan":
+                row = plan_row(r, *wf, shape)
+            elif what == "attention":
+                row = attention_row(r, *wf, heads, head_dim, dev, dt, repeats, guard)
+            else:
+                geo = geometry(r, *wf)
+                check = r == min(res) and geo.q_len * geo.kv_len <= _dense_max()
+                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+        if what == "attention":
+            check = check_attention(_check_geometry(res, *wf), heads, head_dim, dev, dt)
+            say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
+            for row in rows:
+                row.update(check)
+    return rows
+
+
+def _dense_max() -> int:
+    from .attention import DENSE_MAX_ELEMENTS
+
+    return DENSE_MAX_ELEMENTS
