@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notes are not for our users
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, prog_name="clear-gen", standalone_mode=False)
+        # Standalone: Typer prints help and usage errors itself (exit 2); our errors come through.
+        app(args=argv, prog_name="clear-gen", standalone_mode=True)
     except ClearGenError as e:
         # escape: a path like a[1].png is not markup; soft_wrap: one line even when longer than the terminal
         err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
@@ -414,14 +415,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise

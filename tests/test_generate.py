@@ -288,3 +288,9 @@ def test_full_attention_is_estimated_when_too_slow_to_measure(tiny, tmp_path, ca
     stage = json.loads(out)["stages"][0]
     assert stage["full_estimated"] is True and stage["full_step_s"] > 0
     assert "(est.)" in err
+
+
+def test_bare_command_and_bad_flags_print_usage_not_tracebacks(capsys):
+    for args in ([], ["--no-such-flag"], ["generate", "a", "--res", "big"]):
+        code, out, err = run(args, capsys)
+        assert code == 2 and "Traceback" not in out + err and "Usage" in out + err

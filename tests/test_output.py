@@ -330,7 +330,9 @@ def test_cli_info_bad_file_with_runner(tmp_path: Path) -> None:
 
 def test_main_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = saved(tmp_path)
-    main(["info", str(path), "--json"])
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(path), "--json"])
+    assert e.value.code == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 7
 
 
