@@ -118,6 +118,15 @@ def resolve_clear(opts: GenerateOptions) -> ClearChoice:
     if opts.variant == "none":
         return ClearChoice("none", None)
     registry = load_registry()
+    local = Path(opts.variant or "").expanduser()
+    if opts.variant and local.is_file():  # a downloaded checkpoint: its published file name says r and f
+        known = {v.filename: v for v in registry.variants.values()}
+        if local.name not in known:
+            raise ConfigError(
+                f"--variant {local}: not a published CLEAR file name; use --clear-weights with --window"
+            )
+        v = known[local.name]
+        return ClearChoice(v.name, v.window, v.down_factor, local)
     variant = registry.variant(opts.variant or registry.default_variant)
     return ClearChoice(variant.name, variant.window, variant.down_factor)
 

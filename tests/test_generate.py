@@ -294,3 +294,21 @@ def test_bare_command_and_bad_flags_print_usage_not_tracebacks(capsys):
     for args in ([], ["--no-such-flag"], ["generate", "a", "--res", "big"]):
         code, out, err = run(args, capsys)
         assert code == 2 and "Traceback" not in out + err and "Usage" in out + err
+
+
+def test_variant_given_as_a_local_published_file(tiny, tmp_path, capsys):
+    from clear_gen.plan import GenerateOptions, resolve_clear
+
+    published = tmp_path / "clear_local_16_down_4.safetensors"
+    published.write_bytes(b"")
+    choice = resolve_clear(GenerateOptions(prompts=["a"], variant=str(published)))
+    assert (choice.label, choice.window, choice.down_factor, choice.weights) == (
+        "r16-down4",
+        16,
+        4,
+        published,
+    )
+    other = tmp_path / "mine.safetensors"
+    other.write_bytes(b"")
+    code, _, err = run(["a", "--model", str(tiny), "--variant", str(other), "--res", "128"], capsys)
+    assert code == 1 and "--clear-weights with --window" in err
