@@ -403,7 +403,9 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its import-time notes are not for our users
+    # Library chatter (import-time notes, retried-request warnings) is not for our users: errors only.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     try:
         # Standalone: Typer prints help and usage errors itself (exit 2); our errors come through.
