@@ -196,7 +196,6 @@ class Hooks:
 def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
     """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
     from . import output
-    from .errors import OutputError
 
     hooks = hooks or Hooks()
     # 1. Check everything the user gave before loading gigabytes.
@@ -218,7 +217,15 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    # 2. Load the CLEAR weights and the pipeline; encode every prompt once.
+    # 2. Load, then generate; GPU memory can run out anywhere in there.
+    try:
+        return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype)
+    except torch.cuda.OutOfMemoryError as e:
+        raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
+
+
+def _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype) -> list[ImageResult]:
+    # 1. The CLEAR weights and the pipeline; every prompt encoded once.
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
     pipe = load_pipeline(opts, device, dtype)
@@ -227,7 +234,7 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
     max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
     embeds = _encode(pipe, prompts, device, max_len)
     img2img = _img2img(pipe) if len(stages) > 1 else None
-    # 3. Every prompt and seed: its stages, then save.
+    # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
     results = []
     try:
         for prompt, emb in zip(prompts, embeds, strict=True):
@@ -237,10 +244,6 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
                 )
                 results.append(result)
                 hooks.image_done(result)
-    except torch.cuda.OutOfMemoryError as e:
-        raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
-    except OSError as e:
-        raise OutputError(f"cannot write the image: {e}") from e
     finally:
         remove_clear(pipe.transformer)
     return results
