@@ -203,13 +203,6 @@ def _grid_of(img_ids: Tensor) -> tuple[int, int]:
     return h, w
 
 
-def _choose_tile(height: int, width: int) -> tuple[int, int]:
-    """8 x 16 tiles, or 16 x 8 when that divides the width and 8 x 16 does not (blocks stay whole tiles)."""
-    if width % 16 and not width % 8:
-        return (16, 8)
-    return G.DEFAULT_TILE
-
-
 _ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
 
 
@@ -223,7 +216,7 @@ def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
     f = state.config.down_factor
     if h % f or w % f:
         raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
-    geo = G.Geometry(text.shape[1], h, w, state.config.window, f, _choose_tile(h, w))
+    geo = G.image_geometry(text.shape[1], h, w, state.config.window, f)
     device = hidden.device
     perm = G.tile_order(h, w, geo.tile).to(device)
     state.layout = _Layout(geo, perm, G.inverse_order(h, w, geo.tile).to(device))

@@ -47,12 +47,10 @@ def variant(name: str) -> tuple[int, int]:
 
 def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geometry:
     """Geometry of a res x res image: (res / 16)^2 image tokens, tiled as the transformer tiles them."""
-    from .attention import _choose_tile
-
     if res <= 0 or res % (16 * down_factor):
         raise ConfigError(f"resolution {res} must be a positive multiple of {16 * down_factor} px")
     side = res // 16
-    return G.Geometry(text_len, side, side, window, down_factor, _choose_tile(side, side))
+    return G.image_geometry(text_len, side, side, window, down_factor)
 
 
 def row_major(geo: G.Geometry) -> G.Geometry:

@@ -51,6 +51,18 @@ class Geometry:
         return self.q_len + self.down_len
 
 
+def choose_tile(height: int, width: int) -> tuple[int, int]:
+    """8 x 16 tiles, or 16 x 8 when that divides the width and 8 x 16 does not (blocks stay whole tiles)."""
+    if width % 16 and not width % 8:
+        return (16, 8)
+    return DEFAULT_TILE
+
+
+def image_geometry(text_len: int, height: int, width: int, window: int, down_factor: int = 1) -> Geometry:
+    """The geometry a CLEAR transformer runs for this grid: the tile comes from `choose_tile`."""
+    return Geometry(text_len, height, width, window, down_factor, choose_tile(height, width))
+
+
 def attention_scale(geo: Geometry, head_dim: int, proportional: bool) -> float:
     """Softmax scale: 1/sqrt(d), or CLEAR's proportional sqrt(log_4608(N) / d) (log_4608(10 N) if f > 1)."""
     if not proportional:

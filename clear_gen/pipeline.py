@@ -19,7 +19,7 @@ import torch
 from .attention import apply_clear, remove_clear
 from .device import resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError, WeightsError
-from .geometry import Geometry, needed_pairs
+from .geometry import Geometry, image_geometry, needed_pairs
 from .plan import (
     ClearChoice,
     GenerateOptions,
@@ -295,7 +295,7 @@ def _one_image(
 
 
 def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
-    return Geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
+    return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
 
 
 def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, text_len: int) -> StageTiming:

@@ -14,7 +14,9 @@ from clear_gen.geometry import (
     attention_scale,
     block_mask,
     build_block_lists,
+    choose_tile,
     dense_mask,
+    image_geometry,
     inverse_order,
     make_mask_mod,
     needed_pairs,
@@ -128,3 +130,10 @@ def test_proportional_scale():
     big = Geometry(512, 512, 512, 8, 4)
     n = 10 * (512 + 512 * 512)
     assert attention_scale(big, 128, True) == pytest.approx(math.sqrt(math.log(n) / math.log(4608) / 128))
+
+
+def test_tile_keeps_blocks_whole_tiles_when_it_can():
+    assert choose_tile(64, 64) == (8, 16)
+    assert choose_tile(64, 72) == (16, 8)  # 1152 px wide: 16 does not divide 72, 8 does
+    assert choose_tile(64, 70) == (8, 16)  # neither divides: the default
+    assert image_geometry(512, 64, 72, 8, 4) == Geometry(512, 64, 72, 8, 4, (16, 8))
