@@ -20,9 +20,10 @@ import torch
 
 from . import flops as FL
 from . import geometry as G
-from .device import device_name, resolve_device, resolve_dtype, synchronize
+from .device import device_name, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .random_flux import build_transformer, flux_shape, step_inputs
+from .timing import samples, timed
 
 WHATS = ("plan", "attention", "step")
 CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
@@ -56,37 +57,6 @@ def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geomet
 def row_major(geo: G.Geometry) -> G.Geometry:
     """The same attention with image tokens row-major (the reference layout): one tile = one grid row."""
     return G.Geometry(geo.text_len, geo.height, geo.width, geo.window, geo.down_factor, (1, geo.width))
-
-
-def samples(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
-    """Milliseconds of n synchronised calls."""
-    times = []
-    for _ in range(n):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median_ms, first_call_ms): one warm-up call (compilation lands here), then `repeats` timed calls.
-
-    With repeats = 0 the warm-up call is the only measurement (for calls too slow to repeat).
-    """
-    times = samples(fn, device, 1 + max(repeats, 0))
-    return (statistics.median(times[1:]) if repeats > 0 else times[0]), times[0]
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, float | None]:
-    """timeit plus the peak allocated MB over those calls (CUDA); None on the CPU (torch keeps no count)."""
-    if device.type != "cuda":
-        return (*timeit(fn, device, repeats), None)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    median_ms, first_ms = timeit(fn, device, repeats)
-    return median_ms, first_ms, torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _base_row(what: str, res: int, geo: G.Geometry, lists: G.BlockLists, dev: str) -> dict:

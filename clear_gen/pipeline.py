@@ -51,7 +51,7 @@ class ImageResult:
             "width": self.width,
             "height": self.height,
             "stage_paths": [str(p) for p in self.stage_paths],
-            "stages": [{**vars(s), "speedup": s.speedup} for s in self.stages],
+            "stages": [s.to_json() for s in self.stages],
         }
 
 
@@ -330,7 +330,7 @@ def _record(opts, choice: ClearChoice, prompt: str, seed: int, stages: list[Stag
         height=last.height,
         stages=[max(s.width, s.height) for s in stages],
         strength=opts.strength if len(stages) > 1 else None,
-        timings={"stages": [{**vars(t), "speedup": t.speedup} for t in result.stages[: len(stages)]]},
+        timings={"stages": [t.to_json() for t in result.stages[: len(stages)]]},
         extra={
             "first_steps": opts.first_steps,
             "first_guidance": opts.first_guidance,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -16,6 +16,37 @@ from .flops import FluxShape, speedup_bound, step_flops
 from .geometry import Geometry, build_block_lists
 
 FULL_MEASURE_BUDGET_S = 60.0  # measure full attention when a warm + timed step costs less than this
+
+
+def samples(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
+    """Milliseconds of n synchronised calls."""
+    times = []
+    for _ in range(n):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median_ms, first_call_ms): one warm-up call (compilation lands here), then `repeats` timed calls.
+
+    With repeats = 0 the warm-up call is the only measurement (for calls too slow to repeat).
+    """
+    times = samples(fn, device, 1 + max(repeats, 0))
+    return (statistics.median(times[1:]) if repeats > 0 else times[0]), times[0]
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, float | None]:
+    """timeit plus the peak allocated MB over those calls (CUDA); None on the CPU (torch keeps no count)."""
+    if device.type != "cuda":
+        return (*timeit(fn, device, repeats), None)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    median_ms, first_ms = timeit(fn, device, repeats)
+    return median_ms, first_ms, torch.cuda.max_memory_allocated(device) / 2**20
 
 
 @dataclass
@@ -33,6 +64,9 @@ class StageTiming:
     @property
     def speedup(self) -> float | None:
         return None if not self.full_step_s or self.attention == "full" else self.full_step_s / self.step_s
+
+    def to_json(self) -> dict:
+        return {**vars(self), "speedup": self.speedup}
 
 
 class StepClock:
@@ -71,15 +105,6 @@ def capture_transformer_call(transformer) -> Iterator[dict]:
         handle.remove()
 
 
-def _synced_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def _shape(config) -> FluxShape:
     return FluxShape(
         heads=config.num_attention_heads,
@@ -106,7 +131,8 @@ def time_full_attention(
         return
     remove_clear(transformer)
     try:
-        _synced_seconds(lambda: transformer(**inputs), device)  # warm-up
-        timing.full_step_s = _synced_seconds(lambda: transformer(**inputs), device)
+        with torch.no_grad():
+            median_ms, _ = timeit(lambda: transformer(**inputs), device, repeats=1)  # one warm-up, one timed
+        timing.full_step_s = median_ms / 1e3
     finally:
         reapply()
