@@ -167,7 +167,7 @@ def generate(
     if from_image is not None:
         opts = options_from_record(record_from_image(from_image), **given)
     else:
-        opts = GenerateOptions(**{"prompts": [], "width": 1024, "height": 1024, **given})
+        opts = GenerateOptions(**{"prompts": [], **given})  # GenerateOptions holds the defaults
     target = max(opts.width, opts.height)
     if direct:
         opts.stages = [target]
@@ -175,7 +175,7 @@ def generate(
         opts.stages = [upscale_from, target]
     elif long_sides:
         opts.stages = long_sides
-        if res is None and width is None and height is None and from_image is None:
+        if w is None and from_image is None:  # no size given: the last stage is the target
             opts.width = opts.height = long_sides[-1]
     # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
     with _GenerateDisplay(as_json) as display:
