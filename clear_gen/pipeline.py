@@ -276,9 +276,9 @@ def _one_image(
         clock = StepClock(device, hooks.step)
         with capture_transformer_call(transformer) as inputs:
             image = _run_stage(pipe, img2img, stage, emb, image, seed, opts, clock)
-        timing = _timing(stage, choice, clock, len(emb[0][0]))
-        if opts.compare_full and stage.clear:
-            geo = _geometry(stage, choice, len(emb[0][0]))
+        geo = _geometry(stage, choice, len(emb[0][0])) if stage.clear else None  # emb[0]: (1, T, D)
+        timing = _timing(stage, choice, clock, geo)
+        if opts.compare_full and geo is not None:
             time_full_attention(
                 transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw)
             )
@@ -298,7 +298,7 @@ def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
     return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
 
 
-def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, text_len: int) -> StageTiming:
+def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None) -> StageTiming:
     timing = StageTiming(
         width=stage.width,
         height=stage.height,
@@ -307,8 +307,7 @@ def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, text_len: int) 
         seconds=clock.stamps[-1] - clock.stamps[0],
         step_s=clock.step_seconds(),
     )
-    if stage.clear:
-        geo = _geometry(stage, choice, text_len)
+    if geo is not None:  # a CLEAR stage
         timing.density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
     return timing
 
