@@ -137,11 +137,11 @@ def load_clear_weights(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- generation
 
 
-def _encode(pipe, prompts: list[str], device, max_len: int) -> list[tuple]:
+def _encode(pipe, prompts: list[str], device, max_len: int, offload: str) -> list[tuple]:
     """(prompt_embeds, pooled) per prompt; then text encoders leave the GPU for the transformer's room."""
     with torch.no_grad():
         out = [pipe.encode_prompt(p, None, device=device, max_sequence_length=max_len)[:2] for p in prompts]
-    if device.type == "cuda" and getattr(pipe, "_offload_gpu_id", None) is None:
+    if device.type == "cuda" and offload == "none":  # with offload, accelerate moves them itself
         pipe.text_encoder.to("cpu")
         pipe.text_encoder_2.to("cpu")
         torch.cuda.empty_cache()
@@ -232,7 +232,7 @@ def _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtyp
     if max(opts.width, opts.height) > 2048:
         pipe.vae.enable_tiling()
     max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
-    embeds = _encode(pipe, prompts, device, max_len)
+    embeds = _encode(pipe, prompts, device, max_len, opts.offload)
     img2img = _img2img(pipe) if len(stages) > 1 else None
     # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
     results = []
