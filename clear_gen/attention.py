@@ -3,9 +3,11 @@
 `apply_clear` does four things to a transformer, all undone by `remove_clear`:
 1. a `ClearAttnProcessor` on every double and single block (same signature as FluxAttnProcessor);
 2. RoPE theta multiplied by `ntk_factor`;
-3. hooks that tile-order the image tokens (and `img_ids`) at the transformer's input and restore
-   row-major order at its output, so every layer works on tiles with no per-layer gather;
-4. optionally, a CLEAR checkpoint's projections and spatial weights (the originals are kept on the CPU).
+3. hooks that tile-order the image tokens and their RoPE positions at the transformer's input and
+   restore row-major order at its output, so every layer works on tiles with no per-layer gather; the
+   positions fed to RoPE are exact integers whatever dtype `img_ids` came in (see positions.py);
+4. optionally, a CLEAR checkpoint's projections and spatial weights (see `_load` for where the
+   originals are kept).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from . import geometry as G
 from .errors import CheckpointError, ConfigError
+from .positions import GridCache, exact_ids
 
 BACKENDS = ("auto", "flex", "dense")
 DENSE_MAX_ELEMENTS = 1 << 26  # q_len * kv_len; beyond it the dense mask and scores are too large
@@ -49,30 +52,46 @@ class _ClearState:
 
     config: ClearConfig
     layout: _Layout | None = None
-    originals: dict[str, Tensor] = field(default_factory=dict)  # replaced parameters, on the CPU
+    originals: dict[str, Tensor] = field(default_factory=dict)  # replaced parameters' data (see _load)
     processors: dict[str, object] = field(default_factory=dict)  # the processors we replaced
     theta: float = 10000.0
     hooks: list = field(default_factory=list)
+    grids: GridCache = field(default_factory=GridCache)
 
 
 # ---------------------------------------------------------------- backends
 
 
 _compiled_flex = None
+FLEX_RECOMPILE_LIMIT = 64  # kernels per process: one per geometry, dtype and batch (a few per run)
 
 
 def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
     """Compiled FlexAttention with the analytic block mask. (B, H, L, D) in and out."""
+    return compiled_flex(query, key, value, G.block_mask(geo, str(query.device)), scale)
+
+
+def compiled_flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float) -> Tensor:
+    """torch.compile'd flex_attention, one kernel per shape and dtype. (B, H, L, D) in and out.
+
+    Static shapes: one kernel per geometry and dtype, and inductor's CPU template fails to build with
+    dynamic sizes. fullgraph=True makes dynamo raise at its recompile limit instead of silently running
+    FlexAttention uncompiled, which would materialise the whole score matrix (out of memory at 8K). The
+    limit is raised for this call only, not for the process.
+    """
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        # Static shapes: one kernel per geometry and dtype (a few per run), and inductor's CPU template
-        # fails to build with dynamic sizes. Allow more recompiles than dynamo's default of 8.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    mask = G.block_mask(geo, str(query.device))
-    return _compiled_flex(query, key, value, block_mask=mask, scale=scale)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+            return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        raise ConfigError(
+            f"CLEAR compiled FlexAttention for {FLEX_RECOMPILE_LIMIT} different sizes in this process and "
+            "stops rather than run it uncompiled (out of memory at large sizes); run fewer sizes per process"
+        ) from None
 
 
 @lru_cache(maxsize=4)
@@ -113,11 +132,49 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def pool_keys(x: Tensor, geo: G.Geometry, inv: Tensor, weight: Tensor) -> Tensor:
-    """Down-sampled tokens: sum_{i,j<f} s[i,j] x[cell_y*f+i, cell_x*f+j]. x: (B, N, H, D) tile order."""
-    f, (h, w) = geo.down_factor, (geo.height, geo.width)
-    grid = x[:, inv].unflatten(1, (h // f, f, w // f, f))  # (B, h/f, f, w/f, f, H, D), row-major cells
-    s = weight.view(f, f).to(x.dtype)[None, None, :, None, :, None, None]  # (1, 1, f, 1, f, 1, 1)
-    return (grid * s).sum(dim=(2, 4)).flatten(1, 2)  # (B, M, H, D)
+    """Down-sampled tokens: sum_{i,j<f} s[i,j] x[cell_y*f+i, cell_x*f+j]. x: (B, N, H, D) tile order.
+
+    Returns (B, M, H, D), one token per f x f cell. Attention treats every down-sampled key alike (all
+    image queries see all of them, text queries none), so their order is free: cells come in tile order,
+    pooled from strided views of x without a copy of it. Tiles whose sides f does not divide fall back to
+    a gather into row-major order.
+    """
+    f, (th, tw) = geo.down_factor, geo.tile
+    s = weight.view(f, f)
+    if th % f or tw % f:
+        grid = x[:, inv].unflatten(1, (geo.height // f, f, geo.width // f, f))  # (B, h/f, f, w/f, f, H, D)
+        return _weighted_cells(grid, s).flatten(1, 2)  # (B, M, H, D), row-major cells
+    pieces = []
+    for rows, band in _tile_bands(x, geo):  # band: (B, R, rows * w, H, D), R tile rows of `rows` rows
+        main = geo.width // tw * tw  # columns in whole-width tiles; the rest is the edge tile
+        if main:
+            tiles = band[:, :, : rows * main].unflatten(2, (main // tw, rows // f, f, tw // f, f))
+            pieces.append(_weighted_cells(tiles, s).flatten(1, -3))  # (B, cells, H, D)
+        if geo.width > main:
+            edge = band[:, :, rows * main :].unflatten(2, (rows // f, f, (geo.width - main) // f, f))
+            pieces.append(_weighted_cells(edge, s).flatten(1, -3))
+    return torch.cat(pieces, dim=1)
+
+
+def _tile_bands(x: Tensor, geo: G.Geometry) -> list[tuple[int, Tensor]]:
+    """Tile-ordered (B, N, H, D) as rows of tiles: whole-height ones, then the cut last one if any."""
+    th, w = geo.tile[0], geo.width
+    whole = geo.height // th
+    bands = [(th, x[:, : whole * th * w].unflatten(1, (whole, th * w)))] if whole else []
+    if geo.height > whole * th:
+        rest = geo.height - whole * th
+        bands.append((rest, x[:, whole * th * w :].unflatten(1, (1, rest * w))))
+    return bands
+
+
+def _weighted_cells(v: Tensor, s: Tensor) -> Tensor:
+    """(..., a=f, cols, b=f, H, D) -> (..., cols, H, D): sum of s[a, b] * v[..., a, :, b], in float32."""
+    f = s.shape[0]
+    out = torch.zeros(v[..., 0, :, 0, :, :].shape, dtype=torch.float32, device=v.device)
+    for a in range(f):
+        for b in range(f):
+            out.add_(v[..., a, :, b, :, :].float() * s[a, b].float())
+    return out.to(v.dtype)
 
 
 class ClearAttnProcessor(torch.nn.Module):
@@ -187,41 +244,30 @@ def _project(x: Tensor, head_dim: int, *linears) -> list[Tensor]:
 # ---------------------------------------------------------------- token order hooks
 
 
-def _grid_of(img_ids: Tensor) -> tuple[int, int]:
-    """(h, w) of the row-major grid that img_ids (N, 3) = [0, row, col] describe; refuse anything else."""
-    n = img_ids.shape[0]
-    w = int(img_ids[:, 2].max() - img_ids[:, 2].min()) + 1
-    h = n // w
-    y0, x0 = img_ids[0, 1], img_ids[0, 2]
-    rows = torch.arange(h, device=img_ids.device).repeat_interleave(w) + y0
-    cols = torch.arange(w, device=img_ids.device).repeat(h) + x0
-    if h * w != n or not (
-        torch.equal(img_ids[:, 1], rows.to(img_ids.dtype))
-        and torch.equal(img_ids[:, 2], cols.to(img_ids.dtype))
-    ):
-        raise ConfigError("CLEAR needs img_ids of one row-major image grid (as FluxPipeline makes)")
-    return h, w
+@lru_cache(maxsize=8)
+def _device_layout(geo: G.Geometry, device: str) -> _Layout:
+    """The layout of a geometry with its permutations on the device, copied there once."""
+    perm = G.tile_order(geo.height, geo.width, geo.tile).to(device)
+    return _Layout(geo, perm, G.inverse_order(geo.height, geo.width, geo.tile).to(device))
 
 
 _ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
 
 
 def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
-    """Tile-order hidden_states and img_ids and record the layout for this forward."""
+    """Tile-order hidden_states and exact img_ids (positions.py) and record the layout for this forward."""
     kwargs = {**dict(zip(_ARGS, args, strict=False)), **kwargs}  # positional arguments by name
     hidden, text, img_ids = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["img_ids"]
     if img_ids.ndim == 3:
         img_ids = img_ids[0]
-    h, w = _grid_of(img_ids)
-    f = state.config.down_factor
+    grid = state.grids(img_ids)  # found once per ids tensor, not at every step (no GPU sync)
+    h, w, f = grid.height, grid.width, state.config.down_factor
     if h % f or w % f:
         raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
     geo = G.image_geometry(text.shape[1], h, w, state.config.window, f)
-    device = hidden.device
-    perm = G.tile_order(h, w, geo.tile).to(device)
-    state.layout = _Layout(geo, perm, G.inverse_order(h, w, geo.tile).to(device))
-    kwargs["hidden_states"] = hidden[:, perm]  # (B, N, C) tile order
-    kwargs["img_ids"] = img_ids[perm]  # RoPE positions move with their tokens
+    state.layout = _device_layout(geo, str(hidden.device))
+    kwargs["hidden_states"] = hidden[:, state.layout.perm]  # (B, N, C) tile order
+    kwargs["img_ids"] = exact_ids(grid, hidden.device)[state.layout.perm]  # positions move with tokens
     return (), kwargs
 
 
@@ -295,13 +341,39 @@ def check_checkpoint(transformer, state_dict: Mapping[str, Tensor], down_factor:
 
 
 def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> None:
-    """Copy the checkpoint in place (spatial weights included), keeping the replaced originals on the CPU."""
+    """Put the checkpoint's tensors in place, keeping the replaced originals for remove_clear.
+
+    A tensor already on its parameter's device and in its dtype is swapped in without a copy (the
+    parameter then shares the checkpoint's storage, and the original stays where it was): with both
+    sets on the GPU, apply and remove cost nothing. Any other is copied in, the original going to
+    (pinned, on a CUDA machine) CPU memory.
+    """
     with torch.no_grad():
         for key, value in state_dict.items():
             param = transformer.get_parameter(key)
-            if not key.endswith("spatial_weight"):
-                state.originals.setdefault(key, param.detach().to("cpu", copy=True))
-            param.copy_(value)
+            if key.endswith("spatial_weight"):
+                param.copy_(value)
+            elif value.device == param.device and value.dtype == param.dtype:
+                state.originals.setdefault(key, param.data)
+                param.data = value
+            else:
+                state.originals.setdefault(key, _cpu_copy(param))
+                param.copy_(value)
+
+
+def _cpu_copy(t: Tensor) -> Tensor:
+    pin = t.is_cuda  # page-locked: the copies back to the GPU run at full bus speed
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t.detach())
+
+
+def _restore(transformer, originals: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for key, value in originals.items():
+            param = transformer.get_parameter(key)
+            if value.device == param.device:
+                param.data = value
+            else:
+                param.copy_(value, non_blocking=True)  # from pinned memory: asynchronous
 
 
 # ---------------------------------------------------------------- public API
@@ -364,9 +436,7 @@ def remove_clear(transformer) -> None:
     modules = _attn_modules(transformer)
     for name, processor in state.processors.items():
         modules[name].set_processor(processor)
-    with torch.no_grad():
-        for key, value in state.originals.items():
-            transformer.get_parameter(key).copy_(value)
+    _restore(transformer, state.originals)
     transformer.pos_embed.theta = state.theta
     del transformer._clear_state
 

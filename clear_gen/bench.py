@@ -22,8 +22,9 @@ from . import flops as FL
 from . import geometry as G
 from .device import device_name, resolve_device, resolve_dtype
 from .errors import ConfigError
+from .positions import use_exact_positions
 from .random_flux import build_transformer, flux_shape, step_inputs
-from .timing import samples, timed
+from .timing import samples, timed, timeit
 
 WHATS = ("plan", "attention", "step")
 CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
@@ -74,6 +75,7 @@ def _base_row(what: str, res: int, geo: G.Geometry, lists: G.BlockLists, dev: st
         "speedup": None,
         "peak_mem_mb": None,
         "device": dev,
+        "torch": torch.__version__,
     }
 
 
@@ -108,11 +110,11 @@ def plan_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.F
 
 
 def _qkv(geo: G.Geometry, heads: int, head_dim: int, device, dtype, seed: int = 0):
-    """Random q (1, H, q_len, D) and k, v (1, H, kv_len, D)."""
+    """Random q (1, H, q_len, D) and k, v (1, H, kv_len, D), with the strides the model passes:
+    (B, L, H, D) transposed, so that the op reuses the model's compiled kernel."""
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(1, heads, geo.q_len, head_dim, generator=g, device=device, dtype=dtype)
-    k = torch.randn(1, heads, geo.kv_len, head_dim, generator=g, device=device, dtype=dtype)
-    return q, k, torch.randn(k.shape, generator=g, device=device, dtype=dtype)
+    rand = lambda n: torch.randn(1, n, heads, head_dim, generator=g, device=device, dtype=dtype)  # noqa: E731
+    return rand(geo.q_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2)
 
 
 def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype) -> dict:
@@ -160,7 +162,27 @@ def attention_row(
     row.update(guard.measure(full, flops, clear_ms, FL.full_pairs(geo) / _computed(geo), device, repeats))
     row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
     row.update(heads=heads, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."))
+    if geo.text_len % G.BLOCK == 0:
+        row.update(text_split(q, k, v, geo, scale, device, repeats))
     return row
+
+
+def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int) -> dict:
+    """What the text query rows cost: they visit every key block (~2,052 at 8K) where an image row
+    visits ~13, so a few thread blocks may run long after the rest. Times the image rows alone (their
+    rows of the block mask) and the text rows alone (SDPA over text and image keys): if their sum is
+    well under the one-kernel time, a separate pass for the text rows is worth it."""
+    import torch.nn.functional as F
+
+    from .attention import compiled_flex
+
+    t, n = geo.text_len, geo.q_len
+    mask = G.image_rows_block_mask(geo, str(device))
+    image = lambda: compiled_flex(q[:, :, t:], k, v, mask, scale)  # noqa: E731
+    text = lambda: F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :n], v[:, :, :n], scale=scale)  # noqa: E731
+    image_ms, _ = timeit(image, device, repeats)
+    text_ms, _ = timeit(text, device, repeats)
+    return {"image_rows_ms": image_ms, "text_rows_ms": text_ms}
 
 
 def _computed(geo: G.Geometry) -> int:
@@ -179,10 +201,11 @@ class FullGuard:
         self.enabled, self.max_seconds, self.deadline = enabled, max_seconds, deadline
         self.rate = None  # FLOP per ms of the last measured full run
 
-    def measure(self, fn, flops: float, clear_ms: float, ratio: float, device, repeats: int) -> dict:
+    def measure(self, fn, flops: float, clear_ms: float | None, ratio: float, device, repeats: int) -> dict:
+        """With no rate and no CLEAR time to estimate from, the run is measured."""
         if not self.enabled:
             return {"full_ms": None, "full_estimated": False}
-        est_ms = flops / self.rate if self.rate else clear_ms * ratio
+        est_ms = flops / self.rate if self.rate else (clear_ms or 0.0) * ratio
         limit_ms = math.inf if self.max_seconds is None else self.max_seconds * 1e3
         if self.deadline is not None:
             limit_ms = min(limit_ms, (self.deadline - time.monotonic()) * 1e3)
@@ -210,118 +233,54 @@ def check_step(model, inputs: dict, window: int, down_factor: int) -> dict:
     return {"check_rel_err": err, "check_ok": bool(math.isfinite(err) and err <= tol)}
 
 
+MEASURES = ("both", "clear", "full")
+
+
 def step_row(
     res: int, window: int, down_factor: int, text_len: int, model, shape: FL.FluxShape,
     device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard, check: bool,
+    measure: str = "both", emit: Callable[[dict], None] = lambda row: None,
 ) -> dict:  # fmt: skip
-    """One denoising step with CLEAR (flex) versus the stock attention; check vs dense if asked."""
+    """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
+    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step."""
     from .attention import apply_clear, remove_clear
 
     geo = geometry(res, window, down_factor, text_len)
     inputs = step_inputs(model, res, text_len, device, dtype)
     step = lambda: model(**inputs)  # noqa: E731
-    row = _base_row("step", res, geo, G.build_block_lists(geo), device_name(device))
-    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
-    apply_clear(model, window=window, down_factor=down_factor, backend="flex")
-    clear_ms, first_ms, peak = timed(step, device, repeats)
-    row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
-    if check:
-        row.update(check_res=res, **check_step(model, inputs, window, down_factor))
-    # 2. Stock attention, unless the guard estimates it too slow.
-    remove_clear(model)
     flops = FL.step_flops(shape, geo, _computed(geo))
-    full_flops = flops["linear"] + flops["attn_full"]
-    row.update(guard.measure(step, full_flops, clear_ms, FL.speedup_bound(flops), device, repeats))
-    row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
-    row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim)
+    row = _base_row("step", res, geo, G.build_block_lists(geo), device_name(device))
+    row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim, text_len=text_len)
     row.update(dtype=str(dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
+    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
+    if measure != "full":
+        apply_clear(model, window=window, down_factor=down_factor, backend="flex")
+        clear_ms, first_ms, peak = timed(step, device, repeats)
+        row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+        if check:
+            row.update(check_res=res, **check_step(model, inputs, window, down_factor))
+        remove_clear(model)
+        emit(row)
+    # 2. Stock attention, unless the guard estimates it too slow.
+    if measure != "clear":
+        full_flops = flops["linear"] + flops["attn_full"]
+        row.update(guard.measure(step, full_flops, row["clear_ms"], FL.speedup_bound(flops), device, repeats))
+        row["speedup"] = row["full_ms"] / row["clear_ms"] if row["full_ms"] and row["clear_ms"] else None
     return row
-
-
-# ---------------------------------------------------------------- output
-
-
-def _fmt(value, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _timing_cells(row: dict) -> list[str]:
-    full = _fmt(row["full_ms"]) if row["full_ms"] is not None else "skipped"
-    if row.get("full_estimated"):
-        full = f"~{full} (est.)"
-    speedup = _fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else "")
-    if row.get("full_estimated"):
-        speedup = f"~{speedup} (est.)"
-    check = "-" if "check_ok" not in row else ("pass" if row["check_ok"] else "FAIL")
-    if "check_ok" in row:
-        err = row.get("check_max_err", row.get("check_rel_err"))
-        check += f" {err:.1e} @{row['check_res']}"
-    compile_s = _fmt(row.get("clear_compile_ms", 0) / 1e3, ".1f")
-    peak = _fmt(row["peak_mem_mb"], ".0f")
-    return [full, _fmt(row["clear_ms"]), compile_s, speedup, peak, check]
-
-
-PLAN_COLUMNS = (
-    "res", "r", "f", "tokens", "needed dens.", "computed dens.", "computed/needed", "row-major",
-    "mask build ms med/min", "linear PF", "full attn PF", "CLEAR attn PF exact/comp.", "bound",
-)  # fmt: skip
-TIMING_COLUMNS = (
-    "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
-    "peak MB", "check",
-)  # fmt: skip
-
-
-def _cells(row: dict) -> list[str]:
-    head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
-    if row["what"] != "plan":
-        return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
-    return [
-        *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
-        f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
-        f"{row['mask_build_ms']:.0f} / {row['mask_build_min_ms']:.0f}",
-        f"{row['linear_pflop']:.3f}", f"{row['attn_full_pflop']:.3f}",
-        f"{row['attn_exact_pflop']:.3f} / {row['attn_computed_pflop']:.3f}", f"{row['speedup_bound']:.1f}x",
-    ]  # fmt: skip
-
-
-def title(rows: list[dict]) -> str:
-    """'clear-gen bench --what step on NVIDIA H100 ..., bfloat16, 24 heads x 128, 57 layers'."""
-    what, first = rows[0]["what"], rows[0]
-    text = f"clear-gen bench --what {what} on {first['device']}, torch {torch.__version__}"
-    if what != "plan":
-        text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
-        text += f", {first['layers']} layers" if what == "step" else ""
-    return text
-
-
-def table(rows: list[dict]):
-    """A rich Table of benchmark rows (all of one kind), titled with the device and settings."""
-    from rich.table import Table
-
-    out = Table(title=title(rows))
-    for col in PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS:
-        out.add_column(col, justify="right")
-    for row in rows:
-        out.add_row(*_cells(row))
-    return out
-
-
-def markdown(rows: list[dict]) -> str:
-    """The same table in Markdown, for BENCHMARKS.md."""
-    cols = PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS
-    lines = [f"{title(rows)}\n", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- the one entry point
 
 
+ALL_SIZES = (1024, 2048, 4096, 8192)
+CPU_SIZES = (1024,)  # a full-size attention op or step at 1K takes seconds on a CPU; 8K takes hours
+
+
 def run(
     what: str = "plan",
-    res: Sequence[int] = (1024, 2048, 4096, 8192),
-    window: int = 8,
-    down_factor: int = 1,
+    res: Sequence[int] | None = None,
+    window: int | None = None,
+    down_factor: int | None = None,
     device: str = "auto",
     dtype: str | None = None,
     repeats: int = 3,
@@ -332,35 +291,51 @@ def run(
     compare_full: bool = True,
     max_full_seconds: float | None = None,
     time_budget: float | None = None,
+    measure: str = "both",
     progress: Progress = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands.
+    """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands
+    (a step row twice: once CLEAR is measured, again with full attention).
 
-    Full-attention runs estimated (FLOP model) to take over `max_full_seconds` per call, or to end
-    after `time_budget` seconds from now, are skipped and reported as estimates (`full_estimated`).
+    No window: the registry's default variant (r8-down4), as `clear-gen generate` runs. No res: 1K-8K,
+    or 1K alone for measurements on a CPU. `measure` (step): both, clear or full. Full-attention runs
+    estimated (FLOP model) to take over `max_full_seconds` per call, or to end after `time_budget`
+    seconds from now, are skipped and reported as estimates (`full_estimated`).
     """
     deadline = None if time_budget is None else time.monotonic() + time_budget
+    say = progress or (lambda _msg: None)
+    emit = on_row or (lambda _row: None)
     # 1. Validate everything before any work.
     if what not in WHATS:
         raise ConfigError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
-    if not res:
-        raise ConfigError("no resolution given")
+    if measure not in MEASURES:
+        raise ConfigError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    if window is None:  # the default variant's window, and its down factor unless one is given
+        window, default_f = variant(default_variant())
+        down_factor = default_f if down_factor is None else down_factor
+    down_factor = down_factor or 1
     if window < 1 or down_factor < 1 or repeats < 0 or heads < 1 or head_dim < 1:
         raise ConfigError("window, down factor, heads and head dim must be positive, repeats >= 0")
+    dev = resolve_device(device)
+    if res is None:
+        res = CPU_SIZES if dev.type == "cpu" and what != "plan" else ALL_SIZES
+        say(f"sizes {', '.join(map(str, res))} px (--res to choose)")
+    if not res:
+        raise ConfigError("no resolution given")
     for r in res:
         geometry(r, window, down_factor, text_len)
-    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     shape = flux_shape(heads, head_dim, layers)
-    say = progress or (lambda _msg: None)
-    guard = FullGuard(compare_full, max_full_seconds, deadline)
+    guard = FullGuard(compare_full or measure == "full", max_full_seconds, deadline)
     wf = (window, down_factor, text_len)
     rows = []
     # 2. One row per resolution; correctness checks in the same run, after the timings (so that the
     #    first timed call carries the compilation).
     with torch.inference_mode():
         model = build_transformer(shape, dev, dt) if what == "step" else None
+        if model is not None:
+            use_exact_positions(model)  # stock and CLEAR steps see the same, exact positions
         for r in res:
             say(f"{what} {r} px, r = {window}, f = {down_factor} on {device_name(dev)}")
             if what == "plan":
@@ -369,17 +344,23 @@ def run(
                 row = attention_row(r, *wf, heads, head_dim, dev, dt, repeats, guard)
             else:
                 geo = geometry(r, *wf)
-                check = r == min(res) and geo.q_len * geo.kv_len <= _dense_max()
-                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check)
+                check = r == min(res) and geo.q_len * geo.kv_len <= _dense_max() and measure != "full"
+                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check, measure, emit)
             rows.append(row)
-            if on_row:
-                on_row(row)
+            emit(row)
         if what == "attention":
             check = check_attention(_check_geometry(res, *wf), heads, head_dim, dev, dt)
             say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
             for row in rows:
                 row.update(check)
+                emit(row)
     return rows
+
+
+def default_variant() -> str:
+    from .registry import load_registry
+
+    return load_registry().default_variant
 
 
 def _dense_max() -> int:

@@ -338,10 +338,12 @@ def weights() -> None:
 @app.command()
 def bench(
     what: str = typer.Option("plan", help="plan (FLOPs, densities; no compute) | attention | step"),
-    res: str = typer.Option("1024,2048,4096,8192", help="Image sides in pixels, comma-separated."),
-    variant: str | None = typer.Option(None, help="r8 | r16 | r32 | r8-down4 | r16-down4 (sets both)."),
-    window: int = typer.Option(8, help="CLEAR window radius r in tokens."),
-    down_factor: int = typer.Option(1, help="CLEAR down-sampling factor f (1 = none)."),
+    res: str = typer.Option(
+        None, help="Image sides in pixels, comma-separated (default 1K-8K; 1K on a CPU)."
+    ),
+    variant: str | None = typer.Option(None, help="weights.toml variant (default r8-down4, as generate)."),
+    window: int = typer.Option(None, help="CLEAR window radius r in tokens (instead of --variant)."),
+    down_factor: int = typer.Option(None, help="CLEAR down-sampling factor f with --window (default 1)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str | None = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)."),
     repeats: int = typer.Option(3, help="Timed calls after one warm-up; the median is reported."),
@@ -350,6 +352,7 @@ def bench(
     layers: int = typer.Option(57, help="Step: blocks, split 1:2 double:single (57 = FLUX.1-dev's 19 + 38)."),
     text_len: int = typer.Option(512, help="Text tokens (FLUX.1-dev: 512)."),
     compare_full: bool = typer.Option(True, help="Also time full attention / the stock model."),
+    measure: str = typer.Option("both", help="Step: both, clear or full (stock attention alone)."),
     max_full_seconds: float | None = typer.Option(
         None, help="Skip full-attention calls the FLOP model estimates slower than this; report the estimate."
     ),
@@ -357,30 +360,44 @@ def bench(
         None, help="Seconds: skip (and estimate) full-attention runs that would end after this budget."
     ),
     json_file: Path | None = typer.Option(None, "--json", help="Write the rows as JSON, as they land."),
-    markdown: Path | None = typer.Option(None, help="Also write the table as Markdown (for BENCHMARKS.md)."),
+    jsonl: Path | None = typer.Option(None, help="Append the rows to this JSON-lines file as they land."),
+    label: str | None = typer.Option(None, help="With --jsonl: the part name the rows are tagged with."),
+    markdown: Path | None = typer.Option(
+        None, help="Also write the table as Markdown; with --jsonl, the whole file's report, after every row."
+    ),
 ) -> None:
     """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
     from . import bench as B
+    from . import bench_report as R
 
-    # 1. Parse.
+    # 1. Parse: a variant, or a window (and down factor), or the registry's default variant.
     if variant is not None:
+        if window is not None or down_factor is not None:
+            raise ConfigError("give either --variant or --window/--down-factor, not both")
         window, down_factor = B.variant(variant)
-    sizes = _ints(res, "--res") or []
+    sizes = _ints(res, "--res")
     # 2. Run, saving the rows as they land (a killed run keeps what it measured).
-    write = (lambda rows: _write_json(json_file, rows)) if json_file else (lambda rows: None)
-    done: list[dict] = []
+    done: dict[int, dict] = {}
+
+    def on_row(row: dict) -> None:
+        done[id(row)] = row
+        if json_file:
+            _write_json(json_file, list(done.values()))
+        if jsonl:
+            R.append(jsonl, {**row, "part": label})
+            if markdown:
+                R.write(jsonl, markdown, f"clear-gen bench on {row['device']}")
+
     rows = B.run(
         what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
         heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=compare_full,
-        max_full_seconds=max_full_seconds, time_budget=time_budget,
-        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
-        on_row=lambda row: (done.append(row), write(done)),
+        max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"), on_row=on_row,
     )  # fmt: skip
-    write(rows)
     # 3. Print (wide enough not to truncate when piped into a file).
-    Console(width=None if sys.stdout.isatty() else 200).print(B.table(rows))
-    if markdown:
-        _write(markdown, B.markdown(rows))
+    Console(width=None if sys.stdout.isatty() else 200).print(R.table(rows))
+    if markdown and not jsonl:
+        _write(markdown, R.table_markdown(rows))
 
 
 def _write(path: Path, text: str) -> None:

@@ -39,6 +39,14 @@ class FluxShape:
         return self.double + self.single
 
 
+def parameter_count(shape: FluxShape) -> int:
+    """Weights of the transformer's blocks, the bulk of its parameters (11.9B for FLUX.1-dev): per
+    double block 2 x (4 C^2 attention + 8 C^2 MLP + 6 C^2 modulation), per single block
+    3 C^2 q/k/v + 4 C^2 MLP in + 5 C^2 out + 3 C^2 modulation."""
+    c = shape.hidden
+    return shape.double * 36 * c * c + shape.single * 15 * c * c
+
+
 def linear_flops(shape: FluxShape, text_len: int, image_len: int) -> float:
     """Linear-layer FLOPs of one step (all blocks and the embedders) at T text and N image tokens."""
     c, tokens = shape.hidden, text_len + image_len

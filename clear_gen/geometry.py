@@ -2,7 +2,7 @@
 
 Sequence layout (what every layer sees once the transformer's input is tile-ordered):
     queries: [text T ; image N]              (N = h * w, image tokens in tile order)
-    keys:    [text T ; image N ; down M]     (M = (h / f) * (w / f) pooled tokens, row-major; M = 0 if f = 1)
+    keys:    [text T ; image N ; down M]     (M = (h / f) * (w / f) pooled tokens, any order; 0 if f = 1)
 An image query at (y, x) sees all text, the image keys with (y - y')^2 + (x - x')^2 < r^2 and all
 down-sampled keys; a text query sees all text and image keys but no down-sampled ones.
 """
@@ -350,17 +350,37 @@ def _merge(nq: int, nk: int, parts) -> BlockLists:
 @lru_cache(maxsize=16)
 def block_mask(geo: Geometry, device: str):
     """FlexAttention BlockMask of CLEAR for this geometry, cached: shared by all layers and steps."""
-    from torch.nn.attention.flex_attention import BlockMask
+    return _block_mask(build_block_lists(geo), 0, make_mask_mod(geo, device), (geo.q_len, geo.kv_len), device)
+
+
+def image_rows_block_mask(geo: Geometry, device: str):
+    """CLEAR's BlockMask for the image queries alone (rows T.. of the full mask; T a multiple of 128).
+
+    For measuring what the text query rows cost (they visit every key block): the kernel with these rows
+    and SDPA for the text rows, against the one kernel over all rows.
+    """
+    assert geo.text_len % BLOCK == 0, "image query rows start on a block boundary"
+    full_mod, text_len = make_mask_mod(geo, device), geo.text_len
+
+    def image_rows(b, h, q_idx, kv_idx):
+        return full_mod(b, h, q_idx + text_len, kv_idx)
 
     lists = build_block_lists(geo)
-    as4d = lambda t: t.to(device)[None, None]  # noqa: E731  (1, 1, nq[, width]): broadcast over batch, heads
+    return _block_mask(lists, text_len // BLOCK, image_rows, (geo.image_len, geo.kv_len), device)
+
+
+def _block_mask(lists: BlockLists, first_row: int, mask_mod, seq_lengths: tuple[int, int], device: str):
+    """A BlockMask from our block lists' query-block rows first_row.. (no mask evaluated to build it)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    as4d = lambda t: t[first_row:].to(device)[None, None]  # noqa: E731  (1, 1, nq[, width]): all batches, heads
     return BlockMask.from_kv_blocks(
         as4d(lists.partial_num),
         as4d(lists.partial_idx),
         as4d(lists.full_num),
         as4d(lists.full_idx),
         BLOCK_SIZE=BLOCK,
-        mask_mod=make_mask_mod(geo, device),
-        seq_lengths=(geo.q_len, geo.kv_len),
+        mask_mod=mask_mod,
+        seq_lengths=seq_lengths,
         compute_q_blocks=False,
     )

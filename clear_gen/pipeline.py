@@ -30,6 +30,7 @@ from .plan import (
     plan_stages,
     resolve_clear,
 )
+from .positions import use_exact_positions
 from .timing import StageTiming, StepClock, capture_transformer_call, time_full_attention
 
 
@@ -116,6 +117,7 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
         else:
             pipe.enable_sequential_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
+    use_exact_positions(pipe.transformer)  # RoPE sees integer positions in every stage and dtype
     return pipe
 
 
@@ -131,7 +133,27 @@ def load_clear_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-# ---------------------------------------------------------------- timing
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 16  # live activations at a step's peak, in units of tokens x hidden
+
+
+def place_clear_weights(state_dict: dict, transformer, tokens: int) -> dict:
+    """The checkpoint on the transformer's GPU, in its dtype, when it fits beside the largest stage's
+    activations: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way (twice
+    per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
+
+    The activation estimate (16 x tokens x hidden x element size, ~22 GB at 8K in bf16) is a rough
+    bound on what one FLUX block keeps alive at once, plus a 2 GiB margin.
+    """
+    param = transformer.x_embedder.weight
+    if param.device.type != "cuda":
+        return state_dict
+    size = sum(v.numel() for v in state_dict.values()) * param.element_size()
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    activations = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * hidden * param.element_size()
+    free, _ = torch.cuda.mem_get_info(param.device)
+    if free > size + activations + 2 * 2**30:
+        return {k: v.to(param.device, param.dtype) for k, v in state_dict.items()}
+    return {k: v.pin_memory() for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------- generation
@@ -172,11 +194,17 @@ def _run_stage(pipe, img2img, stage: Stage, embeds, image, seed: int, opts: Gene
 
 
 def _img2img(pipe):
-    """FluxImg2ImgPipeline sharing pipe's modules, with the recipe's static shift."""
+    """FluxImg2ImgPipeline sharing pipe's modules as they are, with the recipe's static shift.
+
+    Built directly rather than with `from_pipe`, which casts every shared module to float32 unless told
+    a dtype (a bf16 run then crashes on mixed dtypes, and a 12B transformer doubles in size).
+    """
+    import inspect
+
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
 
-    with _quiet_loading():
-        img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+    wanted = inspect.signature(FluxImg2ImgPipeline.__init__).parameters
+    img2img = FluxImg2ImgPipeline(**{k: v for k, v in pipe.components.items() if k in wanted})
     img2img.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config, use_dynamic_shifting=False
     )
@@ -233,6 +261,8 @@ def _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtyp
         pipe.vae.enable_tiling()
     max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
     embeds = _encode(pipe, prompts, device, max_len, opts.offload)
+    if state_dict is not None and opts.offload == "none":
+        state_dict = place_clear_weights(state_dict, pipe.transformer, max(s.tokens for s in stages))
     img2img = _img2img(pipe) if len(stages) > 1 else None
     # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
     results = []

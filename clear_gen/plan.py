@@ -142,6 +142,11 @@ class Stage:
     strength: float = 1.0  # SDEdit: the part of the schedule that runs
 
     @property
+    def tokens(self) -> int:
+        """Image tokens of this stage: (height / 16) x (width / 16)."""
+        return (self.height // 16) * (self.width // 16)
+
+    @property
     def denoising_steps(self) -> int:
         """Steps that run: img2img skips the first (1 - strength) of the schedule, as diffusers does."""
         return self.steps - int(max(self.steps - min(self.steps * self.strength, self.steps), 0))

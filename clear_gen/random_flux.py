@@ -29,9 +29,26 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (head_dim // 8, side, side)
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory free on the device: the GPU's, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def build_transformer(shape: FL.FluxShape, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """FluxTransformer2DModel with FLUX.1-dev's configuration and random weights, made on the device in
-    dtype (built on 'meta' first, so no float32 copy is ever allocated)."""
+    dtype (built on 'meta' first, so no float32 copy is ever allocated). Refused, with the sizes, when
+    its weights alone would not fit in the device's free memory."""
+    need = FL.parameter_count(shape) * torch.empty(0, dtype=dtype).element_size()
+    if need > free_bytes(device):
+        raise ConfigError(
+            f"a transformer of {shape.layers} layers x {shape.heads} heads x {shape.head_dim} needs "
+            f"{need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')} and {device} has "
+            f"{free_bytes(device) / 1e9:.1f} GB free; shrink it with --layers, --heads or --head-dim"
+        )
     try:
         from diffusers import FluxTransformer2DModel
     except ImportError:

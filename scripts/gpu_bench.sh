@@ -1,69 +1,81 @@
 #!/usr/bin/env bash
-# One command for a session lent one GPU (sized for an H100, bf16): CLEAR versus full attention,
-# attention op at 2K/4K/8K, denoising step at 2K/4K/8K, within 8 minutes. Writes JSON and Markdown tables
-# to $OUT (default bench_out/); paste the .md files into BENCHMARKS.md's GPU section.
+# The GPU proof in one command, for a session lent one GPU (H100/H200, bf16): CLEAR versus full
+# attention on random FLUX.1-dev-sized weights, in parts ordered by value, within BUDGET seconds
+# (default 300: a session has 15 minutes of device time, machine start and a rerun included).
 #
-#   bash scripts/gpu_bench.sh                 # on the GPU machine, from anywhere
-#   SMOKE=1 bash scripts/gpu_bench.sh         # tiny CPU settings: checks the script's plumbing only
+#   bash scripts/gpu_bench.sh                     # on the GPU machine; writes into $OUT
+#   BUDGET=480 PARTS=attention,steps-2k-4k bash scripts/gpu_bench.sh   # a rerun: other parts, more time
+#   SMOKE=1 bash scripts/gpu_bench.sh             # tiny CPU settings: checks the plumbing only
 #
-# The GPU machine has torch, transformers, typer, rich, safetensors and huggingface_hub, but not
-# diffusers and no internet. Fetch the wheels beforehand into .whl/ (git-ignored; carry it along):
+# Three files come back in $OUT (the device tool returns at most 8): rows.jsonl (every row as it lands,
+# and each part's status), bench.md (the report, rewritten after every row and every part: a part cut
+# by its timeout or the budget is listed as killed or skipped) and bench.log (everything printed).
+# Outside the device tool OUT defaults to bench_out/.
+#
+# The GPU machine has torch, transformers, typer, rich, safetensors and huggingface_hub but not
+# diffusers, and no network: carry the wheel in .whl/ (git-ignored; name .whl in the tool's carry):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
-#     diffusers==0.42.1 requests urllib3 idna charset-normalizer certifi pillow
-# diffusers imports requests, filelock, regex and PIL (Pillow) at import time; torch brings filelock,
-# transformers brings regex, huggingface_hub 1.x no longer brings requests (so its four small deps
-# too), and nothing brings Pillow (the wheel above is for CPython 3.12). importlib_metadata is
-# declared but not imported on Python >= 3.8. Only what fails to import is installed.
+#     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
+# (its other needs, requests, Pillow, regex, filelock, numpy, are on that machine).
+# Test knobs: PARTS (comma-separated part names to run; default all), PART_LIMITS ("name=seconds,...":
+# per-part timeouts, e.g. to check that a killed part is reported).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT="${OUT:-bench_out}"
-BUDGET="${BUDGET:-470}"  # seconds for everything; the H100 slot is 8 minutes
+BUDGET="${BUDGET:-300}"
 mkdir -p "$OUT"
+ROWS="$OUT/rows.jsonl" MD="$OUT/bench.md" LOG="$OUT/bench.log"
+exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+report() { $PY clear_gen/bench_report.py "$ROWS" "$MD" "clear-gen GPU bench (scripts/gpu_bench.sh)" || true; }
+status() { printf '{"part": "%s", "status": "%s"}\n' "$1" "$2" >>"$ROWS"; report; }
 
-# 0. Offline installs of what is missing, one module at a time (the Pillow wheel is CPython 3.12 only).
-offline() {  # offline MODULE PACKAGES...: install PACKAGES from .whl/ unless MODULE imports
-  local module=$1; shift
-  $PY -c "import $module" 2>/dev/null && return
-  echo "installing from .whl/: $*"
-  $PY -m pip install -q --no-index --no-deps --find-links .whl "$@" ||
-    echo "could not install $* offline: fetch the wheels into .whl/ (see the top of this script)"
-}
-offline diffusers diffusers
-offline requests requests urllib3 idna charset_normalizer certifi
-offline PIL pillow
-$PY -c "from diffusers import FluxTransformer2DModel" || { echo "diffusers does not import"; exit 1; }
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+# 0. diffusers from .whl/ when the machine lacks it (the device tool's recipe: a --target folder).
+if ! $PY -c "import diffusers" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "no diffusers and no usable wheel in .whl/: see the top of this script"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
 if [ "${SMOKE:-0}" = 1 ]; then  # plumbing check on a CPU: small everything
-  COMMON=(--device cpu --heads 2 --head-dim 32 --repeats 1)
-  RES=256,512; BIG=512; LAYERS=(--layers 2)
+  MODEL=(--device cpu --heads 2 --head-dim 32 --layers 2) BIG=512 MID=256,384 SIZES=256,384,512
 else
-  COMMON=(--repeats 3)  # FLUX.1-dev: 24 heads x 128, bf16 on CUDA
-  RES=2048,4096,8192; BIG=8192; LAYERS=(--layers 57)  # each size compiles FlexAttention once
+  MODEL=(--layers 57) BIG=8192 MID=2048,4096 SIZES=2048,4096,8192  # FLUX.1-dev: 24 heads x 128, bf16
 fi
-bench() {  # bench NAME TIMEOUT ARGS...: one `clear-gen bench`, rows saved as they land
-  local name=$1 limit=$2; shift 2
-  echo "== $name (timeout ${limit}s, $(left)s left)"
-  PYTHONPATH=. timeout "$limit" $PY -c "from clear_gen.cli import main; main()" bench "$@" \
-    --json "$OUT/$name.json" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"
+
+# part NAME MIN_S MAX_S ARGS...: one `clear-gen bench`, rows appended to rows.jsonl as they land.
+# Skipped when PARTS leaves it out or less than MIN_S of the budget is left; killed after MAX_S.
+part() {
+  local name=$1 min=$2 max=$3 limit rc; shift 3
+  if [ -n "${PARTS:-}" ] && [[ ",$PARTS," != *",$name,"* ]]; then status "$name" "not selected (PARTS)"; return; fi
+  if [ "$(left)" -lt "$min" ]; then status "$name" "skipped: $(left) s of the budget left, needs ${min} s"; return; fi
+  limit=$(( $(left) < max ? $(left) : max ))
+  [[ ",${PART_LIMITS:-}," =~ ,$name=([0-9]+), ]] && limit=${BASH_REMATCH[1]}
+  echo "== $name (timeout ${limit}s, $(left)s of the budget left)"
+  status "$name" "running (timeout ${limit} s)"
+  timeout --kill-after=10 "$limit" $PY -m clear_gen bench "$@" --jsonl "$ROWS" --label "$name" --markdown "$MD"
+  rc=$?
+  case $rc in
+    0) status "$name" "done" ;;
+    124|137) status "$name" "killed: timeout after ${limit} s (rows measured before it are kept)" ;;
+    *) status "$name" "failed: exit $rc (see bench.log)" ;;
+  esac
 }
 
-# 1. The attention op alone, CLEAR r = 8 vs full SDPA, then the dense check at 1K. (~2 min)
-bench attention 180 --what attention --res "$RES" --window 8 "${COMMON[@]}"
-# 2. Plan: FLOPs, densities and mask build times (CPU only, seconds).
-bench plan 60 --what plan --res "$RES" --window 8
-# 3. One denoising step of the full FLUX.1-dev transformer (57 blocks), CLEAR r = 8 vs stock, full
-#    attention included while the budget allows: the 8K stock step (~90 s on an H100) is last, run
-#    once, and skipped (reported as an estimate, marked est.) when it would overrun the budget.
-#    (No whole-step dense check at these sizes: the dense reference does not fit; tests cover it.)
-T=$(left); bench step $((T > 30 ? T - 10 : 20)) --what step --res "$RES" --window 8 "${COMMON[@]}" \
-  "${LAYERS[@]}" --time-budget $((T > 60 ? T - 40 : 20))
-# 4. If time is left: the same step at the largest size with r = 16 (CLEAR only).
-T=$(left); [ "$T" -gt 90 ] && bench step_r16 $((T - 10)) --what step --res "$BIG" --window 16 \
-  "${COMMON[@]}" "${LAYERS[@]}" --no-compare-full
-echo "done in $(($(date +%s) - START))s; tables in $OUT/*.md"
+# 1. The headline: one 8K step of the full transformer, CLEAR (default variant r8-down4), then the
+#    stock step at 8K alone (~100 s on an H100: one call), then CLEAR r = 8 (the paper's setting).
+part step-8k 60 150 --what step --res "$BIG" --measure clear --repeats 1 "${MODEL[@]}"
+part full-8k 100 220 --what step --res "$BIG" --measure full --repeats 0 "${MODEL[@]}"
+part step-8k-r8 45 100 --what step --res "$BIG" --variant r8 --measure clear --repeats 1 "${MODEL[@]}"
+# 2. The attention op alone, r = 8, 2K-8K, against full SDPA; its image and text query rows timed apart.
+part attention 50 120 --what attention --res "$SIZES" --variant r8 --repeats 3 "${MODEL[@]}"
+# 3. Whole steps at 2K and 4K, CLEAR and full.
+part steps-2k-4k 60 150 --what step --res "$MID" --repeats 3 "${MODEL[@]}"
+# 4. The plan (CPU, seconds): densities, mask build, FLOPs.
+part plan 10 60 --what plan --res "$SIZES"
+echo "done in $(( $(date +%s) - START ))s; report in $MD"

@@ -119,6 +119,7 @@ CASES = [
     (1, 16, 24, 20, 8, 4, False, 10.0),
     (1, 3, 9, 13, 2, 1, True, 10.0),
     (2, 130, 8, 32, 4, 2, False, 1.0),
+    (1, 5, 9, 12, 3, 3, False, 1.0),  # f divides no tile side: pooled by a gather, row-major
 ]
 
 
@@ -324,3 +325,56 @@ def test_positional_call_and_tuple_output():
         args = [inputs.pop(k) for k in ("hidden_states", "encoder_hidden_states", "pooled_projections")]
         got = model(*args, **inputs, return_dict=False)[0]
     assert rel_err(got, stock) < 1e-5
+
+
+def test_flex_recompile_limit_is_an_error_not_a_silent_uncompiled_run(monkeypatch):
+    import clear_gen.attention as A
+
+    def call(side: int):
+        geo = Geometry(3, side, side, 2)
+        q = torch.randn(1, 1, geo.q_len, 16)
+        return clear_attention(q, q, q, geo, 0.25, "flex")
+
+    process_limit = torch._dynamo.config.recompile_limit
+    monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 1)
+    with pytest.raises(ConfigError, match="different sizes in this process"):
+        for side in (5, 6, 7):  # new sizes: each needs a kernel of its own
+            call(side)
+    monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 64)
+    assert torch.isfinite(call(9)).all()  # the process-wide setting was never touched: still compiles
+    assert torch._dynamo.config.recompile_limit == process_limit
+
+
+def test_checkpoint_on_the_models_device_and_dtype_is_swapped_in_not_copied(transformer):
+    sd = clear_checkpoint(transformer, 1)  # float32 on the CPU, like the model
+    key = "transformer_blocks.0.attn.to_q.weight"
+    original_ptr = transformer.get_parameter(key).data_ptr()
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    clear_gen.apply_clear(transformer, window=2, state_dict=sd)
+    assert transformer.get_parameter(key).data_ptr() == sd[key].data_ptr()  # shares the checkpoint
+    clear_gen.remove_clear(transformer)
+    assert transformer.get_parameter(key).data_ptr() == original_ptr  # the original storage is back
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+    # Another dtype cannot be shared: copied in, and the originals restored exactly.
+    half = {k: v.bfloat16() for k, v in sd.items()}
+    clear_gen.apply_clear(transformer, window=2, state_dict=half)
+    assert torch.equal(transformer.get_parameter(key), half[key].float())
+    clear_gen.remove_clear(transformer)
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+
+
+def test_full_attention_step_is_measured_once_per_size(transformer):
+    from clear_gen.timing import StageTiming, capture_transformer_call, time_full_attention
+
+    geo = Geometry(5, 8, 8, 2)
+    clear_gen.apply_clear(transformer, window=2)
+    with capture_transformer_call(transformer) as inputs, torch.no_grad():
+        transformer(**tiny_inputs(1, 5, 8, 8))
+    calls = []
+    transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    reapply = lambda: clear_gen.apply_clear(transformer, window=2)  # noqa: E731
+    timings = [StageTiming(128, 128, "CLEAR r=2", 2, 1.0, 0.01) for _ in range(2)]
+    for timing in timings:
+        time_full_attention(transformer, inputs, timing, geo, torch.device("cpu"), reapply)
+    assert len(calls) == 2  # one warm-up and one timed stock step, for the first image only
+    assert timings[0].full_step_s == timings[1].full_step_s > 0 and not timings[1].full_estimated

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from clear_gen import bench as B
+from clear_gen import bench_report as R
 from clear_gen import flops as FL
 from clear_gen import geometry as G
 from clear_gen import random_flux as RF
@@ -70,7 +71,7 @@ def test_attention_runs_and_checks_against_dense():
         assert row["check_ok"] and row["check_res"] == 256
         assert row["clear_ms"] > 0 and row["full_ms"] > 0 and row["speedup"] > 0
         assert row["device"].startswith("cpu") and row["peak_mem_mb"] is None
-    assert "attention" in B.markdown(rows) and "cpu" in B.title(rows)
+    assert "attention" in R.table_markdown(rows) and "cpu" in R.title(rows)
 
 
 @pytest.mark.slow  # compiles FlexAttention
@@ -117,3 +118,85 @@ def test_cli_bench_user_error_is_one_line(capsys):
         main(["bench", "--variant", "r7"])
     assert e.value.code == 1
     assert "unknown variant 'r7'" in capsys.readouterr().err
+
+
+def test_bench_defaults_to_generates_variant_and_refuses_a_conflict(capsys):
+    (row,) = B.run("plan", res=[1024])
+    assert (row["window"], row["down_factor"]) == (8, 4)  # r8-down4, as clear-gen generate
+    (row,) = B.run("plan", res=[1024], window=16)
+    assert (row["window"], row["down_factor"]) == (16, 1)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--variant", "r8", "--window", "4"])
+    assert e.value.code == 1 and "not both" in capsys.readouterr().err
+
+
+def test_full_size_model_that_cannot_fit_is_refused(monkeypatch):
+    monkeypatch.setattr(RF, "free_bytes", lambda device: 10 * 2**30)
+    with pytest.raises(ConfigError, match="needs 47.3 GB in float32.*--layers"):
+        RF.build_transformer(RF.flux_shape(24, 128, 57), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.slow  # compiles FlexAttention at a real 8K grid
+def test_step_at_8k_in_bf16_with_tiny_dims():
+    rows = B.run("step", res=[8192], dtype="bf16", device="cpu", heads=2, head_dim=32, layers=1,
+                 compare_full=False, repeats=0)  # fmt: skip
+    assert rows[0]["tokens"] == 512 * 512 + 512 and rows[0]["clear_ms"] > 0 and rows[0]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_image_rows_block_mask_is_the_image_rows_of_clear(f):
+    from clear_gen.attention import clear_attention, compiled_flex
+
+    geo = G.Geometry(128, 16, 24, 3, f)
+    q, k, v = B._qkv(geo, 2, 16, torch.device("cpu"), torch.float32)
+    assert q.stride() != q.contiguous().stride()  # the model's (B, L, H, D).transpose(1, 2) layout
+    whole = clear_attention(q, k, v, geo, 0.25, "dense")
+    rows = compiled_flex(q[:, :, 128:], k, v, G.image_rows_block_mask(geo, "cpu"), 0.25)
+    torch.testing.assert_close(rows, whole[:, :, 128:], rtol=1e-5, atol=1e-5)
+
+
+def test_report_keeps_the_latest_row_and_every_part_status(tmp_path):
+    rows, md = tmp_path / "rows.jsonl", tmp_path / "bench.md"
+    (plan,) = B.run("plan", res=[1024], window=8)
+    R.append(rows, {"part": "a", "status": "running"})
+    R.append(rows, {**plan, "part": "a", "mask_build_ms": 111.0})
+    R.append(rows, {**plan, "part": "a", "mask_build_ms": 222.0})  # the same row again: replaces it
+    R.append(rows, {"part": "a", "status": "done"})
+    R.append(rows, {"part": "b", "status": "skipped: 3 s of the budget left"})
+    with rows.open("a") as f:
+        f.write('{"part": "c", "what": "st')  # torn by a kill
+    R.write(rows, md)
+    text = md.read_text()
+    assert "| a | done |" in text and "| b | skipped: 3 s of the budget left |" in text
+    assert "| 222 / " in text and "| 111 / " not in text
+
+
+def test_report_takes_full_attention_from_another_part():
+    base = dict(what="step", res=2048, tokens=16896, layers=57, heads=24, head_dim=128, dtype="bfloat16")
+    base.update(device="gpu", window=8, computed_density=0.1, peak_mem_mb=None)
+    clear = {**base, "part": "clear", "down_factor": 4, "clear_ms": 100.0, "full_ms": None, "speedup": None}
+    full = {**base, "part": "full", "down_factor": 4, "clear_ms": None, "full_ms": 500.0, "speedup": None}
+    r8 = {**clear, "part": "r8", "down_factor": 1, "clear_ms": 50.0}
+    text = R.markdown([clear, full, r8], {})
+    assert "5.00x" in text and "10.00x" in text and "measured at the same size in part full" in text
+
+
+@pytest.mark.slow  # runs the script: several processes, each importing torch and compiling
+def test_gpu_bench_smoke_brings_back_few_files_and_reports_a_killed_part(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env.update(PARTS="step-8k,full-8k,plan", PART_LIMITS="full-8k=1")
+    done = subprocess.run(["bash", str(root / "scripts/gpu_bench.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["bench.log", "bench.md", "rows.jsonl"]  # the device tool returns at most 8
+    text = (tmp_path / "bench.md").read_text()
+    assert "| full-8k | killed: timeout after 1 s" in text and "| step-8k | done |" in text
+    assert "| attention | not selected (PARTS) |" in text
+    assert "## step-8k" in text and "| 512 | 8 | 4 |" in text and "## plan" in text

@@ -315,3 +315,29 @@ def test_variant_given_as_a_local_published_file(tiny, tmp_path, capsys):
     other.write_bytes(b"")
     code, _, err = run(["a", "--model", str(tiny), "--variant", str(other), "--res", "128"], capsys)
     assert code == 1 and "--clear-weights with --window" in err
+
+
+MODES = {
+    "text-to-image": ["--res", "128", "--window", "2"],
+    "upscale-from": ["--width", "256", "--height", "128", "--upscale-from", "128", "--window", "4",
+                     "--down-factor", "4"],
+    "stages": ["--stages", "128,192,256", "--window", "3"],
+    "upscale-full-attention": ["--res", "256", "--upscale-from", "128", "--variant", "none"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype, mode",
+    [("bf16", m) for m in MODES] + [("fp16", "upscale-from"), ("fp16", "stages")],
+)
+def test_half_precision_end_to_end(tiny, clear_file, tmp_path, capsys, dtype, mode):
+    """GPUs run bf16: every path runs in it on the CPU too (SDEdit stages, CLEAR and stock)."""
+    args = ["a bridge", *common(tiny, tmp_path), *MODES[mode], "--dtype", dtype, "--device", "cpu"]
+    if mode == "text-to-image":
+        args += ["--clear-weights", str(clear_file)]  # a checkpoint in float32 into a half model: copied in
+    code, out, err = run([*args, "--backend", "flex", "--seed", "2", "--json", "--first-steps", "2"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert Path(row["path"]).exists() and "Traceback" not in err
+    image = pixels(Path(row["path"]))
+    assert image.std() > 0  # not a blank or NaN-black image

@@ -1,0 +1,173 @@
+"""A benchmark session kept as JSON lines, and its Markdown report: what scripts/gpu_bench.sh brings back.
+
+Each line of the file is a benchmark row tagged with its `part`, or a part's status
+(`{"part": "step-8k", "status": "killed: timeout after 180 s"}`). A row written again (a step row once
+CLEAR is measured, then with full attention) replaces the earlier one. The report is rewritten after
+every line, so a run cut short still leaves its tables and says which parts did not run.
+
+Also the tables of `clear-gen bench` (rich and Markdown). Standard library only, so that a shell script
+can rewrite the report without importing torch: `python3 clear_gen/bench_report.py ROWS.jsonl OUT.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _timing_cells(row: dict) -> list[str]:
+    full = _fmt(row["full_ms"]) if row["full_ms"] is not None else "skipped"
+    if row.get("full_estimated"):
+        full = f"~{full} (est.)"
+    speedup = _fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else "")
+    if row.get("full_estimated"):
+        speedup = f"~{speedup} (est.)"
+    check = "-" if "check_ok" not in row else ("pass" if row["check_ok"] else "FAIL")
+    if "check_ok" in row:
+        err = row.get("check_max_err", row.get("check_rel_err"))
+        check += f" {err:.1e} @{row['check_res']}"
+    compile_s = _fmt(row["clear_compile_ms"] / 1e3 if row.get("clear_compile_ms") is not None else None)
+    peak = _fmt(row["peak_mem_mb"], ".0f")
+    split = "-"
+    if row.get("image_rows_ms") is not None:
+        split = f"{row['image_rows_ms']:.1f} + {row['text_rows_ms']:.1f}"
+    return [full, _fmt(row["clear_ms"]), compile_s, speedup, peak, split, check]
+
+
+PLAN_COLUMNS = (
+    "res", "r", "f", "tokens", "needed dens.", "computed dens.", "computed/needed", "row-major",
+    "mask build ms med/min", "linear PF", "full attn PF", "CLEAR attn PF exact/comp.", "bound",
+)  # fmt: skip
+TIMING_COLUMNS = (
+    "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
+    "peak MB", "image + text rows ms", "check",
+)  # fmt: skip
+
+
+def _cells(row: dict) -> list[str]:
+    head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
+    if row["what"] != "plan":
+        return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
+    return [
+        *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
+        f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
+        f"{row['mask_build_ms']:.0f} / {row['mask_build_min_ms']:.0f}",
+        f"{row['linear_pflop']:.3f}", f"{row['attn_full_pflop']:.3f}",
+        f"{row['attn_exact_pflop']:.3f} / {row['attn_computed_pflop']:.3f}", f"{row['speedup_bound']:.1f}x",
+    ]  # fmt: skip
+
+
+def title(rows: list[dict]) -> str:
+    """'clear-gen bench --what step on NVIDIA H100 ..., bfloat16, 24 heads x 128, 57 layers'."""
+    what, first = rows[0]["what"], rows[0]
+    text = f"clear-gen bench --what {what} on {first['device']}, torch {first.get('torch', '?')}"
+    if what != "plan":
+        text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
+        text += f", {first['layers']} layers" if what == "step" else ""
+    return text
+
+
+def table(rows: list[dict]):
+    """A rich Table of benchmark rows (all of one kind), titled with the device and settings."""
+    from rich.table import Table
+
+    out = Table(title=title(rows))
+    for col in PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS:
+        out.add_column(col, justify="right")
+    for row in rows:
+        out.add_row(*_cells(row))
+    return out
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The same table in Markdown, for BENCHMARKS.md."""
+    cols = PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS
+    lines = [f"{title(rows)}\n", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- a session as JSON lines
+
+
+def _key(row: dict) -> tuple:
+    return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"])
+
+
+def read(path: Path) -> tuple[list[dict], dict[str, str]]:
+    """(rows, status per part) from a JSON-lines file; later lines win. Torn last lines are ignored."""
+    rows: dict[tuple, dict] = {}
+    parts: dict[str, str] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if "status" in item:
+            parts[item["part"]] = item["status"]
+        else:
+            rows[_key(item)] = item
+    return list(rows.values()), parts
+
+
+def append(path: Path, item: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(item) + "\n")
+
+
+def _stock_key(row: dict) -> tuple:
+    """What a stock (full-attention) step's time depends on: not the CLEAR variant."""
+    return (row["res"], row["tokens"], row.get("layers"), row.get("heads"), row.get("head_dim"),
+            row.get("dtype"), row["device"])  # fmt: skip
+
+
+def fill_full_from_other_rows(rows: list[dict]) -> None:
+    """A CLEAR-only step row takes the full-attention time measured at the same size by another part."""
+    measured = {
+        _stock_key(r): r
+        for r in rows
+        if r["what"] == "step" and r.get("full_ms") and not r.get("full_estimated")
+    }
+    for row in rows:
+        other = measured.get(_stock_key(row)) if row["what"] == "step" else None
+        if other is not None and row.get("clear_ms") and not row.get("full_ms"):
+            row.update(full_ms=other["full_ms"], full_estimated=False, full_from=other.get("part"))
+            row["speedup"] = row["full_ms"] / row["clear_ms"]
+
+
+def markdown(rows: list[dict], parts: dict[str, str], heading: str = "clear-gen benchmark") -> str:
+    """Every part's status, then one table per part."""
+    fill_full_from_other_rows(rows)
+    lines = [f"# {heading}\n", "| part | status |", "|---|---|"]
+    lines += [f"| {name} | {status} |" for name, status in parts.items()]
+    for name in dict.fromkeys([r.get("part") for r in rows]):
+        part_rows = [r for r in rows if r.get("part") == name]
+        for what in dict.fromkeys(r["what"] for r in part_rows):
+            lines += [
+                "",
+                f"## {name or what}",
+                "",
+                table_markdown([r for r in part_rows if r["what"] == what]),
+            ]
+    notes = [r for r in rows if r.get("full_from")]
+    if notes:
+        lines.append("Full attention for a CLEAR-only row: measured at the same size in part "
+                     + ", ".join(sorted({r['full_from'] for r in notes})) + ".")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write(jsonl: Path, md: Path, heading: str = "clear-gen benchmark") -> None:
+    """Rewrite the Markdown report from the JSON-lines file (atomically: a reader never sees half)."""
+    rows, parts = read(jsonl)
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(markdown(rows, parts, heading))
+    tmp.replace(md)
+
+
+if __name__ == "__main__":  # python3 clear_gen/bench_report.py ROWS.jsonl OUT.md [TITLE]
+    write(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:4])
