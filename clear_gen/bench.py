@@ -49,8 +49,9 @@ def variant(name: str) -> tuple[int, int]:
 
 def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geometry:
     """Geometry of a res x res image: (res / 16)^2 image tokens, tiled as the transformer tiles them."""
-    if res <= 0 or res % (16 * down_factor):
-        raise ConfigError(f"resolution {res} must be a positive multiple of {16 * down_factor} px")
+    from .plan import check_size  # generate's check: range, multiple, and the nearest valid size
+
+    check_size(res, res, 16 * down_factor, square_flag="--res")
     side = res // 16
     return G.image_geometry(text_len, side, side, window, down_factor)
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from . import __version__
 from .errors import ClearGenError, ConfigError, OutputError
 from .output import describe, record_from_image
+from .plan import GenerateOptions
 
 if TYPE_CHECKING:
     from .hub import Fetched
@@ -31,6 +32,21 @@ app = typer.Typer(
 err = Console(
     stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160
 )  # tables unclipped in logs
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+    ),
+) -> None:
+    pass  # the app's help is Typer(help=...) above; this callback only carries --version
 
 
 @app.command()
@@ -85,58 +101,146 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
         lines = prompts_file.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ConfigError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from e
-    return ([prompt] if prompt else []) + [line.strip() for line in lines if line.strip()]
+    from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return ([prompt] if prompt else []) + from_file
+
+
+def _on_off(value: str, name: str) -> bool | None:
+    """on -> True, off -> False, auto -> None (the recipe decides)."""
+    choices = {"on": True, "off": False, "auto": None}
+    if value.lower() not in choices:
+        raise ConfigError(f"{name} takes on, off or auto; got {value!r}")
+    return choices[value.lower()]
+
+
+# --help panels: generate's, then bench's (with RUN and OUTPUT)
+SIZE, MODEL, RECIPE, PROMPTS = "Size", "Model and attention", "Recipe", "Prompts"
+OUTPUT, RUN, WHAT, SHAPE = "Output", "Run", "What", "Model shape"
+_D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
 
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(None, help="What to draw."),
+    prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
     res: int = typer.Option(
-        None, "--res", help="Square size in pixels (multiple of 16; 64 for -down4 variants)."
+        None,
+        help="Square side in px: a multiple of 16 (64 for -down4).",
+        show_default=str(_D.width),
+        rich_help_panel=SIZE,
     ),
-    width: int = typer.Option(None, help="Width in pixels."),
-    height: int = typer.Option(None, help="Height in pixels."),
-    model: str = typer.Option(None, help="Base name (dev, schnell), Hub repo id or local diffusers folder."),
+    width: int = typer.Option(None, help="Width in px (with --height).", rich_help_panel=SIZE),
+    height: int = typer.Option(None, help="Height in px (with --width).", rich_help_panel=SIZE),
+    stages: str = typer.Option(
+        None,
+        help="Long side of each stage, e.g. 1024,2048,4096.",
+        show_default="1024,target",
+        rich_help_panel=SIZE,
+    ),
+    upscale_from: int = typer.Option(
+        None, help="One SDEdit stage from a first pass at this long side.", rich_help_panel=SIZE
+    ),
+    direct: bool = typer.Option(
+        False, "--direct", help="No first pass: text-to-image at the target.", rich_help_panel=SIZE
+    ),
+    model: str = typer.Option(
+        None,
+        help="Base (dev, schnell), Hub repo id or local folder.",
+        show_default=_D.model,
+        rich_help_panel=MODEL,
+    ),
     variant: str = typer.Option(
-        None, help="CLEAR variant from weights.toml (default r8-down4); none = full."
+        None,
+        help="CLEAR weights (clear-gen weights); none = full attention.",
+        show_default="r8-down4",
+        rich_help_panel=MODEL,
     ),
-    window: int = typer.Option(None, help="Custom CLEAR window r (training-free unless --clear-weights)."),
-    down_factor: int = typer.Option(None, help="Custom down factor f (with --window)."),
-    clear_weights: Path = typer.Option(None, help="A local CLEAR .safetensors (with --window)."),
-    steps: int = typer.Option(None, help="Steps of each CLEAR stage (default 20)."),
-    guidance: float = typer.Option(None, help="Guidance of CLEAR stages (7.5 SDEdit, 3.5 direct)."),
-    first_steps: int = typer.Option(None, help="Steps of the full-attention first pass (default 20)."),
-    first_guidance: float = typer.Option(None, help="Guidance of the first pass (default 3.5)."),
-    seed: list[int] = typer.Option(None, "--seed", help="Seed; repeat for several images (default random)."),
-    count: int = typer.Option(None, help="Images per prompt with random seeds."),
-    prompts_file: Path = typer.Option(None, help="One prompt a line."),
-    max_sequence_length: int = typer.Option(None, help="T5 tokens (default 512 dev, 256 schnell)."),
-    upscale_from: int = typer.Option(None, help="One SDEdit stage from a first pass at this long side."),
-    stages: str = typer.Option(None, help="Progressive long sides, e.g. 1024,2048,4096,8192."),
-    direct: bool = typer.Option(False, "--direct", help="No first pass: text-to-image at the target."),
-    strength: float = typer.Option(None, help="SDEdit strength (default 0.7)."),
-    ntk_factor: float = typer.Option(None, help="RoPE NTK factor (default 10 above 1024 px)."),
-    proportional_attention: bool = typer.Option(
-        None, "--proportional-attention/--no-proportional-attention", help="Default: on above 1024 px."
+    window: int = typer.Option(
+        None, help="Custom CLEAR window r (instead of --variant).", rich_help_panel=MODEL
     ),
-    keep_stages: bool = typer.Option(False, "--keep-stages", help="Also save each stage's image."),
-    out: str = typer.Option(None, "--out", "-o", help="Output file or directory (default: here)."),
-    from_image: Path = typer.Option(None, "--from", help="Re-run the parameters stored in a clear-gen PNG."),
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
-    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU)."),
-    offload: str = typer.Option("none", help="none, model or sequential (needs accelerate)."),
-    compare_full: bool = typer.Option(
-        True, "--compare-full/--no-compare-full", help="Time full attention at each CLEAR size."
+    down_factor: int = typer.Option(
+        None, help="Custom down factor f (with --window).", rich_help_panel=MODEL
     ),
-    backend: str = typer.Option("auto", help="CLEAR attention backend: auto, flex or dense."),
-    token: str = typer.Option(None, help="Hugging Face token (default HF_TOKEN or the stored login)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    clear_weights: Path = typer.Option(
+        None, help="Custom .safetensors (with --window); none: training-free.", rich_help_panel=MODEL
+    ),
+    backend: str = typer.Option("auto", help="CLEAR kernel: auto, flex or dense.", rich_help_panel=MODEL),
+    token: str = typer.Option(
+        None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=MODEL
+    ),
+    steps: int = typer.Option(
+        None, help="Steps of each CLEAR stage.", show_default=str(_D.steps), rich_help_panel=RECIPE
+    ),
+    guidance: float = typer.Option(
+        None, help="Guidance of the CLEAR stages.", show_default="7.5; 3.5 --direct", rich_help_panel=RECIPE
+    ),
+    first_steps: int = typer.Option(
+        None, help="Steps of the first pass.", show_default=str(_D.first_steps), rich_help_panel=RECIPE
+    ),
+    first_guidance: float = typer.Option(
+        None, help="Guidance of the first pass.", show_default=str(_D.first_guidance), rich_help_panel=RECIPE
+    ),
+    strength: float = typer.Option(
+        None, help="SDEdit strength, in (0, 1].", show_default=str(_D.strength), rich_help_panel=RECIPE
+    ),
+    ntk_factor: float = typer.Option(
+        None, help="RoPE NTK factor.", show_default="10 above 1024 px, else 1", rich_help_panel=RECIPE
+    ),
+    proportional_attention: str = typer.Option(
+        "auto", help="Proportional attention: on, off or auto (on above 1024 px).", rich_help_panel=RECIPE
+    ),
+    max_sequence_length: int = typer.Option(
+        None, help="T5 tokens, up to 512.", show_default="512; 256 schnell", rich_help_panel=RECIPE
+    ),
+    seed: list[int] = typer.Option(
+        None,
+        help="Seed; repeat for several images.",
+        show_default="random",
+        metavar="INT",
+        rich_help_panel=PROMPTS,
+    ),
+    count: int = typer.Option(
+        None, help="Images per prompt, random seeds.", show_default=str(_D.count), rich_help_panel=PROMPTS
+    ),
+    prompts_file: Path = typer.Option(
+        None, help="One prompt a line; lines starting with # are comments.", rich_help_panel=PROMPTS
+    ),
+    from_image: Path = typer.Option(
+        None, "--from", help="Re-run what a clear-gen PNG stores; options given win.", rich_help_panel=PROMPTS
+    ),
+    out: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Output file or folder.",
+        show_default="current folder",
+        rich_help_panel=OUTPUT,
+    ),
+    keep_stages: bool = typer.Option(
+        False, "--keep-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per image on stdout.", rich_help_panel=OUTPUT
+    ),
+    no_compare_full: bool = typer.Option(
+        False,
+        "--no-compare-full",
+        help="Skip timing full attention at each CLEAR size.",
+        rich_help_panel=OUTPUT,
+    ),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
+    dtype: str = typer.Option(
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+    ),
+    offload: str = typer.Option(
+        "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
+    ),
 ) -> None:
     """Generate 2K-8K images: a full-attention first pass, then SDEdit stages with CLEAR."""
-    from .pipeline import GenerateOptions, generate, options_from_record
+    from .pipeline import generate, options_from_record
 
     # 1. Parse: explicit flags win over --from, which wins over the defaults.
     w, h = _dimensions(res, width, height)
+    proportional = _on_off(proportional_attention, "--proportional-attention")
     long_sides = _ints(stages, "--stages")
     if upscale_from is not None or direct:
         if long_sides or (upscale_from is not None and direct):
@@ -159,11 +263,11 @@ def generate(
         "max_sequence_length": max_sequence_length,
         "strength": strength,
         "ntk_factor": ntk_factor,
-        "proportional_attention": proportional_attention,
+        "proportional_attention": proportional,
     }
     given = {k: v for k, v in given.items() if v is not None}
     given.update(keep_stages=keep_stages, out=out, device=device, dtype=dtype, offload=offload)
-    given.update(compare_full=compare_full, backend=backend, token=token)
+    given.update(compare_full=not no_compare_full, backend=backend, token=token)
     if from_image is not None:
         opts = options_from_record(record_from_image(from_image), **given)
     else:
@@ -314,14 +418,18 @@ def weights() -> None:
 
     registry = load_registry()
     cached = {(r.kind, r.name): r for r in status(registry)}
-    table = Table(title="CLEAR variants", title_justify="left")
+    repos = {v.repo for v in registry.variants.values()}
+    one_repo = repos.pop() if len(repos) == 1 else None  # then named once, in the title
+    table = Table(
+        title=f"CLEAR variants ({one_repo})" if one_repo else "CLEAR variants", title_justify="left"
+    )
     for column in ("name", "r", "f", "base", "file", "cached", "description"):
         table.add_column(column, overflow="fold")
     for v in registry.variants.values():
         row = cached[("variant", v.name)]
         name = f"{v.name} (default)" if v.name == registry.default_variant else v.name
         where = _human_size(row.size) if row.path else "[dim]no[/dim]"
-        file = f"{v.repo}/{v.filename}"
+        file = v.filename if one_repo else f"{v.repo}/{v.filename}"
         table.add_row(name, str(v.window), str(v.down_factor), v.base, file, where, v.description)
     bases = Table(title="Bases", title_justify="left")
     for column in ("name", "repo", "gated", "cached", "description"):
@@ -337,34 +445,56 @@ def weights() -> None:
 
 @app.command()
 def bench(
-    what: str = typer.Option("plan", help="plan (FLOPs, densities; no compute) | attention | step"),
-    res: str = typer.Option(
-        None, help="Image sides in pixels, comma-separated (default 1K-8K; 1K on a CPU)."
+    what: str = typer.Option(
+        "plan", help="plan (FLOPs, no compute), attention or step.", rich_help_panel=WHAT
     ),
-    variant: str | None = typer.Option(None, help="weights.toml variant (default r8-down4, as generate)."),
-    window: int = typer.Option(None, help="CLEAR window radius r in tokens (instead of --variant)."),
-    down_factor: int = typer.Option(None, help="CLEAR down-sampling factor f with --window (default 1)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    dtype: str | None = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)."),
-    repeats: int = typer.Option(3, help="Timed calls after one warm-up; the median is reported."),
-    heads: int = typer.Option(24, help="Attention heads (FLUX: 24; use 2 on a CPU)."),
-    head_dim: int = typer.Option(128, help="Head dimension (FLUX: 128; use 64 or 32 on a CPU)."),
-    layers: int = typer.Option(57, help="Step: blocks, split 1:2 double:single (57 = FLUX.1-dev's 19 + 38)."),
-    text_len: int = typer.Option(512, help="Text tokens (FLUX.1-dev: 512)."),
-    compare_full: bool = typer.Option(True, help="Also time full attention / the stock model."),
-    measure: str = typer.Option("both", help="Step: both, clear or full (stock attention alone)."),
+    res: str | None = typer.Option(
+        None,
+        help="Image sides in px, comma-separated.",
+        show_default="1K-8K; 1K on a CPU",
+        rich_help_panel=WHAT,
+    ),
+    variant: str | None = typer.Option(
+        None,
+        help="A variant (clear-gen weights): sets r and f.",
+        show_default="r8-down4",
+        rich_help_panel=WHAT,
+    ),
+    window: int | None = typer.Option(None, help="CLEAR window r, in tokens.", rich_help_panel=WHAT),
+    down_factor: int | None = typer.Option(
+        None, help="CLEAR down factor f (1 = none).", show_default="1 with --window", rich_help_panel=WHAT
+    ),
+    heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=SHAPE),
+    head_dim: int = typer.Option(128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=SHAPE),
+    layers: int = typer.Option(57, help="Blocks for step, 1:2 double:single.", rich_help_panel=SHAPE),
+    text_len: int = typer.Option(512, help="Text tokens.", rich_help_panel=SHAPE),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
+    dtype: str | None = typer.Option(
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+    ),
+    repeats: int = typer.Option(3, help="Timed calls after a warm-up (median).", rich_help_panel=RUN),
+    no_compare_full: bool = typer.Option(
+        False, "--no-compare-full", help="Skip full attention / the stock model.", rich_help_panel=RUN
+    ),
+    measure: str = typer.Option("both", help="step: both, clear or full alone.", rich_help_panel=RUN),
     max_full_seconds: float | None = typer.Option(
-        None, help="Skip full-attention calls the FLOP model estimates slower than this; report the estimate."
+        None, help="Estimate, not run, full-attention calls slower than this.", rich_help_panel=RUN
     ),
     time_budget: float | None = typer.Option(
-        None, help="Seconds: skip (and estimate) full-attention runs that would end after this budget."
+        None, help="Seconds: estimate full attention that would end later.", rich_help_panel=RUN
     ),
-    json_file: Path | None = typer.Option(None, "--json", help="Write the rows as JSON, as they land."),
-    jsonl: Path | None = typer.Option(None, help="Append the rows to this JSON-lines file as they land."),
-    label: str | None = typer.Option(None, help="With --jsonl: the part name the rows are tagged with."),
+    json_file: Path | None = typer.Option(
+        None, "--json", help="Write the rows as JSON, as they land.", rich_help_panel=OUTPUT
+    ),
     markdown: Path | None = typer.Option(
-        None, help="Also write the table as Markdown; with --jsonl, the whole file's report, after every row."
+        None,
+        help="Also write the table (with --jsonl: the file's report) as Markdown.",
+        rich_help_panel=OUTPUT,
     ),
+    jsonl: Path | None = typer.Option(
+        None, help="Append the rows to this JSON-lines file.", rich_help_panel=OUTPUT
+    ),
+    label: str | None = typer.Option(None, help="Part name for --jsonl rows.", rich_help_panel=OUTPUT),
 ) -> None:
     """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
     from . import bench as B
@@ -373,7 +503,10 @@ def bench(
     # 1. Parse: a variant, or a window (and down factor), or the registry's default variant.
     if variant is not None:
         if window is not None or down_factor is not None:
-            raise ConfigError("give either --variant or --window/--down-factor, not both")
+            given = f"--window {window}" if window is not None else f"--down-factor {down_factor}"
+            raise ConfigError(
+                f"--variant {variant} and {given} conflict: give a variant or --window/--down-factor"
+            )
         window, down_factor = B.variant(variant)
     sizes = _ints(res, "--res")
     # 2. Run, saving the rows as they land (a killed run keeps what it measured).
@@ -390,14 +523,54 @@ def bench(
 
     rows = B.run(
         what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
-        heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=compare_full,
+        heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=not no_compare_full,
         max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"), on_row=on_row,
     )  # fmt: skip
-    # 3. Print (wide enough not to truncate when piped into a file).
-    Console(width=None if sys.stdout.isatty() else 200).print(R.table(rows))
+    # 3. Print: as wide as the terminal (or COLUMNS); piped into a file, wide enough not to wrap.
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+    console.print(_fit(_with_legend(R.table(rows)), console.width))
     if markdown and not jsonl:
         _write(markdown, R.table_markdown(rows))
+
+
+# Terse bench headers, explained under the table; BENCHMARKS.md has the long form.
+BENCH_LEGEND = {
+    "dens.": "dens.: share of (query, key) pairs CLEAR needs / its block mask computes",
+    "row-major": "row-major: computed/needed with row-major tokens",
+    "PF": "PF: PFLOP (1e15 FLOP) per step",
+    "bound": "bound: step speedup if every FLOP ran at one rate",
+    "compile s": "compile s: first call's extra time (compilation)",
+    "check": "check: CLEAR against the dense reference, max error @ px",
+    "(est.)": "~ (est.): from the FLOP model, not run",
+}
+
+
+def _with_legend(table: Table) -> Table:
+    texts = [str(text) for c in table.columns for text in (c.header, *c.cells)]
+    notes = [note for key, note in BENCH_LEGEND.items() if any(key in text for text in texts)]
+    table.caption, table.caption_justify = "; ".join(notes) + ". See BENCHMARKS.md.", "left"
+    return table
+
+
+def _fit(table: Table, width: int) -> Table:
+    """`table` itself when it fits in `width` columns, else turned: one row per column, one column per row."""
+    if _natural_width(table) <= width:
+        return table
+    columns = [[str(c.header), *map(str, c.cells)] for c in table.columns]  # columns[0]: the key (res)
+    turned = Table(title=table.title, caption=table.caption, caption_justify="left", title_justify="left")
+    turned.add_column(columns[0][0], style="bold")
+    for key in columns[0][1:]:
+        turned.add_column(key, justify="right", overflow="fold")
+    for column in columns[1:]:
+        turned.add_row(*column)
+    if _natural_width(turned) > width:  # the names wrap between words, the figures get the room
+        turned.columns[0].width = max(len(word) for column in columns for word in column[0].split())
+    return turned
+
+
+def _natural_width(table: Table) -> int:
+    return Console(width=10_000).measure(table).maximum
 
 
 def _write(path: Path, text: str) -> None:
@@ -414,7 +587,12 @@ def _write_json(path: Path, rows: list[dict]) -> None:
 def _with_default_command(argv: list[str]) -> list[str]:
     """`clear-gen "a castle" --res 2048` means `clear-gen generate "a castle" --res 2048`."""
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
-    if argv and argv[0] not in commands and argv[0] not in ("--help", "-h") and "generate" in commands:
+    if (
+        argv
+        and argv[0] not in commands
+        and argv[0] not in ("--help", "-h", "--version")
+        and "generate" in commands
+    ):
         return ["generate", *argv]
     return argv
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from .errors import ConfigError, WeightsError
 from .registry import DIFFUSERS_PATTERNS, Base, Registry, Variant, load_registry
 
 HUB_URL = "https://huggingface.co"
+PROBE_TIMEOUT_S = 5.0  # "can we reach the Hub": one request, no retries (huggingface_hub's own take ~25 s)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _verified: set[tuple[str, int, int, str]] = set()  # (blob path, size, mtime_ns, sha256) hashed this process
 
@@ -86,7 +89,6 @@ def _access_message(t: Target) -> str:
 
 def hub_error(e: BaseException, t: Target) -> WeightsError | None:
     """Translate a huggingface_hub failure while fetching `t` into a WeightsError; None if it is not one."""
-    from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -99,11 +101,7 @@ def hub_error(e: BaseException, t: Target) -> WeightsError | None:
     # huggingface_hub wraps some HTTP refusals (a plain 403) in "not found locally": use the refusal.
     e = next((c for c in _causes(e) if isinstance(c, HfHubHTTPError)), e)
     status = getattr(getattr(e, "response", None), "status_code", None)
-    missing = (
-        f"{t.what} is not in the cache ({constants.HF_HUB_CACHE}) and the Hub is "
-        f"{'offline (HF_HUB_OFFLINE=1)' if is_offline() else 'unreachable'}: "
-        f"run `{t.command}` on a machine with internet"
-    )
+    missing = not_cached_message([t.what], t.command, None if is_offline() else "")
     if isinstance(e, GatedRepoError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)):
         return WeightsError(_access_message(t))
     if isinstance(e, RevisionNotFoundError):
@@ -121,15 +119,64 @@ def hub_error(e: BaseException, t: Target) -> WeightsError | None:
     return None
 
 
+def not_cached_message(what: Sequence[str], command: str, unreachable: str | None) -> str:
+    """'not in the cache (...): X and Y; <why not fetched>: <the one command>'. unreachable: None when
+    HF_HUB_OFFLINE is set, else why the Hub cannot be reached ("" when unknown)."""
+    from huggingface_hub import constants
+
+    items = f"not in the cache ({constants.HF_HUB_CACHE}): {' and '.join(what)}"
+    if unreachable is None:
+        return f"{items}; HF_HUB_OFFLINE=1 is set: unset HF_HUB_OFFLINE and run `{command}`"
+    why = f" ({unreachable})" if unreachable else ""
+    return f"{items}; the Hub ({constants.ENDPOINT}) is unreachable{why}: run `{command}` once online"
+
+
 @contextlib.contextmanager
 def _hub_errors(t: Target) -> Iterator[None]:
     try:
-        yield
+        with _retry_notes():
+            yield
     except Exception as e:
         translated = hub_error(e, t)
         if translated is None:
             raise
         raise translated from e
+
+
+class _RetryNotes(logging.Handler):
+    """huggingface_hub's retry loop (5 retries over ~25 s, logged at WARNING, which the CLI silences) as one
+    stderr line per retry; its other records go on to huggingface_hub's own handlers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_error = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " thrown while requesting " in message:  # "'<error>' thrown ..." or "HTTP Error 503 thrown ..."
+            self.last_error = message.split(" thrown while requesting ")[0].strip("'")
+        if message.startswith(("Retrying in", "Rate limited")):
+            state = "busy" if self.last_error.startswith("HTTP Error") else "unreachable"
+            why = f" ({self.last_error})" if self.last_error else ""
+            sys.stderr.write(f"Hub {state}{why}, {message[0].lower()}{message[1:].rstrip('.')}...\n")
+        elif record.levelno >= logging.getLogger("huggingface_hub").getEffectiveLevel():
+            logging.getLogger("huggingface_hub").handle(record)
+
+
+@contextlib.contextmanager
+def _retry_notes() -> Iterator[None]:
+    logger = logging.getLogger("huggingface_hub.utils._http")
+    saved = logger.level, logger.propagate
+    handler = _RetryNotes()
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 # -------------------------------------------------------------------------------------------- checking
@@ -175,13 +222,24 @@ def verify_file(path: Path, v: Variant) -> None:
 # ------------------------------------------------------------------------------------------- resolving
 
 
+def download_command(variants: Sequence[Variant], bases: Sequence[Base]) -> str:
+    """The one `clear-gen download ...` that fetches these variants and bases (see plan_download)."""
+    words = ["clear-gen download", *(v.name for v in variants)]
+    named = list(dict.fromkeys(b.name for b in bases))
+    if variants and not bases:
+        words.append("--no-base")
+    elif named != list(dict.fromkeys(v.base for v in variants)):  # not the bases the variants imply
+        words += [f"--base {name}" for name in named]
+    return " ".join(words)
+
+
 def _variant_target(v: Variant) -> Target:
     return Target(
         what=f"variant {v.name} ({v.repo}/{v.filename})",
         repo=v.repo,
         revision=v.revision,
         gated=False,
-        command=f"clear-gen download {v.name} --no-base",
+        command=download_command([v], []),
     )
 
 
@@ -191,7 +249,7 @@ def _base_target(b: Base) -> Target:
         repo=b.repo,
         revision=b.revision,
         gated=b.gated,
-        command=f"clear-gen download --base {b.name}",
+        command=download_command([], [b]),
     )
 
 
@@ -254,6 +312,27 @@ def base_for(name_or_repo: str, registry: Registry | None = None) -> Base:
     )
 
 
+def local_model(model: str) -> Path | None:
+    """The folder `model` names when it is a local path (it exists, or it is written like one), else None."""
+    path = Path(model).expanduser()
+    written_like_a_path = model.startswith((".", "/", "~")) or (os.sep in model and not _REPO_ID.match(model))
+    return path if path.exists() or written_like_a_path else None
+
+
+def check_model_folder(path: Path) -> None:
+    """A local --model must be a diffusers FLUX.1 folder (FluxPipeline.save_pretrained writes one)."""
+    if not path.exists():
+        problem = "no such folder"
+    elif not (path / "model_index.json").is_file():
+        problem = "not a diffusers FLUX.1 folder (no model_index.json)"
+    else:
+        return
+    raise WeightsError(
+        f"--model {path}: {problem}; give a folder saved by FluxPipeline.save_pretrained, "
+        f"a base name ({', '.join(load_registry().bases)}) or a Hub repo id"
+    )
+
+
 def resolve_base(
     name_or_repo_or_dir: str, token: str | None = None, registry: Registry | None = None
 ) -> Path:
@@ -262,6 +341,53 @@ def resolve_base(
     if path.is_dir():
         return path
     return fetch_base(base_for(name_or_repo_or_dir, registry), token)
+
+
+# ------------------------------------------------------------------------------------- what a run needs
+
+
+def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hub cannot be reached now, from one request with a short timeout and no retries; None if it
+    answers at all (any HTTP status)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # refused, timed out, DNS, TLS, proxy, a malformed HF_ENDPOINT: all say "no"
+        return (str(e) or type(e).__name__)[:120]
+    return None
+
+
+def require_hub(variants: Sequence[Variant], bases: Sequence[Base]) -> None:
+    """Fail fast, in one line naming all of them and one command, when these pieces (not in the cache) cannot
+    be fetched now: HF_HUB_OFFLINE is set, or the Hub does not answer."""
+    if not variants and not bases:
+        return
+    what = [_base_target(b).what for b in bases]
+    if len(variants) == 1:
+        what.append(_variant_target(variants[0]).what)
+    elif variants:
+        repos = ", ".join(sorted({v.repo for v in variants}))
+        what.append(f"variants {', '.join(v.name for v in variants)} ({repos})")
+    offline = is_offline()
+    why = None if offline else hub_unreachable()
+    if offline or why is not None:
+        raise WeightsError(not_cached_message(what, download_command(variants, bases), why))
+
+
+def check_run_weights(model: str, variant: str | None, registry: Registry | None = None) -> None:
+    """Before a run loads anything: its base (`model`: a local folder, checked here, or a base name or
+    repo id) and its CLEAR variant (a registry name; None for full attention or a local file) are cached,
+    or can be fetched now. Else one WeightsError naming every missing piece and one command for them all."""
+    registry = registry or load_registry()
+    local = local_model(model)
+    if local is not None:
+        check_model_folder(local)
+    bases = [] if local is not None else [base_for(model, registry)]
+    variants = [registry.variant(variant)] if variant is not None else []
+    missing_bases = [b for b in bases if cached_base(b) is None]
+    require_hub([v for v in variants if cached_variant(v) is None], missing_bases)
 
 
 # ------------------------------------------------------------------------------------ download / status
@@ -316,15 +442,17 @@ def download(
 ) -> list[Fetched]:
     """Fetch `variants` (registry names) and `base` (names or repo ids) into the cache; one row per item."""
     registry = load_registry()
-    bases = [base] if isinstance(base, str) else list(base or [])
+    chosen = [registry.variant(name) for name in variants]
+    bases = [base_for(name, registry) for name in ([base] if isinstance(base, str) else list(base or []))]
+    # 1. What is missing must be fetchable now: one line naming all of it, not one error per piece.
+    missing_bases = [b for b in bases if cached_base(b) is None]
+    require_hub([v for v in chosen if cached_variant(v) is None], missing_bases)
     rows = []
     with _progress_bars(progress):
-        for name in variants:  # 1. the CLEAR checkpoints (small, never gated)
-            v = registry.variant(name)
+        for v in chosen:  # 2. the CLEAR checkpoints (small, never gated)
             path = fetch_variant(v, token)
-            rows.append(Fetched(name, "variant", f"{v.repo}/{v.filename}", path, disk_size(path)))
-        for name in bases:  # 2. the FLUX.1 bases (tens of GB, dev is gated)
-            b = base_for(name, registry)
+            rows.append(Fetched(v.name, "variant", f"{v.repo}/{v.filename}", path, disk_size(path)))
+        for b in bases:  # 3. the FLUX.1 bases (tens of GB, dev is gated)
             path = fetch_base(b, token)
             rows.append(Fetched(b.name, "base", b.repo, path, disk_size(path)))
     return rows

@@ -224,6 +224,7 @@ class Hooks:
 def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
     """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
     from . import output
+    from .hub import check_run_weights
 
     hooks = hooks or Hooks()
     # 1. Check everything the user gave before loading gigabytes.
@@ -245,6 +246,7 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
     # 2. Load, then generate; GPU memory can run out anywhere in there.
     try:
         return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype)

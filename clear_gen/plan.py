@@ -5,6 +5,7 @@ Every user error that can be found from the arguments alone is raised here.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from .errors import ConfigError
 
 MIN_SIDE, MAX_SIDE = 64, 16384
 FIRST_PASS_SIDE = 1024  # long side of the full-attention first pass in the reference recipe
+ATTENTION_FIELDS = frozenset({"variant", "window", "down_factor", "clear_weights"})  # see resolve_clear
 
 
 @dataclass
@@ -48,8 +50,10 @@ class GenerateOptions:
     token: str | None = None
 
 
-def check_size(width: int, height: int, multiple: int) -> None:
-    """Sides in range and multiples of 16 (64 for down-sampled variants); else propose the nearest."""
+def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
+    """Sides in range and multiples of 16 (64 for down-sampled variants); else propose the nearest.
+
+    `square_flag` names the option that gave a square size (bench's `--res`): the hint then uses it."""
     for side in (width, height):
         if not MIN_SIDE <= side <= MAX_SIDE:
             raise ConfigError(
@@ -57,9 +61,14 @@ def check_size(width: int, height: int, multiple: int) -> None:
             )
     if width % multiple or height % multiple:
         w, h = (max(multiple, int(s / multiple + 0.5) * multiple) for s in (width, height))
-        raise ConfigError(
-            f"size {width}x{height} is not a multiple of {multiple}; try --width {w} --height {h}"
-        )
+        hint = f"{square_flag} {w}" if square_flag and w == h else f"--width {w} --height {h}"
+        raise ConfigError(f"size {width}x{height} is not a multiple of {multiple}; try {hint}")
+
+
+def size_multiple(down_factor: int) -> int:
+    """Pixels each side must be a multiple of: 16 per token, and a token grid divisible by the down factor
+    (64 px for the published -down4 variants)."""
+    return 16 * math.lcm(4, down_factor) if down_factor > 1 else 16
 
 
 def stage_sizes(width: int, height: int, long_sides: list[int], multiple: int) -> list[tuple[int, int]]:
@@ -75,6 +84,9 @@ def stage_sizes(width: int, height: int, long_sides: list[int], multiple: int) -
 def default_stages(width: int, height: int, stages: list[int] | None) -> list[int]:
     """The recipe: above 1024 px, a 1024 px first pass then the target; else the target alone."""
     if stages:
+        if not all(MIN_SIDE <= side <= MAX_SIDE for side in stages):
+            got = ",".join(map(str, stages))
+            raise ConfigError(f"each stage's long side must be {MIN_SIDE}-{MAX_SIDE} px, got {got}")
         if any(b <= a for a, b in zip(stages, stages[1:], strict=False)):
             raise ConfigError(f"--stages must grow: got {','.join(map(str, stages))}")
         return stages
@@ -83,12 +95,15 @@ def default_stages(width: int, height: int, stages: list[int] | None) -> list[in
 
 
 def image_seeds(seeds: list[int] | None, count: int) -> list[int]:
+    if count < 1:
+        raise ConfigError(f"--count must be at least 1, got {count}")
     if seeds:
         if count not in (1, len(seeds)):
             raise ConfigError("give either --seed (once per image) or --count, not both")
+        bad = [s for s in seeds if not 0 <= s < 2**64]
+        if bad:
+            raise ConfigError(f"--seed must be in 0 .. 2^64 - 1, got {bad[0]}")
         return list(seeds)
-    if count < 1:
-        raise ConfigError("--count must be at least 1")
     return [random.randrange(2**32) for _ in range(count)]
 
 
@@ -101,16 +116,35 @@ class ClearChoice:
     down_factor: int = 1
     weights: Path | None = None
 
+    @property
+    def hub_variant(self) -> str | None:
+        """The registry variant whose checkpoint comes from the Hugging Face cache; None: no checkpoint or
+        a local file."""
+        return None if self.weights is not None or self.label in ("custom", "none") else self.label
+
 
 def resolve_clear(opts: GenerateOptions) -> ClearChoice:
     """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched later)."""
     from .registry import load_registry
 
-    if opts.window is not None or opts.clear_weights is not None:
+    custom = {
+        "--window": opts.window,
+        "--down-factor": opts.down_factor,
+        "--clear-weights": opts.clear_weights,
+    }
+    given = [f"{flag} {value}" for flag, value in custom.items() if value is not None]
+    if given and opts.variant is not None:
+        raise ConfigError(
+            f"--variant {opts.variant} and {given[0]} conflict: give a variant or a custom "
+            "--window [--down-factor] [--clear-weights], not both"
+        )
+    if given:
         if opts.window is None:
             raise ConfigError(
-                "--clear-weights needs --window (and --down-factor if the weights are down-sampled)"
+                f"{given[0]} needs --window (and --down-factor if the weights are down-sampled)"
             )
+        if opts.window < 1 or (opts.down_factor is not None and opts.down_factor < 1):
+            raise ConfigError("--window and --down-factor must be at least 1")
         weights = Path(opts.clear_weights) if opts.clear_weights else None
         if weights is not None and not weights.is_file():
             raise ConfigError(f"--clear-weights {weights}: no such file")
@@ -156,9 +190,20 @@ def check_options(opts: GenerateOptions) -> None:
     """Numbers and names that need no model to check."""
     if not 0 < opts.strength <= 1:
         raise ConfigError(f"--strength must be in (0, 1], got {opts.strength}")
-    for name in ("steps", "first_steps"):
-        if getattr(opts, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    ranges = {  # option: (lowest, highest or None); an unset option (None: the recipe's default) passes
+        "steps": (1, None),
+        "first_steps": (1, None),
+        "max_sequence_length": (1, 512),  # T5's limit in FluxPipeline
+        "guidance": (0, None),
+        "first_guidance": (0, None),
+    }
+    for name, (low, high) in ranges.items():
+        value = getattr(opts, name)
+        if value is not None and not (low <= value and (high is None or value <= high)):  # NaN fails too
+            limits = f"at least {low}" if high is None else f"{low}-{high}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
+    if opts.ntk_factor is not None and not opts.ntk_factor > 0:
+        raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
     if opts.offload not in ("none", "model", "sequential"):
         raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
     if opts.offload != "none":
@@ -171,7 +216,7 @@ def check_options(opts: GenerateOptions) -> None:
 def plan_stages(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
     """The stages of one image, checked before anything heavy is loaded."""
     check_options(opts)
-    multiple = 64 if choice.down_factor > 1 else 16
+    multiple = size_multiple(choice.down_factor)
     check_size(opts.width, opts.height, multiple)
     long_sides = default_stages(opts.width, opts.height, opts.stages)
     if long_sides[-1] != max(opts.width, opts.height):
@@ -206,7 +251,10 @@ def clear_kwargs(opts: GenerateOptions, choice: ClearChoice, stage: Stage, state
 
 
 def options_from_record(record, **overrides) -> GenerateOptions:
-    """GenerateOptions that re-run a saved image (`--from`); `overrides` win over the record."""
+    """GenerateOptions that re-run a saved image (`--from`); `overrides` win over the record.
+
+    An override of the attention (variant, window, down factor or CLEAR weights) replaces the record's
+    attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window."""
     extra = record.extra or {}
     custom = record.variant == "custom"
     opts = GenerateOptions(
@@ -231,4 +279,6 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         dtype=extra.get("dtype"),
         backend=extra.get("backend", "auto"),
     )
+    if ATTENTION_FIELDS & overrides.keys():
+        opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))
     return replace(opts, **overrides)

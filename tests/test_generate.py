@@ -150,7 +150,7 @@ def test_progressive_stages_and_seed_reproducibility(tiny, tmp_path, capsys):
 
 def test_several_seeds_and_a_prompts_file(tiny, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\n\na dog\n")
+    prompts.write_text("# animals\na cat\n\n# a bird\na dog\n")  # comments and blank lines: no image
     out = tmp_path / "out"
     args = ["--prompts-file", str(prompts), *common(tiny, out), "--window", "2", "--res", "128"]
     code, stdout, err = run([*args, "--seed", "1", "--seed", "2", "--json", "--no-compare-full"], capsys)

@@ -462,9 +462,9 @@ def test_offline_with_cache_makes_no_request(fake_hub, monkeypatch):
 
 def test_offline_without_cache_gives_the_command(fake_hub, monkeypatch):
     set_offline(monkeypatch)
-    with pytest.raises(WeightsError, match=r"offline.*run `clear-gen download r16 --no-base`"):
+    with pytest.raises(WeightsError, match=r"unset HF_HUB_OFFLINE and run `clear-gen download r16 --no-ba"):
         hub.resolve_variant_file("r16")
-    with pytest.raises(WeightsError, match=r"offline.*run `clear-gen download --base dev`"):
+    with pytest.raises(WeightsError, match=r"unset HF_HUB_OFFLINE and run `clear-gen download --base dev`"):
         hub.resolve_base("dev")
     assert fake_hub.requests == []
 
@@ -476,6 +476,69 @@ def test_unreachable_hub_is_explained():
     msg = str(hub.hub_error(httpx2.ConnectError("refused"), t))
     assert "unreachable" in msg and "clear-gen download r8 --no-base" in msg
     assert hub.hub_error(KeyError("x"), t) is None
+
+
+def test_download_command_fetches_exactly_what_is_missing():
+    reg = load_registry()
+    r8, r16, dev, schnell = reg.variant("r8-down4"), reg.variant("r16"), reg.base("dev"), reg.base("schnell")
+    assert hub.download_command([r8], [dev]) == "clear-gen download r8-down4"  # the base it implies
+    assert hub.download_command([r8], []) == "clear-gen download r8-down4 --no-base"
+    assert hub.download_command([], [dev]) == "clear-gen download --base dev"
+    assert hub.download_command([r8], [schnell]) == "clear-gen download r8-down4 --base schnell"
+    assert hub.download_command([r8, r16], [dev]) == "clear-gen download r8-down4 r16"
+    # `download VARIANT --base B` fetches the variant and that base, not the one the variant implies
+    assert hub.plan_download(["r8-down4"], False, "schnell", False, reg) == (["r8-down4"], ["schnell"])
+
+
+@pytest.fixture
+def no_backoff(monkeypatch) -> list[float]:
+    """huggingface_hub's retry sleeps: recorded, not slept."""
+    import huggingface_hub.utils._http as http
+
+    slept: list[float] = []
+    monkeypatch.setattr(http.time, "sleep", slept.append)
+    return slept
+
+
+def test_unreachable_hub_fails_fast_naming_every_missing_piece(no_backoff):
+    with pytest.raises(WeightsError) as e:
+        hub.download(["r8-down4"], "dev", progress=False)
+    msg = str(e.value)
+    assert f"base dev ({DEV_REPO})" in msg and f"variant r8-down4 ({CLEAR_REPO}/{DEFAULT_FILE})" in msg
+    assert f"the Hub ({NOWHERE}) is unreachable" in msg and "run `clear-gen download r8-down4` once" in msg
+    assert no_backoff == []  # one probe, no retry loop
+    with pytest.raises(WeightsError, match=r"variants r8, r16 \(Huage001/CLEAR\)"):
+        hub.download(["r8", "r16"], [], progress=False)
+
+
+def test_run_check_passes_with_everything_cached_and_no_network(fake_hub, monkeypatch):
+    fake_hub.add(CLEAR_REPO, DEFAULT_FILE, safetensors_bytes())
+    serve_dev_base(fake_hub)
+    hub.download(["r8-down4"], "dev", progress=False)
+    fake_hub.requests.clear()
+    monkeypatch.setenv("HF_ENDPOINT", NOWHERE)
+    _reload_hf()
+    hub.check_run_weights("dev", "r8-down4")  # all cached: no probe, no error
+    hub.check_run_weights(DEV_REPO, None)
+    assert fake_hub.requests == []
+    with pytest.raises(WeightsError, match=r"variant r16 .*run `clear-gen download r16 --no-base`"):
+        hub.check_run_weights("dev", "r16")
+
+
+def test_run_check_with_a_reachable_hub_leaves_the_fetching_to_the_run(fake_hub):
+    hub.check_run_weights("dev", "r8-down4")  # missing, but the Hub answers: the run downloads them
+    assert [m for m, p, _ in fake_hub.requests] == ["HEAD"]  # the probe, nothing fetched yet
+
+
+def test_a_retry_loop_is_said_on_stderr(fake_hub, no_backoff, capsys):
+    fake_hub.add(CLEAR_REPO, DEFAULT_FILE, b"x")
+    fake_hub.deny[CLEAR_REPO] = (503, None)
+    with pytest.raises(WeightsError, match="the Hub answered HTTP 503"):
+        hub.resolve_variant_file("r8-down4")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "retrying" in line]
+    assert len(no_backoff) == 5 and len(notes) == 5
+    assert notes[0].startswith("Hub busy (HTTP Error 503), retrying in 1")
+    assert notes[0].endswith("[Retry 1/5]...") and notes[4].endswith("[Retry 5/5]...")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -518,8 +581,9 @@ def test_cli_errors_are_one_red_line(fake_hub):
     assert r.returncode == 1 and "unknown variant 'r9'" in r.stderr and "r8-down4" in r.stderr
 
 
-def test_cli_offline_without_cache(monkeypatch):
+def test_cli_offline_without_cache_says_to_unset_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = cli("download", "r8")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "run `clear-gen download r8 --no-base`" in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "base dev" in r.stderr and "variant r8 " in r.stderr  # every missing piece, in one line
+    assert "unset HF_HUB_OFFLINE and run `clear-gen download r8`" in r.stderr
