@@ -5,11 +5,13 @@ User errors (ClearGenError) become one red line on stderr and exit code 1, never
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +24,7 @@ from .output import describe, record_from_image
 
 if TYPE_CHECKING:
     from .hub import Fetched
+    from .plan import GenerateOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -88,28 +91,17 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return ([prompt] if prompt else []) + [line.strip() for line in lines if line.strip()]
 
 
-@app.command()
-def generate(
-    prompt: str = typer.Argument(None, help="What to draw."),
+def _recipe(
     res: int = typer.Option(
         None, "--res", help="Square size in pixels (multiple of 16; 64 for -down4 variants)."
     ),
     width: int = typer.Option(None, help="Width in pixels."),
     height: int = typer.Option(None, help="Height in pixels."),
     model: str = typer.Option(None, help="Base name (dev, schnell), Hub repo id or local diffusers folder."),
-    variant: str = typer.Option(
-        None, help="CLEAR variant from weights.toml (default r8-down4); none = full."
-    ),
-    window: int = typer.Option(None, help="Custom CLEAR window r (training-free unless --clear-weights)."),
-    down_factor: int = typer.Option(None, help="Custom down factor f (with --window)."),
-    clear_weights: Path = typer.Option(None, help="A local CLEAR .safetensors (with --window)."),
     steps: int = typer.Option(None, help="Steps of each CLEAR stage (default 20)."),
     guidance: float = typer.Option(None, help="Guidance of CLEAR stages (7.5 SDEdit, 3.5 direct)."),
     first_steps: int = typer.Option(None, help="Steps of the full-attention first pass (default 20)."),
     first_guidance: float = typer.Option(None, help="Guidance of the first pass (default 3.5)."),
-    seed: list[int] = typer.Option(None, "--seed", help="Seed; repeat for several images (default random)."),
-    count: int = typer.Option(None, help="Images per prompt with random seeds."),
-    prompts_file: Path = typer.Option(None, help="One prompt a line."),
     max_sequence_length: int = typer.Option(None, help="T5 tokens (default 512 dev, 256 schnell)."),
     upscale_from: int = typer.Option(None, help="One SDEdit stage from a first pass at this long side."),
     stages: str = typer.Option(None, help="Progressive long sides, e.g. 1024,2048,4096,8192."),
@@ -119,51 +111,44 @@ def generate(
     proportional_attention: bool = typer.Option(
         None, "--proportional-attention/--no-proportional-attention", help="Default: on above 1024 px."
     ),
-    keep_stages: bool = typer.Option(False, "--keep-stages", help="Also save each stage's image."),
-    out: str = typer.Option(None, "--out", "-o", help="Output file or directory (default: here)."),
-    from_image: Path = typer.Option(None, "--from", help="Re-run the parameters stored in a clear-gen PNG."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
     dtype: str = typer.Option(None, help="bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU)."),
     offload: str = typer.Option("none", help="none, model or sequential (needs accelerate)."),
-    compare_full: bool = typer.Option(
-        True, "--compare-full/--no-compare-full", help="Time full attention at each CLEAR size."
-    ),
     backend: str = typer.Option("auto", help="CLEAR attention backend: auto, flex or dense."),
     token: str = typer.Option(None, help="Hugging Face token (default HF_TOKEN or the stored login)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
 ) -> None:
-    """Generate 2K-8K images: a full-attention first pass, then SDEdit stages with CLEAR."""
-    from .pipeline import GenerateOptions, generate, options_from_record
+    """The generation recipe's options, shared by `generate` and `compare` (only its signature is used)."""
 
-    # 1. Parse: explicit flags win over --from, which wins over the defaults.
-    w, h = _dimensions(res, width, height)
-    long_sides = _ints(stages, "--stages")
+
+# Passed on even when None: with --from, these do not come from the image's record.
+_ALWAYS = {"keep_stages", "out", "device", "dtype", "offload", "compare_full", "backend", "token"}
+
+
+def _with_recipe(command: Callable) -> Callable:
+    """Append the recipe options to `command`'s own; Typer passes them in as keyword arguments (**recipe)."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = list(inspect.signature(_recipe, eval_str=True).parameters.values())
+    for p in shared:
+        p.default.rich_help_panel = "Recipe and device"
+    command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
+    return command
+
+
+def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:
+    """GenerateOptions from the recipe options and a command's own: explicit flags win over --from,
+    which wins over the defaults."""
+    from .pipeline import GenerateOptions, options_from_record
+
+    recipe = dict(recipe)
+    w, h = _dimensions(recipe.pop("res"), recipe.pop("width"), recipe.pop("height"))
+    long_sides = _ints(recipe.pop("stages"), "--stages")
+    upscale_from, direct = recipe.pop("upscale_from"), recipe.pop("direct")
     if upscale_from is not None or direct:
         if long_sides or (upscale_from is not None and direct):
             raise ConfigError("give only one of --stages, --upscale-from and --direct")
-    given = {
-        "prompts": _prompts(prompt, prompts_file) or None,
-        "width": w,
-        "height": h,
-        "model": model,
-        "variant": variant,
-        "window": window,
-        "down_factor": down_factor,
-        "clear_weights": str(clear_weights) if clear_weights else None,
-        "steps": steps,
-        "guidance": guidance,
-        "first_steps": first_steps,
-        "first_guidance": first_guidance,
-        "seeds": list(seed or []) or None,
-        "count": count,
-        "max_sequence_length": max_sequence_length,
-        "strength": strength,
-        "ntk_factor": ntk_factor,
-        "proportional_attention": proportional_attention,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    given.update(keep_stages=keep_stages, out=out, device=device, dtype=dtype, offload=offload)
-    given.update(compare_full=compare_full, backend=backend, token=token)
+    given = {"width": w, "height": h, **recipe, **own}
+    given = {k: v for k, v in given.items() if v is not None or k in _ALWAYS}
     if from_image is not None:
         opts = options_from_record(record_from_image(from_image), **given)
     else:
@@ -177,6 +162,49 @@ def generate(
         opts.stages = long_sides
         if w is None and from_image is None:  # no size given: the last stage is the target
             opts.width = opts.height = long_sides[-1]
+    return opts
+
+
+@app.command()
+@_with_recipe
+def generate(
+    prompt: str = typer.Argument(None, help="What to draw."),
+    variant: str = typer.Option(
+        None, help="CLEAR variant from weights.toml (default r8-down4); none = full."
+    ),
+    window: int = typer.Option(None, help="Custom CLEAR window r (training-free unless --clear-weights)."),
+    down_factor: int = typer.Option(None, help="Custom down factor f (with --window)."),
+    clear_weights: Path = typer.Option(None, help="A local CLEAR .safetensors (with --window)."),
+    seed: list[int] = typer.Option(None, "--seed", help="Seed; repeat for several images (default random)."),
+    count: int = typer.Option(None, help="Images per prompt with random seeds."),
+    prompts_file: Path = typer.Option(None, help="One prompt a line."),
+    keep_stages: bool = typer.Option(False, "--keep-stages", help="Also save each stage's image."),
+    out: str = typer.Option(None, "--out", "-o", help="Output file or directory (default: here)."),
+    from_image: Path = typer.Option(None, "--from", help="Re-run the parameters stored in a clear-gen PNG."),
+    compare_full: bool = typer.Option(
+        True, "--compare-full/--no-compare-full", help="Time full attention at each CLEAR size."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    **recipe: Any,
+) -> None:
+    """Generate 2K-8K images: a full-attention first pass, then SDEdit stages with CLEAR."""
+    from .pipeline import generate
+
+    # 1. Parse: explicit flags win over --from, which wins over the defaults.
+    opts = _generate_options(
+        recipe,
+        from_image,
+        prompts=_prompts(prompt, prompts_file) or None,
+        variant=variant,
+        window=window,
+        down_factor=down_factor,
+        clear_weights=str(clear_weights) if clear_weights else None,
+        seeds=list(seed or []) or None,
+        count=count,
+        keep_stages=keep_stages,
+        out=out,
+        compare_full=compare_full,
+    )
     # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
     with _GenerateDisplay(as_json) as display:
         generate(opts, display.hooks())
