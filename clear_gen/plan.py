@@ -227,3 +227,8 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         backend=extra.get("backend", "auto"),
     )
     return replace(opts, **overrides)
+
+
+def text_tokens(opts: GenerateOptions) -> int:
+    """T5 tokens of the prompt: --max-sequence-length, else 256 for schnell and 512 for dev."""
+    return opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
