@@ -298,6 +298,82 @@ def _timing_table(result) -> Table:
     return table
 
 
+@app.command()
+@_with_recipe
+def compare(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    variants: str = typer.Option(
+        None,
+        help="Comma-separated: registry names, none (full attention), published CLEAR files "
+        "(default none,r8-down4). The reference is none, else the first.",
+    ),
+    seed: int = typer.Option(None, help="Seed of every variant (default: random, printed)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (default: here)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per variant on stdout."),
+    **recipe: Any,
+) -> None:
+    """Same prompt, seed and recipe with each variant: PNGs, a grid, PSNR and SSIM to the reference."""
+    from dataclasses import replace
+
+    from . import compare as C
+
+    # 1. Parse and check every variant before anything loads.
+    seeds = [seed] if seed is not None else None
+    opts = _generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
+    names = variants.split(",") if variants is not None else None
+    plan = C.prepare(opts, names)
+    # 2. Say what will run: the seed when it was picked, and what full attention costs.
+    if seed is None:
+        err.print(f"seed {plan.seed} (picked at random; --seed {plan.seed} repeats this comparison)")
+    cost = C.full_attention_cost(plan)
+    if cost is not None:
+        err.print(_full_cost_line(cost), soft_wrap=True)
+    # 3. Generate each variant, then score and draw the grid.
+    with _GenerateDisplay(False) as display:
+        hooks = replace(display.hooks(), image_done=lambda r: err.print(f"saved {escape(str(r.path))}"))
+        n = len(plan.variants)
+        result = C.run(
+            plan, hooks, lambda i, v: err.print(f"[bold]variant {i + 1}/{n}: {escape(v.name)}[/bold]")
+        )
+    # 4. Print: a table and the LPIPS note on stderr, JSON lines on stdout.
+    err.print(_compare_table(result))
+    err.print(f"[dim]{escape(result.lpips_note)}[/dim]", soft_wrap=True)
+    if as_json:
+        for row in result.to_json():
+            print(json.dumps(row, ensure_ascii=False, allow_nan=False), flush=True)
+
+
+def _full_cost_line(cost) -> str:
+    """What the full-attention reference costs per step; a warning with the way out when it is much more."""
+    flops = (
+        f"{cost.full_flops / 1e15:.1f} PFLOP"
+        if cost.full_flops >= 1e15
+        else f"{cost.full_flops / 1e12:.1f} TFLOP"
+    )
+    line = (
+        f"full attention (none) at {cost.width}x{cost.height}: {flops} a step, {cost.ratio:.1f}x a "
+        f"{escape(cost.against)} step (FLUX.1 FLOP model)"
+    )
+    if cost.ratio < 2:
+        return f"[dim]{line}[/dim]"
+    return (
+        f"[yellow]{line}; leave none out of --variants to skip it (the first is then the reference)[/yellow]"
+    )
+
+
+def _compare_table(result) -> Table:
+    title = f"{result.grid}  (seed {result.plan.seed})"
+    table = Table(title=escape(title), title_justify="left")
+    for col in ("variant", "s/step", "total s", "PSNR dB", "SSIM", "LPIPS", "file"):
+        table.add_column(col, justify="left" if col in ("variant", "file") else "right", overflow="fold")
+    for row in result.rows:
+        psnr = "ref" if row.reference else ("same" if row.identical else f"{row.psnr:.2f}")
+        lpips = "-" if row.lpips is None else f"{row.lpips:.4f}"
+        cells = (row.variant.short, f"{row.step_s:.2f}", f"{row.seconds:.1f}", psnr, f"{row.ssim:.4f}", lpips)
+        table.add_row(*map(escape, cells), escape(row.image.path.name))
+    return table
+
+
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
