@@ -5,11 +5,13 @@ User errors (ClearGenError) become one red line on stderr and exit code 1, never
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +25,7 @@ from .plan import GenerateOptions
 
 if TYPE_CHECKING:
     from .hub import Fetched
+    from .plan import GenerateOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -119,9 +122,7 @@ OUTPUT, RUN, WHAT, SHAPE = "Output", "Run", "What", "Model shape"
 _D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
 
 
-@app.command()
-def generate(
-    prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
+def _recipe(
     res: int = typer.Option(
         None,
         help="Square side in px: a multiple of 16 (64 for -down4).",
@@ -147,21 +148,6 @@ def generate(
         help="Base (dev, schnell), Hub repo id or local folder.",
         show_default=_D.model,
         rich_help_panel=MODEL,
-    ),
-    variant: str = typer.Option(
-        None,
-        help="CLEAR weights (clear-gen weights); none = full attention.",
-        show_default="r8-down4",
-        rich_help_panel=MODEL,
-    ),
-    window: int = typer.Option(
-        None, help="Custom CLEAR window r (instead of --variant).", rich_help_panel=MODEL
-    ),
-    down_factor: int = typer.Option(
-        None, help="Custom down factor f (with --window).", rich_help_panel=MODEL
-    ),
-    clear_weights: Path = typer.Option(
-        None, help="Custom .safetensors (with --window); none: training-free.", rich_help_panel=MODEL
     ),
     backend: str = typer.Option("auto", help="CLEAR kernel: auto, flex or dense.", rich_help_panel=MODEL),
     token: str = typer.Option(
@@ -190,6 +176,80 @@ def generate(
     ),
     max_sequence_length: int = typer.Option(
         None, help="T5 tokens, up to 512.", show_default="512; 256 schnell", rich_help_panel=RECIPE
+    ),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
+    dtype: str = typer.Option(
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+    ),
+    offload: str = typer.Option(
+        "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
+    ),
+) -> None:
+    """The generation recipe's options, shared by `generate` and `compare` (only its signature is used)."""
+
+
+# Passed on even when None: with --from, these do not come from the image's record.
+_ALWAYS = {"keep_stages", "out", "device", "dtype", "offload", "compare_full", "backend", "token"}
+
+
+def _with_recipe(command: Callable) -> Callable:
+    """Append the recipe options to `command`'s own; Typer passes them in as keyword arguments (**recipe)."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = list(inspect.signature(_recipe, eval_str=True).parameters.values())
+    command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
+    return command
+
+
+def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:
+    """GenerateOptions from the recipe options and a command's own: explicit flags win over --from,
+    which wins over the defaults."""
+    from .pipeline import GenerateOptions, options_from_record
+
+    recipe = dict(recipe)
+    w, h = _dimensions(recipe.pop("res"), recipe.pop("width"), recipe.pop("height"))
+    recipe["proportional_attention"] = _on_off(recipe["proportional_attention"], "--proportional-attention")
+    long_sides = _ints(recipe.pop("stages"), "--stages")
+    upscale_from, direct = recipe.pop("upscale_from"), recipe.pop("direct")
+    if upscale_from is not None or direct:
+        if long_sides or (upscale_from is not None and direct):
+            raise ConfigError("give only one of --stages, --upscale-from and --direct")
+    given = {"width": w, "height": h, **recipe, **own}
+    given = {k: v for k, v in given.items() if v is not None or k in _ALWAYS}
+    if from_image is not None:
+        opts = options_from_record(record_from_image(from_image), **given)
+    else:
+        opts = GenerateOptions(**{"prompts": [], **given})  # GenerateOptions holds the defaults
+    target = max(opts.width, opts.height)
+    if direct:
+        opts.stages = [target]
+    elif upscale_from is not None:
+        opts.stages = [upscale_from, target]
+    elif long_sides:
+        opts.stages = long_sides
+        if w is None and from_image is None:  # no size given: the last stage is the target
+            opts.width = opts.height = long_sides[-1]
+    return opts
+
+
+@app.command()
+@_with_recipe
+def generate(
+    prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
+    variant: str = typer.Option(
+        None,
+        help="CLEAR weights (clear-gen weights); none = full attention.",
+        show_default="r8-down4",
+        rich_help_panel=MODEL,
+    ),
+    window: int = typer.Option(
+        None, help="Custom CLEAR window r (instead of --variant).", rich_help_panel=MODEL
+    ),
+    down_factor: int = typer.Option(
+        None, help="Custom down factor f (with --window).", rich_help_panel=MODEL
+    ),
+    clear_weights: Path = typer.Option(
+        None, help="Custom .safetensors (with --window); none: training-free.", rich_help_panel=MODEL
     ),
     seed: list[int] = typer.Option(
         None,
@@ -227,60 +287,26 @@ def generate(
         help="Skip timing full attention at each CLEAR size.",
         rich_help_panel=OUTPUT,
     ),
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
-    dtype: str = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
-    ),
-    offload: str = typer.Option(
-        "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
-    ),
+    **recipe: Any,
 ) -> None:
     """Generate 2K-8K images: a full-attention first pass, then SDEdit stages with CLEAR."""
-    from .pipeline import generate, options_from_record
+    from .pipeline import generate
 
     # 1. Parse: explicit flags win over --from, which wins over the defaults.
-    w, h = _dimensions(res, width, height)
-    proportional = _on_off(proportional_attention, "--proportional-attention")
-    long_sides = _ints(stages, "--stages")
-    if upscale_from is not None or direct:
-        if long_sides or (upscale_from is not None and direct):
-            raise ConfigError("give only one of --stages, --upscale-from and --direct")
-    given = {
-        "prompts": _prompts(prompt, prompts_file) or None,
-        "width": w,
-        "height": h,
-        "model": model,
-        "variant": variant,
-        "window": window,
-        "down_factor": down_factor,
-        "clear_weights": str(clear_weights) if clear_weights else None,
-        "steps": steps,
-        "guidance": guidance,
-        "first_steps": first_steps,
-        "first_guidance": first_guidance,
-        "seeds": list(seed or []) or None,
-        "count": count,
-        "max_sequence_length": max_sequence_length,
-        "strength": strength,
-        "ntk_factor": ntk_factor,
-        "proportional_attention": proportional,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    given.update(keep_stages=keep_stages, out=out, device=device, dtype=dtype, offload=offload)
-    given.update(compare_full=not no_compare_full, backend=backend, token=token)
-    if from_image is not None:
-        opts = options_from_record(record_from_image(from_image), **given)
-    else:
-        opts = GenerateOptions(**{"prompts": [], **given})  # GenerateOptions holds the defaults
-    target = max(opts.width, opts.height)
-    if direct:
-        opts.stages = [target]
-    elif upscale_from is not None:
-        opts.stages = [upscale_from, target]
-    elif long_sides:
-        opts.stages = long_sides
-        if w is None and from_image is None:  # no size given: the last stage is the target
-            opts.width = opts.height = long_sides[-1]
+    opts = _generate_options(
+        recipe,
+        from_image,
+        prompts=_prompts(prompt, prompts_file) or None,
+        variant=variant,
+        window=window,
+        down_factor=down_factor,
+        clear_weights=str(clear_weights) if clear_weights else None,
+        seeds=list(seed or []) or None,
+        count=count,
+        keep_stages=keep_stages,
+        out=out,
+        compare_full=not no_compare_full,
+    )
     # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
     with _GenerateDisplay(as_json) as display:
         generate(opts, display.hooks())
@@ -371,6 +397,82 @@ def _timing_table(result) -> Table:
             speed,
             f"{t.density:.2%}",
         )
+    return table
+
+
+@app.command()
+@_with_recipe
+def compare(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    variants: str = typer.Option(
+        None,
+        help="Comma-separated: registry names, none (full attention), published CLEAR files "
+        "(default none,r8-down4). The reference is none, else the first.",
+    ),
+    seed: int = typer.Option(None, help="Seed of every variant (default: random, printed)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (default: here)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per variant on stdout."),
+    **recipe: Any,
+) -> None:
+    """Same prompt, seed and recipe with each variant: PNGs, a grid, PSNR and SSIM to the reference."""
+    from dataclasses import replace
+
+    from . import compare as C
+
+    # 1. Parse and check every variant before anything loads.
+    seeds = [seed] if seed is not None else None
+    opts = _generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
+    names = variants.split(",") if variants is not None else None
+    plan = C.prepare(opts, names)
+    # 2. Say what will run: the seed when it was picked, and what full attention costs.
+    if seed is None:
+        err.print(f"seed {plan.seed} (picked at random; --seed {plan.seed} repeats this comparison)")
+    cost = C.full_attention_cost(plan)
+    if cost is not None:
+        err.print(_full_cost_line(cost), soft_wrap=True)
+    # 3. Generate each variant, then score and draw the grid.
+    with _GenerateDisplay(False) as display:
+        hooks = replace(display.hooks(), image_done=lambda r: err.print(f"saved {escape(str(r.path))}"))
+        n = len(plan.variants)
+        result = C.run(
+            plan, hooks, lambda i, v: err.print(f"[bold]variant {i + 1}/{n}: {escape(v.name)}[/bold]")
+        )
+    # 4. Print: a table and the LPIPS note on stderr, JSON lines on stdout.
+    err.print(_compare_table(result))
+    err.print(f"[dim]{escape(result.lpips_note)}[/dim]", soft_wrap=True)
+    if as_json:
+        for row in result.to_json():
+            print(json.dumps(row, ensure_ascii=False, allow_nan=False), flush=True)
+
+
+def _full_cost_line(cost) -> str:
+    """What the full-attention reference costs per step; a warning with the way out when it is much more."""
+    flops = (
+        f"{cost.full_flops / 1e15:.1f} PFLOP"
+        if cost.full_flops >= 1e15
+        else f"{cost.full_flops / 1e12:.1f} TFLOP"
+    )
+    line = (
+        f"full attention (none) at {cost.width}x{cost.height}: {flops} a step, {cost.ratio:.1f}x a "
+        f"{escape(cost.against)} step (FLUX.1 FLOP model)"
+    )
+    if cost.ratio < 2:
+        return f"[dim]{line}[/dim]"
+    return (
+        f"[yellow]{line}; leave none out of --variants to skip it (the first is then the reference)[/yellow]"
+    )
+
+
+def _compare_table(result) -> Table:
+    title = f"{result.grid}  (seed {result.plan.seed})"
+    table = Table(title=escape(title), title_justify="left")
+    for col in ("variant", "s/step", "total s", "PSNR dB", "SSIM", "LPIPS", "file"):
+        table.add_column(col, justify="left" if col in ("variant", "file") else "right", overflow="fold")
+    for row in result.rows:
+        psnr = "ref" if row.reference else ("same" if row.identical else f"{row.psnr:.2f}")
+        lpips = "-" if row.lpips is None else f"{row.lpips:.4f}"
+        cells = (row.variant.short, f"{row.step_s:.2f}", f"{row.seconds:.1f}", psnr, f"{row.ssim:.4f}", lpips)
+        table.add_row(*map(escape, cells), escape(row.image.path.name))
     return table
 
 

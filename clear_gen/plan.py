@@ -282,3 +282,8 @@ def options_from_record(record, **overrides) -> GenerateOptions:
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))
     return replace(opts, **overrides)
+
+
+def text_tokens(opts: GenerateOptions) -> int:
+    """T5 tokens of the prompt: --max-sequence-length, else 256 for schnell and 512 for dev."""
+    return opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
