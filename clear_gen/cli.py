@@ -149,7 +149,9 @@ def _recipe(
         show_default=_D.model,
         rich_help_panel=MODEL,
     ),
-    backend: str = typer.Option("auto", help="CLEAR kernel: auto, flex or dense.", rich_help_panel=MODEL),
+    backend: str = typer.Option(
+        None, help="CLEAR kernel: auto, flex or dense.", show_default="auto", rich_help_panel=MODEL
+    ),
     token: str = typer.Option(
         None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=MODEL
     ),
@@ -188,8 +190,9 @@ def _recipe(
     """The generation recipe's options, shared by `generate` and `compare` (only its signature is used)."""
 
 
-# Passed on even when None: with --from, these do not come from the image's record.
-_ALWAYS = {"keep_stages", "out", "device", "dtype", "offload", "compare_full", "backend", "token"}
+# Passed on even when None: with --from, these do not come from the image's record (dtype and backend
+# do: the record says what made the image).
+_ALWAYS = {"keep_stages", "out", "device", "offload", "compare_full", "token"}
 
 
 def _with_recipe(command: Callable) -> Callable:
