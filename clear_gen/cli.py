@@ -242,7 +242,7 @@ def generate(
     variant: str = typer.Option(
         None,
         help="CLEAR weights (clear-gen weights); none = full attention.",
-        show_default="r8-down4",
+        show_default="r8-down4; none <= 1024 px",
         rich_help_panel=MODEL,
     ),
     window: int = typer.Option(

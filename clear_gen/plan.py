@@ -25,7 +25,7 @@ class GenerateOptions:
     width: int = 1024
     height: int = 1024
     model: str = "dev"  # registry base name, Hub repo id or local diffusers directory
-    variant: str | None = None  # registry variant; "none" = stock attention; None = registry default
+    variant: str | None = None  # registry variant; "none" = stock attention; None: default above 1024 px
     window: int | None = None  # custom CLEAR window (training-free unless clear_weights)
     down_factor: int | None = None
     clear_weights: str | None = None  # a local CLEAR .safetensors
@@ -115,6 +115,7 @@ class ClearChoice:
     window: int | None  # None: stock attention
     down_factor: int = 1
     weights: Path | None = None
+    note: str | None = None  # why this choice, when the user did not make it
 
     @property
     def hub_variant(self) -> str | None:
@@ -151,6 +152,12 @@ def resolve_clear(opts: GenerateOptions) -> ClearChoice:
         return ClearChoice("custom", opts.window, opts.down_factor or 1, weights)
     if opts.variant == "none":
         return ClearChoice("none", None)
+    if opts.variant is None and max(opts.width, opts.height) <= FIRST_PASS_SIDE:
+        note = (
+            f"{opts.width}x{opts.height}: the original weights with full attention, as CLEAR is no faster "
+            f"at or below {FIRST_PASS_SIDE} px (--variant or --window forces CLEAR)"
+        )
+        return ClearChoice("none", None, note=note)
     registry = load_registry()
     local = Path(opts.variant or "").expanduser()
     if opts.variant and local.is_file():  # a downloaded checkpoint: its published file name says r and f

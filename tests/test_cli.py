@@ -83,7 +83,7 @@ def model_folder(tmp_path: Path) -> Path:
 
 def test_nothing_cached_and_hub_unreachable_names_both_pieces_and_one_command(tmp_path, capsys, no_backoff):
     started = time.monotonic()
-    code, _, err = run(["a castle", "--res", "128", "--out", f"{tmp_path}/out/"], capsys)
+    code, _, err = run(["a castle", "--res", "2048", "--out", f"{tmp_path}/out/"], capsys)  # CLEAR's size
     elapsed = time.monotonic() - started
     line = one_error_line(code, err)
     assert "base dev (black-forest-labs/FLUX.1-dev)" in line and "variant r8-down4" in line
@@ -221,7 +221,7 @@ def test_generate_help_shows_the_defaults(capsys, monkeypatch):
     code, out, _ = run(["generate", "--help"], capsys)
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ --")}
     assert "[default: (1024)]" in lines["--res"] and "[default: (dev)]" in lines["--model"]
-    assert f"[default: ({load_registry().default_variant})]" in lines["--variant"]
+    assert f"[default: ({load_registry().default_variant}; none <= 1024 px)]" in lines["--variant"]
     assert "[default: (20)]" in lines["--steps"] and "comments" in lines["--prompts-file"]
 
 

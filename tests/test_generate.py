@@ -194,7 +194,8 @@ def test_full_attention_variant_none(tiny, tmp_path, capsys):
     "extra, message",
     [
         (["--res", "1000", "--window", "2"], "not a multiple of 16; try --width 1008 --height 1008"),
-        (["--res", "1000"], "not a multiple of 64; try --width 1024 --height 1024"),  # r8-down4
+        (["--res", "1000"], "not a multiple of 16; try --width 1008 --height 1008"),  # full attention
+        (["--res", "1000", "--variant", "r8-down4"], "not a multiple of 64; try --width 1024 --height 1024"),
         (["--res", "160", "--window", "2", "--down-factor", "4"], "160x160 is not a multiple of 64"),
         (["--res", "48"], "out of range"),
         (["--res", "128", "--variant", "r7"], "r8-down4"),
@@ -259,7 +260,7 @@ def test_installed_executable(tiny, tmp_path):
     assert Path(json.loads(done.stdout)["path"]).exists()
     bad = subprocess.run([exe, "a", "--res", "100"], capture_output=True, text=True, env=env, timeout=300)
     assert (
-        bad.returncode == 1 and "try --width 128 --height 128" in bad.stderr and "Traceback" not in bad.stderr
+        bad.returncode == 1 and "try --width 96 --height 96" in bad.stderr and "Traceback" not in bad.stderr
     )
 
 
