@@ -68,12 +68,24 @@ def info(
     if as_json:
         print(json.dumps(record.to_dict(), ensure_ascii=False, default=str))
         return
+    from .display import timing_table
+    from .timing import RunTiming
+
     table = Table(title=escape(str(image)), show_header=False, title_justify="left")
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
     for name, value in describe(record):
         table.add_row(name, escape(value))
-    Console(highlight=False).print(table)
+    try:
+        timing = RunTiming.from_json(record.timings)
+    except (TypeError, KeyError, AttributeError):  # not a RunTiming (an older clear-gen): shown as is
+        timing = None
+        if record.timings:
+            table.add_row("timings", escape(json.dumps(record.timings)))
+    console = Console(highlight=False)
+    console.print(table)
+    if timing is not None:
+        console.print(timing_table(timing, "timings"))
 
 
 def _ints(text: str | None, name: str) -> list[int] | None:
@@ -311,96 +323,10 @@ def generate(
         compare_full=not no_compare_full,
     )
     # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
-    with _GenerateDisplay(as_json) as display:
+    from .display import GenerateDisplay
+
+    with GenerateDisplay(err, as_json) as display:
         generate(opts, display.hooks())
-
-
-class _GenerateDisplay:
-    """A rich progress bar per stage and a timing table per image, on stderr; JSON lines on stdout."""
-
-    def __init__(self, as_json: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.as_json = as_json
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
-        self.task = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.task is not None:
-            self.progress.stop()
-
-    def hooks(self):
-        from .pipeline import Hooks
-
-        return Hooks(stage_start=self._stage, step=self._step, image_done=self._done)
-
-    def _stage(self, i: int, stage) -> None:
-        import time
-
-        if self.task is None:
-            self.progress.start()  # not before: an early error stays one line
-        else:
-            self.progress.remove_task(self.task)
-        label = "CLEAR" if stage.clear else "full attention"
-        desc = f"stage {i + 1}: {stage.width}x{stage.height} {label}"
-        self.task = self.progress.add_task(desc, total=stage.denoising_steps, rate="")
-        self.started = time.perf_counter()
-
-    def _step(self) -> None:
-        import time
-
-        self.progress.advance(self.task)
-        done = self.progress.tasks[-1].completed
-        self.progress.update(self.task, rate=f"{done / (time.perf_counter() - self.started):.2f} it/s")
-
-    def _done(self, result) -> None:
-        if self.as_json:
-            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
-        self.progress.console.print(_timing_table(result))
-
-
-def _timing_table(result) -> Table:
-    table = Table(title=escape(f"{result.path}  (seed {result.seed})"), title_justify="left")
-    for col in (
-        "stage",
-        "size",
-        "attention",
-        "steps",
-        "total s",
-        "s/step",
-        "full s/step",
-        "speedup",
-        "density",
-    ):
-        table.add_column(col, justify="right" if col not in ("size", "attention") else "left")
-    for i, t in enumerate(result.stages):
-        full = (
-            "-" if t.full_step_s is None else f"{t.full_step_s:.2f}" + (" (est.)" if t.full_estimated else "")
-        )
-        speed = "-" if t.speedup is None else f"{t.speedup:.2f}x" + (" (est.)" if t.full_estimated else "")
-        table.add_row(
-            str(i + 1),
-            f"{t.width}x{t.height}",
-            t.attention,
-            str(t.steps),
-            f"{t.seconds:.1f}",
-            f"{t.step_s:.2f}",
-            full,
-            speed,
-            f"{t.density:.2%}",
-        )
-    return table
 
 
 @app.command()
@@ -434,8 +360,10 @@ def compare(
     if cost is not None:
         err.print(_full_cost_line(cost), soft_wrap=True)
     # 3. Generate each variant, then score and draw the grid.
-    with _GenerateDisplay(False) as display:
-        hooks = replace(display.hooks(), image_done=lambda r: err.print(f"saved {escape(str(r.path))}"))
+    from .display import GenerateDisplay
+
+    with GenerateDisplay(err, as_json=False) as display:
+        hooks = replace(display.hooks(), image_done=lambda r: None)  # saved lines, then one table at the end
         n = len(plan.variants)
         result = C.run(
             plan, hooks, lambda i, v: err.print(f"[bold]variant {i + 1}/{n}: {escape(v.name)}[/bold]")
@@ -474,7 +402,7 @@ def _compare_table(result) -> Table:
     for row in result.rows:
         psnr = "ref" if row.reference else ("same" if row.identical else f"{row.psnr:.2f}")
         lpips = "-" if row.lpips is None else f"{row.lpips:.4f}"
-        cells = (row.variant.short, f"{row.step_s:.2f}", f"{row.seconds:.1f}", psnr, f"{row.ssim:.4f}", lpips)
+        cells = (row.variant.short, row.step_text(), f"{row.seconds:.1f}", psnr, f"{row.ssim:.4f}", lpips)
         table.add_row(*map(escape, cells), escape(row.image.path.name))
     return table
 

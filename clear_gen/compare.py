@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,7 +65,6 @@ class Row:
 
     variant: Variant
     image: ImageResult
-    wall_s: float  # the whole generate call: loading, encoding, stages, decoding, saving
     reference: bool = False
     identical: bool = False
     psnr: float | None = None  # dB; None when identical (infinite)
@@ -76,12 +74,20 @@ class Row:
     @property
     def seconds(self) -> float:
         """Denoising seconds, all stages."""
-        return sum(t.seconds for t in self.image.stages)
+        return sum(t.seconds for t in self.image.timing.stages)
 
     @property
-    def step_s(self) -> float:
-        """Seconds per step of the last stage, the one the variants differ in."""
-        return self.image.stages[-1].step_s
+    def step_s(self) -> float | None:
+        """Warm seconds per step of the last stage, the one the variants differ in; None with one step."""
+        return self.image.timing.stages[-1].step_s
+
+    @property
+    def wall_s(self) -> float:
+        """The image's whole wall time: loading, encoding, stages, decoding, saving."""
+        return self.image.timing.total_s
+
+    def step_text(self) -> str:
+        return "n/a" if self.step_s is None else f"{self.step_s:.2f}"
 
 
 @dataclass
@@ -111,9 +117,9 @@ def _row_json(row: Row, grid: Path, seed: int) -> dict[str, Any]:
         "step_s": row.step_s,
         "wall_s": row.wall_s,
         "seed": seed,
-        "width": row.image.width,
-        "height": row.image.height,
-        "stages": [s.to_json() for s in row.image.stages],
+        "width": row.image.record.width,
+        "height": row.image.record.height,
+        "timings": row.image.timing.to_json(),
     }
 
 
@@ -255,9 +261,8 @@ def run(
 def _generate(plan: ComparePlan, v: Variant, hooks: Hooks | None) -> Row:
     opts = plan.opts
     name = f"{output.slugify(opts.prompts[0])}-{plan.seed}-{opts.width}x{opts.height}-{v.tag}.png"
-    start = time.perf_counter()
     [image] = generate(replace(opts, variant=v.name, out=str(plan.out_dir / name)), hooks)
-    return Row(v, image, time.perf_counter() - start)
+    return Row(v, image)
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -325,7 +330,7 @@ def panel_lines(row: Row) -> list[str]:
         score = "identical to the reference"
     else:
         score = f"PSNR {row.psnr:.1f} dB, SSIM {row.ssim:.3f}"
-    return [row.variant.short, f"{row.step_s:.2f} s/step, {row.seconds:.1f} s", score]
+    return [row.variant.short, f"{row.step_text()} s/step, {row.seconds:.1f} s", score]
 
 
 def grid_image(images: Sequence[Image.Image], labels: Sequence[Sequence[str]]) -> Image.Image:

@@ -69,7 +69,7 @@ class ImageRecord:
     height: int
     stages: list[int] = field(default_factory=list)  # resolution of each stage, e.g. [1024, 4096]
     strength: float | None = None  # img2img strength of the later stages
-    timings: dict[str, Any] = field(default_factory=dict)  # free-form JSON-able, e.g. seconds per stage
+    timings: dict[str, Any] = field(default_factory=dict)  # JSON-able; clear-gen writes a RunTiming
     version: str = field(default_factory=_version)  # clear-gen version that made the image
     extra: dict[str, Any] = field(default_factory=dict)  # ntk_factor, max_sequence_length, negative, ...
 
@@ -185,9 +185,10 @@ def record_from_image(path: str | Path) -> ImageRecord:
 
 
 def describe(record: ImageRecord) -> list[tuple[str, str]]:
-    """(name, value) rows for a table; None fields are left out, timings and extras get one row each."""
+    """(name, value) rows for a table, extras one row each; unset fields and the timings left out."""
     rows = [("prompt", record.prompt), ("seed", str(record.seed)), ("model", record.model)]
-    rows += [("size", f"{record.width}x{record.height}"), ("stages", " -> ".join(map(str, record.stages)))]
+    rows += [("size", f"{record.width}x{record.height}")]
+    rows += [("stages", " -> ".join(map(str, record.stages)))] if record.stages else []
     rows += [("steps", str(record.steps)), ("guidance", f"{record.guidance:g}")]
     optional = {
         "strength": record.strength,
@@ -196,10 +197,7 @@ def describe(record: ImageRecord) -> list[tuple[str, str]]:
         "down factor": record.down_factor,
     }
     rows += [(k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in optional.items() if v is not None]
-    for k, v in record.timings.items():
-        value = f"{v:.2f} s" if isinstance(v, int | float) and not isinstance(v, bool) else _json(v)
-        rows.append((f"time {k}", value))
-    rows += [(k, v if isinstance(v, str) else _json(v)) for k, v in record.extra.items()]
+    rows += [(k, v if isinstance(v, str) else _json(v)) for k, v in record.extra.items() if v is not None]
     rows.append(("clear-gen version", record.version))
     return rows
 

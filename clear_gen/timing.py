@@ -1,4 +1,4 @@
-"""Timing: CLEAR's steps as they run, and full attention at the same size (measured, or estimated)."""
+"""Timing: where a run's time goes (RunTiming), its steps as they run, and full attention at the same size."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -52,42 +52,138 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
 
 @dataclass
 class StageTiming:
+    """One stage of one image: its steps, the first step's warm-up, and full attention at the same size."""
+
     width: int
     height: int
     attention: str  # "full" or "CLEAR r=8 f=4"
-    steps: int
-    seconds: float  # whole stage, compile included
-    step_s: float  # median seconds per step after the first
-    full_step_s: float | None = None  # full attention, same size and device
+    steps: int  # denoising steps that ran
+    seconds: float  # the whole stage: latents, img2img's VAE encode, every step
+    step_s: float | None  # median warm step (after the first); None: one step and no warm step timed
+    first_step_s: float | None = None  # the first step, compilation and warm-up included (None: unknown)
+    full_step_s: float | None = None  # full attention, same size and device, warm
     full_estimated: bool = False  # True: from the FLOP model, not measured
     density: float = 1.0  # fraction of (q, kv) pairs CLEAR computes exactly
+    compare_s: float = 0.0  # seconds spent timing full attention (and a warm step of a 1-step stage)
+    decode_s: float = 0.0  # VAE decode of the stage's latents into an image
+
+    @property
+    def warmup_s(self) -> float | None:
+        """What the first step took beyond a warm one: compilation, autotuning, first allocations."""
+        if self.step_s is None or self.first_step_s is None:
+            return None
+        return max(self.first_step_s - self.step_s, 0.0)
 
     @property
     def speedup(self) -> float | None:
-        return None if not self.full_step_s or self.attention == "full" else self.full_step_s / self.step_s
+        """Full attention's warm step over this stage's warm step; None for full attention or unknown."""
+        if self.attention == "full" or not self.full_step_s or not self.step_s:
+            return None
+        return self.full_step_s / self.step_s
 
     def to_json(self) -> dict:
-        return {**vars(self), "speedup": self.speedup}
+        return {**vars(self), "warmup_s": self.warmup_s, "speedup": self.speedup}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StageTiming:
+        """Inverse of to_json (derived values are recomputed); TypeError if a field is missing."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class RunTiming:
+    """Where one image's wall time went; the table, the JSON line and the PNG metadata all show this.
+
+    Loading and text encoding happen once per run: the run's first image carries them, later ones
+    show 0. The PNG's own copy stops where its save begins: save_s None, total_s up to there.
+    """
+
+    load_s: float = 0.0  # pipeline and CLEAR weights
+    encode_s: float = 0.0  # text encoders, every prompt of the run
+    stages: list[StageTiming] = field(default_factory=list)
+    save_s: float | None = None  # PNG writes: the image and its kept stages
+    total_s: float | None = None  # wall time of this image, its share of loading and encoding included
+
+    @property
+    def decode_s(self) -> float:
+        return sum(s.decode_s for s in self.stages)
+
+    @property
+    def compare_s(self) -> float:
+        return sum(s.compare_s for s in self.stages)
+
+    @property
+    def other_s(self) -> float | None:
+        """total_s less every part timed: Python, scheduling, the output-path checks."""
+        if self.total_s is None:
+            return None
+        parts = self.load_s + self.encode_s + sum(s.seconds for s in self.stages)
+        return self.total_s - parts - self.compare_s - self.decode_s - (self.save_s or 0.0)
+
+    def to_json(self) -> dict:
+        derived = {"decode_s": self.decode_s, "compare_s": self.compare_s, "other_s": self.other_s}
+        return {**vars(self), **derived, "stages": [s.to_json() for s in self.stages]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunTiming:
+        """Inverse of to_json; TypeError or KeyError if data is not a RunTiming (e.g. an older record)."""
+        names = {f.name for f in fields(cls)} - {"stages"}
+        stages = [StageTiming.from_json(s) for s in data["stages"]]
+        return cls(**{k: v for k, v in data.items() if k in names}, stages=stages)
+
+
+def now(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
 
 
 class StepClock:
-    """Times denoising steps through the pipeline's step-end callback (synchronising CUDA)."""
+    """Times a stage's denoising steps: from the transformer's first call, then at each step's end.
 
-    def __init__(self, device: torch.device, on_step: Callable[[], None] | None = None):
-        self.device, self.on_step, self.stamps = device, on_step, [time.perf_counter()]
+    Use it as the pipeline's `callback_on_step_end` inside `with clock.watching(transformer):`.
+    `on_step(done, seconds)` is called after each step with the seconds of that step.
+    """
+
+    def __init__(self, device: torch.device, on_step: Callable[[int, float], None] | None = None):
+        self.device, self.on_step = device, on_step
+        self.started = time.perf_counter()  # the stage's start
+        self.stamps: list[float] = []  # [first transformer call, end of step 1, end of step 2, ...]
+
+    @contextmanager
+    def watching(self, transformer) -> Iterator[None]:
+        def first_call(module, args, kwargs):
+            if not self.stamps:
+                synchronize(self.device)
+                self.stamps.append(time.perf_counter())
+
+        handle = transformer.register_forward_pre_hook(first_call, with_kwargs=True, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def __call__(self, pipe, step: int, timestep, kwargs: dict) -> dict:
         synchronize(self.device)
         self.stamps.append(time.perf_counter())
         if self.on_step:
-            self.on_step()
+            self.on_step(len(self.stamps) - 1, self.stamps[-1] - self.stamps[-2])
         return kwargs
 
-    def step_seconds(self) -> float:
-        """Median step time, leaving out the first (it holds compilation) when there are others."""
-        d = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
-        d = d[1:] if len(d) > 1 else d
-        return sorted(d)[len(d) // 2] if d else 0.0
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+    def warm_step_seconds(self) -> float | None:
+        """Median of the steps after the first (which holds compilation); None with one step."""
+        d = self.durations()[1:]
+        return sorted(d)[len(d) // 2] if d else None
+
+
+def time_step(transformer, inputs: dict, device: torch.device) -> float:
+    """Seconds of one more (warm) transformer call with the inputs of its last call."""
+    with torch.no_grad():
+        return samples(lambda: transformer(**inputs), device, 1)[0] / 1e3
 
 
 @contextmanager

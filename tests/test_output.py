@@ -301,12 +301,14 @@ def test_incomplete_metadata(tmp_path: Path) -> None:
         ImageRecord.from_png(tmp_path / "x.png")
 
 
-def test_describe() -> None:
-    rows = dict(describe(make_record(variant=None)))
+def test_describe_leaves_out_unset_fields_and_timings() -> None:
+    record = make_record(variant=None, extra={"ntk_factor": 10.0, "max_sequence_length": None})
+    rows = dict(describe(record))
     assert rows["prompt"] == "A castle on a hill at dawn"
     assert rows["size"] == "64x48" and rows["stages"] == "1024 -> 4096"
-    assert rows["time stage 2"] == "301.50 s" and rows["ntk_factor"] == "10.0"
-    assert "variant" not in rows
+    assert rows["ntk_factor"] == "10.0"
+    assert "variant" not in rows and "max_sequence_length" not in rows  # None: not shown
+    assert not any("time" in name for name in rows)  # `info` shows them as a table of their own
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -318,6 +320,7 @@ def test_cli_info_table_and_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["info", str(path)])
     assert result.exit_code == 0, result.output
     assert "A castle on a hill at dawn" in result.output and "1024 -> 4096" in result.output
+    assert '"stage 2": 301.5' in result.output  # timings not written by clear-gen: shown as they are
     result = runner.invoke(app, ["info", str(path), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == make_record().to_dict()
