@@ -244,7 +244,8 @@ def timing_table(timing: RunTiming, title: str) -> Table:
     for t in timing.stages:
         table.add_row(f"{t.width}x{t.height}", *_stage_cells(t), seconds(t.seconds))
     parts = [("full attn", timing.compare_s)] if timing.compare_s else []
-    parts += [("decode", timing.decode_s), ("save", timing.save_s)]
+    parts += [("decode", timing.decode_s)] if timing.decode_s else []  # 0: a record from before decode_s
+    parts += [("save", timing.save_s)]
     other = timing.other_s
     parts += [("other", other)] if other is not None and abs(other) >= 0.05 else []
     for name, value in parts:
