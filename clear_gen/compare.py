@@ -26,7 +26,8 @@ from .errors import ConfigError, OutputError
 from .flops import FluxShape, step_flops
 from .geometry import build_block_lists, image_geometry
 from .hub import resolve_base
-from .pipeline import Hooks, ImageResult, clear_weights_file, generate
+from .loading import clear_weights_file
+from .pipeline import Hooks, ImageResult, generate
 from .plan import ClearChoice, GenerateOptions, plan_stages, resolve_clear, text_tokens
 from .registry import Registry, load_registry
 

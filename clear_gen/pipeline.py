@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,15 @@ import torch
 from . import output
 from .attention import apply_clear, remove_clear, resolve_backend
 from .device import DTYPES, device_name, resolve_device, resolve_dtype
-from .errors import ConfigError, DeviceError, WeightsError
+from .errors import ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
+from .loading import (
+    clear_weights_file,
+    img2img_pipeline,
+    load_clear_weights,
+    load_pipeline,
+    place_clear_weights,
+)
 from .plan import (
     ClearChoice,
     GenerateOptions,
@@ -37,7 +43,6 @@ from .plan import (
     plan_stages,
     resolve_clear,
 )
-from .positions import use_exact_positions
 from .timing import (
     RunTiming,
     StageTiming,
@@ -66,103 +71,6 @@ class ImageResult:
             **self.record.to_dict(),
             "timings": self.timing.to_json(),
         }
-
-
-# ---------------------------------------------------------------- loading
-
-
-def clear_weights_file(choice: ClearChoice, token: str | None) -> Path | None:
-    """The checkpoint of a registry variant (from the cache or the Hub), a custom file, or None."""
-    from .hub import resolve_variant_file
-
-    if choice.weights is not None or choice.label in ("custom", "none"):
-        return choice.weights
-    return resolve_variant_file(choice.label, token)
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No loading bars, accelerate hints or deprecation notes from diffusers and transformers."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
-    diffusers.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.disable_progress_bar()
-    transformers.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            yield
-    finally:
-        diffusers.logging.set_verbosity(levels[0])
-        transformers.logging.set_verbosity(levels[1])
-        diffusers.logging.enable_progress_bar()
-        transformers.logging.enable_progress_bar()
-
-
-def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtype):
-    """FluxPipeline from a registry base, Hub repo or local directory, placed per --offload."""
-    from diffusers import FluxPipeline
-
-    from .hub import resolve_base
-
-    path = resolve_base(opts.model, opts.token)
-    with _quiet_loading():
-        try:
-            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise WeightsError(
-                f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
-                f"fetch one with `clear-gen download --base dev`"
-            ) from e
-        if opts.offload == "none":
-            pipe.to(device)
-        elif opts.offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.enable_sequential_cpu_offload(device=device)
-    pipe.set_progress_bar_config(disable=True)
-    use_exact_positions(pipe.transformer)  # RoPE sees integer positions in every stage and dtype
-    return pipe
-
-
-def load_clear_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A CLEAR .safetensors checkpoint into a state dict on the CPU."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise WeightsError(
-            f"{path} is not a readable .safetensors checkpoint ({e}); download it again"
-        ) from e
-
-
-ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 16  # live activations at a step's peak, in units of tokens x hidden
-
-
-def place_clear_weights(state_dict: dict, transformer, tokens: int) -> dict:
-    """The checkpoint on the transformer's GPU, in its dtype, when it fits beside the largest stage's
-    activations: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way (twice
-    per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
-
-    The activation estimate (16 x tokens x hidden x element size, ~22 GB at 8K in bf16) is a rough
-    bound on what one FLUX block keeps alive at once, plus a 2 GiB margin.
-    """
-    param = transformer.x_embedder.weight
-    if param.device.type != "cuda":
-        return state_dict
-    size = sum(v.numel() for v in state_dict.values()) * param.element_size()
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    activations = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * hidden * param.element_size()
-    free, _ = torch.cuda.mem_get_info(param.device)
-    if free > size + activations + 2 * 2**30:
-        return {k: v.to(param.device, param.dtype) for k, v in state_dict.items()}
-    return {k: v.pin_memory() for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------- generation
@@ -216,25 +124,6 @@ def _decode(pipe, latents: torch.Tensor, stage: Stage) -> Any:
         image = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
     pipe.maybe_free_model_hooks()  # with --offload, the VAE leaves the GPU as after a pipeline call
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
-def _img2img(pipe):
-    """FluxImg2ImgPipeline sharing pipe's modules as they are, with the recipe's static shift.
-
-    Built directly rather than with `from_pipe`, which casts every shared module to float32 unless told
-    a dtype (a bf16 run then crashes on mixed dtypes, and a 12B transformer doubles in size).
-    """
-    import inspect
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
-
-    wanted = inspect.signature(FluxImg2ImgPipeline.__init__).parameters
-    img2img = FluxImg2ImgPipeline(**{k: v for k, v in pipe.components.items() if k in wanted})
-    img2img.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, use_dynamic_shifting=False
-    )
-    img2img.set_progress_bar_config(disable=True)
-    return img2img
 
 
 @dataclass
@@ -301,7 +190,7 @@ def _load_and_generate(
     pipe = load_pipeline(opts, device, dtype)
     if max(opts.width, opts.height) > 2048:
         pipe.vae.enable_tiling()
-    img2img = _img2img(pipe) if len(stages) > 1 else None
+    img2img = img2img_pipeline(pipe) if len(stages) > 1 else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
     max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
