@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .attention import apply_clear, clear_config, remove_clear  # noqa: E402
 from .errors import ClearGenError  # noqa: E402
-from .pipeline import GenerateOptions, generate  # noqa: E402
+from .pipeline import GenerateOptions, generate, upscale  # noqa: E402
 
 __all__ = [
     "ClearGenError",
@@ -14,4 +14,5 @@ __all__ = [
     "clear_config",
     "generate",
     "remove_clear",
+    "upscale",
 ]

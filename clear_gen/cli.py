@@ -134,7 +134,7 @@ OUTPUT, RUN, WHAT, SHAPE = "Output", "Run", "What", "Model shape"
 _D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
 
 
-def _recipe(
+def _size(
     res: int = typer.Option(
         None,
         help="Square side in px: a multiple of 16 (64 for -down4).",
@@ -155,6 +155,11 @@ def _recipe(
     direct: bool = typer.Option(
         False, "--direct", help="No first pass: text-to-image at the target.", rich_help_panel=SIZE
     ),
+) -> None:
+    """Generate's size options, shared with compare (only its signature is used)."""
+
+
+def _recipe(
     model: str = typer.Option(
         None,
         help="Base (dev, schnell), Hub repo id or local folder.",
@@ -199,7 +204,27 @@ def _recipe(
         "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
     ),
 ) -> None:
-    """The generation recipe's options, shared by `generate` and `compare` (only its signature is used)."""
+    """The recipe's options, shared by every command that generates (only its signature is used)."""
+
+
+def _attention(
+    variant: str = typer.Option(
+        None,
+        help="CLEAR weights (clear-gen weights); none = full attention.",
+        show_default="r8-down4; none <= 1024 px",
+        rich_help_panel=MODEL,
+    ),
+    window: int = typer.Option(
+        None, help="Custom CLEAR window r (instead of --variant).", rich_help_panel=MODEL
+    ),
+    down_factor: int = typer.Option(
+        None, help="Custom down factor f (with --window).", rich_help_panel=MODEL
+    ),
+    clear_weights: Path = typer.Option(
+        None, help="Custom .safetensors (with --window); none: training-free.", rich_help_panel=MODEL
+    ),
+) -> None:
+    """Which attention: a variant, or a custom window (generate and upscale; only its signature is used)."""
 
 
 # Passed on even when None: with --from, these do not come from the image's record (dtype and backend
@@ -207,13 +232,18 @@ def _recipe(
 _ALWAYS = {"keep_stages", "out", "device", "offload", "compare_full", "token"}
 
 
-def _with_recipe(command: Callable) -> Callable:
-    """Append the recipe options to `command`'s own; Typer passes them in as keyword arguments (**recipe)."""
-    sig = inspect.signature(command, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    shared = list(inspect.signature(_recipe, eval_str=True).parameters.values())
-    command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
-    return command
+def _with(*groups: Callable) -> Callable:
+    """Append the options of `groups` (_size, _attention, _recipe) to a command's own; Typer passes them
+    in as keyword arguments (**recipe)."""
+
+    def decorate(command: Callable) -> Callable:
+        sig = inspect.signature(command, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        shared = [p for g in groups for p in inspect.signature(g, eval_str=True).parameters.values()]
+        command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
+        return command
+
+    return decorate
 
 
 def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:
@@ -222,10 +252,12 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
     from .pipeline import GenerateOptions, options_from_record
 
     recipe = dict(recipe)
-    w, h = _dimensions(recipe.pop("res"), recipe.pop("width"), recipe.pop("height"))
+    w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
+    if "clear_weights" in recipe:
+        recipe["clear_weights"] = str(recipe["clear_weights"]) if recipe["clear_weights"] else None
     recipe["proportional_attention"] = _on_off(recipe["proportional_attention"], "--proportional-attention")
-    long_sides = _ints(recipe.pop("stages"), "--stages")
-    upscale_from, direct = recipe.pop("upscale_from"), recipe.pop("direct")
+    long_sides = _ints(recipe.pop("stages", None), "--stages")
+    upscale_from, direct = recipe.pop("upscale_from", None), recipe.pop("direct", False)
     if upscale_from is not None or direct:
         if long_sides or (upscale_from is not None and direct):
             raise ConfigError("give only one of --stages, --upscale-from and --direct")
@@ -248,24 +280,9 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
 
 
 @app.command()
-@_with_recipe
+@_with(_size, _attention, _recipe)
 def generate(
     prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
-    variant: str = typer.Option(
-        None,
-        help="CLEAR weights (clear-gen weights); none = full attention.",
-        show_default="r8-down4; none <= 1024 px",
-        rich_help_panel=MODEL,
-    ),
-    window: int = typer.Option(
-        None, help="Custom CLEAR window r (instead of --variant).", rich_help_panel=MODEL
-    ),
-    down_factor: int = typer.Option(
-        None, help="Custom down factor f (with --window).", rich_help_panel=MODEL
-    ),
-    clear_weights: Path = typer.Option(
-        None, help="Custom .safetensors (with --window); none: training-free.", rich_help_panel=MODEL
-    ),
     seed: list[int] = typer.Option(
         None,
         help="Seed; repeat for several images.",
@@ -312,10 +329,6 @@ def generate(
         recipe,
         from_image,
         prompts=_prompts(prompt, prompts_file) or None,
-        variant=variant,
-        window=window,
-        down_factor=down_factor,
-        clear_weights=str(clear_weights) if clear_weights else None,
         seeds=list(seed or []) or None,
         count=count,
         keep_stages=keep_stages,
@@ -330,7 +343,82 @@ def generate(
 
 
 @app.command()
-@_with_recipe
+@_with(_attention, _recipe)
+def upscale(
+    args: list[str] = typer.Argument(
+        ...,
+        help="Image files or folders (PNG, JPEG, WebP), and the prompt if you give one.",
+        metavar="IMAGE... [PROMPT]",
+    ),
+    prompt: str = typer.Option(
+        None, help="The prompt.", show_default="the picture's metadata, else none", rich_help_panel=PROMPTS
+    ),
+    res: int = typer.Option(None, help="Long side of the result in px.", rich_help_panel=SIZE),
+    scale: float = typer.Option(
+        None, help="Factor, aspect ratio kept.", show_default="2", rich_help_panel=SIZE
+    ),
+    width: int = typer.Option(None, help="Width in px (aspect kept if alone).", rich_help_panel=SIZE),
+    height: int = typer.Option(None, help="Height in px (aspect kept if alone).", rich_help_panel=SIZE),
+    stages: str = typer.Option(
+        None,
+        help="Long sides after the picture, e.g. 2048,4096.",
+        show_default="target",
+        rich_help_panel=SIZE,
+    ),
+    seed: list[int] = typer.Option(
+        None,
+        help="Seed; repeat for several results.",
+        show_default="random",
+        metavar="INT",
+        rich_help_panel=PROMPTS,
+    ),
+    count: int = typer.Option(None, help="Results per picture, random seeds.", rich_help_panel=PROMPTS),
+    out: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Output file or folder.",
+        show_default="current folder",
+        rich_help_panel=OUTPUT,
+    ),
+    keep_stages: bool = typer.Option(
+        False, "--keep-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per image on stdout.", rich_help_panel=OUTPUT
+    ),
+    no_compare_full: bool = typer.Option(
+        False,
+        "--no-compare-full",
+        help="Skip timing full attention at each CLEAR size.",
+        rich_help_panel=OUTPUT,
+    ),
+    **recipe: Any,
+) -> None:
+    """Upscale existing pictures to 2K-8K: SDEdit stages with CLEAR, as generate's after its first pass."""
+    from .display import GenerateDisplay
+    from .pipeline import upscale as run_upscale
+    from .source import UpscaleTarget, split_arguments
+
+    # 1. Parse: which arguments are pictures, the prompt, the size, the recipe.
+    inputs, text = split_arguments(args, prompt)
+    opts = _generate_options(
+        {**recipe, "stages": stages},
+        prompts=[text] if text else [],
+        seeds=list(seed or []) or None,
+        count=count,
+        keep_stages=keep_stages,
+        out=out,
+        compare_full=not no_compare_full,
+    )
+    target = UpscaleTarget(res=res, scale=scale, width=width, height=height)
+    # 2. Upscale, showing progress and a timing table on stderr, JSON on stdout.
+    with GenerateDisplay(err, as_json) as display:
+        run_upscale(opts, inputs, target, display.hooks())
+
+
+@app.command()
+@_with(_size, _recipe)
 def compare(
     prompt: str = typer.Argument(..., help="What to draw."),
     variants: str = typer.Option(

@@ -34,6 +34,7 @@ from .loading import (
     place_clear_weights,
 )
 from .plan import (
+    MAX_SIDE,
     ClearChoice,
     GenerateOptions,
     Stage,
@@ -41,8 +42,12 @@ from .plan import (
     image_seeds,
     options_from_record,  # noqa: F401  (re-exported for the CLI)
     plan_stages,
+    plan_upscale,
     resolve_clear,
+    size_multiple,
+    text_tokens,
 )
+from .source import Source, UpscaleTarget, check_larger, image_files, load_source
 from .timing import (
     RunTiming,
     StageTiming,
@@ -71,6 +76,17 @@ class ImageResult:
             **self.record.to_dict(),
             "timings": self.timing.to_json(),
         }
+
+
+@dataclass
+class Job:
+    """One image to make: its prompt, seed and stages, and the picture its first stage starts from."""
+
+    prompt: str
+    seed: int
+    stages: list[Stage]
+    first: Any = None  # PIL image (upscale); None: the first stage is text-to-image
+    source: dict[str, Any] | None = None  # the picture's file, sha256 and size, recorded in the PNG
 
 
 # ---------------------------------------------------------------- generation
@@ -171,16 +187,95 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
     check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
     if choice.note:
         hooks.note(choice.note)
-    # 2. Load, then generate; GPU memory can run out anywhere in there.
+    # 2. Load, then generate.
+    jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
+
+
+def upscale(
+    opts: GenerateOptions,
+    inputs: list[str | Path],
+    target: UpscaleTarget | None = None,
+    hooks: Hooks | None = None,
+) -> list[ImageResult]:
+    """Take existing pictures to a larger size with CLEAR's SDEdit stages: generate's code path, the first
+    stage starting from each picture instead of a text-to-image pass. `opts.prompts`: [] (each picture's
+    own prompt from its metadata, else none) or [prompt]; `opts.stages`: long sides after the picture."""
+    from .hub import check_run_weights
+
+    started = time.perf_counter()
+    hooks, target = hooks or Hooks(), target or UpscaleTarget()
+    if opts.stages and target == UpscaleTarget():  # no size given: the last stage is the target
+        target = UpscaleTarget(res=opts.stages[-1])
+    # 1. Read every picture, then plan every image, before loading gigabytes.
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    sources = _read_sources([Path(p) for p in inputs], hooks)
+    choice = resolve_clear(replace(opts, width=MAX_SIDE, height=MAX_SIDE))  # the variant, if any
+    sized = [(src, *target.size(src.size, size_multiple(choice.down_factor))) for src in sources]
+    largest = max(sized, key=lambda s: s[1] * s[2])
+    choice = resolve_clear(replace(opts, width=largest[1], height=largest[2]))  # none at <= 1024 px
+    seeds = image_seeds(opts.seeds, opts.count)
+    jobs = []
+    for src, w, h, note in sized:
+        check_larger(src.size, (w, h), src.path)
+        stages = plan_upscale(replace(opts, width=w, height=h), choice)
+        prompt = _source_prompt(opts, src, hooks)
+        for text in [*src.notes, note]:
+            if text:
+                hooks.note(f"{src.path.name}: {text}")
+        info = {"file": src.path.name, "sha256": src.sha256, "width": src.size[0], "height": src.size[1]}
+        jobs += [Job(prompt, seed, stages, src.image, info) for seed in seeds]
+    probe = output.ImageRecord(prompt=jobs[0].prompt, seed=seeds[0], model=opts.model, steps=1,
+                               guidance=0.0, width=largest[1], height=largest[2])  # fmt: skip
+    output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    check_run_weights(opts.model, choice.hub_variant)
+    if choice.note:
+        hooks.note(choice.note)
+    # 2. Load once, then upscale every picture.
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
+
+
+def _read_sources(inputs: list[Path], hooks: Hooks) -> list[Source]:
+    """Every input picture; one a folder holds that cannot be read is skipped with a note."""
+    files, notes = image_files(inputs)
+    sources = []
+    for path, from_folder in files:
+        try:
+            sources.append(load_source(path))
+        except ConfigError as e:
+            if not from_folder:
+                raise
+            notes.append(f"skipped: {e}")
+    for note in notes:
+        hooks.note(note)
+    if not sources:
+        raise ConfigError(f"no image to upscale in {', '.join(map(str, inputs))} (PNG, JPEG or WebP)")
+    return sources
+
+
+def _source_prompt(opts: GenerateOptions, src: Source, hooks: Hooks) -> str:
+    """The prompt given, else the one the picture's metadata holds, else none (said once per picture)."""
+    if opts.prompts and opts.prompts[0].strip():
+        return opts.prompts[0].strip()
+    if src.prompt:
+        hooks.note(f"{src.path.name}: prompt from its {src.prompt_from} metadata: {src.prompt[:60]!r}")
+        return src.prompt
+    hooks.note(
+        f"{src.path.name}: no prompt given or found in it; a prompt describing the picture usually helps"
+    )
+    return ""
+
+
+def _run_jobs(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
+    """Load once, then make every job's image; GPU memory can run out anywhere in there."""
     try:
-        return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype, started)
+        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started)
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
 
 
-def _load_and_generate(
-    opts, hooks, prompts, seeds, choice, stages, device, dtype, started
-) -> list[ImageResult]:
+def _load_and_generate(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
     # 1. The CLEAR weights and the pipeline; every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     hooks.phase("load", f"FLUX.1 {opts.model}" + (clear if choice.window else ""))
@@ -188,32 +283,30 @@ def _load_and_generate(
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
     pipe = load_pipeline(opts, device, dtype)
-    if max(opts.width, opts.height) > 2048:
-        pipe.vae.enable_tiling()
-    img2img = img2img_pipeline(pipe) if len(stages) > 1 else None
+    img2img = img2img_pipeline(pipe) if any(s.sdedit for job in jobs for s in job.stages) else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
-    max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
+    prompts = list(dict.fromkeys(job.prompt for job in jobs))
     hooks.phase("encode", f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}")
     t0 = now(device)
-    embeds = _encode(pipe, prompts, device, max_len, opts.offload)
+    embeds = dict(zip(prompts, _encode(pipe, prompts, device, text_tokens(opts), opts.offload), strict=True))
     encode_s = now(device) - t0
     hooks.phase_done("encode", encode_s)
     if state_dict is not None and opts.offload == "none":  # once the text encoders have left the GPU
         t0 = now(device)
-        state_dict = place_clear_weights(state_dict, pipe.transformer, max(s.tokens for s in stages))
+        tokens = max(s.tokens for job in jobs for s in job.stages)
+        state_dict = place_clear_weights(state_dict, pipe.transformer, tokens)
         load_s += now(device) - t0
-    # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
-    run = _Run(pipe, img2img, opts, choice, stages, state_dict, device, hooks)
+    # 2. Every job: its stages, then save (each image as soon as it is done).
+    run = _Run(pipe, img2img, opts, choice, state_dict, device, hooks)
     results, mark = [], started
     try:
-        for prompt, emb in zip(prompts, embeds, strict=True):
-            for seed in seeds:
-                timing = RunTiming() if results else RunTiming(load_s, encode_s)  # the first carries them
-                result = _one_image(run, emb, prompt, seed, timing, mark)
-                mark += timing.total_s  # the next image's time starts where this one's ended
-                results.append(result)
-                hooks.image_done(result)
+        for job in jobs:
+            timing = RunTiming() if results else RunTiming(load_s, encode_s)  # the first carries them
+            result = _one_image(run, job, embeds[job.prompt], timing, mark)
+            mark += timing.total_s  # the next image's time starts where this one's ended
+            results.append(result)
+            hooks.image_done(result)
     finally:
         remove_clear(pipe.transformer)
     return results
@@ -233,21 +326,20 @@ class _Run:
     img2img: Any  # FluxImg2ImgPipeline sharing pipe's modules; None with one stage
     opts: GenerateOptions
     choice: ClearChoice
-    stages: list[Stage]
     state_dict: dict[str, torch.Tensor] | None
     device: torch.device
     hooks: Hooks
 
 
-def _one_image(run: _Run, emb, prompt: str, seed: int, timing: RunTiming, started: float) -> ImageResult:
+def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult:
     """Every stage of one image (each decoded: the next starts from its image), then its PNG.
 
     `started`: where this image's wall time begins (the run's start for the first image).
     """
-    image, stage_paths, save_s, hooks, n = None, [], 0.0, run.hooks, len(run.stages)
-    for i, stage in enumerate(run.stages):
+    image, stage_paths, save_s, hooks, n = job.first, [], 0.0, run.hooks, len(job.stages)
+    for i, stage in enumerate(job.stages):
         hooks.stage_start(i, n, stage)
-        latents, stage_timing = _stage(run, stage, emb, image, seed)
+        latents, stage_timing = _stage(run, stage, emb, image, job.seed)
         hooks.phase("decode", f"{stage.width}x{stage.height}")
         t0 = now(run.device)
         image = _decode(run.pipe, latents, stage)
@@ -255,11 +347,11 @@ def _one_image(run: _Run, emb, prompt: str, seed: int, timing: RunTiming, starte
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
         if run.opts.keep_stages and i < n - 1:
-            record = _record(run, prompt, seed, run.stages[: i + 1], timing, started)
+            record = _record(run, job, job.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
             stage_paths.append(path)
             save_s += seconds
-    record = _record(run, prompt, seed, run.stages, timing, started)
+    record = _record(run, job, job.stages, timing, started)
     path, seconds = _save(image, record, run)
     timing.save_s = save_s + seconds
     timing.total_s = time.perf_counter() - started
@@ -276,6 +368,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         apply_clear(transformer, **kwargs)
     else:
         remove_clear(transformer)
+    _vae_tiling(run.pipe.vae, stage)
     geo = _geometry(stage, choice, emb[0].shape[1]) if stage.clear else None  # emb[0]: (1, T, D)
     compiling = _first_run(geo, opts.backend, device, transformer.dtype)
     # 2. Denoise, timing every step.
@@ -299,6 +392,17 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     elif not stage.clear:
         timing.full_step_s = timing.step_s
     return latents, timing
+
+
+VAE_TILING_ABOVE = 2048  # px: larger stages encode and decode in tiles (the VAE's memory grows with area)
+
+
+def _vae_tiling(vae, stage: Stage) -> None:
+    """Tiles for this stage's VAE encode (img2img) and decode when it is larger than 2048 px."""
+    if max(stage.width, stage.height) > VAE_TILING_ABOVE:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
 
 
 _FIRST_RUNS: set[tuple] = set()  # (geometry, device, dtype) whose flex kernels this process has compiled
@@ -353,14 +457,15 @@ def _save(image, record: output.ImageRecord, run: _Run) -> tuple[Path, float]:
 
 
 def _record(
-    run: _Run, prompt: str, seed: int, stages: list[Stage], timing: RunTiming, started: float
+    run: _Run, job: Job, stages: list[Stage], timing: RunTiming, started: float
 ) -> output.ImageRecord:
     """What made the image of `stages` (all, or the first few for a kept stage): `--from` re-makes it.
 
     Its timings end where its own save begins: no save_s, and total_s up to there.
     """
     opts, choice = run.opts, run.choice
-    last, clear, several = stages[-1], any(s.clear for s in stages), len(stages) > 1
+    last, clear = stages[-1], any(s.clear for s in stages)
+    several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
     extra = {
         "first_steps": opts.first_steps if several else None,
         "first_guidance": opts.first_guidance if several else None,
@@ -371,11 +476,12 @@ def _record(
         "dtype": next(name for name, d in DTYPES.items() if d == run.pipe.transformer.dtype),
         "backend": opts.backend,
         "device": device_name(run.device),
+        "source": job.source,  # upscale: the picture the first stage started from
     }
     model = Path(opts.model).expanduser()
     return output.ImageRecord(
-        prompt=prompt,
-        seed=seed,
+        prompt=job.prompt,
+        seed=job.seed,
         model=os.path.abspath(model) if model.is_dir() else opts.model,
         variant=choice.label if clear else "none",
         window=choice.window if clear else None,
@@ -385,7 +491,7 @@ def _record(
         width=last.width,
         height=last.height,
         stages=[max(s.width, s.height) for s in stages],
-        strength=opts.strength if several else None,
+        strength=opts.strength if any(s.sdedit for s in stages) else None,
         timings=replace(
             timing, stages=timing.stages[: len(stages)], save_s=None, total_s=time.perf_counter() - started
         ).to_json(),

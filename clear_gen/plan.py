@@ -222,10 +222,36 @@ def check_options(opts: GenerateOptions) -> None:
 
 def plan_stages(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
     """The stages of one image, checked before anything heavy is loaded."""
+    sizes = _checked_sizes(opts, choice, default_stages(opts.width, opts.height, opts.stages))
+    use_clear = choice.window is not None
+    if len(sizes) == 1:
+        w, h = sizes[0]
+        return [Stage(w, h, use_clear, opts.steps, 3.5 if opts.guidance is None else opts.guidance, False)]
+    first = Stage(*sizes[0], False, opts.first_steps, opts.first_guidance, False)
+    return [first] + sdedit_stages(opts, choice, sizes[1:])
+
+
+def plan_upscale(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
+    """The stages of an upscale to opts.width x opts.height: every one an SDEdit stage, the first from the
+    given picture (which is not a stage); `opts.stages` lists the long sides after it."""
+    long_sides = default_stages(opts.width, opts.height, opts.stages or [max(opts.width, opts.height)])
+    return sdedit_stages(opts, choice, _checked_sizes(opts, choice, long_sides))
+
+
+def sdedit_stages(opts: GenerateOptions, choice: ClearChoice, sizes: list[tuple[int, int]]) -> list[Stage]:
+    """img2img stages, each from the previous image: CLEAR (when chosen) with the recipe's defaults."""
+    guidance = 7.5 if opts.guidance is None else opts.guidance
+    use_clear = choice.window is not None
+    return [Stage(w, h, use_clear, opts.steps, guidance, True, opts.strength) for w, h in sizes]
+
+
+def _checked_sizes(
+    opts: GenerateOptions, choice: ClearChoice, long_sides: list[int]
+) -> list[tuple[int, int]]:
+    """(w, h) of each stage at these long sides, every number checked: the last is the target."""
     check_options(opts)
     multiple = size_multiple(choice.down_factor)
     check_size(opts.width, opts.height, multiple)
-    long_sides = default_stages(opts.width, opts.height, opts.stages)
     if long_sides[-1] != max(opts.width, opts.height):
         raise ConfigError(
             f"the last stage ({long_sides[-1]} px) must be the target's long side "
@@ -234,13 +260,7 @@ def plan_stages(opts: GenerateOptions, choice: ClearChoice) -> list[Stage]:
     sizes = stage_sizes(opts.width, opts.height, long_sides, multiple)
     for w, h in sizes:
         check_size(w, h, multiple)
-    use_clear = choice.window is not None
-    if len(sizes) == 1:
-        w, h = sizes[0]
-        return [Stage(w, h, use_clear, opts.steps, 3.5 if opts.guidance is None else opts.guidance, False)]
-    first = Stage(*sizes[0], False, opts.first_steps, opts.first_guidance, False)
-    guidance = 7.5 if opts.guidance is None else opts.guidance
-    return [first] + [Stage(w, h, use_clear, opts.steps, guidance, True, opts.strength) for w, h in sizes[1:]]
+    return sizes
 
 
 def clear_kwargs(opts: GenerateOptions, choice: ClearChoice, stage: Stage, state_dict) -> dict:
@@ -263,6 +283,12 @@ def options_from_record(record, **overrides) -> GenerateOptions:
     An override of the attention (variant, window, down factor or CLEAR weights) replaces the record's
     attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window."""
     extra = record.extra or {}
+    if extra.get("source"):
+        src = extra["source"]
+        raise ConfigError(
+            f"this image was upscaled from {src.get('file')} (sha256 {str(src.get('sha256'))[:12]}...): "
+            f"re-make it with `clear-gen upscale {src.get('file')}` and the settings `clear-gen info` shows"
+        )
     custom = record.variant == "custom"
     opts = GenerateOptions(
         prompts=[record.prompt],

@@ -61,12 +61,13 @@ def split_arguments(args: list[str], prompt: str | None) -> tuple[list[Path], st
     return inputs, words[0] if words else None
 
 
-def image_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
-    """Input files, folders expanded to their images (sorted); notes for entries that cannot be read."""
+def image_files(inputs: list[Path]) -> tuple[list[tuple[Path, bool]], list[str]]:
+    """(file, found in a folder) for every input, folders expanded to their images (sorted); notes for
+    folder entries that cannot be read (a batch skips them and goes on)."""
     files, notes = [], []
     for path in inputs:
         if not path.is_dir():
-            files.append(path)
+            files.append((path, False))
             continue
         try:
             entries = sorted(path.iterdir())
@@ -77,7 +78,7 @@ def image_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
             if entry.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if entry.is_file() and os.access(entry, os.R_OK):
-                files.append(entry)
+                files.append((entry, True))
             else:
                 notes.append(f"skipped {entry}: not a readable file")
     return files, notes
@@ -198,6 +199,19 @@ def _text_of(graph: dict, link, depth: int) -> str | None:
 
 
 # ---------------------------------------------------------------- the size to reach
+
+
+@dataclass(frozen=True)
+class UpscaleTarget:
+    """How big to make each picture: one of a long side, a factor, or explicit sides (default: x2)."""
+
+    res: int | None = None  # long side in px, aspect ratio kept
+    scale: float | None = None  # factor, aspect ratio kept
+    width: int | None = None  # explicit sides (one alone keeps the aspect ratio)
+    height: int | None = None
+
+    def size(self, source: tuple[int, int], multiple: int) -> tuple[int, int, str | None]:
+        return target_size(source, multiple, self.res, self.scale, self.width, self.height)
 
 
 def target_size(

@@ -52,3 +52,32 @@ def tiny_inputs(batch: int, text_len: int, h: int, w: int, dtype=torch.float32, 
 @pytest.fixture
 def transformer():
     return tiny_transformer()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny FLUX.1 pipeline in diffusers format, written once per test session (read-only for tests)."""
+    from tiny_pipeline import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Offline, with an empty Hugging Face cache (modules use it with pytest.mark.usefixtures)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """clear-gen in this process: (exit code, stdout, stderr)."""
+    from clear_gen.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -13,21 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_pipeline import save_tiny_flux
 
 from clear_gen import compare
-from clear_gen.cli import main
 from clear_gen.output import ImageRecord
 from clear_gen.plan import GenerateOptions
 
+pytestmark = pytest.mark.usefixtures("offline_hub")
+
 CHECKPOINT = "clear_local_8.safetensors"  # a published file name: --variant PATH reads r = 8, f = 1 from it
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_flux(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +42,6 @@ def checkpoints(tiny, tmp_path_factory) -> tuple[Path, Path]:
         path.parent.mkdir()
         save_file(sd, str(path))
     return paths
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """Every test runs offline with an empty Hugging Face cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    """clear-gen in this process: (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def recipe(tiny: Path) -> list[str]:

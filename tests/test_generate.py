@@ -13,19 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_pipeline import save_tiny_flux
 
-from clear_gen.cli import main
 from clear_gen.output import ImageRecord
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_flux(tmp_path_factory.mktemp("model"))
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("offline_hub")]
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +35,6 @@ def clear_file(tiny, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clear") / "clear_tiny_2.safetensors"
     save_file(sd, str(path))
     return path
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """Every test runs offline with an empty Hugging Face cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    """clear-gen in this process: (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def common(tiny: Path, out: Path) -> list[str]:

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 from rich.console import Console
 from test_generate import common, run
-from tiny_pipeline import save_tiny_flux
 
 import clear_gen.display as D
 from clear_gen.output import ImageRecord
@@ -133,15 +132,10 @@ def test_clear_runs_by_default_only_above_1024_px(size, given, label):
 # ---- end to end on the tiny pipeline -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_flux(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def _offline(request):
+    if "tiny" in request.fixturenames:  # the end-to-end tests below: offline, empty cache
+        request.getfixturevalue("offline_hub")
 
 
 def in_order(text: str, parts: list[str]) -> bool:

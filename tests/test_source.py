@@ -47,7 +47,9 @@ def test_folder_expands_to_its_images_and_notes_what_it_skips(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link: unreadable
     files, notes = image_files([tmp_path])
-    assert [f.name for f in files] == ["a.jpg", "b.png", "c.webp"]
+    assert [(f.name, from_folder) for f, from_folder in files] == [
+        ("a.jpg", True), ("b.png", True), ("c.webp", True)
+    ]  # fmt: skip
     assert notes == [f"skipped {tmp_path / 'gone.png'}: not a readable file"]
 
 
