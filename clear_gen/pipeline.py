@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from . import output
+from . import quantize as Q
 from .attention import apply_clear, remove_clear, resolve_backend
 from .device import DTYPES, device_name, resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
 from .loading import (
+    check_transformer_file,
     clear_weights_file,
     img2img_pipeline,
     load_clear_weights,
@@ -168,7 +170,9 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
+    Q.check_device(opts.quantize, opts.quantize_text, device, opts.offload, gguf=opts.transformer is not None)
+    check_run_weights(opts.model, choice.hub_variant, transformer=opts.transformer)  # all there or fetchable
+    check_transformer_file(opts)  # a GGUF --transformer on disk: whole, and a transformer of this base
     if choice.note:
         hooks.note(choice.note)
     # 2. Load, then generate; GPU memory can run out anywhere in there.
@@ -183,7 +187,8 @@ def _load_and_generate(
 ) -> list[ImageResult]:
     # 1. The CLEAR weights and the pipeline; every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
-    hooks.phase("load", f"FLUX.1 {opts.model}" + (clear if choice.window else ""))
+    quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
+    hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else ""))
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
@@ -352,6 +357,13 @@ def _save(image, record: output.ImageRecord, run: _Run) -> tuple[Path, float]:
     return path, seconds
 
 
+def _transformer_source(spec: str | None) -> str | None:
+    """--transformer as the PNG records it: a local file's absolute path, a Hub file as given."""
+    if spec is None or not Path(spec).expanduser().is_file():
+        return spec
+    return os.path.abspath(Path(spec).expanduser())
+
+
 def _record(
     run: _Run, prompt: str, seed: int, stages: list[Stage], timing: RunTiming, started: float
 ) -> output.ImageRecord:
@@ -371,6 +383,9 @@ def _record(
         "dtype": next(name for name, d in DTYPES.items() if d == run.pipe.transformer.dtype),
         "backend": opts.backend,
         "device": device_name(run.device),
+        "quantize": None if opts.quantize == "none" else opts.quantize,
+        "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
+        "transformer": _transformer_source(opts.transformer),
     }
     model = Path(opts.model).expanduser()
     return output.ImageRecord(
