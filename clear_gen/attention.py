@@ -348,15 +348,15 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
     A tensor already on its parameter's device and in its dtype is swapped in without a copy (the
     parameter then shares the checkpoint's storage, and the original stays where it was): with both
     sets on the GPU, apply and remove cost nothing. Any other is copied in, the original going to
-    (pinned, on a CUDA machine) CPU memory. A quantized projection (`_is_quantized`) is never written
-    into: a plain Linear holding the checkpoint's tensors takes its place, and the original module waits
-    in `state.modules`.
+    (pinned, on a CUDA machine) CPU memory. A quantized projection is never written into, and a
+    sequentially offloaded one holds no data to write into (`_swapped_whole`): a plain Linear holding
+    the checkpoint's tensors takes its place, and the original module waits in `state.modules`.
     """
     swapped: dict[str, dict[str, Tensor]] = {}  # module name -> {"weight": ..., "bias": ...}
     with torch.no_grad():
         for key, value in state_dict.items():
             name, _, kind = key.rpartition(".")
-            if kind != "spatial_weight" and _is_quantized(transformer.get_submodule(name)):
+            if kind != "spatial_weight" and _swapped_whole(transformer.get_submodule(name)):
                 swapped.setdefault(name, {})[kind] = value
                 continue
             param = transformer.get_parameter(key)
@@ -374,11 +374,13 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
             transformer.set_submodule(name, _plain_linear(original, tensors, transformer.dtype))
 
 
-def _is_quantized(module: torch.nn.Module) -> bool:
-    """A projection in quantized storage: a torchao tensor-subclass weight, a GGUFLinear holding a
-    GGUFParameter, a bitsandbytes Linear4bit holding Params4bit. Anything but a plain Linear with a
-    plain Parameter counts, so nothing is ever copied into packed bytes."""
-    return type(module) is not torch.nn.Linear or type(module.weight) is not torch.nn.Parameter
+def _swapped_whole(module: torch.nn.Module) -> bool:
+    """A projection replaced as a module rather than in its parameters: one in quantized storage (a torchao
+    tensor-subclass weight, a GGUFLinear holding a GGUFParameter, a bitsandbytes Linear4bit; anything
+    but a plain Linear with a plain Parameter, so nothing is ever copied into packed bytes), or one under
+    accelerate's sequential offload (its weight is on 'meta', the data in the hook's CPU map)."""
+    quantized = type(module) is not torch.nn.Linear or type(module.weight) is not torch.nn.Parameter
+    return quantized or getattr(getattr(module, "_hf_hook", None), "offload", False)
 
 
 def _plain_linear(original: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> torch.nn.Linear:
@@ -449,7 +451,7 @@ def apply_clear(
         check_checkpoint(transformer, state_dict, down_factor)
     remove_clear(transformer)
     state = _ClearState(config, theta=transformer.pos_embed.theta)
-    like = torch.empty(0, dtype=transformer.dtype, device=transformer.x_embedder.weight.device)  # not uint8
+    like = torch.empty(0, dtype=transformer.dtype, device=_compute_device(transformer))  # not GGUF's uint8
     for name, attn in _attn_modules(transformer).items():
         state.processors[name] = attn.processor
         attn.set_processor(ClearAttnProcessor(state, like))
@@ -461,6 +463,15 @@ def apply_clear(
         transformer.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
     ]
     transformer._clear_state = state
+
+
+def _compute_device(transformer) -> torch.device:
+    """Where the transformer computes: its weights' device, or under accelerate's sequential offload (the
+    weights on 'meta' between calls) its hook's execution device."""
+    hook = getattr(transformer.x_embedder, "_hf_hook", None)
+    if getattr(hook, "offload", False):
+        return torch.device(hook.execution_device)
+    return transformer.x_embedder.weight.device
 
 
 def remove_clear(transformer) -> None:

@@ -62,10 +62,10 @@ def write_gguf(model: torch.nn.Module, path: Path, names=None) -> Path:
     return path
 
 
-def clear_checkpoint(model, seed: int = 3) -> dict[str, torch.Tensor]:
-    """A CLEAR checkpoint (r = 2, f = 1) for `model`, in the published key format, float32 on the CPU."""
+def clear_checkpoint(model, seed: int = 3, down_factor: int = 1) -> dict[str, torch.Tensor]:
+    """A CLEAR checkpoint for `model`, in the published key format, float32 on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * 0.1 for k, s in expected_checkpoint(model, 1).items()}
+    return {k: torch.randn(s, generator=g) * 0.1 for k, s in expected_checkpoint(model, down_factor).items()}
 
 
 def storage(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -146,18 +146,25 @@ def test_clear_checkpoint_swaps_plain_linears_in_and_remove_restores_the_quantiz
         assert torch.equal(forward(model, inputs), before)
 
 
-def test_clear_on_int8_under_sequential_offload(base):
-    """accelerate's sequential offload (here with the CPU as execution device): the swapped-in Linears are
-    offloaded alike and the output is the one without offload."""
+@pytest.mark.parametrize("kind, down_factor", [("bf16", 1), ("bf16", 2), ("int8", 1)])
+def test_clear_under_sequential_offload(base, kind, down_factor):
+    """accelerate's sequential offload (here with the CPU as execution device): the checkpoint's Linears
+    are offloaded alike and the output is the one without offload; remove_clear restores the original."""
     from accelerate import cpu_offload
+    from diffusers import FluxTransformer2DModel
+
+    def load():
+        if kind == "int8":
+            return quantized(base, torch.bfloat16, quantize="int8")
+        return FluxTransformer2DModel.from_pretrained(base / "transformer", torch_dtype=torch.bfloat16)
 
     inputs = tiny_inputs(1, 8, 8, 8, torch.bfloat16)
-    plain, offloaded = (quantized(base, torch.bfloat16, quantize="int8") for _ in range(2))
+    plain, offloaded = load(), load()
     cpu_offload(offloaded, torch.device("cpu"))
-    sd = clear_checkpoint(plain)
+    sd = clear_checkpoint(plain, down_factor=down_factor)
     before = forward(offloaded, inputs)
     for model in (plain, offloaded):
-        clear_gen.apply_clear(model, window=2, state_dict=sd)
+        clear_gen.apply_clear(model, window=2, down_factor=down_factor, state_dict=sd)
     assert hasattr(offloaded.get_submodule(PROJECTIONS[0]), "_hf_hook")
     assert torch.equal(forward(offloaded, inputs), forward(plain, inputs))
     clear_gen.remove_clear(offloaded)
