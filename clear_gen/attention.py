@@ -7,7 +7,8 @@
    restore row-major order at its output, so every layer works on tiles with no per-layer gather; the
    positions fed to RoPE are exact integers whatever dtype `img_ids` came in (see positions.py);
 4. optionally, a CLEAR checkpoint's projections and spatial weights (see `_load` for where the
-   originals are kept).
+   originals are kept). On a quantized transformer (torchao, GGUF, bitsandbytes) the projections come in
+   as plain Linear layers in the compute dtype, and remove_clear puts the quantized ones back.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class _ClearState:
     config: ClearConfig
     layout: _Layout | None = None
     originals: dict[str, Tensor] = field(default_factory=dict)  # replaced parameters' data (see _load)
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # quantized projections swapped out
     processors: dict[str, object] = field(default_factory=dict)  # the processors we replaced
     theta: float = 10000.0
     hooks: list = field(default_factory=list)
@@ -300,7 +302,7 @@ def expected_checkpoint(transformer, down_factor: int) -> dict[str, torch.Size]:
         layers = ["to_q", "to_k", "to_v"] + (["to_out.0"] if name.startswith("transformer_") else [])
         for layer in layers:
             module = attn.get_submodule(layer)
-            shapes[f"{name}.{layer}.weight"] = module.weight.shape
+            shapes[f"{name}.{layer}.weight"] = torch.Size((module.out_features, module.in_features))
             if module.bias is not None:
                 shapes[f"{name}.{layer}.bias"] = module.bias.shape
         if down_factor > 1:
@@ -346,12 +348,19 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
     A tensor already on its parameter's device and in its dtype is swapped in without a copy (the
     parameter then shares the checkpoint's storage, and the original stays where it was): with both
     sets on the GPU, apply and remove cost nothing. Any other is copied in, the original going to
-    (pinned, on a CUDA machine) CPU memory.
+    (pinned, on a CUDA machine) CPU memory. A quantized projection is never written into, and a
+    sequentially offloaded one holds no data to write into (`_swapped_whole`): a plain Linear holding
+    the checkpoint's tensors takes its place, and the original module waits in `state.modules`.
     """
+    swapped: dict[str, dict[str, Tensor]] = {}  # module name -> {"weight": ..., "bias": ...}
     with torch.no_grad():
         for key, value in state_dict.items():
+            name, _, kind = key.rpartition(".")
+            if kind != "spatial_weight" and _swapped_whole(transformer.get_submodule(name)):
+                swapped.setdefault(name, {})[kind] = value
+                continue
             param = transformer.get_parameter(key)
-            if key.endswith("spatial_weight"):
+            if kind == "spatial_weight":
                 param.copy_(value)
             elif value.device == param.device and value.dtype == param.dtype:
                 state.originals.setdefault(key, param.data)
@@ -359,6 +368,36 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
             else:
                 state.originals.setdefault(key, _cpu_copy(param))
                 param.copy_(value)
+        for name, tensors in swapped.items():
+            original = transformer.get_submodule(name)
+            state.modules.setdefault(name, original)
+            transformer.set_submodule(name, _plain_linear(original, tensors, transformer.dtype))
+
+
+def _swapped_whole(module: torch.nn.Module) -> bool:
+    """A projection replaced as a module rather than in its parameters: one in quantized storage (a torchao
+    tensor-subclass weight, a GGUFLinear holding a GGUFParameter, a bitsandbytes Linear4bit; anything
+    but a plain Linear with a plain Parameter, so nothing is ever copied into packed bytes), or one under
+    accelerate's sequential offload (its weight is on 'meta', the data in the hook's CPU map)."""
+    quantized = type(module) is not torch.nn.Linear or type(module.weight) is not torch.nn.Parameter
+    return quantized or getattr(getattr(module, "_hf_hook", None), "offload", False)
+
+
+def _plain_linear(original: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> torch.nn.Linear:
+    """A Linear of `original`'s size holding the checkpoint's tensors in the compute dtype, on `original`'s
+    device (no copy when a tensor is already there in that dtype). Under sequential offload (an accelerate
+    hook that offloads `original`) it is offloaded alike, to run on the hook's device."""
+    hook = getattr(original, "_hf_hook", None)
+    offloaded = getattr(hook, "offload", False)
+    device = torch.device("cpu") if offloaded else original.weight.device
+    linear = torch.nn.Linear(original.in_features, original.out_features, "bias" in tensors, device="meta")
+    for kind, value in tensors.items():
+        setattr(linear, kind, torch.nn.Parameter(value.to(device, dtype), requires_grad=False))
+    if offloaded:
+        from accelerate import cpu_offload
+
+        cpu_offload(linear, hook.execution_device)
+    return linear
 
 
 def _cpu_copy(t: Tensor) -> Tensor:
@@ -412,7 +451,7 @@ def apply_clear(
         check_checkpoint(transformer, state_dict, down_factor)
     remove_clear(transformer)
     state = _ClearState(config, theta=transformer.pos_embed.theta)
-    like = transformer.x_embedder.weight
+    like = torch.empty(0, dtype=transformer.dtype, device=_compute_device(transformer))  # not GGUF's uint8
     for name, attn in _attn_modules(transformer).items():
         state.processors[name] = attn.processor
         attn.set_processor(ClearAttnProcessor(state, like))
@@ -426,6 +465,15 @@ def apply_clear(
     transformer._clear_state = state
 
 
+def _compute_device(transformer) -> torch.device:
+    """Where the transformer computes: its weights' device, or under accelerate's sequential offload (the
+    weights on 'meta' between calls) its hook's execution device."""
+    hook = getattr(transformer.x_embedder, "_hf_hook", None)
+    if getattr(hook, "offload", False):
+        return torch.device(hook.execution_device)
+    return transformer.x_embedder.weight.device
+
+
 def remove_clear(transformer) -> None:
     """Back to the stock attention: processors, RoPE theta, token order and replaced weights restored."""
     state: _ClearState | None = getattr(transformer, "_clear_state", None)
@@ -436,6 +484,8 @@ def remove_clear(transformer) -> None:
     modules = _attn_modules(transformer)
     for name, processor in state.processors.items():
         modules[name].set_processor(processor)
+    for name, module in state.modules.items():
+        transformer.set_submodule(name, module)
     _restore(transformer, state.originals)
     transformer.pos_embed.theta = state.theta
     del transformer._clear_state

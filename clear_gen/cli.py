@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -169,6 +170,9 @@ def _recipe(
     backend: str = typer.Option(
         None, help="CLEAR kernel: auto, flex or dense.", show_default="auto", rich_help_panel=MODEL
     ),
+    transformer: str = typer.Option(
+        None, help="FLUX.1 transformer .gguf: a file or owner/repo/file.gguf.", rich_help_panel=MODEL
+    ),
     token: str = typer.Option(
         None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=MODEL
     ),
@@ -202,6 +206,15 @@ def _recipe(
     ),
     offload: str = typer.Option(
         "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
+    ),
+    quantize: str = typer.Option(
+        None,
+        help="Transformer weights: none, fp8, fp8dq, int8 or nf4.",
+        show_default="none",
+        rich_help_panel=RUN,
+    ),
+    quantize_text: str = typer.Option(
+        None, help="T5 weights: none, int8, fp8 or nf4.", show_default="none", rich_help_panel=RUN
     ),
 ) -> None:
     """The recipe's options, shared by every command that generates (only its signature is used)."""
@@ -722,6 +735,9 @@ def main(argv: list[str] | None = None) -> None:
     # Library chatter (import-time notes, retried-request warnings) is not for our users: errors only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree"):  # torchao's import: CUDA extensions, torch deprecations
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     try:
         # Standalone: Typer prints help and usage errors itself (exit 2); our errors come through.

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError, WeightsError
@@ -23,6 +23,7 @@ from .registry import DIFFUSERS_PATTERNS, Base, Registry, Variant, load_registry
 HUB_URL = "https://huggingface.co"
 PROBE_TIMEOUT_S = 5.0  # "can we reach the Hub": one request, no retries (huggingface_hub's own take ~25 s)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+)$")  # owner/repo/path/in/repo.gguf
 _verified: set[tuple[str, int, int, str]] = set()  # (blob path, size, mtime_ns, sha256) hashed this process
 
 
@@ -111,7 +112,8 @@ def hub_error(e: BaseException, t: Target) -> WeightsError | None:
     if isinstance(e, (LocalEntryNotFoundError, *_transport_errors())):
         return WeightsError(missing)
     if isinstance(e, EntryNotFoundError):
-        return WeightsError(f"{t.what}: the file is not in {t.repo} at {t.revision!r} (check weights.toml)")
+        hint = "check weights.toml" if t.command.startswith("clear-gen") else "check the file name"
+        return WeightsError(f"{t.what}: the file is not in {t.repo} at {t.revision!r} ({hint})")
     if isinstance(e, HfHubHTTPError):
         return WeightsError(f"the Hub answered HTTP {status} for {t.what}; try `{t.command}` again later")
     if isinstance(e, OSError):
@@ -334,13 +336,18 @@ def check_model_folder(path: Path) -> None:
 
 
 def resolve_base(
-    name_or_repo_or_dir: str, token: str | None = None, registry: Registry | None = None
+    name_or_repo_or_dir: str,
+    token: str | None = None,
+    registry: Registry | None = None,
+    transformer_weights: bool = True,
 ) -> Path:
-    """A FLUX.1 model folder: an existing local directory as is, else a base name or repo id via the cache."""
+    """A FLUX.1 model folder: an existing local directory as is, else a base name or repo id via the cache
+    (without the transformer's weights when `transformer_weights` is False: a GGUF --transformer)."""
     path = Path(name_or_repo_or_dir).expanduser()
     if path.is_dir():
         return path
-    return fetch_base(base_for(name_or_repo_or_dir, registry), token)
+    base = base_for(name_or_repo_or_dir, registry)
+    return fetch_base(base if transformer_weights else without_transformer_weights(base), token)
 
 
 # ------------------------------------------------------------------------------------- what a run needs
@@ -359,12 +366,13 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def require_hub(variants: Sequence[Variant], bases: Sequence[Base]) -> None:
+def require_hub(variants: Sequence[Variant], bases: Sequence[Base], files: Sequence[Target] = ()) -> None:
     """Fail fast, in one line naming all of them and one command, when these pieces (not in the cache) cannot
-    be fetched now: HF_HUB_OFFLINE is set, or the Hub does not answer."""
-    if not variants and not bases:
+    be fetched now: HF_HUB_OFFLINE is set, or the Hub does not answer. `files`: single Hub files (a GGUF
+    --transformer), fetched with `hf download`."""
+    if not variants and not bases and not files:
         return
-    what = [_base_target(b).what for b in bases]
+    what = [_base_target(b).what for b in bases] + [t.what for t in files]
     if len(variants) == 1:
         what.append(_variant_target(variants[0]).what)
     elif variants:
@@ -373,21 +381,73 @@ def require_hub(variants: Sequence[Variant], bases: Sequence[Base]) -> None:
     offline = is_offline()
     why = None if offline else hub_unreachable()
     if offline or why is not None:
-        raise WeightsError(not_cached_message(what, download_command(variants, bases), why))
+        commands = [download_command(variants, bases)] if variants or bases else []
+        raise WeightsError(not_cached_message(what, " && ".join(commands + [t.command for t in files]), why))
 
 
-def check_run_weights(model: str, variant: str | None, registry: Registry | None = None) -> None:
+def check_run_weights(
+    model: str, variant: str | None, registry: Registry | None = None, transformer: str | None = None
+) -> None:
     """Before a run loads anything: its base (`model`: a local folder, checked here, or a base name or
-    repo id) and its CLEAR variant (a registry name; None for full attention or a local file) are cached,
-    or can be fetched now. Else one WeightsError naming every missing piece and one command for them all."""
+    repo id), its CLEAR variant (a registry name; None for full attention or a local file) and its
+    --transformer file (local, or a Hub file; the base's own transformer weights are then not needed) are
+    cached, or can be fetched now. Else one WeightsError naming every missing piece and one command."""
     registry = registry or load_registry()
     local = local_model(model)
     if local is not None:
         check_model_folder(local)
     bases = [] if local is not None else [base_for(model, registry)]
+    if transformer is not None:
+        bases = [without_transformer_weights(b) for b in bases]
     variants = [registry.variant(variant)] if variant is not None else []
+    source = transformer_source(transformer) if transformer is not None else None
+    files = [_file_target(*source)] if isinstance(source, tuple) and cached_file(*source) is None else []
     missing_bases = [b for b in bases if cached_base(b) is None]
-    require_hub([v for v in variants if cached_variant(v) is None], missing_bases)
+    require_hub([v for v in variants if cached_variant(v) is None], missing_bases, files)
+
+
+# ------------------------------------------------------------------------------ a --transformer file
+
+
+def without_transformer_weights(b: Base) -> Base:
+    """`b` without its transformer's weights (its config.json stays): what a run with --transformer needs."""
+    patterns = tuple(p for p in b.allow_patterns if p != "transformer/*")
+    return replace(b, allow_patterns=(*patterns, "transformer/config.json"))
+
+
+def transformer_source(spec: str) -> Path | tuple[str, str]:
+    """--transformer: an existing local file, or (repo, filename) for `owner/repo/file.gguf` on the Hub."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    match = _HUB_FILE.match(spec)
+    if match is None or spec.startswith((".", "/", "~")) or path.parent.is_dir():
+        raise WeightsError(f"--transformer {spec}: no such file (nor a Hub owner/repo/file.gguf)")
+    return match.group(1), match.group(2)
+
+
+def _file_target(repo: str, filename: str) -> Target:
+    return Target(f"transformer {repo}/{filename}", repo, "main", False, f"hf download {repo} {filename}")
+
+
+def cached_file(repo: str, filename: str) -> Path | None:
+    """A Hub file's cached copy, without any network call."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolve_transformer_file(spec: str, token: str | None = None) -> Path:
+    """A --transformer file: a local file as is, else a Hub file from the cache or the Hub (cache only when
+    offline)."""
+    from huggingface_hub import hf_hub_download
+
+    source = transformer_source(spec)
+    if isinstance(source, Path):
+        return source
+    with _hub_errors(_file_target(*source)):
+        return Path(hf_hub_download(*source, token=token, local_files_only=is_offline()))
 
 
 # ------------------------------------------------------------------------------------ download / status

@@ -1,4 +1,5 @@
-"""Loading: the FLUX.1 pipeline (placed per --offload), its img2img twin, and CLEAR's checkpoint.
+"""Loading: the FLUX.1 pipeline (placed per --offload; its transformer and T5 quantized per --quantize and
+--quantize-text, or the transformer from a GGUF file), its img2img twin, and CLEAR's checkpoint.
 
 Everything here runs once per `generate` call, before the first image.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import quantize as Q
 from .errors import WeightsError
 from .plan import ClearChoice, GenerateOptions
 from .positions import use_exact_positions
@@ -39,7 +41,7 @@ def _quiet_loading() -> Iterator[None]:
     diffusers.logging.disable_progress_bar()
     transformers.logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), Q.quiet_imports():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             yield
     finally:
@@ -50,15 +52,22 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtype):
-    """FluxPipeline from a registry base, Hub repo or local directory, placed per --offload."""
-    from diffusers import FluxPipeline
-
+    """FluxPipeline from a registry base, Hub repo or local directory, placed per --offload; its transformer
+    from a GGUF file or quantized on load (--quantize), T5 quantized on load (--quantize-text)."""
     from .hub import resolve_base
 
-    path = resolve_base(opts.model, opts.token)
+    path = resolve_base(opts.model, opts.token, transformer_weights=opts.transformer is None)
     with _quiet_loading():
+        from diffusers import FluxPipeline
+
+        parts = {
+            "transformer": load_transformer(opts, path, dtype),
+            "text_encoder_2": load_t5(opts, path, dtype),
+        }
         try:
-            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+            pipe = FluxPipeline.from_pretrained(
+                path, torch_dtype=dtype, **{k: v for k, v in parts.items() if v is not None}
+            )
         except (OSError, ValueError) as e:
             raise WeightsError(
                 f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
@@ -73,6 +82,87 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
     pipe.set_progress_bar_config(disable=True)
     use_exact_positions(pipe.transformer)  # RoPE sees integer positions in every stage and dtype
     return pipe
+
+
+def load_transformer(opts: GenerateOptions, base: Path, dtype: torch.dtype):
+    """The transformer when it is not the base's as stored: a GGUF file (checked against the base's config
+    first), or the base's quantized while it loads (--quantize). None: the pipeline loads the base's."""
+    from diffusers import FluxTransformer2DModel
+
+    from .hub import resolve_transformer_file
+
+    if opts.transformer is not None:
+        file = resolve_transformer_file(opts.transformer, opts.token)
+        config = FluxTransformer2DModel.load_config(base, subfolder="transformer")
+        Q.check_gguf_transformer(file, config)
+        with _load_errors(file):
+            return FluxTransformer2DModel.from_single_file(
+                str(file),
+                config=str(base),
+                subfolder="transformer",
+                quantization_config=Q.gguf_config(dtype),
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+    quantization = Q.transformer_config(opts.quantize, dtype)
+    if quantization is None:
+        return None
+    with _load_errors(base / "transformer"):
+        return FluxTransformer2DModel.from_pretrained(
+            base, subfolder="transformer", torch_dtype=dtype, quantization_config=quantization
+        )
+
+
+def load_t5(opts: GenerateOptions, base: Path, dtype: torch.dtype):
+    """T5 quantized while it loads (--quantize-text), or None: the pipeline loads the base's."""
+    quantization = Q.text_config(opts.quantize_text, dtype)
+    if quantization is None:
+        return None
+    from transformers import T5EncoderModel
+
+    with _load_errors(base / "text_encoder_2"):
+        return T5EncoderModel.from_pretrained(
+            base, subfolder="text_encoder_2", torch_dtype=dtype, quantization_config=quantization
+        )
+
+
+def check_transformer_file(opts: GenerateOptions) -> None:
+    """Before anything loads: a GGUF --transformer already on disk (a local file, or cached) is a whole FLUX.1
+    transformer, and the base's when the base's config is on disk too. Else it is checked once fetched."""
+    import json
+
+    from .hub import (
+        base_for,
+        cached_base,
+        cached_file,
+        local_model,
+        transformer_source,
+        without_transformer_weights,
+    )
+
+    if opts.transformer is None:
+        return
+    source = transformer_source(opts.transformer)
+    file = source if isinstance(source, Path) else cached_file(*source)
+    if file is None:
+        return
+    base = local_model(opts.model) or cached_base(without_transformer_weights(base_for(opts.model)))
+    config = base / "transformer" / "config.json" if base is not None else None
+    if config is None or not config.is_file():
+        Q.check_gguf_file(file)
+    else:
+        Q.check_gguf_transformer(file, json.loads(config.read_text()))
+
+
+@contextmanager
+def _load_errors(path: Path) -> Iterator[None]:
+    """A component that does not load: one WeightsError naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise WeightsError(
+            f"{path} did not load ({str(e).splitlines()[0][:160]}); check the file or download it again"
+        ) from e
 
 
 def load_clear_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -98,15 +188,15 @@ def place_clear_weights(state_dict: dict, transformer, tokens: int) -> dict:
     The activation estimate (16 x tokens x hidden x element size, ~22 GB at 8K in bf16) is a rough
     bound on what one FLUX block keeps alive at once, plus a 2 GiB margin.
     """
-    param = transformer.x_embedder.weight
-    if param.device.type != "cuda":
+    device, dtype = transformer.x_embedder.weight.device, transformer.dtype  # not a GGUF weight's uint8
+    if device.type != "cuda":
         return state_dict
-    size = sum(v.numel() for v in state_dict.values()) * param.element_size()
+    size = sum(v.numel() for v in state_dict.values()) * dtype.itemsize
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    activations = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * hidden * param.element_size()
-    free, _ = torch.cuda.mem_get_info(param.device)
+    activations = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * hidden * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
     if free > size + activations + 2 * 2**30:
-        return {k: v.to(param.device, param.dtype) for k, v in state_dict.items()}
+        return {k: v.to(device, dtype) for k, v in state_dict.items()}
     return {k: v.pin_memory() for k, v in state_dict.items()}
 
 

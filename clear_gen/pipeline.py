@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from . import output
+from . import quantize as Q
 from .attention import apply_clear, remove_clear, resolve_backend
 from .device import DTYPES, device_name, resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
 from .loading import (
+    check_transformer_file,
     clear_weights_file,
     img2img_pipeline,
     load_clear_weights,
@@ -161,7 +163,6 @@ class Hooks:
 
 def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
     """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
-    from .hub import check_run_weights
 
     started = time.perf_counter()
     hooks = hooks or Hooks()
@@ -184,9 +185,7 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
-    if choice.note:
-        hooks.note(choice.note)
+    _check_weights_and_device(opts, choice, device, hooks)
     # 2. Load, then generate.
     jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
     return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
@@ -201,7 +200,6 @@ def upscale(
     """Take existing pictures to a larger size with CLEAR's SDEdit stages: generate's code path, the first
     stage starting from each picture instead of a text-to-image pass. `opts.prompts`: [] (each picture's
     own prompt from its metadata, else none) or [prompt]; `opts.stages`: long sides after the picture."""
-    from .hub import check_run_weights
 
     started = time.perf_counter()
     hooks, target = hooks or Hooks(), target or UpscaleTarget()
@@ -229,11 +227,20 @@ def upscale(
     probe = output.ImageRecord(prompt=jobs[0].prompt, seed=seeds[0], model=opts.model, steps=1,
                                guidance=0.0, width=largest[1], height=largest[2])  # fmt: skip
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    check_run_weights(opts.model, choice.hub_variant)
-    if choice.note:
-        hooks.note(choice.note)
+    _check_weights_and_device(opts, choice, device, hooks)
     # 2. Load once, then upscale every picture.
     return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
+
+
+def _check_weights_and_device(opts: GenerateOptions, choice: ClearChoice, device, hooks: Hooks) -> None:
+    """Before loading: the device can run the quantization, and every weight file is there or fetchable."""
+    from .hub import check_run_weights
+
+    Q.check_device(opts.quantize, opts.quantize_text, device, opts.offload, gguf=opts.transformer is not None)
+    check_run_weights(opts.model, choice.hub_variant, transformer=opts.transformer)  # all there or fetchable
+    check_transformer_file(opts)  # a GGUF --transformer on disk: whole, and a transformer of this base
+    if choice.note:
+        hooks.note(choice.note)
 
 
 def _read_sources(inputs: list[Path], hooks: Hooks) -> list[Source]:
@@ -278,7 +285,8 @@ def _run_jobs(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> l
 def _load_and_generate(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
     # 1. The CLEAR weights and the pipeline; every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
-    hooks.phase("load", f"FLUX.1 {opts.model}" + (clear if choice.window else ""))
+    quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
+    hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else ""))
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
@@ -456,6 +464,13 @@ def _save(image, record: output.ImageRecord, run: _Run) -> tuple[Path, float]:
     return path, seconds
 
 
+def _transformer_source(spec: str | None) -> str | None:
+    """--transformer as the PNG records it: a local file's absolute path, a Hub file as given."""
+    if spec is None or not Path(spec).expanduser().is_file():
+        return spec
+    return os.path.abspath(Path(spec).expanduser())
+
+
 def _record(
     run: _Run, job: Job, stages: list[Stage], timing: RunTiming, started: float
 ) -> output.ImageRecord:
@@ -476,6 +491,9 @@ def _record(
         "dtype": next(name for name, d in DTYPES.items() if d == run.pipe.transformer.dtype),
         "backend": opts.backend,
         "device": device_name(run.device),
+        "quantize": None if opts.quantize == "none" else opts.quantize,
+        "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
+        "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
     }
     model = Path(opts.model).expanduser()

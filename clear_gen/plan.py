@@ -15,6 +15,7 @@ from .errors import ConfigError
 MIN_SIDE, MAX_SIDE = 64, 16384
 FIRST_PASS_SIDE = 1024  # long side of the full-attention first pass in the reference recipe
 ATTENTION_FIELDS = frozenset({"variant", "window", "down_factor", "clear_weights"})  # see resolve_clear
+TRANSFORMER_FIELDS = {"quantize": "none", "transformer": None}  # a GGUF file or a quantized base, not both
 
 
 @dataclass
@@ -48,6 +49,9 @@ class GenerateOptions:
     compare_full: bool = True
     backend: str = "auto"
     token: str | None = None
+    quantize: str = "none"  # transformer weights: none | fp8 | fp8dq | int8 | nf4 (quantize.py)
+    quantize_text: str = "none"  # T5's weights: none | int8 | fp8 | nf4
+    transformer: str | None = None  # a FLUX.1 transformer .gguf (file or owner/repo/file.gguf) for the base's
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
@@ -213,6 +217,9 @@ def check_options(opts: GenerateOptions) -> None:
         raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
     if opts.offload not in ("none", "model", "sequential"):
         raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
+    from .quantize import check_names  # imports torch: not at the CLI's start
+
+    check_names(opts.quantize, opts.quantize_text, opts.transformer)
     if opts.offload != "none":
         try:
             import accelerate  # noqa: F401
@@ -281,7 +288,9 @@ def options_from_record(record, **overrides) -> GenerateOptions:
     """GenerateOptions that re-run a saved image (`--from`); `overrides` win over the record.
 
     An override of the attention (variant, window, down factor or CLEAR weights) replaces the record's
-    attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window."""
+    attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window;
+    likewise `--quantize` or `--transformer` replaces the record's transformer (a GGUF file or a quantized
+    base's)."""
     extra = record.extra or {}
     if extra.get("source"):
         src = extra["source"]
@@ -311,9 +320,14 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         proportional_attention=extra.get("proportional_attention"),
         dtype=extra.get("dtype"),
         backend=extra.get("backend", "auto"),
+        quantize=extra.get("quantize", "none"),
+        quantize_text=extra.get("quantize_text", "none"),
+        transformer=extra.get("transformer"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))
+    if TRANSFORMER_FIELDS.keys() & overrides.keys():
+        opts = replace(opts, **TRANSFORMER_FIELDS)
     return replace(opts, **overrides)
 
 

@@ -384,6 +384,47 @@ def test_base_snapshot_skips_the_single_file_checkpoint(fake_hub):
     assert hub.resolve_base(DEV_REPO) == folder  # the repo id resolves like its registry name
 
 
+GGUF_REPO, GGUF_FILE = "someone/FLUX.1-dev-gguf", "flux1-dev-Q8_0.gguf"
+
+
+def test_hub_gguf_transformer_is_cached_then_used_offline(fake_hub, monkeypatch):
+    data = fake_hub.add(GGUF_REPO, GGUF_FILE, b"GGUF" + bytes(64))
+    spec = f"{GGUF_REPO}/{GGUF_FILE}"
+    path = hub.resolve_transformer_file(spec)
+    assert path.read_bytes() == data and hub.cached_file(GGUF_REPO, GGUF_FILE) == path
+    fake_hub.requests.clear()
+    set_offline(monkeypatch)
+    assert hub.resolve_transformer_file(spec) == path
+    assert fake_hub.requests == []
+    with pytest.raises(WeightsError, match=r"transformer someone/FLUX.1-dev-gguf/other.gguf; HF_HUB_OFFLINE"):
+        hub.resolve_transformer_file(f"{GGUF_REPO}/other.gguf")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    _reload_hf()
+    with pytest.raises(WeightsError, match=r"other.gguf: the file is not in .* \(check the file name\)$"):
+        hub.resolve_transformer_file(f"{GGUF_REPO}/other.gguf")
+
+
+def test_a_run_with_a_gguf_transformer_needs_no_base_transformer_weights(fake_hub, monkeypatch):
+    serve_dev_base(fake_hub)
+    fake_hub.add(GGUF_REPO, GGUF_FILE, b"GGUF" + bytes(64))
+    spec = f"{GGUF_REPO}/{GGUF_FILE}"
+    folder = hub.resolve_base("dev", transformer_weights=False)
+    got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert "transformer/config.json" in got and "transformer/diffusion_pytorch_model.safetensors" not in got
+    hub.resolve_transformer_file(spec)
+    fake_hub.requests.clear()
+    set_offline(monkeypatch)
+    hub.check_run_weights("dev", None, transformer=spec)  # base (minus weights) and GGUF cached: no error
+    assert fake_hub.requests == []
+    with pytest.raises(WeightsError) as e:
+        hub.check_run_weights("dev", None, transformer=f"{GGUF_REPO}/flux1-dev-Q4_0.gguf")
+    assert str(e.value).endswith(f"run `hf download {GGUF_REPO} flux1-dev-Q4_0.gguf`")
+    with pytest.raises(WeightsError) as e:  # one line and one command for all that is missing
+        hub.check_run_weights("schnell", None, transformer="x/y/z.gguf")
+    assert "base schnell (black-forest-labs/FLUX.1-schnell) and transformer x/y/z.gguf;" in str(e.value)
+    assert str(e.value).endswith("run `clear-gen download --base schnell && hf download x/y z.gguf`")
+
+
 def test_dropped_connection_resumes_with_right_bytes(fake_hub, monkeypatch):
     import huggingface_hub.constants
 
