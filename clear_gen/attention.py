@@ -301,7 +301,7 @@ def expected_checkpoint(transformer, down_factor: int) -> dict[str, torch.Size]:
     for name, attn in _attn_modules(transformer).items():
         layers = ["to_q", "to_k", "to_v"] + (["to_out.0"] if name.startswith("transformer_") else [])
         for layer in layers:
-            module = attn.get_submodule(layer)
+            module = _base(attn.get_submodule(layer))
             shapes[f"{name}.{layer}.weight"] = torch.Size((module.out_features, module.in_features))
             if module.bias is not None:
                 shapes[f"{name}.{layer}.bias"] = module.bias.shape
@@ -356,10 +356,10 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
     with torch.no_grad():
         for key, value in state_dict.items():
             name, _, kind = key.rpartition(".")
-            if kind != "spatial_weight" and _swapped_whole(transformer.get_submodule(name)):
+            if kind != "spatial_weight" and _swapped_whole(_base(transformer.get_submodule(name))):
                 swapped.setdefault(name, {})[kind] = value
                 continue
-            param = transformer.get_parameter(key)
+            param = transformer.get_parameter(_base_key(transformer, key))
             if kind == "spatial_weight":
                 param.copy_(value)
             elif value.device == param.device and value.dtype == param.dtype:
@@ -369,9 +369,29 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
                 state.originals.setdefault(key, _cpu_copy(param))
                 param.copy_(value)
         for name, tensors in swapped.items():
-            original = transformer.get_submodule(name)
+            original = _base(transformer.get_submodule(name))
             state.modules.setdefault(name, original)
-            transformer.set_submodule(name, _plain_linear(original, tensors, transformer.dtype))
+            transformer.set_submodule(
+                _base_name(transformer, name), _plain_linear(original, tensors, transformer.dtype)
+            )
+
+
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    """The projection itself: under a LoRA (peft's LoraLayer wraps it as `base_layer`), the wrapped one."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _base_name(transformer, name: str) -> str:
+    """`name`, or `name.base_layer` when a LoRA wraps that projection now: CLEAR's weights and the originals
+    it keeps always belong to the projection under the LoRA, whether the LoRA came before CLEAR or after."""
+    module = transformer.get_submodule(name)
+    return f"{name}.base_layer" if hasattr(module, "get_base_layer") and module is not _base(module) else name
+
+
+def _base_key(transformer, key: str) -> str:
+    """A parameter key of the checkpoint's format ('...attn.to_q.weight') as it is named now."""
+    name, _, kind = key.rpartition(".")
+    return f"{_base_name(transformer, name)}.{kind}" if kind != "spatial_weight" else key
 
 
 def _swapped_whole(module: torch.nn.Module) -> bool:
@@ -408,7 +428,7 @@ def _cpu_copy(t: Tensor) -> Tensor:
 def _restore(transformer, originals: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for key, value in originals.items():
-            param = transformer.get_parameter(key)
+            param = transformer.get_parameter(_base_key(transformer, key))
             if value.device == param.device:
                 param.data = value
             else:
@@ -485,7 +505,7 @@ def remove_clear(transformer) -> None:
     for name, processor in state.processors.items():
         modules[name].set_processor(processor)
     for name, module in state.modules.items():
-        transformer.set_submodule(name, module)
+        transformer.set_submodule(_base_name(transformer, name), module)
     _restore(transformer, state.originals)
     transformer.pos_embed.theta = state.theta
     del transformer._clear_state

@@ -35,6 +35,7 @@ from .loading import (
     load_pipeline,
     place_clear_weights,
 )
+from .lora import hub_files, parse_loras
 from .plan import (
     MAX_SIDE,
     ClearChoice,
@@ -237,7 +238,10 @@ def _check_weights_and_device(opts: GenerateOptions, choice: ClearChoice, device
     from .hub import check_run_weights
 
     Q.check_device(opts.quantize, opts.quantize_text, device, opts.offload, gguf=opts.transformer is not None)
-    check_run_weights(opts.model, choice.hub_variant, transformer=opts.transformer)  # all there or fetchable
+    loras = hub_files(parse_loras(opts.loras or [], opts.lora_files or []))
+    check_run_weights(
+        opts.model, choice.hub_variant, transformer=opts.transformer, loras=loras
+    )  # or fetchable
     check_transformer_file(opts)  # a GGUF --transformer on disk: whole, and a transformer of this base
     if choice.note:
         hooks.note(choice.note)
@@ -495,6 +499,7 @@ def _record(
         "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
         "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
+        "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
     }
     model = Path(opts.model).expanduser()
     return output.ImageRecord(
