@@ -5,6 +5,9 @@ Every LoRA stays a separate adapter beside the projection it wraps (peft's LoraL
 LoRA would be lost on them in every CLEAR stage, while a separate one adds its low-rank term to whichever
 weights are under it (the base's in the full-attention first pass, CLEAR's after). Its cost is two rank-r
 matmuls per wrapped layer, about 2r / 3072 of that layer's (1% at r = 16); the attention dominates at 2K-8K.
+
+peft wraps every transformer clear-gen loads: plain, torchao's (--quantize int8, fp8, fp8dq), bitsandbytes'
+(nf4) and GGUF (--transformer); CLEAR's plain Linear goes under the wrapper in all of them (attention.py).
 """
 
 from __future__ import annotations
@@ -18,11 +21,6 @@ from pathlib import Path
 from .errors import ConfigError, WeightsError
 
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
-WITH_QUANTIZE = (
-    "none",
-    "nf4",
-    "int8",
-)  # --quantize modes peft wraps (plain, bitsandbytes 4-bit, torchao int8)
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo
 _REPO_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.safetensors)$")  # owner/repo/file
 _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "alpha")
@@ -81,22 +79,6 @@ def _split_scale(given: str) -> tuple[str, float]:
     if not math.isfinite(scale):
         raise ConfigError(f"--lora {given}: the scale {tail!r} is not a number; write PATH_OR_REPO:0.8")
     return where, scale
-
-
-def check_quantize(specs: Sequence[LoraSpec], quantize: str, transformer: str | None) -> None:
-    """A LoRA needs a transformer peft can wrap: not a GGUF file, nor torchao's float8 weights."""
-    if not specs:
-        return
-    if transformer is not None:
-        raise ConfigError(
-            f"--lora does not work on a GGUF --transformer; use --quantize {' or '.join(WITH_QUANTIZE[1:])} "
-            "on the base instead"
-        )
-    if quantize not in WITH_QUANTIZE:
-        raise ConfigError(
-            f"--lora does not work with --quantize {quantize} (peft cannot wrap its weights); "
-            f"use --quantize {', '.join(WITH_QUANTIZE[:-1])} or {WITH_QUANTIZE[-1]}"
-        )
 
 
 def hub_files(specs: Sequence[LoraSpec]) -> list[tuple[str, str]]:

@@ -222,9 +222,9 @@ def check_options(opts: GenerateOptions) -> None:
     from .quantize import check_names  # imports torch: not at the CLI's start
 
     check_names(opts.quantize, opts.quantize_text, opts.transformer)
-    from .lora import check_quantize, parse_loras
+    from .lora import parse_loras
 
-    check_quantize(parse_loras(opts.loras or [], opts.lora_files or []), opts.quantize, opts.transformer)
+    parse_loras(opts.loras or [], opts.lora_files or [])  # scales are numbers, files exist
     if opts.offload != "none":
         try:
             import accelerate  # noqa: F401

@@ -223,10 +223,6 @@ def test_cli_lora_is_recorded_and_rerun_by_from(tiny, lora_file, tmp_path, capsy
     "extra, match",
     [
         (["--lora", "LORA:strong"], "error: --lora .*: the scale 'strong' is not a number"),
-        (
-            ["--lora", "LORA", "--quantize", "fp8"],
-            "error: --lora does not work with --quantize fp8.*use --quantize",
-        ),
         (["--lora", "OTHER"], "error: other.safetensors is not a FLUX.1 LoRA .*its first key is lora_unet_"),
         (["--lora", "someone/lora-repo"], "error: .*LoRA someone/lora-repo/pytorch_lora_weights.safetensors"),
     ],
@@ -244,3 +240,29 @@ def test_cli_bad_lora_is_one_line(tiny, lora_file, tmp_path, capsys, extra, matc
     lines = err.strip().splitlines()
     assert code == 1 and "Traceback" not in err, err
     assert re.search(match, lines[-1]), lines[-1]
+
+
+@pytest.mark.parametrize("kind", ["int8", "gguf"])
+def test_lora_on_a_quantized_transformer_keeps_its_wrapper_through_clear(kind, tmp_path):
+    from test_quantize import clear_checkpoint as quantized_checkpoint
+    from test_quantize import forward, quantized, write_gguf
+
+    tiny_transformer().save_pretrained(tmp_path / "transformer")
+    if kind == "int8":
+        model = quantized(tmp_path, torch.bfloat16, quantize="int8")
+    else:
+        model = quantized(
+            tmp_path, torch.float32, transformer=str(write_gguf(tiny_transformer(), tmp_path / "t.gguf"))
+        )
+    inputs = tiny_inputs(1, 8, 8, 8, model.dtype)
+    add_lora(model, "a", seed=3)
+    with_lora = forward(model, inputs)
+    wrapper = model.transformer_blocks[0].attn.to_q
+    quantized_layer = wrapper.base_layer
+    clear_gen.apply_clear(model, window=2, state_dict=quantized_checkpoint(model))
+    assert model.transformer_blocks[0].attn.to_q is wrapper  # the LoRA stays
+    assert type(wrapper.base_layer) is torch.nn.Linear  # CLEAR's projection under it
+    forward(model, inputs)
+    clear_gen.remove_clear(model)
+    assert wrapper.base_layer is quantized_layer
+    assert torch.equal(forward(model, inputs), with_lora)
