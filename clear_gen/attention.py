@@ -253,12 +253,32 @@ def _device_layout(geo: G.Geometry, device: str) -> _Layout:
     return _Layout(geo, perm, G.inverse_order(geo.height, geo.width, geo.tile).to(device))
 
 
-_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+_ARGS = (  # FluxTransformer2DModel.forward's positional parameters
+    "hidden_states",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "timestep",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+    "joint_attention_kwargs",
+    "controlnet_block_samples",
+    "controlnet_single_block_samples",
+)
+_CONTROLNET_ARGS = ("hidden_states", "controlnet_cond", "controlnet_mode", "conditioning_scale")
+_CONTROLNET_ARGS += _ARGS[1:7]  # FluxControlNetModel.forward's
+_RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")  # lists of (B, N, C) row-major
+
+
+def _is_controlnet(module) -> bool:
+    return hasattr(module, "controlnet_x_embedder")
 
 
 def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
-    """Tile-order hidden_states and exact img_ids (positions.py) and record the layout for this forward."""
-    kwargs = {**dict(zip(_ARGS, args, strict=False)), **kwargs}  # positional arguments by name
+    """Tile-order hidden_states, exact img_ids (positions.py) and a ControlNet's residuals; record the layout
+    for this forward."""
+    names = _CONTROLNET_ARGS if _is_controlnet(module) else _ARGS
+    kwargs = {**dict(zip(names, args, strict=False)), **kwargs}  # positional arguments by name
     hidden, text, img_ids = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["img_ids"]
     if img_ids.ndim == 3:
         img_ids = img_ids[0]
@@ -266,21 +286,44 @@ def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
     h, w, f = grid.height, grid.width, state.config.down_factor
     if h % f or w % f:
         raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
-    geo = G.image_geometry(text.shape[1], h, w, state.config.window, f)
+    text_len = text.shape[1] + int(getattr(module, "union", False))  # a union ControlNet adds a mode token
+    geo = G.image_geometry(text_len, h, w, state.config.window, f)
     state.layout = _device_layout(geo, str(hidden.device))
-    kwargs["hidden_states"] = hidden[:, state.layout.perm]  # (B, N, C) tile order
-    kwargs["img_ids"] = exact_ids(grid, hidden.device)[state.layout.perm]  # positions move with tokens
+    perm = state.layout.perm
+    kwargs["hidden_states"] = hidden[:, perm]  # (B, N, C) tile order
+    kwargs["img_ids"] = exact_ids(grid, hidden.device)[perm]  # positions move with tokens
+    for name in _RESIDUALS:  # a ControlNet's, added to the image tokens after each block: tile order too
+        if kwargs.get(name) is not None:
+            kwargs[name] = [sample[:, perm] for sample in kwargs[name]]
     return (), kwargs
 
 
+def _control_hook(state: _ClearState, module, args: tuple):
+    """A ControlNet's condition, packed (B, N, C) row-major as its controlnet_x_embedder takes it (whether the
+    pipeline packed it or its input_hint_block did): tile order, like the hidden_states it is added to."""
+    return (args[0][:, state.layout.perm], *args[1:])
+
+
 def _post_hook(state: _ClearState, module, args, output):
-    """Back to row-major order."""
+    """Back to row-major order: the transformer's sample, or every residual a ControlNet returns."""
     inv = state.layout.inv
     state.layout = None
+    if _is_controlnet(module):
+        rows = [None if s is None else [t[:, inv] for t in s] for s in _residuals(output)]
+        if isinstance(output, tuple):
+            return tuple(rows)
+        output.controlnet_block_samples, output.controlnet_single_block_samples = rows
+        return output
     if isinstance(output, tuple):
         return (output[0][:, inv], *output[1:])
     output.sample = output.sample[:, inv]
     return output
+
+
+def _residuals(output) -> tuple:
+    if isinstance(output, tuple):
+        return output
+    return output.controlnet_block_samples, output.controlnet_single_block_samples
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -482,6 +525,9 @@ def apply_clear(
         transformer.register_forward_pre_hook(lambda m, a, k: _pre_hook(state, m, a, k), with_kwargs=True),
         transformer.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
     ]
+    if _is_controlnet(transformer):
+        embedder = transformer.controlnet_x_embedder
+        state.hooks.append(embedder.register_forward_pre_hook(lambda m, a: _control_hook(state, m, a)))
     transformer._clear_state = state
 
 
