@@ -72,3 +72,41 @@ def test_clear_with_controlnet_residuals_matches_the_dense_reference(union, back
     assert rel_err(got, expected) < 1e-5
     with torch.no_grad():  # the residuals do change the output: a misplaced one would show
         assert rel_err(ref(**inputs).sample, expected) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("img2img", [False, True], ids=["text-to-image", "img2img"])
+def test_diffusers_controlnet_pipelines_with_clear_match_the_dense_reference(tiny, img2img):
+    """FluxControlNetPipeline and its img2img twin call the ControlNet and the transformer with their own
+    arguments: with CLEAR on both, the latents equal those of the row-major dense reference processors."""
+    import inspect
+
+    from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetPipeline, FluxPipeline
+    from PIL import Image
+
+    base = FluxPipeline.from_pretrained(tiny)
+    net = tiny_controlnet(base.transformer, union=True)
+    kind = FluxControlNetImg2ImgPipeline if img2img else FluxControlNetPipeline
+    wanted = inspect.signature(kind.__init__).parameters
+    pipe = kind(controlnet=net, **{k: v for k, v in base.components.items() if k in wanted})
+    pipe.set_progress_bar_config(disable=True)
+    h, w, text_len, r = 12, 20, 16, 3  # tokens: 192 x 320 px; tiles of 8 x 16 reorder them
+    noise = torch.rand(h * 16, w * 16, 3, generator=torch.Generator().manual_seed(2))
+    picture = Image.fromarray((noise * 255).byte().numpy())
+    extra = dict(image=picture, strength=0.7) if img2img else {}
+
+    def run():
+        return pipe(
+            "a hill", control_image=picture, control_mode=1, controlnet_conditioning_scale=0.8, width=w * 16,
+            height=h * 16, num_inference_steps=2, max_sequence_length=text_len, output_type="latent",
+            generator=torch.Generator().manual_seed(1), **extra,
+        ).images  # fmt: skip
+
+    reference_processors(pipe.transformer, None, text_len, h, w, r, 1)
+    reference_processors(net, None, text_len + 1, h, w, r, 1)  # the union ControlNet's mode token
+    expected = run()
+    clear_gen.apply_clear(pipe.transformer, window=r, backend="flex")
+    clear_gen.apply_clear(net, window=r, backend="flex")
+    got = run()
+    assert got.shape == expected.shape and got.shape[1] == h * w
+    assert rel_err(got, expected) < 1e-5
