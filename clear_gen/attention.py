@@ -470,9 +470,9 @@ def original_attention(transformer) -> Iterator[None]:
     modules = _attn_modules(transformer)
     clear_processors = {name: modules[name].processor for name in state.processors}
     clear_data = {key: transformer.get_parameter(key).data for key in state.originals}
-    assert all(
-        value.device == clear_data[key].device for key, value in state.originals.items()
-    ), "original_attention swaps projections by pointer: keep the originals on the model's device"
+    assert all(value.device == clear_data[key].device for key, value in state.originals.items()), (
+        "original_attention swaps projections by pointer: keep the originals on the model's device"
+    )
     for handle in state.hooks:
         handle.remove()
     for name, processor in state.processors.items():

@@ -133,11 +133,11 @@ def train(
     log: Path = typer.Option(
         None, help="JSON lines, one per step.", show_default="FILE.log.jsonl", rich_help_panel=RUN
     ),
-    gradient_checkpointing: bool = typer.Option(
-        True, help="Recompute activations in backward.", rich_help_panel=RUN
+    no_checkpointing: bool = typer.Option(
+        False, "--no-gradient-checkpointing", help="Keep activations (more memory).", rich_help_panel=RUN
     ),
-    fp32_master: bool = typer.Option(
-        True, help="float32 master weights for a bf16 model.", rich_help_panel=RUN
+    no_fp32_master: bool = typer.Option(
+        False, "--no-fp32-master", help="Update bf16 weights directly.", rich_help_panel=RUN
     ),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
@@ -157,7 +157,7 @@ def train(
         data=data, out=out, window=window, down_factor=down_factor, model=model, res=res, steps=steps,
         batch=batch, accumulate=accumulate, lr=lr, optimizer=optimizer, loss_weights=_weights(loss_weights),
         seed=seed, save_every=save_every, validate_every=validate_every, validate_steps=validate_steps,
-        resume=resume, log=log, gradient_checkpointing=gradient_checkpointing, fp32_master=fp32_master,
+        resume=resume, log=log, gradient_checkpointing=not no_checkpointing, fp32_master=not no_fp32_master,
         device=device, dtype=dtype, backend=backend, token=token,
     )  # fmt: skip
     # 2. Train, one bar for the steps with the three losses.
