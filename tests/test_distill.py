@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -266,7 +268,8 @@ def prediction_gap(tiny: Path, data: Path, weights) -> float:
     model = FluxTransformer2DModel.from_pretrained(tiny / "transformer")
     vae = types.SimpleNamespace(**AutoencoderKL.load_config(tiny / "vae"))
     batch = Samples(data, base_id(str(tiny)), RES).batch([0, 1, 2, 3], torch.device("cpu"), torch.float32)
-    inputs = [noised(batch, vae, 3.5, torch.Generator().manual_seed(seed)).inputs for seed in range(3)]
+    draws = [[torch.Generator().manual_seed(seed * 4 + i) for i in range(4)] for seed in range(3)]
+    inputs = [noised(batch, vae, 3.5, generators).inputs for generators in draws]
     with torch.no_grad():
         teacher = [model(**x)[0] for x in inputs]
         apply_clear(model, window=WINDOW, down_factor=DOWN, state_dict=weights, backend="dense")
@@ -322,6 +325,28 @@ def test_resumed_run_reaches_the_same_weights(tiny, data, tmp_path, capsys):
     code, _, err = run(train_args(tiny, data, tmp_path / "c.safetensors", "--window", "3", "--resume",
                                   str(stopped.resume)), capsys)  # fmt: skip
     assert code == 1 and "r=2, f=2" in err and "Traceback" not in err
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_batch(tiny, data, tmp_path):
+    """torchrun with gloo on the CPU: 2 processes x batch 1 train on the draws of 1 process x batch 2."""
+    one = train(options(tiny, data, tmp_path / "one.safetensors", steps=2, optimizer="adamw", lr=1e-3))
+    args = train_args(tiny, data, tmp_path / "two.safetensors", "--steps", "2", "--optimizer", "adamw")
+    args[args.index("--batch") + 1] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "clear_gen", *args, "--accumulate", "1", "--lr", "1e-3", "--validate-steps", "0"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = torch.load(one.resume, weights_only=True)["weights"]  # full precision, unlike the bf16 output
+    b = torch.load(tmp_path / "two.resume.pt", weights_only=True)["weights"]
+    base = load_file(str(tiny / "transformer" / "diffusion_pytorch_model.safetensors"))
+    key = "single_transformer_blocks.0.attn.to_q.weight"
+    assert (a[key] - base[key]).abs().max() > 1e-3  # they trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    steps = [json.loads(line) for line in (tmp_path / "two.log.jsonl").read_text().splitlines()]
+    first = json.loads(one.log.read_text().splitlines()[0])
+    assert len(steps) == 2 and steps[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

@@ -5,6 +5,7 @@ Errors are ClearGenErrors: cli.main turns each into one red line and exit code 1
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,8 @@ def train(
         resume=resume, log=log, gradient_checkpointing=not no_checkpointing, fp32_master=not no_fp32_master,
         device=device, dtype=dtype, backend=backend, token=token,
     )  # fmt: skip
-    # 2. Train, one bar for the steps with the three losses.
+    # 2. Train, one bar for the steps with the three losses (rank 0 of a torchrun launch shows it).
+    err.quiet = os.environ.get("RANK", "0") != "0"
     with _progress() as bar:
         task = bar.add_task("loading the base", total=None)
         last = [0.0]

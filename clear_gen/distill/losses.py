@@ -56,15 +56,24 @@ class Noised:
     target: Tensor  # (B, N, 64): eps - x0, the flow-matching velocity
 
 
-def noised(batch: Batch, vae_config, guidance: float | None, generator: torch.Generator) -> Noised:
-    """x0 drawn from the cached posterior, scaled as the VAE config says, then x_t = (1 - s) x0 + s eps."""
+def noised(batch: Batch, vae_config, guidance: float | None, generators: list[torch.Generator]) -> Noised:
+    """x0 drawn from the cached posterior, scaled as the VAE config says, then x_t = (1 - s) x0 + s eps.
+
+    One generator per sample draws its posterior noise, eps and sigma: a sample gets the same draws
+    whichever batch or process it lands in.
+    """
     b, _, h, w = batch.mean.shape
     device, dtype = batch.mean.device, batch.mean.dtype
-    draw = lambda *shape: torch.randn(*shape, generator=generator).to(device, torch.float32)  # noqa: E731
-    x0 = batch.mean.float() + batch.std.float() * draw(*batch.mean.shape)  # (B, 16, h, w)
+    shape = batch.mean.shape[1:]  # (16, h, w)
+    draws = [
+        (torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.rand(1, generator=g))
+        for g in generators
+    ]
+    posterior, noise, u = (torch.stack(d).to(device, torch.float32) for d in zip(*draws, strict=True))
+    x0 = batch.mean.float() + batch.std.float() * posterior  # (B, 16, h, w)
     x0 = pack((x0 - vae_config.shift_factor) * vae_config.scaling_factor)  # (B, N, 64)
-    eps = pack(draw(*batch.mean.shape))
-    sigma = sigmas(torch.rand(b, generator=generator)).to(device)  # (B,)
+    eps = pack(noise)
+    sigma = sigmas(u.view(b))  # (B,)
     x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * eps
     text_len = batch.prompt_embeds.shape[1]
     inputs = dict(

@@ -441,19 +441,22 @@ def _seed(*parts: int) -> int:
     )
 
 
-def _indices(run: _Run, step: int, micro: int) -> list[int]:
-    """This rank's samples of one micro-batch: a fresh permutation of the data each epoch."""
-    b, n = run.opts.batch, len(run.samples)
+def _draws(run: _Run, step: int, micro: int) -> list[int]:
+    """Global draw numbers of this rank's micro-batch: draw g is sample perm_epoch[g % n] with generator
+    seed (seed, g), so one process with batch 2 and two with batch 1 train on the same draws."""
+    b = run.opts.batch
     first = ((step * run.accumulate + micro) * run.dist.world + run.dist.rank) * b
-    out = []
-    for g in range(first, first + b):
-        epoch = g // n
-        if epoch not in run.perms:
-            run.perms = {
-                epoch: torch.randperm(n, generator=torch.Generator().manual_seed(_seed(run.opts.seed, epoch)))
-            }
-        out.append(int(run.perms[epoch][g % n]))
-    return out
+    return list(range(first, first + b))
+
+
+def _sample(run: _Run, draw: int) -> int:
+    """The sample of a draw: a fresh permutation of the data each epoch."""
+    n = len(run.samples)
+    epoch = draw // n
+    if epoch not in run.perms:
+        generator = torch.Generator().manual_seed(_seed(run.opts.seed, epoch))
+        run.perms = {epoch: torch.randperm(n, generator=generator)}
+    return int(run.perms[epoch][draw % n])
 
 
 def _step(run: _Run, step: int) -> dict:
@@ -464,9 +467,10 @@ def _step(run: _Run, step: int) -> dict:
     guidance = opts.guidance if transformer.config.guidance_embeds else None
     totals = torch.zeros(len(LOSSES), device=device)
     for micro in range(run.accumulate):
-        generator = torch.Generator().manual_seed(_seed(opts.seed, step, micro, run.dist.rank))
-        batch = run.samples.batch(_indices(run, step, micro), device, dtype)
-        n = noised(batch, run.pipe.vae.config, guidance, generator)
+        draws = _draws(run, step, micro)
+        batch = run.samples.batch([_sample(run, g) for g in draws], device, dtype)
+        generators = [torch.Generator().manual_seed(_seed(opts.seed, 1, g)) for g in draws]
+        n = noised(batch, run.pipe.vae.config, guidance, generators)
         # 1. The teacher: the same module with the base's projections and full attention, no grad.
         with torch.no_grad(), original_attention(transformer):
             with captured_attention(transformer, run.layers, tiled=False) as a_teacher:
