@@ -133,6 +133,19 @@ def test_make_data_from_images_with_prompt_files(tiny, tmp_path):
     assert load_file(str(tmp_path / "d" / "samples" / "000001.safetensors"))["mean"].shape == (16, 16, 16)
 
 
+def test_cost_model_counts_the_published_key_set():
+    from clear_gen.distill.cost import step_cost, trainable_parameters
+    from clear_gen.flops import FluxShape
+
+    model = tiny_transformer()
+    for f in (1, 2):
+        shapes = expected_checkpoint(model, f).values()
+        assert trainable_parameters(FluxShape(2, 16, 1, 1), f) == sum(math.prod(s) for s in shapes)
+    cost = step_cost(FluxShape(), 1024, 16)  # FLUX.1-dev: 1.79B trainable, ~300 TFLOP a sample
+    assert trainable_parameters(FluxShape()) == 1_793_648_640
+    assert 2.9e14 < cost.flops < 3.1e14 and 60e9 < cost.peak_bytes < 80e9
+
+
 def test_losses_pieces_follow_the_recipe():
     assert attention_layers(38) == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37]
     assert attention_layers(1) == [0] and attention_layers(2) == [1]

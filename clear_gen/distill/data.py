@@ -181,12 +181,12 @@ def plan_jobs(opts: DataOptions) -> tuple[list[Job], list[str]]:
     files = sorted(p for p in opts.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     pairs = [(p, _image_prompt(p)) for p in files]
     usable = [(p, text) for p, text in pairs if text]
-    notes = [f"{len(pairs) - len(usable)} images skipped: no same-stem .txt or .json prompt"]
     if not usable:
         raise ConfigError(f"--images {opts.images}: no image with a same-stem .txt or .json prompt")
+    skipped = len(pairs) - len(usable)
+    notes = [f"{skipped} images skipped: no same-stem .txt or .json prompt"] if skipped else []
     usable = usable[: opts.count] if opts.count else usable
-    jobs = [Job(i, text, opts.seed + i, path) for i, (path, text) in enumerate(usable)]
-    return jobs, notes if len(usable) < len(pairs) and not opts.count else []
+    return [Job(i, text, opts.seed + i, path) for i, (path, text) in enumerate(usable)], notes
 
 
 def sample_path(directory: Path, index: int) -> Path:
@@ -341,7 +341,8 @@ class Samples:
     def __init__(self, directory: Path, base: str, res: int):
         self.directory = Path(directory).expanduser()
         manifest = read_manifest(self.directory)
-        files = sorted((self.directory / "samples").glob("*.safetensors")) if manifest else []
+        count = manifest.count if manifest else 0
+        files = [p for i in range(count) if (p := sample_path(self.directory, i)).is_file()]
         if manifest is None or not files:
             raise ConfigError(
                 f"--data {self.directory} has no samples: make them first with "
