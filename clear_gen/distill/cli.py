@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..display import duration
 from ..errors import ConfigError
 
 app = typer.Typer(
@@ -150,6 +149,7 @@ def train(
     ),
 ) -> None:
     """Distil CLEAR weights from the base (teacher: full attention) into its CLEAR twin (student)."""
+    from ..display import duration
     from .train import TrainHooks, TrainOptions
     from .train import train as run
 

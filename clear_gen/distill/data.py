@@ -126,7 +126,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -227,7 +227,7 @@ def make_data(
     manifest = Manifest(
         base_id(opts.model), opts.res, text_len, str(dtype).removeprefix("torch."), source, len(jobs)
     )
-    _claim_folder(out, manifest)
+    claim_folder(out, manifest)
     # 2. What is left to make; nothing loads when nothing is.
     todo = [job for job in jobs if not sample_path(out, job.index).is_file()]
     held_out = [
@@ -245,17 +245,17 @@ def make_data(
         for i in held_out:
             embeds, pooled = _encode(pipe, validation[i], device, text_len)
             meta = {"prompt": validation[i]}
-            _save_tensors(
+            save_tensors(
                 out / "validation" / f"{i:02d}.safetensors", {"prompt_embeds": embeds, "pooled": pooled}, meta
             )
         for job in todo:
-            _save_tensors(sample_path(out, job.index), _sample(pipe, job, opts, device, text_len), _meta(job))
+            save_tensors(sample_path(out, job.index), _sample(pipe, job, opts, device, text_len), _meta(job))
             summary.made += 1
             progress(summary.kept + summary.made, len(jobs))
     return summary
 
 
-def _claim_folder(out: Path, manifest: Manifest) -> None:
+def claim_folder(out: Path, manifest: Manifest) -> None:
     """Write the manifest, or check the one there: a folder holds the data of one base, size and source."""
     found = read_manifest(out)
     if found is not None:

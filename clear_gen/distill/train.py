@@ -149,6 +149,9 @@ def check_options(opts: TrainOptions) -> None:
         raise ConfigError(f"--loss-weights takes three weights >= 0, not all 0 (FM,PRED,ATTN); got {weights}")
     if opts.lr is not None and not opts.lr > 0:
         raise ConfigError(f"--lr must be positive, got {opts.lr}")
+    for flag, path in (("--out", opts.out), ("--log", opts.log)):
+        if path is not None and not Path(path).expanduser().parent.is_dir():
+            raise ConfigError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
     if opts.out.suffix != ".safetensors":
         raise ConfigError(
             f"--out {opts.out}: the weights are written as .safetensors; name it FILE.safetensors"
@@ -320,8 +323,11 @@ class _Run:
         return dict(zip(self.keys, self.masters or self.params, strict=True))
 
 
-def train(opts: TrainOptions, hooks: TrainHooks | None = None) -> TrainResult:
-    """Distil CLEAR weights (module docstring); returns where they are and the last validation."""
+def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None) -> TrainResult:
+    """Distil CLEAR weights (module docstring); returns where they are and the last validation.
+
+    pipe: the base already loaded (its transformer, and its VAE's config), instead of loading opts.model;
+    for benchmarks on random weights (scripts/distill_bench.py)."""
     from ..device import resolve_dtype
 
     hooks = hooks or TrainHooks()
@@ -341,7 +347,8 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None) -> TrainResult:
     # 2. The base, the student and its optimiser.
     hooks.phase("load")
     try:
-        run = _prepare(opts, dist, dtype, backend, samples, identity, resumed, accumulate)
+        pipe = pipe or load_base(opts.model, opts.token, dist.device, dtype)
+        run = _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate)
         return _train(run, resumed["step"] if resumed else 0, hooks)
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceError(
@@ -350,9 +357,8 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None) -> TrainResult:
         ) from e
 
 
-def _prepare(opts, dist, dtype, backend, samples, identity, resumed, accumulate) -> _Run:
-    pipe = load_base(opts.model, opts.token, dist.device, dtype)
-    transformer = pipe.transformer
+def _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate) -> _Run:
+    transformer, dtype = pipe.transformer, pipe.transformer.dtype
     params = make_student(transformer, opts, backend, resumed["weights"] if resumed else None)
     keys = trainable_keys(transformer, opts.down_factor)
     masters = None
@@ -548,5 +554,13 @@ def _trim_log(log: Path, first: int) -> None:
     if not log.exists():
         return
     lines = log.read_text(encoding="utf-8").splitlines() if first else []
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= first]
+    kept = [line for line in lines if _step_of(line) <= first]
     log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _step_of(line: str) -> float:
+    """A log line's step; a torn last line (a killed run) reads as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
