@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from clear_gen.device import device_name, resolve_device
+from clear_gen.distill import TrainOptions, train
 from clear_gen.distill.cost import step_cost
 from clear_gen.distill.data import Manifest, claim_folder, sample_path, save_tensors
+from clear_gen.distill.train import TrainHooks
 from clear_gen.random_flux import build_transformer, flux_shape
 
 VAE_CONFIG = types.SimpleNamespace(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE
@@ -43,10 +45,7 @@ def fake_data(folder: Path, res: int, text_len: int, joint_dim: int, count: int 
         save_tensors(sample_path(folder, i), sample, {"prompt": "random"})
 
 
-def main() -> None:
-    import importlib
-
-    T = importlib.import_module("clear_gen.distill.train")
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4)
@@ -60,7 +59,7 @@ def main() -> None:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     # 1. A random base of the asked shape, and random cached samples.
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -70,16 +69,14 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         fake_data(Path(tmp) / "data", args.res, args.text_len, shape.joint_dim)
-        opts = T.TrainOptions(
+        opts = TrainOptions(
             data=Path(tmp) / "data", out=Path(tmp) / "w.safetensors", window=args.window,
             down_factor=args.down_factor, model="random", res=args.res, steps=args.steps, batch=args.batch,
-            accumulate=1, optimizer=args.optimizer, validate_steps=0, save_every=args.steps + 1,
-            device=str(device),
+            accumulate=1, optimizer=args.optimizer, validate_steps=0, save=False, device=str(device),
         )  # fmt: skip
-        T._save = lambda run, step, hooks: None  # a bench keeps nothing (see the docstring)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        T.train(opts, T.TrainHooks(step=records.append), pipe=pipe)
+        train(opts, TrainHooks(step=records.append), pipe=pipe)
     # 2. Measured against estimated.
     warm = [r["seconds"] for r in records[1:]] or [records[0]["seconds"]]
     cost = step_cost(
@@ -99,6 +96,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -408,6 +408,17 @@ def test_bad_inputs_are_one_line_errors(tiny, data, tmp_path, capsys, monkeypatc
     assert code == 1 and "--batch 1" in err and "adamw8bit" in err and "checkpointing" in err
 
 
+def test_distill_bench_runs_the_training_loop_on_random_weights():
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "distill_bench.py"))
+    tiny = (
+        "--device cpu --layers 3 --heads 2 --head-dim 32 --res 128 --text-len 16 --window 4 --down-factor 2"
+    )
+    result = bench["main"](tiny.split() + ["--steps", "2"])
+    assert result["step_s"] > 0 and result["peak_gb"] is None and result["estimated_tflop_per_sample"] > 0
+
+
 def test_distill_is_a_command_group_not_a_prompt(capsys):
     code, out, _ = run(["distill", "--help"], capsys)
     assert code == 0 and "make-data" in out and "train" in out

@@ -80,6 +80,7 @@ class TrainOptions:
     log: Path | None = None  # None: FILE.log.jsonl beside out
     gradient_checkpointing: bool = True
     fp32_master: bool = True  # float32 master weights when the model is bf16 or fp16
+    save: bool = True  # False: write no weights or resume file (benchmarks)
     device: str = "auto"
     dtype: str | None = None  # bf16 on CUDA, fp32 elsewhere
     backend: str = "auto"  # flex on CUDA, dense on the CPU (FlexAttention has no CPU backward)
@@ -519,7 +520,7 @@ def _optimizer_step(run: _Run) -> tuple[float, float]:
 
 def _save(run: _Run, step: int, hooks: TrainHooks) -> None:
     """The weights in the published format and the resume file (rank 0; the others wait)."""
-    if run.dist.rank == 0:
+    if run.dist.rank == 0 and run.opts.save:
         out, resume, _ = run.paths
         weights = run.weights()
         C.save_weights(out, weights, run.identity, step)
