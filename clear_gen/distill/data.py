@@ -170,6 +170,10 @@ def plan_jobs(opts: DataOptions) -> tuple[list[Job], list[str]]:
         raise ConfigError("give --prompts-file (the teacher draws each image) or --images DIR, one of them")
     if opts.count is not None and opts.count < 1:
         raise ConfigError(f"--count must be at least 1, got {opts.count}")
+    if opts.steps < 1 or not opts.guidance >= 0:
+        raise ConfigError(
+            f"--steps must be at least 1 and --guidance 0 or more; got {opts.steps}, {opts.guidance}"
+        )
     if opts.prompts_file is not None:
         prompts = read_prompts(opts.prompts_file, "--prompts-file")
         count = opts.count or len(prompts)

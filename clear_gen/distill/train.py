@@ -343,6 +343,11 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None)
     identity = C.RunIdentity(base, opts.res, opts.window, opts.down_factor, opts.optimizer)
     resumed = C.load_resume(Path(opts.resume).expanduser(), identity) if opts.resume else None
     accumulate = opts.accumulate or max(1, RECIPE_BATCH // (opts.batch * dist.world))
+    if resumed and resumed["extra"] != _extra(opts, accumulate, dist):
+        hooks.note(
+            f"resumed with other settings than {resumed['extra']}: training goes on, but not exactly as the "
+            "first run would have"
+        )
     if len(samples) < samples.manifest.count:
         hooks.note(f"{len(samples)} of the {samples.manifest.count} samples are made; training on those")
     # 2. The base, the student and its optimiser.
@@ -524,10 +529,15 @@ def _save(run: _Run, step: int, hooks: TrainHooks) -> None:
         out, resume, _ = run.paths
         weights = run.weights()
         C.save_weights(out, weights, run.identity, step)
-        extra = {"seed": run.opts.seed, "batch": run.opts.batch, "accumulate": run.accumulate}
-        C.save_resume(resume, run.identity, step, weights, run.optimizer, extra | {"world": run.dist.world})
+        extra = _extra(run.opts, run.accumulate, run.dist)
+        C.save_resume(resume, run.identity, step, weights, run.optimizer, extra)
         hooks.saved(resume)
     run.dist.barrier()
+
+
+def _extra(opts: TrainOptions, accumulate: int, dist: Dist) -> dict:
+    """What else decides a run's draws and steps: a resume with others is a different run."""
+    return {"seed": opts.seed, "batch": opts.batch, "accumulate": accumulate, "world": dist.world}
 
 
 def _validate(run: _Run, step: int, hooks: TrainHooks) -> dict | None:
