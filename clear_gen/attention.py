@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -52,7 +53,7 @@ class _ClearState:
     """Shared by the transformer's hooks and all its processors."""
 
     config: ClearConfig
-    layout: _Layout | None = None
+    layout: _Layout | None = None  # of the latest forward (set by the input hook)
     originals: dict[str, Tensor] = field(default_factory=dict)  # replaced parameters' data (see _load)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # quantized projections swapped out
     processors: dict[str, object] = field(default_factory=dict)  # the processors we replaced
@@ -69,8 +70,12 @@ FLEX_RECOMPILE_LIMIT = 64  # kernels per process: one per geometry, dtype and ba
 
 
 def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
-    """Compiled FlexAttention with the analytic block mask. (B, H, L, D) in and out."""
-    return compiled_flex(query, key, value, G.block_mask(geo, str(query.device)), scale)
+    """Compiled FlexAttention with the analytic block mask. (B, H, L, D) in and out.
+
+    When a gradient will flow back (training), the mask also carries the query-block lists that
+    FlexAttention's backward pass needs."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return compiled_flex(query, key, value, G.block_mask(geo, str(query.device), grad), scale)
 
 
 def compiled_flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float) -> Tensor:
@@ -274,9 +279,9 @@ def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
 
 
 def _post_hook(state: _ClearState, module, args, output):
-    """Back to row-major order."""
+    """Back to row-major order. The layout stays recorded: a gradient-checkpointed backward pass runs the
+    blocks (and so the processors) again after the forward has returned."""
     inv = state.layout.inv
-    state.layout = None
     if isinstance(output, tuple):
         return (output[0][:, inv], *output[1:])
     output.sample = output.sample[:, inv]
@@ -458,11 +463,15 @@ def apply_clear(
     if state_dict is not None:
         _load(transformer, state, state_dict)
     transformer.pos_embed.theta = state.theta * ntk_factor
+    _register_hooks(transformer, state)
+    transformer._clear_state = state
+
+
+def _register_hooks(transformer, state: _ClearState) -> None:
     state.hooks = [
         transformer.register_forward_pre_hook(lambda m, a, k: _pre_hook(state, m, a, k), with_kwargs=True),
         transformer.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
     ]
-    transformer._clear_state = state
 
 
 def _compute_device(transformer) -> torch.device:
@@ -495,3 +504,36 @@ def clear_config(transformer) -> ClearConfig | None:
     """The CLEAR settings of a transformer, or None when it runs stock attention."""
     state = getattr(transformer, "_clear_state", None)
     return None if state is None else state.config
+
+
+@contextmanager
+def original_attention(transformer) -> Iterator[None]:
+    """Inside: the stock model that CLEAR was applied to (its processors, RoPE theta, row-major tokens
+    and the projections a checkpoint replaced); outside: CLEAR exactly as before.
+
+    The replaced projections are swapped back by pointer, not copied, so they must be on the same device
+    as the CLEAR ones: this is how a distillation's full-attention teacher shares every weight with its
+    CLEAR student (clear_gen.distill). Do not step an optimiser inside.
+    """
+    state: _ClearState | None = getattr(transformer, "_clear_state", None)
+    assert state is not None, "original_attention needs a transformer with CLEAR applied"
+    modules = _attn_modules(transformer)
+    clear_processors = {name: modules[name].processor for name in state.processors}
+    clear_data = {key: transformer.get_parameter(key).data for key in state.originals}
+    assert all(value.device == clear_data[key].device for key, value in state.originals.items()), (
+        "original_attention swaps projections by pointer: keep the originals on the model's device"
+    )
+    for handle in state.hooks:
+        handle.remove()
+    for name, processor in state.processors.items():
+        modules[name].set_processor(processor)
+    _restore(transformer, state.originals)
+    transformer.pos_embed.theta = state.theta
+    try:
+        yield
+    finally:
+        _restore(transformer, clear_data)
+        for name, processor in clear_processors.items():
+            modules[name].set_processor(processor)
+        transformer.pos_embed.theta = state.theta * state.config.ntk_factor
+        _register_hooks(transformer, state)

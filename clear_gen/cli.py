@@ -718,9 +718,19 @@ def _write_json(path: Path, rows: list[dict]) -> None:
     _write(path, json.dumps(rows, indent=1) + "\n")
 
 
+def _register_distill() -> None:
+    from .distill.cli import app as distill
+
+    app.add_typer(distill, name="distill")
+
+
+_register_distill()
+
+
 def _with_default_command(argv: list[str]) -> list[str]:
     """`clear-gen "a castle" --res 2048` means `clear-gen generate "a castle" --res 2048`."""
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    commands |= {g.name for g in app.registered_groups}
     if (
         argv
         and argv[0] not in commands
