@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from . import output
+from . import gpus, output
 from .attention import apply_clear, remove_clear, resolve_backend
+from .chunking import chunk_feed_forward
 from .device import DTYPES, device_name, resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
@@ -33,6 +34,7 @@ from .loading import (
     load_pipeline,
     place_clear_weights,
 )
+from .memory import RunPlan, plan_run
 from .plan import (
     ClearChoice,
     GenerateOptions,
@@ -49,6 +51,8 @@ from .timing import (
     StepClock,
     capture_transformer_call,
     now,
+    record_peak_memory,
+    reset_peak_memory,
     time_full_attention,
     time_step,
 )
@@ -168,18 +172,38 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    plan = _memory_plan(opts, device, hooks)  # offload, chunking; refuses what cannot fit
+    opts = replace(opts, offload=plan.offload)
     check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
     if choice.note:
         hooks.note(choice.note)
     # 2. Load, then generate; GPU memory can run out anywhere in there.
     try:
-        return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype, started)
+        return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype, started, plan)
     except torch.cuda.OutOfMemoryError as e:
-        raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
+        planned = f"planned peak {plan.peak_gb:.1f} GB with --offload {plan.offload}"
+        raise DeviceError(
+            f"out of GPU memory ({planned}): try --offload model or sequential, or a smaller size"
+        ) from e
+
+
+def _memory_plan(opts: GenerateOptions, device: torch.device, hooks: Hooks) -> RunPlan:
+    """The run's memory plan (memory.py), before loading: a device problem or a run that cannot fit even
+    with sequential offload is refused now; on a GPU the offload decision is announced in one line."""
+    plan = plan_run(opts, assume_gpu=False)
+    if plan.problems:
+        raise DeviceError(plan.problems[0])
+    if not plan.fits_any:
+        raise DeviceError(plan.cannot_fit_line())
+    if plan.gpu:
+        if opts.gpu_memory is not None:
+            gpus.limit_memory(device, opts.gpu_memory)
+        hooks.note(plan.offload_line())
+    return plan
 
 
 def _load_and_generate(
-    opts, hooks, prompts, seeds, choice, stages, device, dtype, started
+    opts, hooks, prompts, seeds, choice, stages, device, dtype, started, plan
 ) -> list[ImageResult]:
     # 1. The CLEAR weights and the pipeline; every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
@@ -188,6 +212,7 @@ def _load_and_generate(
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
     pipe = load_pipeline(opts, device, dtype)
+    chunk_feed_forward(pipe.transformer, plan.ff_chunk)  # the plan's feed-forward slices (None: whole)
     if max(opts.width, opts.height) > 2048:
         pipe.vae.enable_tiling()
     img2img = img2img_pipeline(pipe) if len(stages) > 1 else None
@@ -201,7 +226,7 @@ def _load_and_generate(
     hooks.phase_done("encode", encode_s)
     if state_dict is not None and opts.offload == "none":  # once the text encoders have left the GPU
         t0 = now(device)
-        state_dict = place_clear_weights(state_dict, pipe.transformer, max(s.tokens for s in stages))
+        state_dict = place_clear_weights(state_dict, pipe.transformer, plan.activation_bytes)
         load_s += now(device) - t0
     # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
     run = _Run(pipe, img2img, opts, choice, stages, state_dict, device, hooks)
@@ -252,6 +277,7 @@ def _one_image(run: _Run, emb, prompt: str, seed: int, timing: RunTiming, starte
         t0 = now(run.device)
         image = _decode(run.pipe, latents, stage)
         stage_timing.decode_s = now(run.device) - t0
+        record_peak_memory(stage_timing, run.device)  # denoising and decoding, not timing full attention
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
         if run.opts.keep_stages and i < n - 1:
@@ -278,13 +304,15 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         remove_clear(transformer)
     geo = _geometry(stage, choice, emb[0].shape[1]) if stage.clear else None  # emb[0]: (1, T, D)
     compiling = _first_run(geo, opts.backend, device, transformer.dtype)
-    # 2. Denoise, timing every step.
+    # 2. Denoise, timing every step (and the GPU memory's high-water mark).
     if compiling:
         hooks.phase("compile", f"{stage.width}x{stage.height}")
     clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
+    reset_peak_memory(device)
     with capture_transformer_call(transformer) as inputs, clock.watching(transformer):
         latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
     timing = _timing(stage, choice, clock, geo)
+    record_peak_memory(timing, device)
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
     if opts.compare_full and geo is not None:
         hooks.phase("compare", f"{stage.width}x{stage.height}")
@@ -296,6 +324,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         )
         timing.compare_s = now(device) - t0
         hooks.phase_done("compare", timing.compare_s)
+        reset_peak_memory(device)  # the stage's peak leaves out timing full attention
     elif not stage.clear:
         timing.full_step_s = timing.step_s
     return latents, timing
