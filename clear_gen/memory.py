@@ -204,6 +204,8 @@ class RunPlan:
     problems: list[str] = field(default_factory=list)  # device problems a real run refuses
     notes: list[str] = field(default_factory=list)  # assumptions (shapes, file types)
     activation_bytes: int = 0  # the largest stage's activations and VAE: what loading keeps free
+    full_step_too_big: list[tuple[int, int]] = field(default_factory=list)  # CLEAR stages (w, h) whose
+    # comparison step with stock attention would not fit: its time is estimated, not measured
 
     @property
     def time_s(self) -> float:
@@ -416,6 +418,13 @@ def _stage_memory(
     return denoise_weights, act, vae, max(denoise_weights + act, vae_weights + vae)
 
 
+def _full_step(run: _Run, w: _Weights, offload: str, chunk: int | None, i: int) -> int:
+    """Peak bytes of the stock-attention step that times full attention at stage i's size."""
+    s = run.stages[i]
+    act = step_activations(run.text_len, s.tokens, run.shapes.transformer, run.e, False, chunk)
+    return _stage_memory(run, w, offload, chunk, i)[0] + act
+
+
 def _encode_memory(w: _Weights, offload: str) -> int:
     """Peak while encoding the prompts: with offload none, everything is on the GPU (then the text
     encoders leave); with model, one text encoder at a time; with sequential, one layer."""
@@ -439,6 +448,11 @@ def _candidate(run: _Run, gpu: gpus.Gpu | None, offload: str, chunk: int | None,
                       weights / GB, act / GB, unchunked[i][1] / GB, vae / GB, peak / GB, 0.0)
         )  # fmt: skip
     free = gpu.free_bytes if gpu else None
+    too_big = [
+        (s.width, s.height)
+        for i, s in enumerate(run.stages)
+        if s.clear and free is not None and (1 + HEADROOM) * _full_step(run, w, offload, chunk, i) > free
+    ]
     return RunPlan(
         device=gpu.name if gpu else "cpu",
         gpu=gpu is not None,
@@ -462,6 +476,7 @@ def _candidate(run: _Run, gpu: gpus.Gpu | None, offload: str, chunk: int | None,
         fits=free is None or max(peaks) * (1 + HEADROOM) <= free,
         stages=stages,
         notes=[note] if note else [],
+        full_step_too_big=too_big,
         activation_bytes=max(max(a, v) for _, a, v, _ in (_stage_memory(run, w, offload, chunk, i)
                                                            for i in range(len(run.stages)))),
     )  # fmt: skip

@@ -229,7 +229,7 @@ def _load_and_generate(
         state_dict = place_clear_weights(state_dict, pipe.transformer, plan.activation_bytes)
         load_s += now(device) - t0
     # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
-    run = _Run(pipe, img2img, opts, choice, stages, state_dict, device, hooks)
+    run = _Run(pipe, img2img, opts, choice, stages, state_dict, device, hooks, plan)
     results, mark = [], started
     try:
         for prompt, emb in zip(prompts, embeds, strict=True):
@@ -262,6 +262,7 @@ class _Run:
     state_dict: dict[str, torch.Tensor] | None
     device: torch.device
     hooks: Hooks
+    plan: RunPlan
 
 
 def _one_image(run: _Run, emb, prompt: str, seed: int, timing: RunTiming, started: float) -> ImageResult:
@@ -319,8 +320,9 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         t0 = now(device)
         if timing.step_s is None:
             timing.step_s = time_step(transformer, inputs, device)
+        fits = (stage.width, stage.height) not in run.plan.full_step_too_big  # stock attention needs more
         time_full_attention(
-            transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw)
+            transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw), fits
         )
         timing.compare_s = now(device) - t0
         hooks.phase_done("compare", timing.compare_s)

@@ -242,9 +242,10 @@ def _full_step_key(inputs: dict, geo: Geometry, device) -> tuple:
 
 
 def time_full_attention(
-    transformer, inputs: dict, timing: StageTiming, geo: Geometry, device, reapply
+    transformer, inputs: dict, timing: StageTiming, geo: Geometry, device, reapply, fits: bool = True
 ) -> None:
-    """timing.full_step_s: one warm step with stock attention when that is cheap, else the FLOP model.
+    """timing.full_step_s: one warm step with stock attention when that is cheap (and `fits`: the memory
+    plan says its activations fit), else the FLOP model.
 
     A measured time is kept per transformer and size, so a batch of images measures it once. The
     estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
@@ -257,7 +258,7 @@ def time_full_attention(
         return
     computed = build_block_lists(geo).computed_pairs()
     estimate = timing.step_s * speedup_bound(step_flops(_shape(transformer.config), geo, computed))
-    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs:
+    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits:
         timing.full_step_s, timing.full_estimated = estimate, True
         return
     remove_clear(transformer)

@@ -465,3 +465,10 @@ def test_a_cpu_run_records_no_peak(tmp_path, monkeypatch, capsys):
     stage = json.loads(out)["timings"]["stages"][0]
     assert stage["peak_allocated_gb"] is None and stage["peak_reserved_gb"] is None
     assert "offload:" not in err  # said on a GPU only
+
+
+def test_full_attention_comparison_is_estimated_when_its_step_would_not_fit():
+    plan = plan_run(opts(width=4096, height=4096, quantize="fp8", gpu_memory=22))
+    assert plan.fits and plan.offload == "model" and plan.stages[-1].peak_gb == pytest.approx(18.8, abs=0.05)
+    assert plan.full_step_too_big == [(4096, 4096)]  # stock attention's step: 5.3 GB, not CLEAR's 3.0
+    assert plan_run(opts(width=4096, height=4096, gpu_memory=80)).full_step_too_big == []
