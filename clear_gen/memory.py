@@ -31,7 +31,7 @@ leaves the attention phase, and the output phase becomes 5 copies + 9 x S x C x 
 So a step needs, besides RoPE's cos/sin tables (2 x L x head_dim x 4 bytes):
     stock:  max(11 L C e + 12 L C, 15 L C e)    chunked:  max(7 L C e + 12 L C, 5 L C e + 9 S C e)
     CLEAR:  15 L C e                            chunked:  7 L C e
-i.e. at 8192 px in bf16 (L = 262,656, 1.61 GB a copy) 24.2 GB for CLEAR unchunked, 11.6 GB chunked.
+i.e. at 8192 px in bf16 (L = 262,656, 1.61 GB a copy) 24.5 GB for CLEAR unchunked, 11.6 GB chunked.
 
 VAE (AutoencoderKL, counted on diffusers' decoder): decode 768 e bytes a pixel, or with tiling one
 tile's (sample_size px a side) 768 e bytes a pixel plus 5 e a pixel of the whole image; encode 640 e
@@ -204,8 +204,8 @@ class RunPlan:
     problems: list[str] = field(default_factory=list)  # device problems a real run refuses
     notes: list[str] = field(default_factory=list)  # assumptions (shapes, file types)
     activation_bytes: int = 0  # the largest stage's activations and VAE: what loading keeps free
-    full_step_too_big: list[tuple[int, int]] = field(default_factory=list)  # CLEAR stages (w, h) whose
-    # comparison step with stock attention would not fit: its time is estimated, not measured
+    # CLEAR stages (w, h) whose comparison step with stock attention would not fit: estimated, not timed
+    full_step_too_big: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def time_s(self) -> float:
@@ -230,8 +230,8 @@ class RunPlan:
         return {**data, "time_s": self.time_s, "estimate": True, "stages": [vars(s) for s in self.stages]}
 
 
-def check_quantize(opts: GenerateOptions) -> None:
-    """Known --quantize and --quantize-text names."""
+def check_plan_options(opts: GenerateOptions) -> None:
+    """Known --quantize, --quantize-text and --offload names, a positive --gpu-memory."""
     for flag, value, modes in (
         ("--quantize", opts.quantize, QUANTIZE_MODES),
         ("--quantize-text", opts.quantize_text, TEXT_QUANTIZE_MODES),
@@ -301,7 +301,7 @@ def plan_run(opts: GenerateOptions, assume_gpu: bool = True, gpu: gpus.Gpu | Non
     `gpu`: plan for this GPU (e.g. `gpus.assumed_gpu(24, torch.bfloat16)`) whatever this machine has.
     """
     # 1. What runs: stages, attention, the device and dtype, the model's shapes.
-    check_quantize(opts)
+    check_plan_options(opts)
     choice = resolve_clear(opts)
     stages = plan_stages(opts, choice)
     cuda_here, problems = torch.cuda.is_available(), []

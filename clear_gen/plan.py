@@ -45,13 +45,13 @@ class GenerateOptions:
     device: str = "auto"
     dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere
     offload: str = "auto"  # auto | none | model | sequential; auto: from the memory plan (memory.py)
+    gpu_memory: float | None = None  # GB the plan may use (default: the GPU's free memory, or 24 without one)
     compare_full: bool = True
     backend: str = "auto"
     token: str | None = None
     quantize: str = "none"
     quantize_text: str = "none"
     transformer: str | None = None
-    gpu_memory: float | None = None  # GB the plan may use (default: the GPU's free memory, or 24 without one)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
