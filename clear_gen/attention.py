@@ -204,32 +204,37 @@ class ClearAttnProcessor(torch.nn.Module):
         attention_mask: Tensor | None = None,
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         state = self._state[0]
         layout = state.layout
         assert layout is not None, "CLEAR attention runs inside its transformer's forward (hooks set it up)"
         assert attention_mask is None, "CLEAR attention takes no attention_mask"
         geo = layout.geometry
-        # 1. Projections and q/k RMSNorm, exactly as FluxAttnProcessor: (B, L, H, D).
-        query, key, value = _project(hidden_states, attn.head_dim, attn.to_q, attn.to_k, attn.to_v)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if encoder_hidden_states is not None:
-            assert encoder_hidden_states.shape[1] == geo.text_len
-            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            eq, ek, ev = _project(encoder_hidden_states, attn.head_dim, *projections)
-            query = torch.cat([attn.norm_added_q(eq), query], dim=1)  # (B, T + N, H, D): text first
-            key = torch.cat([attn.norm_added_k(ek), key], dim=1)
-            value = torch.cat([ev, value], dim=1)
+        # 1. Projections, q/k RMSNorm and RoPE, as FluxAttnProcessor computes them: (B, L, H, D), text
+        # first. Norm and RoPE run over token slices (the same values; see _normed_rotated).
+        text, head_dim = encoder_hidden_states, attn.head_dim
+        if text is not None:
+            assert text.shape[1] == geo.text_len
+        q_parts = [(attn.add_q_proj(text), attn.norm_added_q)] if text is not None else []
+        q_parts.append((attn.to_q(hidden_states), attn.norm_q))
+        query = _normed_rotated(q_parts, image_rotary_emb, head_dim)
         assert query.shape[1] == geo.q_len, (query.shape, geo)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # 2. Down-sampled keys and values from post-norm, post-RoPE keys, appended after the image.
+        del q_parts
+        k_parts = [(attn.add_k_proj(text), attn.norm_added_k)] if text is not None else []
+        k_parts.append((attn.to_k(hidden_states), attn.norm_k))
+        key = _normed_rotated(k_parts, image_rotary_emb, head_dim, extra=geo.kv_len - geo.q_len)
+        del k_parts
+        v_parts = [attn.add_v_proj(text)] if text is not None else []
+        v_parts.append(attn.to_v(hidden_states))  # (B, N, H * D)
+        # 2. Down-sampled keys and values (from post-norm, post-RoPE keys), after the image's.
         if geo.down_factor > 1:
-            image = slice(geo.text_len, None)
-            key = torch.cat([key, pool_keys(key[:, image], geo, layout.inv, self.spatial_weight)], dim=1)
-            value = torch.cat([value, pool_keys(value[:, image], geo, layout.inv, self.spatial_weight)], 1)
+            keys = key[:, geo.text_len : geo.q_len]
+            key[:, geo.q_len :] = pool_keys(keys, geo, layout.inv, self.spatial_weight)
+            values = v_parts[-1][:, -geo.image_len :].unflatten(-1, (-1, head_dim))  # (B, N, H, D)
+            v_parts.append(pool_keys(values, geo, layout.inv, self.spatial_weight).flatten(2, 3))
+            del keys, values
+        value = torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0]  # (B, kv_len, H * D)
+        value = value.unflatten(-1, (-1, head_dim))  # (B, kv_len, H, D)
+        del v_parts
         # 3. Attention over (B, H, L, D).
         scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
@@ -243,9 +248,38 @@ class ClearAttnProcessor(torch.nn.Module):
         return image, attn.to_add_out(text.contiguous())
 
 
-def _project(x: Tensor, head_dim: int, *linears) -> list[Tensor]:
-    """(B, L, C) -> one (B, L, H, D) per linear."""
-    return [linear(x).unflatten(-1, (-1, head_dim)) for linear in linears]
+ROPE_CHUNK_TOKENS = 8192  # tokens per slice of q/k norm and RoPE (whose float32 temporaries are 6x q's size)
+
+
+def _normed_rotated(
+    parts: list[tuple[Tensor, torch.nn.Module]],
+    rope: tuple[Tensor, Tensor] | None,
+    head_dim: int,
+    extra: int = 0,
+) -> Tensor:
+    """RMSNorm then RoPE of projected queries or keys: [(text, its norm),] (image, its norm), each
+    (B, l, H * D) -> (B, T + N + extra, H, D); the last `extra` rows are left for the caller.
+
+    FluxAttnProcessor norms each part, concatenates them and applies RoPE to the whole; both work token
+    by token, so running them over slices of ROPE_CHUNK_TOKENS tokens straight into one output gives the
+    same values without a concatenated copy or RoPE's full-size float32 temporaries.
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    length, out, start = sum(x.shape[1] for x, _ in parts), None, 0
+    for x, norm in parts:
+        for s in range(0, x.shape[1], ROPE_CHUNK_TOKENS):
+            piece = norm(x[:, s : s + ROPE_CHUNK_TOKENS].unflatten(-1, (-1, head_dim)))  # (B, l, H, D)
+            rows = slice(start + s, start + s + piece.shape[1])
+            if rope is not None:
+                piece = apply_rotary_emb(piece, (rope[0][rows], rope[1][rows]), sequence_dim=1)
+            if out is None:
+                out = piece.new_empty(
+                    (piece.shape[0], length + extra, *piece.shape[2:])
+                )  # (B, L + extra, H, D)
+            out[:, rows] = piece
+        start += x.shape[1]
+    return out
 
 
 # ---------------------------------------------------------------- token order hooks

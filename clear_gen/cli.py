@@ -205,7 +205,16 @@ def _recipe(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
     ),
     offload: str = typer.Option(
-        "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
+        _D.offload, help="auto (from the memory plan), none, model or sequential.", rich_help_panel=RUN
+    ),
+    gpu_memory: float = typer.Option(
+        None,
+        help="GB of GPU memory to plan for (on a GPU, the run keeps to it).",
+        show_default="free memory; 24 without a GPU",
+        rich_help_panel=RUN,
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the memory and time plan; load nothing.", rich_help_panel=RUN
     ),
     quantize: str = typer.Option(
         None,
@@ -265,6 +274,7 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
     from .pipeline import GenerateOptions, options_from_record
 
     recipe = dict(recipe)
+    recipe.pop("dry_run", None)  # the command's, not the run's
     w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
     if "clear_weights" in recipe:
         recipe["clear_weights"] = str(recipe["clear_weights"]) if recipe["clear_weights"] else None
@@ -348,11 +358,31 @@ def generate(
         out=out,
         compare_full=not no_compare_full,
     )
+    if recipe["dry_run"]:
+        from .memory import plan_run
+
+        _print_plans([("", plan_run(opts))], as_json)
+        return
     # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
     from .display import GenerateDisplay
 
     with GenerateDisplay(err, as_json) as display:
         generate(opts, display.hooks())
+
+
+def _print_plans(plans: list, as_json: bool) -> None:
+    """--dry-run: each (label, RunPlan) as a table and its decision lines, or one JSON object a line."""
+    if as_json:
+        for label, plan in plans:
+            print(json.dumps({**({"variant": label} if label else {}), **plan.to_json()}), flush=True)
+        return
+    from .display import plan_lines, plan_table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    for label, plan in plans:
+        console.print(plan_table(plan, label))
+        for line in plan_lines(plan):
+            console.print(line, soft_wrap=True)
 
 
 @app.command()
@@ -425,6 +455,11 @@ def upscale(
         compare_full=not no_compare_full,
     )
     target = UpscaleTarget(res=res, scale=scale, width=width, height=height)
+    if recipe["dry_run"]:
+        from .pipeline import upscale_plans
+
+        _print_plans(upscale_plans(opts, inputs, target), as_json)
+        return
     # 2. Upscale, showing progress and a timing table on stderr, JSON on stdout.
     with GenerateDisplay(err, as_json) as display:
         run_upscale(opts, inputs, target, display.hooks())
@@ -449,10 +484,13 @@ def compare(
 
     from . import compare as C
 
-    # 1. Parse and check every variant before anything loads.
+    # 1. Parse and check every variant before anything loads (--dry-run: plan each, load nothing).
     seeds = [seed] if seed is not None else None
     opts = _generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
     names = variants.split(",") if variants is not None else None
+    if recipe["dry_run"]:
+        _print_plans(C.memory_plans(opts, names), as_json)
+        return
     plan = C.prepare(opts, names)
     # 2. Say what will run: the seed when it was picked, and what full attention costs.
     if seed is None:

@@ -14,6 +14,7 @@ import torch
 
 from . import quantize as Q
 from .errors import WeightsError
+from .memory import HEADROOM
 from .plan import ClearChoice, GenerateOptions
 from .positions import use_exact_positions
 
@@ -177,25 +178,18 @@ def load_clear_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 16  # live activations at a step's peak, in units of tokens x hidden
-
-
-def place_clear_weights(state_dict: dict, transformer, tokens: int) -> dict:
-    """The checkpoint on the transformer's GPU, in its dtype, when it fits beside the largest stage's
-    activations: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way (twice
-    per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
-
-    The activation estimate (16 x tokens x hidden x element size, ~22 GB at 8K in bf16) is a rough
-    bound on what one FLUX block keeps alive at once, plus a 2 GiB margin.
+def place_clear_weights(state_dict: dict, transformer, activation_bytes: int) -> dict:
+    """The checkpoint on the transformer's GPU, in its dtype, when it fits beside what the memory plan
+    says the largest stage needs (`activation_bytes`: a step's activations or the VAE's, memory.py) with
+    its headroom: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way
+    (twice per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
     """
     device, dtype = transformer.x_embedder.weight.device, transformer.dtype  # not a GGUF weight's uint8
     if device.type != "cuda":
         return state_dict
     size = sum(v.numel() for v in state_dict.values()) * dtype.itemsize
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    activations = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * hidden * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(device)
-    if free > size + activations + 2 * 2**30:
+    if free > (size + activation_bytes) * (1 + HEADROOM):
         return {k: v.to(device, dtype) for k, v in state_dict.items()}
     return {k: v.pin_memory() for k, v in state_dict.items()}
 

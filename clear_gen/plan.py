@@ -45,7 +45,8 @@ class GenerateOptions:
     out: str | None = None
     device: str = "auto"
     dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere
-    offload: str = "none"  # none | model | sequential
+    offload: str = "auto"  # auto | none | model | sequential; auto: from the memory plan (memory.py)
+    gpu_memory: float | None = None  # GB the plan may use (default: the GPU's free memory, or 24 without one)
     compare_full: bool = True
     backend: str = "auto"
     token: str | None = None
@@ -215,12 +216,12 @@ def check_options(opts: GenerateOptions) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
     if opts.ntk_factor is not None and not opts.ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
-    if opts.offload not in ("none", "model", "sequential"):
-        raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
+    if opts.offload not in ("auto", "none", "model", "sequential"):
+        raise ConfigError(f"unknown --offload {opts.offload!r}; choose auto, none, model or sequential")
     from .quantize import check_names  # imports torch: not at the CLI's start
 
     check_names(opts.quantize, opts.quantize_text, opts.transformer)
-    if opts.offload != "none":
+    if opts.offload in ("model", "sequential"):
         try:
             import accelerate  # noqa: F401
         except ImportError:
