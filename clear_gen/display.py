@@ -197,6 +197,7 @@ LEGEND = (
     "warm-up: the first step's seconds beyond a warm step's (compiling); s/step, full (full attention's "
     "s/step) and speedup: warm steps; *: estimated from FLOPs"
 )
+CACHE_LEGEND = "; skipped: block evaluations the step cache (--cache) skipped / all, s/step their mean"
 
 
 def seconds(value: float | None) -> str:
@@ -224,10 +225,12 @@ def _stage_cells(t: StageTiming) -> list[str]:
 
 def timing_table(timing: RunTiming, title: str) -> Table:
     """Every part of an image's wall time, one row each; its stages (by size) with per-step figures."""
+    cached = any(t.block_evals for t in timing.stages)  # --cache: a column of skipped block evaluations
+    columns = (*COLUMNS[:-1], "skipped", COLUMNS[-1]) if cached else COLUMNS
     table = Table(
         title=escape(title),
         title_justify="left",
-        caption=LEGEND,
+        caption=LEGEND + (CACHE_LEGEND if cached else ""),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         padding=(0, 1, 0, 0),
@@ -235,14 +238,15 @@ def timing_table(timing: RunTiming, title: str) -> Table:
         show_edge=False,
         header_style="bold",
     )
-    for col in COLUMNS:
+    for col in columns:
         table.add_column(col, justify="left" if col in ("part", "attention") else "right")
-    blank = [""] * (len(COLUMNS) - 2)
+    blank = [""] * (len(columns) - 2)
     parts = [("load", timing.load_s), ("encode", timing.encode_s)] if timing.load_s or timing.encode_s else []
     for name, value in parts:
         table.add_row(name, *blank, seconds(value))
     for t in timing.stages:
-        table.add_row(f"{t.width}x{t.height}", *_stage_cells(t), seconds(t.seconds))
+        skipped = [f"{t.blocks_skipped}/{t.blocks_skipped + t.block_evals}"] if cached else []
+        table.add_row(f"{t.width}x{t.height}", *_stage_cells(t), *skipped, seconds(t.seconds))
     parts = [("full attn", timing.compare_s)] if timing.compare_s else []
     parts += [("decode", timing.decode_s)] if timing.decode_s else []  # 0: a record from before decode_s
     parts += [("save", timing.save_s)]

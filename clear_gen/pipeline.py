@@ -32,6 +32,7 @@ from .loading import (
     load_clear_weights,
     load_pipeline,
     place_clear_weights,
+    prepared_pipeline,
 )
 from .plan import (
     MAX_SIDE,
@@ -48,6 +49,7 @@ from .plan import (
     text_tokens,
 )
 from .source import Source, UpscaleTarget, check_larger, image_files, load_source
+from .speed import BlockCount, compile_blocks, parse_cache, step_cache
 from .timing import (
     RunTiming,
     StageTiming,
@@ -157,10 +159,14 @@ class Hooks:
     step: Callable[[int, int, float], None] = lambda done, total, seconds: None  # a step ended
     saved: Callable[[Path, float], None] = lambda path, seconds: None  # a PNG was written
     image_done: Callable[[ImageResult], None] = lambda result: None
+    stage_done: Callable[[int, StageTiming], None] = lambda i, timing: None  # stage i, decoded
 
 
-def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
-    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
+def generate(opts: GenerateOptions, hooks: Hooks | None = None, pipe: Any = None) -> list[ImageResult]:
+    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring).
+
+    `pipe`: a FluxPipeline already built on opts.device (`bench --what image`: random weights); nothing
+    is then loaded and no weights are checked, the rest is the same code path."""
     from .hub import check_run_weights
 
     started = time.perf_counter()
@@ -184,12 +190,13 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
+    if pipe is None:
+        check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
     if choice.note:
         hooks.note(choice.note)
     # 2. Load, then generate.
     jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
-    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, pipe)
 
 
 def upscale(
@@ -267,22 +274,26 @@ def _source_prompt(opts: GenerateOptions, src: Source, hooks: Hooks) -> str:
     return ""
 
 
-def _run_jobs(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
-    """Load once, then make every job's image; GPU memory can run out anywhere in there."""
+def _run_jobs(opts, hooks, jobs: list[Job], choice, device, dtype, started, pipe=None) -> list[ImageResult]:
+    """Load once (unless given `pipe`), then make every job's image; GPU memory can run out anywhere."""
     try:
-        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started)
+        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started, pipe)
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
 
 
-def _load_and_generate(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
-    # 1. The CLEAR weights and the pipeline; every prompt encoded once.
+def _load_and_generate(
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, pipe=None
+) -> list[ImageResult]:
+    # 1. The CLEAR weights and the pipeline (compiled blocks if asked); every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     hooks.phase("load", f"FLUX.1 {opts.model}" + (clear if choice.window else ""))
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
-    pipe = load_pipeline(opts, device, dtype)
+    pipe = load_pipeline(opts, device, dtype) if pipe is None else prepared_pipeline(pipe, opts)
+    if opts.compile:
+        compile_blocks(pipe.transformer)  # compiles lazily: the first step of each stage pays
     img2img = img2img_pipeline(pipe) if any(s.sdedit for job in jobs for s in job.stages) else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
@@ -346,6 +357,7 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
         stage_timing.decode_s = now(run.device) - t0
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
+        hooks.stage_done(i, stage_timing)
         if run.opts.keep_stages and i < n - 1:
             record = _record(run, job, job.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
@@ -375,9 +387,10 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     if compiling:
         hooks.phase("compile", f"{stage.width}x{stage.height}")
     clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
-    with capture_transformer_call(transformer) as inputs, clock.watching(transformer):
+    cache = step_cache(transformer, parse_cache(opts.cache))  # --cache: this stage's denoising only
+    with capture_transformer_call(transformer) as inputs, clock.watching(transformer), cache as blocks:
         latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
-    timing = _timing(stage, choice, clock, geo)
+    timing = _timing(stage, choice, clock, geo, blocks)
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
     if opts.compare_full and geo is not None:
         hooks.phase("compare", f"{stage.width}x{stage.height}")
@@ -431,7 +444,9 @@ def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
     return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
 
 
-def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None) -> StageTiming:
+def _timing(
+    stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None, blocks: BlockCount | None
+) -> StageTiming:
     steps = clock.durations()
     timing = StageTiming(
         width=stage.width,
@@ -444,6 +459,9 @@ def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry |
     )
     if geo is not None:  # a CLEAR stage
         timing.density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
+    if blocks is not None:  # --cache: steps differ by design, so the mean warm step, not the median
+        timing.step_s = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None
+        timing.block_evals, timing.blocks_skipped = blocks.evaluated, blocks.skipped
     return timing
 
 
@@ -466,6 +484,7 @@ def _record(
     opts, choice = run.opts, run.choice
     last, clear = stages[-1], any(s.clear for s in stages)
     several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
+    cache = parse_cache(opts.cache)
     extra = {
         "first_steps": opts.first_steps if several else None,
         "first_guidance": opts.first_guidance if several else None,
@@ -477,6 +496,8 @@ def _record(
         "backend": opts.backend,
         "device": device_name(run.device),
         "source": job.source,  # upscale: the picture the first stage started from
+        "compile": True if opts.compile else None,
+        "cache": str(cache) if cache.kind != "none" else None,
     }
     model = Path(opts.model).expanduser()
     return output.ImageRecord(

@@ -48,6 +48,8 @@ class GenerateOptions:
     compare_full: bool = True
     backend: str = "auto"
     token: str | None = None
+    compile: bool = False  # regional compilation of the transformer blocks (speed.py)
+    cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
@@ -211,6 +213,9 @@ def check_options(opts: GenerateOptions) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
     if opts.ntk_factor is not None and not opts.ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
+    from .speed import parse_cache
+
+    parse_cache(opts.cache)
     if opts.offload not in ("none", "model", "sequential"):
         raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
     if opts.offload != "none":
@@ -311,6 +316,8 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         proportional_attention=extra.get("proportional_attention"),
         dtype=extra.get("dtype"),
         backend=extra.get("backend", "auto"),
+        compile=extra.get("compile", False),
+        cache=extra.get("cache", "none"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))

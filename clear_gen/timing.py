@@ -66,6 +66,8 @@ class StageTiming:
     density: float = 1.0  # fraction of (q, kv) pairs CLEAR computes exactly
     compare_s: float = 0.0  # seconds spent timing full attention (and a warm step of a 1-step stage)
     decode_s: float = 0.0  # VAE decode of the stage's latents into an image
+    block_evals: int = 0  # --cache: transformer blocks evaluated in the stage (0: no cache, not counted)
+    blocks_skipped: int = 0  # --cache: block evaluations the cache skipped
 
     @property
     def warmup_s(self) -> float | None:
