@@ -191,7 +191,7 @@ def test_gpu_bench_smoke_brings_back_few_files_and_reports_a_killed_part(tmp_pat
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    env.update(PARTS="step-8k,full-8k,plan", PART_LIMITS="full-8k=1")
+    env.update(PARTS="step-8k,full-8k,image-8k,plan", PART_LIMITS="full-8k=1")
     done = subprocess.run(["bash", str(root / "scripts/gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -201,6 +201,7 @@ def test_gpu_bench_smoke_brings_back_few_files_and_reports_a_killed_part(tmp_pat
     assert "| full-8k | killed: timeout after 1 s" in text and "| step-8k | done |" in text
     assert "| attention | not selected (PARTS) |" in text
     assert "## step-8k" in text and "| 512 | 8 | 4 |" in text and "## plan" in text
+    assert "| image-8k | done |" in text and "## image-8k" in text and "| all | 512x512 |" in text
 
 
 # ---------------------------------------------------------------- a whole image (--what image)
