@@ -116,6 +116,7 @@ def _dense(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: fl
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
+@torch.compiler.disable  # outside compiled blocks (--compile): flex is compiled on its own, static shapes
 def clear_attention(
     query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float, backend: str = "auto"
 ) -> Tensor:

@@ -131,7 +131,7 @@ def _on_off(value: str, name: str) -> bool | None:
 
 # --help panels: generate's, then bench's (with RUN and OUTPUT)
 SIZE, MODEL, RECIPE, PROMPTS = "Size", "Model and attention", "Recipe", "Prompts"
-OUTPUT, RUN, WHAT, SHAPE = "Output", "Run", "What", "Model shape"
+OUTPUT, RUN, WHAT, SHAPE, SPEED = "Output", "Run", "What", "Model shape", "Speed"
 _D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
 
 
@@ -224,6 +224,19 @@ def _recipe(
     ),
     quantize_text: str = typer.Option(
         None, help="T5 weights: none, int8, fp8 or nf4.", show_default="none", rich_help_panel=RUN
+    ),
+    compile: bool = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Compile the transformer blocks.",
+        show_default="off",
+        rich_help_panel=SPEED,
+    ),
+    cache: str = typer.Option(
+        None,
+        help="Step caching: none, fbc[:T] or taylorseer[:N] (changes the image).",
+        show_default="none",
+        rich_help_panel=SPEED,
     ),
 ) -> None:
     """The recipe's options, shared by every command that generates (only its signature is used)."""
@@ -618,7 +631,7 @@ def weights() -> None:
 @app.command()
 def bench(
     what: str = typer.Option(
-        "plan", help="plan (FLOPs, no compute), attention or step.", rich_help_panel=WHAT
+        "plan", help="plan (FLOPs, no compute), attention, step or image (a whole one).", rich_help_panel=WHAT
     ),
     res: str | None = typer.Option(
         None,
@@ -638,8 +651,33 @@ def bench(
     ),
     heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=SHAPE),
     head_dim: int = typer.Option(128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=SHAPE),
-    layers: int = typer.Option(57, help="Blocks for step, 1:2 double:single.", rich_help_panel=SHAPE),
+    layers: int = typer.Option(57, help="Blocks (step, image), 1:2 double:single.", rich_help_panel=SHAPE),
     text_len: int = typer.Option(512, help="Text tokens.", rich_help_panel=SHAPE),
+    vae_channels: int | None = typer.Option(
+        None, help="image: VAE width (8 on a CPU).", show_default="128, FLUX.1's", rich_help_panel=SHAPE
+    ),
+    stages: str | None = typer.Option(
+        None,
+        help="image: long side of each stage, as generate's.",
+        show_default="1024,res",
+        rich_help_panel=WHAT,
+    ),
+    steps: int | None = typer.Option(
+        None, help="image: steps of every stage.", show_default="20", rich_help_panel=WHAT
+    ),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="image: compile the transformer blocks.",
+        show_default="off",
+        rich_help_panel=SPEED,
+    ),
+    cache: str | None = typer.Option(
+        None,
+        help="image: step caching, none, fbc[:T] or taylorseer[:N].",
+        show_default="none",
+        rich_help_panel=SPEED,
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
     dtype: str | None = typer.Option(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
@@ -697,7 +735,9 @@ def bench(
         what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
         heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=not no_compare_full,
         max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
-        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"), on_row=on_row,
+        progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"), on_row=on_row,
+        stages=_ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
+        cache=cache,
     )  # fmt: skip
     # 3. Print: as wide as the terminal (or COLUMNS); piped into a file, wide enough not to wrap.
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
@@ -715,13 +755,17 @@ BENCH_LEGEND = {
     "compile s": "compile s: first call's extra time (compilation)",
     "check": "check: CLEAR against the dense reference, max error @ px",
     "(est.)": "~ (est.): from the FLOP model, not run",
+    "full s/step": "full s/step: full attention's warm step at the stage's size",
+    "skipped": "skipped: block evaluations the step cache skipped / all",
 }
 
 
 def _with_legend(table: Table) -> Table:
     texts = [str(text) for c in table.columns for text in (c.header, *c.cells)]
     notes = [note for key, note in BENCH_LEGEND.items() if any(key in text for text in texts)]
-    table.caption, table.caption_justify = "; ".join(notes) + ". See BENCHMARKS.md.", "left"
+    legend = "; ".join(notes) + ". See BENCHMARKS.md."
+    table.caption = f"{table.caption}\n{legend}" if table.caption else legend  # image: its summary first
+    table.caption_justify = "left"
     return table
 
 

@@ -202,6 +202,7 @@ PEAK_COLUMN, PEAK_LEGEND = (
     "peak GB",
     "; peak GB: GPU memory allocated at most (reserved), denoising and decoding",
 )
+CACHE_LEGEND = "; skipped: block evaluations the step cache (--cache) skipped / all, s/step their mean"
 
 
 def seconds(value: float | None) -> str:
@@ -234,14 +235,16 @@ def _peak(t: StageTiming) -> str:
 
 
 def timing_table(timing: RunTiming, title: str) -> Table:
-    """Every part of an image's wall time, one row each; its stages (by size) with per-step figures, and
-    their GPU memory peaks when they ran on a GPU."""
+    """Every part of an image's wall time, one row each; its stages (by size) with per-step figures, their
+    GPU memory peaks when they ran on a GPU, and the blocks a step cache skipped."""
     peaks = any(t.peak_allocated_gb is not None for t in timing.stages)
-    columns = (*COLUMNS[:-1], PEAK_COLUMN, COLUMNS[-1]) if peaks else COLUMNS
+    cached = any(t.block_evals for t in timing.stages)  # --cache: a column of skipped block evaluations
+    extra = (*([PEAK_COLUMN] if peaks else []), *(["skipped"] if cached else []))
+    columns = (*COLUMNS[:-1], *extra, COLUMNS[-1])
     table = Table(
         title=escape(title),
         title_justify="left",
-        caption=LEGEND + (PEAK_LEGEND if peaks else ""),
+        caption=LEGEND + (PEAK_LEGEND if peaks else "") + (CACHE_LEGEND if cached else ""),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         padding=(0, 1, 0, 0),
@@ -256,9 +259,9 @@ def timing_table(timing: RunTiming, title: str) -> Table:
     for name, value in parts:
         table.add_row(name, *blank, seconds(value))
     for t in timing.stages:
-        table.add_row(
-            f"{t.width}x{t.height}", *_stage_cells(t), *([_peak(t)] if peaks else []), seconds(t.seconds)
-        )
+        skipped = [f"{t.blocks_skipped}/{t.blocks_skipped + t.block_evals}"] if cached else []
+        peak = [_peak(t)] if peaks else []
+        table.add_row(f"{t.width}x{t.height}", *_stage_cells(t), *peak, *skipped, seconds(t.seconds))
     parts = [("full attn", timing.compare_s)] if timing.compare_s else []
     parts += [("decode", timing.decode_s)] if timing.decode_s else []  # 0: a record from before decode_s
     parts += [("save", timing.save_s)]

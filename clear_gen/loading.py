@@ -211,3 +211,15 @@ def img2img_pipeline(pipe):
     )
     img2img.set_progress_bar_config(disable=True)
     return img2img
+
+
+def prepared_pipeline(pipe, opts: GenerateOptions):
+    """A pipeline built elsewhere, already on its device (`bench --what image`: random weights), made
+    ready as load_pipeline leaves one: no progress bars, exact RoPE positions.
+
+    --quantize (quantize.py, when it lands) applies here too, as in load_pipeline, so that a benchmark
+    on random weights measures the same quantized transformer as a run on the real ones.
+    """
+    pipe.set_progress_bar_config(disable=True)
+    use_exact_positions(pipe.transformer)
+    return pipe

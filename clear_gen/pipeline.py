@@ -35,6 +35,7 @@ from .loading import (
     load_clear_weights,
     load_pipeline,
     place_clear_weights,
+    prepared_pipeline,
 )
 from .memory import RunPlan, plan_run
 from .plan import (
@@ -52,6 +53,7 @@ from .plan import (
     text_tokens,
 )
 from .source import Source, UpscaleTarget, check_larger, image_files, load_source
+from .speed import BlockCount, compile_blocks, parse_cache, step_cache
 from .timing import (
     RunTiming,
     StageTiming,
@@ -163,10 +165,14 @@ class Hooks:
     step: Callable[[int, int, float], None] = lambda done, total, seconds: None  # a step ended
     saved: Callable[[Path, float], None] = lambda path, seconds: None  # a PNG was written
     image_done: Callable[[ImageResult], None] = lambda result: None
+    stage_done: Callable[[int, StageTiming], None] = lambda i, timing: None  # stage i, decoded
 
 
-def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
-    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
+def generate(opts: GenerateOptions, hooks: Hooks | None = None, pipe: Any = None) -> list[ImageResult]:
+    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring).
+
+    `pipe`: a FluxPipeline already built on opts.device (`bench --what image`: random weights); nothing
+    is then loaded, no weights are checked and no memory plan made; the rest is the same code path."""
 
     started = time.perf_counter()
     hooks = hooks or Hooks()
@@ -189,10 +195,15 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    opts, plan = _prepare(opts, choice, device, hooks)
+    if pipe is None:
+        opts, plan = _prepare(opts, choice, device, hooks)
+    else:
+        plan = None
+        if choice.note:
+            hooks.note(choice.note)
     # 2. Load, then generate.
     jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
-    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan)
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan, pipe)
 
 
 def upscale(
@@ -310,14 +321,16 @@ def _source_prompt(opts: GenerateOptions, src: Source, hooks: Hooks) -> str:
     return ""
 
 
-def _run_jobs(opts, hooks, jobs: list[Job], choice, device, dtype, started, plan) -> list[ImageResult]:
-    """Load once, then make every job's image; GPU memory can run out anywhere in there."""
+def _run_jobs(
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, pipe=None
+) -> list[ImageResult]:
+    """Load once (unless given `pipe`), then make every job's image; GPU memory can run out anywhere."""
     try:
-        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started, plan)
+        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started, plan, pipe)
     except torch.cuda.OutOfMemoryError as e:
-        planned = f"planned peak {plan.peak_gb:.1f} GB with --offload {plan.offload}"
+        planned = f" (planned peak {plan.peak_gb:.1f} GB with --offload {plan.offload})" if plan else ""
         raise DeviceError(
-            f"out of GPU memory ({planned}): try --offload model or sequential, or a smaller size"
+            f"out of GPU memory{planned}: try --offload model or sequential, or a smaller size"
         ) from e
 
 
@@ -337,17 +350,19 @@ def _memory_plan(opts: GenerateOptions, device: torch.device, hooks: Hooks, stag
 
 
 def _load_and_generate(
-    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, pipe=None
 ) -> list[ImageResult]:
-    # 1. The CLEAR weights and the pipeline; every prompt encoded once.
+    # 1. The CLEAR weights and the pipeline (compiled blocks if asked); every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
     hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else ""))
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
-    pipe = load_pipeline(opts, device, dtype)
-    chunk_feed_forward(pipe.transformer, plan.ff_chunk)  # the plan's feed-forward slices (None: whole)
+    pipe = load_pipeline(opts, device, dtype) if pipe is None else prepared_pipeline(pipe, opts)
+    chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's slices (None: whole)
+    if opts.compile:
+        compile_blocks(pipe.transformer)  # compiles lazily: the first step of each stage pays
     img2img = img2img_pipeline(pipe) if any(s.sdedit for job in jobs for s in job.stages) else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
@@ -359,7 +374,8 @@ def _load_and_generate(
     hooks.phase_done("encode", encode_s)
     if state_dict is not None and opts.offload == "none":  # once the text encoders have left the GPU
         t0 = now(device)
-        state_dict = place_clear_weights(state_dict, pipe.transformer, plan.activation_bytes)
+        activations = plan.activation_bytes if plan else 0
+        state_dict = place_clear_weights(state_dict, pipe.transformer, activations)
         load_s += now(device) - t0
     # 2. Every job: its stages, then save (each image as soon as it is done).
     run = _Run(pipe, img2img, opts, choice, state_dict, device, hooks, plan)
@@ -393,7 +409,7 @@ class _Run:
     state_dict: dict[str, torch.Tensor] | None
     device: torch.device
     hooks: Hooks
-    plan: RunPlan
+    plan: RunPlan | None  # None: a pipeline built elsewhere (bench --what image), no plan
 
 
 def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult:
@@ -412,6 +428,7 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
         record_peak_memory(stage_timing, run.device)  # denoising and decoding, not timing full attention
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
+        hooks.stage_done(i, stage_timing)
         if run.opts.keep_stages and i < n - 1:
             record = _record(run, job, job.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
@@ -442,9 +459,10 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         hooks.phase("compile", f"{stage.width}x{stage.height}")
     clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
     reset_peak_memory(device)
-    with capture_transformer_call(transformer) as inputs, clock.watching(transformer):
+    cache = step_cache(transformer, parse_cache(opts.cache))  # --cache: this stage's denoising only
+    with capture_transformer_call(transformer) as inputs, clock.watching(transformer), cache as blocks:
         latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
-    timing = _timing(stage, choice, clock, geo)
+    timing = _timing(stage, choice, clock, geo, blocks)
     record_peak_memory(timing, device)
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
     if opts.compare_full and geo is not None:
@@ -452,7 +470,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         t0 = now(device)
         if timing.step_s is None:
             timing.step_s = time_step(transformer, inputs, device)
-        fits = (stage.width, stage.height) not in run.plan.full_step_too_big  # stock attention needs more
+        fits = run.plan is None or (stage.width, stage.height) not in run.plan.full_step_too_big
         time_full_attention(
             transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw), fits
         )
@@ -501,7 +519,9 @@ def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
     return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
 
 
-def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None) -> StageTiming:
+def _timing(
+    stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None, blocks: BlockCount | None
+) -> StageTiming:
     steps = clock.durations()
     timing = StageTiming(
         width=stage.width,
@@ -514,6 +534,9 @@ def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry |
     )
     if geo is not None:  # a CLEAR stage
         timing.density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
+    if blocks is not None:  # --cache: steps differ by design, so the mean warm step, not the median
+        timing.step_s = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None
+        timing.block_evals, timing.blocks_skipped = blocks.evaluated, blocks.skipped
     return timing
 
 
@@ -543,6 +566,7 @@ def _record(
     opts, choice = run.opts, run.choice
     last, clear = stages[-1], any(s.clear for s in stages)
     several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
+    cache = parse_cache(opts.cache)
     extra = {
         "first_steps": opts.first_steps if several else None,
         "first_guidance": opts.first_guidance if several else None,
@@ -557,6 +581,8 @@ def _record(
         "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
         "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
+        "compile": True if opts.compile else None,
+        "cache": str(cache) if cache.kind != "none" else None,
     }
     model = Path(opts.model).expanduser()
     return output.ImageRecord(

@@ -53,6 +53,8 @@ class GenerateOptions:
     quantize: str = "none"  # transformer weights: none | fp8 | fp8dq | int8 | nf4 (quantize.py)
     quantize_text: str = "none"  # T5's weights: none | int8 | fp8 | nf4
     transformer: str | None = None  # a FLUX.1 transformer .gguf (file or owner/repo/file.gguf) for the base's
+    compile: bool = False  # regional compilation of the transformer blocks (speed.py)
+    cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
@@ -216,6 +218,9 @@ def check_options(opts: GenerateOptions) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
     if opts.ntk_factor is not None and not opts.ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
+    from .speed import parse_cache
+
+    parse_cache(opts.cache)
     if opts.offload not in ("auto", "none", "model", "sequential"):
         raise ConfigError(f"unknown --offload {opts.offload!r}; choose auto, none, model or sequential")
     from .quantize import check_names  # imports torch: not at the CLI's start
@@ -324,6 +329,8 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         quantize=extra.get("quantize", "none"),
         quantize_text=extra.get("quantize_text", "none"),
         transformer=extra.get("transformer"),
+        compile=extra.get("compile", False),
+        cache=extra.get("cache", "none"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))

@@ -68,6 +68,8 @@ class StageTiming:
     decode_s: float = 0.0  # VAE decode of the stage's latents into an image
     peak_allocated_gb: float | None = None  # GPU memory high-water mark (denoise and decode); None: CPU
     peak_reserved_gb: float | None = None  # the same, as reserved by torch's caching allocator
+    block_evals: int = 0  # --cache: transformer blocks evaluated in the stage (0: no cache, not counted)
+    blocks_skipped: int = 0  # --cache: block evaluations the cache skipped
 
     @property
     def warmup_s(self) -> float | None:
