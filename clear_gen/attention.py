@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -52,7 +53,7 @@ class _ClearState:
     """Shared by the transformer's hooks and all its processors."""
 
     config: ClearConfig
-    layout: _Layout | None = None
+    layout: _Layout | None = None  # of the latest forward (set by the input hook)
     originals: dict[str, Tensor] = field(default_factory=dict)  # replaced parameters' data (see _load)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # quantized projections swapped out
     processors: dict[str, object] = field(default_factory=dict)  # the processors we replaced
@@ -69,8 +70,12 @@ FLEX_RECOMPILE_LIMIT = 64  # kernels per process: one per geometry, dtype and ba
 
 
 def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
-    """Compiled FlexAttention with the analytic block mask. (B, H, L, D) in and out."""
-    return compiled_flex(query, key, value, G.block_mask(geo, str(query.device)), scale)
+    """Compiled FlexAttention with the analytic block mask. (B, H, L, D) in and out.
+
+    When a gradient will flow back (training), the mask also carries the query-block lists that
+    FlexAttention's backward pass needs."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return compiled_flex(query, key, value, G.block_mask(geo, str(query.device), grad), scale)
 
 
 def compiled_flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float) -> Tensor:
@@ -111,6 +116,7 @@ def _dense(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: fl
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
+@torch.compiler.disable  # outside compiled blocks (--compile): flex is compiled on its own, static shapes
 def clear_attention(
     query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float, backend: str = "auto"
 ) -> Tensor:
@@ -199,32 +205,37 @@ class ClearAttnProcessor(torch.nn.Module):
         attention_mask: Tensor | None = None,
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         state = self._state[0]
         layout = state.layout
         assert layout is not None, "CLEAR attention runs inside its transformer's forward (hooks set it up)"
         assert attention_mask is None, "CLEAR attention takes no attention_mask"
         geo = layout.geometry
-        # 1. Projections and q/k RMSNorm, exactly as FluxAttnProcessor: (B, L, H, D).
-        query, key, value = _project(hidden_states, attn.head_dim, attn.to_q, attn.to_k, attn.to_v)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if encoder_hidden_states is not None:
-            assert encoder_hidden_states.shape[1] == geo.text_len
-            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            eq, ek, ev = _project(encoder_hidden_states, attn.head_dim, *projections)
-            query = torch.cat([attn.norm_added_q(eq), query], dim=1)  # (B, T + N, H, D): text first
-            key = torch.cat([attn.norm_added_k(ek), key], dim=1)
-            value = torch.cat([ev, value], dim=1)
+        # 1. Projections, q/k RMSNorm and RoPE, as FluxAttnProcessor computes them: (B, L, H, D), text
+        # first. Norm and RoPE run over token slices (the same values; see _normed_rotated).
+        text, head_dim = encoder_hidden_states, attn.head_dim
+        if text is not None:
+            assert text.shape[1] == geo.text_len
+        q_parts = [(attn.add_q_proj(text), attn.norm_added_q)] if text is not None else []
+        q_parts.append((attn.to_q(hidden_states), attn.norm_q))
+        query = _normed_rotated(q_parts, image_rotary_emb, head_dim)
         assert query.shape[1] == geo.q_len, (query.shape, geo)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # 2. Down-sampled keys and values from post-norm, post-RoPE keys, appended after the image.
+        del q_parts
+        k_parts = [(attn.add_k_proj(text), attn.norm_added_k)] if text is not None else []
+        k_parts.append((attn.to_k(hidden_states), attn.norm_k))
+        key = _normed_rotated(k_parts, image_rotary_emb, head_dim, extra=geo.kv_len - geo.q_len)
+        del k_parts
+        v_parts = [attn.add_v_proj(text)] if text is not None else []
+        v_parts.append(attn.to_v(hidden_states))  # (B, N, H * D)
+        # 2. Down-sampled keys and values (from post-norm, post-RoPE keys), after the image's.
         if geo.down_factor > 1:
-            image = slice(geo.text_len, None)
-            key = torch.cat([key, pool_keys(key[:, image], geo, layout.inv, self.spatial_weight)], dim=1)
-            value = torch.cat([value, pool_keys(value[:, image], geo, layout.inv, self.spatial_weight)], 1)
+            keys = key[:, geo.text_len : geo.q_len]
+            key[:, geo.q_len :] = pool_keys(keys, geo, layout.inv, self.spatial_weight)
+            values = v_parts[-1][:, -geo.image_len :].unflatten(-1, (-1, head_dim))  # (B, N, H, D)
+            v_parts.append(pool_keys(values, geo, layout.inv, self.spatial_weight).flatten(2, 3))
+            del keys, values
+        value = torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0]  # (B, kv_len, H * D)
+        value = value.unflatten(-1, (-1, head_dim))  # (B, kv_len, H, D)
+        del v_parts
         # 3. Attention over (B, H, L, D).
         scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
@@ -238,9 +249,38 @@ class ClearAttnProcessor(torch.nn.Module):
         return image, attn.to_add_out(text.contiguous())
 
 
-def _project(x: Tensor, head_dim: int, *linears) -> list[Tensor]:
-    """(B, L, C) -> one (B, L, H, D) per linear."""
-    return [linear(x).unflatten(-1, (-1, head_dim)) for linear in linears]
+ROPE_CHUNK_TOKENS = 8192  # tokens per slice of q/k norm and RoPE (whose float32 temporaries are 6x q's size)
+
+
+def _normed_rotated(
+    parts: list[tuple[Tensor, torch.nn.Module]],
+    rope: tuple[Tensor, Tensor] | None,
+    head_dim: int,
+    extra: int = 0,
+) -> Tensor:
+    """RMSNorm then RoPE of projected queries or keys: [(text, its norm),] (image, its norm), each
+    (B, l, H * D) -> (B, T + N + extra, H, D); the last `extra` rows are left for the caller.
+
+    FluxAttnProcessor norms each part, concatenates them and applies RoPE to the whole; both work token
+    by token, so running them over slices of ROPE_CHUNK_TOKENS tokens straight into one output gives the
+    same values without a concatenated copy or RoPE's full-size float32 temporaries.
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    length, out, start = sum(x.shape[1] for x, _ in parts), None, 0
+    for x, norm in parts:
+        for s in range(0, x.shape[1], ROPE_CHUNK_TOKENS):
+            piece = norm(x[:, s : s + ROPE_CHUNK_TOKENS].unflatten(-1, (-1, head_dim)))  # (B, l, H, D)
+            rows = slice(start + s, start + s + piece.shape[1])
+            if rope is not None:
+                piece = apply_rotary_emb(piece, (rope[0][rows], rope[1][rows]), sequence_dim=1)
+            if out is None:
+                out = piece.new_empty(
+                    (piece.shape[0], length + extra, *piece.shape[2:])
+                )  # (B, L + extra, H, D)
+            out[:, rows] = piece
+        start += x.shape[1]
+    return out
 
 
 # ---------------------------------------------------------------- token order hooks
@@ -305,9 +345,10 @@ def _control_hook(state: _ClearState, module, args: tuple):
 
 
 def _post_hook(state: _ClearState, module, args, output):
-    """Back to row-major order: the transformer's sample, or every residual a ControlNet returns."""
+    """Back to row-major order: the transformer's sample, or every residual a ControlNet returns. The layout
+    stays recorded: a gradient-checkpointed backward pass runs the blocks (and so the processors) again after
+    the forward has returned."""
     inv = state.layout.inv
-    state.layout = None
     if _is_controlnet(module):
         rows = [None if s is None else [t[:, inv] for t in s] for s in _residuals(output)]
         if isinstance(output, tuple):
@@ -521,6 +562,11 @@ def apply_clear(
     if state_dict is not None:
         _load(transformer, state, state_dict)
     transformer.pos_embed.theta = state.theta * ntk_factor
+    _register_hooks(transformer, state)
+    transformer._clear_state = state
+
+
+def _register_hooks(transformer, state: _ClearState) -> None:
     state.hooks = [
         transformer.register_forward_pre_hook(lambda m, a, k: _pre_hook(state, m, a, k), with_kwargs=True),
         transformer.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
@@ -528,7 +574,6 @@ def apply_clear(
     if _is_controlnet(transformer):
         embedder = transformer.controlnet_x_embedder
         state.hooks.append(embedder.register_forward_pre_hook(lambda m, a: _control_hook(state, m, a)))
-    transformer._clear_state = state
 
 
 def _compute_device(transformer) -> torch.device:
@@ -561,3 +606,36 @@ def clear_config(transformer) -> ClearConfig | None:
     """The CLEAR settings of a transformer, or None when it runs stock attention."""
     state = getattr(transformer, "_clear_state", None)
     return None if state is None else state.config
+
+
+@contextmanager
+def original_attention(transformer) -> Iterator[None]:
+    """Inside: the stock model that CLEAR was applied to (its processors, RoPE theta, row-major tokens
+    and the projections a checkpoint replaced); outside: CLEAR exactly as before.
+
+    The replaced projections are swapped back by pointer, not copied, so they must be on the same device
+    as the CLEAR ones: this is how a distillation's full-attention teacher shares every weight with its
+    CLEAR student (clear_gen.distill). Do not step an optimiser inside.
+    """
+    state: _ClearState | None = getattr(transformer, "_clear_state", None)
+    assert state is not None, "original_attention needs a transformer with CLEAR applied"
+    modules = _attn_modules(transformer)
+    clear_processors = {name: modules[name].processor for name in state.processors}
+    clear_data = {key: transformer.get_parameter(key).data for key in state.originals}
+    assert all(value.device == clear_data[key].device for key, value in state.originals.items()), (
+        "original_attention swaps projections by pointer: keep the originals on the model's device"
+    )
+    for handle in state.hooks:
+        handle.remove()
+    for name, processor in state.processors.items():
+        modules[name].set_processor(processor)
+    _restore(transformer, state.originals)
+    transformer.pos_embed.theta = state.theta
+    try:
+        yield
+    finally:
+        _restore(transformer, clear_data)
+        for name, processor in clear_processors.items():
+            modules[name].set_processor(processor)
+        transformer.pos_embed.theta = state.theta * state.config.ntk_factor
+        _register_hooks(transformer, state)

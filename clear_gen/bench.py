@@ -26,7 +26,7 @@ from .positions import use_exact_positions
 from .random_flux import build_transformer, flux_shape, step_inputs
 from .timing import samples, timed, timeit
 
-WHATS = ("plan", "attention", "step")
+WHATS = ("plan", "attention", "step", "image")
 CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
 ROW_KEYS = (
     "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
@@ -295,6 +295,7 @@ def run(
     measure: str = "both",
     progress: Progress = None,
     on_row: Callable[[dict], None] | None = None,
+    **image,
 ) -> list[dict]:
     """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands
     (a step row twice: once CLEAR is measured, again with full attention).
@@ -302,8 +303,18 @@ def run(
     No window: the registry's default variant (r8-down4), as `clear-gen generate` runs. No res: 1K-8K,
     or 1K alone for measurements on a CPU. `measure` (step): both, clear or full. Full-attention runs
     estimated (FLOP model) to take over `max_full_seconds` per call, or to end after `time_budget`
-    seconds from now, are skipped and reported as estimates (`full_estimated`).
+    seconds from now, are skipped and reported as estimates (`full_estimated`). `what="image"`: one image
+    through generate (bench_image.run; `image`: its stages, steps, vae_channels, compile and cache).
     """
+    image = {k: v for k, v in image.items() if v is not None}
+    if what == "image":
+        from .bench_image import run as run_image
+
+        shape = dict(heads=heads, head_dim=head_dim, layers=layers, text_len=text_len)
+        return run_image(res, window, down_factor, device, dtype, **shape, compare_full=compare_full,
+                         progress=progress, on_row=on_row, **image)  # fmt: skip
+    if image:
+        raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     say = progress or (lambda _msg: None)
     emit = on_row or (lambda _row: None)

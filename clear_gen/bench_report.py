@@ -49,7 +49,49 @@ TIMING_COLUMNS = (
 )  # fmt: skip
 
 
+IMAGE_COLUMNS = (
+    "stage", "size", "attention", "steps", "s/step", "compile s", "decode s", "total s", "full s/step",
+    "speedup", "peak GB", "skipped",
+)  # fmt: skip
+
+
+def _image_cells(row: dict) -> list[str]:
+    """A stage of `--what image`, or the whole image (stage "all": its speedup is the image's)."""
+    est = " (est.)" if row.get("full_estimated") else ""
+    full = "-" if row.get("full_step_s") is None else f"{row['full_step_s']:.2f}{est}"
+    speedup = "-" if not row.get("speedup") else f"{row['speedup']:.2f}x{est}"
+    peak = "-" if row.get("peak_mem_mb") is None else f"{row['peak_mem_mb'] / 1024:.1f}"
+    evals, skipped = row.get("block_evals", 0), row.get("blocks_skipped", 0)
+    skip = f"{skipped}/{evals + skipped}" if evals + skipped else "-"
+    return [
+        str(row["stage"]), f"{row['width']}x{row['height']}", row["attention"], str(row["steps"]),
+        _fmt(row["step_s"], ".2f"), _fmt(row["compile_s"]), _fmt(row["decode_s"]), _fmt(row["total_s"]),
+        full, speedup, peak, skip,
+    ]  # fmt: skip
+
+
+def image_summary(rows: list[dict]) -> str:
+    """Where the whole image's time went, from its `all` row; '' without one."""
+    total = next((r for r in rows if r["what"] == "image" and r.get("stage") == "all"), None)
+    if total is None:
+        return ""
+    parts = ", ".join(
+        f"{name} {total[key]:.1f}" for name, key in [
+            ("building random weights", "build_s"), ("load", "load_s"), ("encode", "encode_s"),
+            ("stages", "seconds"), ("decode", "decode_s"), ("timing full attention", "compare_s"),
+            ("save", "save_s"), ("other", "other_s")] if total.get(key) is not None
+    )  # fmt: skip
+    text = f"The whole image: {total['total_s']:.1f} s ({parts}). "
+    text += f"With the weights in place and full attention not timed: {total['image_s']:.1f} s"
+    if total.get("full_image_s"):
+        est = " (est.)" if total.get("full_estimated") else ""
+        text += f"; the same stages with full attention: {total['full_image_s']:.1f} s{est}"
+    return text + "."
+
+
 def _cells(row: dict) -> list[str]:
+    if row["what"] == "image":
+        return _image_cells(row)
     head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
     if row["what"] != "plan":
         return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
@@ -66,18 +108,26 @@ def title(rows: list[dict]) -> str:
     """'clear-gen bench --what step on NVIDIA H100 ..., bfloat16, 24 heads x 128, 57 layers'."""
     what, first = rows[0]["what"], rows[0]
     text = f"clear-gen bench --what {what} on {first['device']}, torch {first.get('torch', '?')}"
+    if what == "image":
+        speed = f"compile {'on' if first['compile'] else 'off'}, cache {first['cache']}"
+        return (f"{text}, {first['dtype']}, {first['heads']} heads x {first['head_dim']}, {first['layers']} "
+                f"layers, VAE {first['vae_channels']} ch, tiny random text encoders; {speed}")  # fmt: skip
     if what != "plan":
         text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
         text += f", {first['layers']} layers" if what == "step" else ""
     return text
 
 
+def _columns(rows: list[dict]) -> tuple[str, ...]:
+    return {"plan": PLAN_COLUMNS, "image": IMAGE_COLUMNS}.get(rows[0]["what"], TIMING_COLUMNS)
+
+
 def table(rows: list[dict]):
     """A rich Table of benchmark rows (all of one kind), titled with the device and settings."""
     from rich.table import Table
 
-    out = Table(title=title(rows))
-    for col in PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS:
+    out = Table(title=title(rows), caption=image_summary(rows) or None)
+    for col in _columns(rows):
         out.add_column(col, justify="right")
     for row in rows:
         out.add_row(*_cells(row))
@@ -86,17 +136,18 @@ def table(rows: list[dict]):
 
 def table_markdown(rows: list[dict]) -> str:
     """The same table in Markdown, for BENCHMARKS.md."""
-    cols = PLAN_COLUMNS if rows[0]["what"] == "plan" else TIMING_COLUMNS
+    cols = _columns(rows)
     lines = [f"{title(rows)}\n", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    summary = image_summary(rows)
+    return "\n".join(lines) + "\n" + (f"\n{summary}\n" if summary else "")
 
 
 # ---------------------------------------------------------------- a session as JSON lines
 
 
 def _key(row: dict) -> tuple:
-    return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"])
+    return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"], row.get("stage"))
 
 
 def read(path: Path) -> tuple[list[dict], dict[str, str]]:
@@ -127,17 +178,35 @@ def _stock_key(row: dict) -> tuple:
 
 
 def fill_full_from_other_rows(rows: list[dict]) -> None:
-    """A CLEAR-only step row takes the full-attention time measured at the same size by another part."""
+    """A CLEAR-only step row, or an image's CLEAR stage whose full attention was estimated, takes the
+    full-attention step measured at the same size by another part (then the image's total follows)."""
     measured = {
         _stock_key(r): r
         for r in rows
         if r["what"] == "step" and r.get("full_ms") and not r.get("full_estimated")
     }
     for row in rows:
-        other = measured.get(_stock_key(row)) if row["what"] == "step" else None
-        if other is not None and row.get("clear_ms") and not row.get("full_ms"):
+        other = measured.get(_stock_key(row)) if row["what"] in ("step", "image") else None
+        if other is None:
+            continue
+        if row["what"] == "step" and row.get("clear_ms") and not row.get("full_ms"):
             row.update(full_ms=other["full_ms"], full_estimated=False, full_from=other.get("part"))
             row["speedup"] = row["full_ms"] / row["clear_ms"]
+        elif row["what"] == "image" and row.get("full_estimated") and row["stage"] != "all" and row["step_s"]:
+            row.update(full_step_s=other["full_ms"] / 1e3, full_estimated=False, full_from=other.get("part"))
+            row["speedup"] = row["full_step_s"] / row["step_s"]
+    for total in [r for r in rows if r["what"] == "image" and r.get("stage") == "all"]:
+        _image_total_from_stages(total, [r for r in rows if r["what"] == "image" and r.get("part") ==
+                                         total.get("part") and r["stage"] != "all"])  # fmt: skip
+
+
+def _image_total_from_stages(total: dict, stages: list[dict]) -> None:
+    """The whole image with full attention again, from its stage rows (some may have just been filled)."""
+    if not stages or any(r.get("full_step_s") is None or r.get("step_s") is None for r in stages):
+        return
+    full = total["image_s"] + sum((r["full_step_s"] - r["step_s"]) * r["steps"] for r in stages)
+    total.update(full_image_s=full, speedup=full / total["image_s"],
+                 full_estimated=any(r.get("full_estimated") for r in stages))  # fmt: skip
 
 
 def markdown(rows: list[dict], parts: dict[str, str], heading: str = "clear-gen benchmark") -> str:

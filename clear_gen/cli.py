@@ -131,7 +131,7 @@ def _on_off(value: str, name: str) -> bool | None:
 
 # --help panels: generate's, then bench's (with RUN and OUTPUT)
 SIZE, MODEL, RECIPE, PROMPTS = "Size", "Model and attention", "Recipe", "Prompts"
-OUTPUT, RUN, WHAT, SHAPE = "Output", "Run", "What", "Model shape"
+OUTPUT, RUN, WHAT, SHAPE, SPEED = "Output", "Run", "What", "Model shape", "Speed"
 _D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
 
 
@@ -213,7 +213,16 @@ def _recipe(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
     ),
     offload: str = typer.Option(
-        "none", help="none, model or sequential (needs accelerate).", rich_help_panel=RUN
+        _D.offload, help="auto (from the memory plan), none, model or sequential.", rich_help_panel=RUN
+    ),
+    gpu_memory: float = typer.Option(
+        None,
+        help="GB of GPU memory to plan for (on a GPU, the run keeps to it).",
+        show_default="free memory; 24 without a GPU",
+        rich_help_panel=RUN,
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the memory and time plan; load nothing.", rich_help_panel=RUN
     ),
     quantize: str = typer.Option(
         None,
@@ -223,6 +232,19 @@ def _recipe(
     ),
     quantize_text: str = typer.Option(
         None, help="T5 weights: none, int8, fp8 or nf4.", show_default="none", rich_help_panel=RUN
+    ),
+    compile: bool = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Compile the transformer blocks.",
+        show_default="off",
+        rich_help_panel=SPEED,
+    ),
+    cache: str = typer.Option(
+        None,
+        help="Step caching: none, fbc[:T] or taylorseer[:N] (changes the image).",
+        show_default="none",
+        rich_help_panel=SPEED,
     ),
 ) -> None:
     """The recipe's options, shared by every command that generates (only its signature is used)."""
@@ -273,6 +295,7 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
     from .pipeline import GenerateOptions, options_from_record
 
     recipe = dict(recipe)
+    recipe.pop("dry_run", None)  # the command's, not the run's
     w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
     if "clear_weights" in recipe:
         recipe["clear_weights"] = str(recipe["clear_weights"]) if recipe["clear_weights"] else None
@@ -360,11 +383,31 @@ def generate(
         out=out,
         compare_full=not no_compare_full,
     )
+    if recipe["dry_run"]:
+        from .memory import plan_run
+
+        _print_plans([("", plan_run(opts))], as_json)
+        return
     # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
     from .display import GenerateDisplay
 
     with GenerateDisplay(err, as_json) as display:
         generate(opts, display.hooks())
+
+
+def _print_plans(plans: list, as_json: bool) -> None:
+    """--dry-run: each (label, RunPlan) as a table and its decision lines, or one JSON object a line."""
+    if as_json:
+        for label, plan in plans:
+            print(json.dumps({**({"variant": label} if label else {}), **plan.to_json()}), flush=True)
+        return
+    from .display import plan_lines, plan_table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    for label, plan in plans:
+        console.print(plan_table(plan, label))
+        for line in plan_lines(plan):
+            console.print(line, soft_wrap=True)
 
 
 @app.command()
@@ -437,6 +480,11 @@ def upscale(
         compare_full=not no_compare_full,
     )
     target = UpscaleTarget(res=res, scale=scale, width=width, height=height)
+    if recipe["dry_run"]:
+        from .pipeline import upscale_plans
+
+        _print_plans(upscale_plans(opts, inputs, target), as_json)
+        return
     # 2. Upscale, showing progress and a timing table on stderr, JSON on stdout.
     with GenerateDisplay(err, as_json) as display:
         run_upscale(opts, inputs, target, display.hooks())
@@ -461,10 +509,13 @@ def compare(
 
     from . import compare as C
 
-    # 1. Parse and check every variant before anything loads.
+    # 1. Parse and check every variant before anything loads (--dry-run: plan each, load nothing).
     seeds = [seed] if seed is not None else None
     opts = _generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
     names = variants.split(",") if variants is not None else None
+    if recipe["dry_run"]:
+        _print_plans(C.memory_plans(opts, names), as_json)
+        return
     plan = C.prepare(opts, names)
     # 2. Say what will run: the seed when it was picked, and what full attention costs.
     if seed is None:
@@ -592,7 +643,7 @@ def weights() -> None:
 @app.command()
 def bench(
     what: str = typer.Option(
-        "plan", help="plan (FLOPs, no compute), attention or step.", rich_help_panel=WHAT
+        "plan", help="plan (FLOPs, no compute), attention, step or image (a whole one).", rich_help_panel=WHAT
     ),
     res: str | None = typer.Option(
         None,
@@ -612,8 +663,33 @@ def bench(
     ),
     heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=SHAPE),
     head_dim: int = typer.Option(128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=SHAPE),
-    layers: int = typer.Option(57, help="Blocks for step, 1:2 double:single.", rich_help_panel=SHAPE),
+    layers: int = typer.Option(57, help="Blocks (step, image), 1:2 double:single.", rich_help_panel=SHAPE),
     text_len: int = typer.Option(512, help="Text tokens.", rich_help_panel=SHAPE),
+    vae_channels: int | None = typer.Option(
+        None, help="image: VAE width (8 on a CPU).", show_default="128, FLUX.1's", rich_help_panel=SHAPE
+    ),
+    stages: str | None = typer.Option(
+        None,
+        help="image: long side of each stage, as generate's.",
+        show_default="1024,res",
+        rich_help_panel=WHAT,
+    ),
+    steps: int | None = typer.Option(
+        None, help="image: steps of every stage.", show_default="20", rich_help_panel=WHAT
+    ),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="image: compile the transformer blocks.",
+        show_default="off",
+        rich_help_panel=SPEED,
+    ),
+    cache: str | None = typer.Option(
+        None,
+        help="image: step caching, none, fbc[:T] or taylorseer[:N].",
+        show_default="none",
+        rich_help_panel=SPEED,
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
     dtype: str | None = typer.Option(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
@@ -671,7 +747,9 @@ def bench(
         what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
         heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=not no_compare_full,
         max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
-        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"), on_row=on_row,
+        progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"), on_row=on_row,
+        stages=_ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
+        cache=cache,
     )  # fmt: skip
     # 3. Print: as wide as the terminal (or COLUMNS); piped into a file, wide enough not to wrap.
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
@@ -689,13 +767,17 @@ BENCH_LEGEND = {
     "compile s": "compile s: first call's extra time (compilation)",
     "check": "check: CLEAR against the dense reference, max error @ px",
     "(est.)": "~ (est.): from the FLOP model, not run",
+    "full s/step": "full s/step: full attention's warm step at the stage's size",
+    "skipped": "skipped: block evaluations the step cache skipped / all",
 }
 
 
 def _with_legend(table: Table) -> Table:
     texts = [str(text) for c in table.columns for text in (c.header, *c.cells)]
     notes = [note for key, note in BENCH_LEGEND.items() if any(key in text for text in texts)]
-    table.caption, table.caption_justify = "; ".join(notes) + ". See BENCHMARKS.md.", "left"
+    legend = "; ".join(notes) + ". See BENCHMARKS.md."
+    table.caption = f"{table.caption}\n{legend}" if table.caption else legend  # image: its summary first
+    table.caption_justify = "left"
     return table
 
 
@@ -730,9 +812,19 @@ def _write_json(path: Path, rows: list[dict]) -> None:
     _write(path, json.dumps(rows, indent=1) + "\n")
 
 
+def _register_distill() -> None:
+    from .distill.cli import app as distill
+
+    app.add_typer(distill, name="distill")
+
+
+_register_distill()
+
+
 def _with_default_command(argv: list[str]) -> list[str]:
     """`clear-gen "a castle" --res 2048` means `clear-gen generate "a castle" --res 2048`."""
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    commands |= {g.name for g in app.registered_groups}
     if (
         argv
         and argv[0] not in commands

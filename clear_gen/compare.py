@@ -27,6 +27,7 @@ from .flops import FluxShape, step_flops
 from .geometry import build_block_lists, image_geometry
 from .hub import resolve_base
 from .loading import clear_weights_file
+from .memory import RunPlan, plan_run
 from .pipeline import Hooks, ImageResult, generate
 from .plan import ClearChoice, GenerateOptions, plan_stages, resolve_clear, text_tokens
 from .registry import Registry, load_registry
@@ -138,7 +139,20 @@ def prepare(opts: GenerateOptions, variants: Sequence[str] | None = None) -> Com
     `variants` default to none and the registry's default variant. With no seed in `opts`, one is
     picked here, so that every variant shares it.
     """
-    # 1. One prompt and one seed.
+    # 1. One prompt, one seed and the variants, each resolved and its stages planned.
+    opts, parsed = _parse(opts, variants)
+    reference = next((i for i, v in enumerate(parsed) if v.name == "none"), 0)
+    plan = ComparePlan(opts, parsed, reference, _out_dir(opts))
+    # 2. Every piece the variants need, from the cache or the Hub: a missing one fails before any runs.
+    resolve_base(opts.model, opts.token)
+    for v in parsed:
+        clear_weights_file(v.choice, opts.token)
+    return plan
+
+
+def _parse(opts: GenerateOptions, variants: Sequence[str] | None) -> tuple[GenerateOptions, list[Variant]]:
+    """One prompt and one seed (picked now when not given), and the variants resolved (a size a -down4
+    variant refuses fails now)."""
     prompts = [p.strip() for p in opts.prompts]
     if len(prompts) != 1 or not prompts[0]:
         raise ConfigError("compare takes one non-empty PROMPT")
@@ -147,17 +161,16 @@ def prepare(opts: GenerateOptions, variants: Sequence[str] | None = None) -> Com
     seed = opts.seeds[0] if opts.seeds else random.randrange(2**32)
     opts = replace(opts, prompts=prompts, seeds=[seed], count=1, keep_stages=False)
     opts = replace(opts, window=None, down_factor=None, clear_weights=None)
-    # 2. The variants, each resolved and its stages planned (a size a -down4 variant refuses fails now).
     registry = load_registry()
     names = [n.strip() for n in variants] if variants else ["none", registry.default_variant]
-    parsed = _variants(opts, names, registry)
-    reference = next((i for i, v in enumerate(parsed) if v.name == "none"), 0)
-    plan = ComparePlan(opts, parsed, reference, _out_dir(opts))
-    # 3. Every piece the variants need, from the cache or the Hub: a missing one fails before any runs.
-    resolve_base(opts.model, opts.token)
-    for v in parsed:
-        clear_weights_file(v.choice, opts.token)
-    return plan
+    return opts, _variants(opts, names, registry)
+
+
+def memory_plans(opts: GenerateOptions, variants: Sequence[str] | None = None) -> list[tuple[str, RunPlan]]:
+    """`compare --dry-run`: each variant's memory and time plan (memory.plan_run); loads and fetches
+    nothing."""
+    opts, parsed = _parse(opts, variants)
+    return [(v.name, plan_run(replace(opts, variant=v.name))) for v in parsed]
 
 
 def _variants(opts: GenerateOptions, names: list[str], registry: Registry) -> list[Variant]:

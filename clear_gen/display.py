@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .memory import HEADROOM, RunPlan
 from .pipeline import Hooks, ImageResult
 from .plan import Stage
 from .timing import RunTiming, StageTiming
@@ -197,6 +198,11 @@ LEGEND = (
     "warm-up: the first step's seconds beyond a warm step's (compiling); s/step, full (full attention's "
     "s/step) and speedup: warm steps; *: estimated from FLOPs"
 )
+PEAK_COLUMN, PEAK_LEGEND = (
+    "peak GB",
+    "; peak GB: GPU memory allocated at most (reserved), denoising and decoding",
+)
+CACHE_LEGEND = "; skipped: block evaluations the step cache (--cache) skipped / all, s/step their mean"
 
 
 def seconds(value: float | None) -> str:
@@ -222,12 +228,23 @@ def _stage_cells(t: StageTiming) -> list[str]:
     return [t.attention, str(t.steps), seconds(t.warmup_s), seconds(t.step_s), full, speed, density]
 
 
+def _peak(t: StageTiming) -> str:
+    if t.peak_allocated_gb is None:
+        return "-"
+    return f"{t.peak_allocated_gb:.1f} ({t.peak_reserved_gb:.1f})"
+
+
 def timing_table(timing: RunTiming, title: str) -> Table:
-    """Every part of an image's wall time, one row each; its stages (by size) with per-step figures."""
+    """Every part of an image's wall time, one row each; its stages (by size) with per-step figures, their
+    GPU memory peaks when they ran on a GPU, and the blocks a step cache skipped."""
+    peaks = any(t.peak_allocated_gb is not None for t in timing.stages)
+    cached = any(t.block_evals for t in timing.stages)  # --cache: a column of skipped block evaluations
+    extra = (*([PEAK_COLUMN] if peaks else []), *(["skipped"] if cached else []))
+    columns = (*COLUMNS[:-1], *extra, COLUMNS[-1])
     table = Table(
         title=escape(title),
         title_justify="left",
-        caption=LEGEND,
+        caption=LEGEND + (PEAK_LEGEND if peaks else "") + (CACHE_LEGEND if cached else ""),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         padding=(0, 1, 0, 0),
@@ -235,14 +252,16 @@ def timing_table(timing: RunTiming, title: str) -> Table:
         show_edge=False,
         header_style="bold",
     )
-    for col in COLUMNS:
+    for col in columns:
         table.add_column(col, justify="left" if col in ("part", "attention") else "right")
-    blank = [""] * (len(COLUMNS) - 2)
+    blank = [""] * (len(columns) - 2)
     parts = [("load", timing.load_s), ("encode", timing.encode_s)] if timing.load_s or timing.encode_s else []
     for name, value in parts:
         table.add_row(name, *blank, seconds(value))
     for t in timing.stages:
-        table.add_row(f"{t.width}x{t.height}", *_stage_cells(t), seconds(t.seconds))
+        skipped = [f"{t.blocks_skipped}/{t.blocks_skipped + t.block_evals}"] if cached else []
+        peak = [_peak(t)] if peaks else []
+        table.add_row(f"{t.width}x{t.height}", *_stage_cells(t), *peak, *skipped, seconds(t.seconds))
     parts = [("full attn", timing.compare_s)] if timing.compare_s else []
     parts += [("decode", timing.decode_s)] if timing.decode_s else []  # 0: a record from before decode_s
     parts += [("save", timing.save_s)]
@@ -254,3 +273,82 @@ def timing_table(timing: RunTiming, title: str) -> Table:
     if timing.total_s is not None:
         table.add_row("total", *blank, seconds(timing.total_s), style="bold")
     return table
+
+
+# ---------------------------------------------------------------- --dry-run
+
+
+PLAN_COLUMNS = (
+    "stage",
+    "tokens",
+    "attention",
+    "density",
+    "steps",
+    "weights",
+    "activations",
+    "VAE",
+    "peak GB",
+    "time",
+)
+
+
+def plan_table(plan: RunPlan, label: str = "") -> Table:
+    """A run's memory plan, one row per stage (memory.py); every figure an estimate."""
+    where = f"{plan.device}, {plan.free_gb:.1f} GB free" if plan.gpu else "the CPU"
+    quantized = f", --quantize {plan.quantize}" if plan.quantize != "none" else ""
+    quantized += f", --quantize-text {plan.quantize_text}" if plan.quantize_text != "none" else ""
+    title = (
+        f"{label + ': ' if label else ''}plan for {where}: {plan.dtype}{quantized}, --offload {plan.offload}"
+    )
+    table = Table(
+        title=escape(title),
+        title_justify="left",
+        caption="GB: estimated GPU memory (weights on the GPU while denoising, one step's activations, the "
+        "VAE's); time: estimated denoising",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+    )
+    for col in (
+        "stage",
+        "tokens",
+        "attention",
+        "density",
+        "steps",
+        "weights",
+        "activations",
+        "VAE",
+        "peak GB",
+        "time",
+    ):
+        table.add_column(col, justify="left" if col in ("stage", "attention") else "right")
+    for s in plan.stages:
+        gb = (f"{v:.1f}" for v in (s.weights_gb, s.activations_gb, s.vae_gb, s.peak_gb))
+        size, time_s = f"{s.width}x{s.height}", f"~{duration(s.time_s)}"
+        table.add_row(size, f"{s.tokens:,}", s.attention, f"{s.density:.1%}", str(s.steps), *gb, time_s)
+    return table
+
+
+def plan_lines(plan: RunPlan) -> list[str]:
+    """The decision, the peak (before and after feed-forward chunking), the time, whether it fits, and
+    any device problem or assumption, one line each (rich markup)."""
+    lines = [escape(plan.offload_line())]
+    rate = f"{plan.rate_tflops:.0f} TFLOP/s, {plan.rate_source}"
+    time_line = f"time: ~{duration(plan.time_s)} of denoising (estimate: FLOP model at {escape(rate)})"
+    if not plan.gpu:
+        return [*lines, time_line] + [f"[yellow]problem:[/yellow] {escape(p)}" for p in plan.problems]
+    unchunked = plan.ff_chunk and plan.unchunked_peak_gb > plan.peak_gb
+    chunking = f" ({plan.unchunked_peak_gb:.1f} GB without feed-forward chunking)" if unchunked else ""
+    lines += [
+        f"peak: {plan.peak_gb:.1f} GB{chunking}; encoding the prompts: {plan.encode_gb:.1f} GB",
+        time_line,
+    ]
+    if plan.fits:
+        lines.append(f"[green]fits[/green] (peak + {HEADROOM:.0%} within {plan.free_gb:.1f} GB free)")
+    elif plan.fits_any:
+        lines.append("[yellow]does not fit as asked[/yellow]: --offload auto or sequential fits")
+    else:
+        lines.append(f"[red]does not fit[/red]: {escape(plan.cannot_fit_line())}")
+    lines += [f"[yellow]problem:[/yellow] {escape(p)}" for p in plan.problems]
+    lines += [f"[dim]note: {escape(n)}[/dim]" for n in plan.notes]
+    return lines

@@ -348,9 +348,14 @@ def _merge(nq: int, nk: int, parts) -> BlockLists:
 
 
 @lru_cache(maxsize=16)
-def block_mask(geo: Geometry, device: str):
-    """FlexAttention BlockMask of CLEAR for this geometry, cached: shared by all layers and steps."""
-    return _block_mask(build_block_lists(geo), 0, make_mask_mod(geo, device), (geo.q_len, geo.kv_len), device)
+def block_mask(geo: Geometry, device: str, q_blocks: bool = False):
+    """FlexAttention BlockMask of CLEAR for this geometry, cached: shared by all layers and steps.
+
+    q_blocks: also the key blocks' query-block lists (the kv lists transposed), which FlexAttention's
+    backward pass needs; inference leaves them out.
+    """
+    lists, mask_mod = build_block_lists(geo), make_mask_mod(geo, device)
+    return _block_mask(lists, 0, mask_mod, (geo.q_len, geo.kv_len), device, q_blocks)
 
 
 def image_rows_block_mask(geo: Geometry, device: str):
@@ -369,7 +374,9 @@ def image_rows_block_mask(geo: Geometry, device: str):
     return _block_mask(lists, text_len // BLOCK, image_rows, (geo.image_len, geo.kv_len), device)
 
 
-def _block_mask(lists: BlockLists, first_row: int, mask_mod, seq_lengths: tuple[int, int], device: str):
+def _block_mask(
+    lists: BlockLists, first_row: int, mask_mod, seq_lengths: tuple[int, int], device: str, q_blocks=False
+):
     """A BlockMask from our block lists' query-block rows first_row.. (no mask evaluated to build it)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -382,5 +389,5 @@ def _block_mask(lists: BlockLists, first_row: int, mask_mod, seq_lengths: tuple[
         BLOCK_SIZE=BLOCK,
         mask_mod=mask_mod,
         seq_lengths=seq_lengths,
-        compute_q_blocks=False,
+        compute_q_blocks=q_blocks,
     )

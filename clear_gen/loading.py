@@ -16,6 +16,7 @@ import torch
 from . import quantize as Q
 from .errors import WeightsError
 from .lora import load_loras, parse_loras
+from .memory import HEADROOM
 from .plan import ClearChoice, GenerateOptions
 from .positions import use_exact_positions
 
@@ -180,25 +181,18 @@ def load_clear_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 16  # live activations at a step's peak, in units of tokens x hidden
-
-
-def place_clear_weights(state_dict: dict, transformer, tokens: int) -> dict:
-    """The checkpoint on the transformer's GPU, in its dtype, when it fits beside the largest stage's
-    activations: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way (twice
-    per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
-
-    The activation estimate (16 x tokens x hidden x element size, ~22 GB at 8K in bf16) is a rough
-    bound on what one FLUX block keeps alive at once, plus a 2 GiB margin.
+def place_clear_weights(state_dict: dict, transformer, activation_bytes: int) -> dict:
+    """The checkpoint on the transformer's GPU, in its dtype, when it fits beside what the memory plan
+    says the largest stage needs (`activation_bytes`: a step's activations or the VAE's, memory.py) with
+    its headroom: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way
+    (twice per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
     """
     device, dtype = transformer.x_embedder.weight.device, transformer.dtype  # not a GGUF weight's uint8
     if device.type != "cuda":
         return state_dict
     size = sum(v.numel() for v in state_dict.values()) * dtype.itemsize
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    activations = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * tokens * hidden * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(device)
-    if free > size + activations + 2 * 2**30:
+    if free > (size + activation_bytes) * (1 + HEADROOM):
         return {k: v.to(device, dtype) for k, v in state_dict.items()}
     return {k: v.pin_memory() for k, v in state_dict.items()}
 
@@ -220,3 +214,15 @@ def img2img_pipeline(pipe):
     )
     img2img.set_progress_bar_config(disable=True)
     return img2img
+
+
+def prepared_pipeline(pipe, opts: GenerateOptions):
+    """A pipeline built elsewhere, already on its device (`bench --what image`: random weights), made
+    ready as load_pipeline leaves one: no progress bars, exact RoPE positions.
+
+    --quantize (quantize.py, when it lands) applies here too, as in load_pipeline, so that a benchmark
+    on random weights measures the same quantized transformer as a run on the real ones.
+    """
+    pipe.set_progress_bar_config(disable=True)
+    use_exact_positions(pipe.transformer)
+    return pipe

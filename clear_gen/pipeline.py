@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from . import output
+from . import gpus, output
 from . import quantize as Q
 from .attention import apply_clear, remove_clear, resolve_backend
+from .chunking import chunk_feed_forward
 from .device import DTYPES, device_name, resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
@@ -34,8 +35,10 @@ from .loading import (
     load_clear_weights,
     load_pipeline,
     place_clear_weights,
+    prepared_pipeline,
 )
 from .lora import hub_files, parse_loras
+from .memory import RunPlan, plan_run
 from .plan import (
     MAX_SIDE,
     ClearChoice,
@@ -51,12 +54,15 @@ from .plan import (
     text_tokens,
 )
 from .source import Source, UpscaleTarget, check_larger, image_files, load_source
+from .speed import BlockCount, compile_blocks, parse_cache, step_cache
 from .timing import (
     RunTiming,
     StageTiming,
     StepClock,
     capture_transformer_call,
     now,
+    record_peak_memory,
+    reset_peak_memory,
     time_full_attention,
     time_step,
 )
@@ -160,10 +166,14 @@ class Hooks:
     step: Callable[[int, int, float], None] = lambda done, total, seconds: None  # a step ended
     saved: Callable[[Path, float], None] = lambda path, seconds: None  # a PNG was written
     image_done: Callable[[ImageResult], None] = lambda result: None
+    stage_done: Callable[[int, StageTiming], None] = lambda i, timing: None  # stage i, decoded
 
 
-def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
-    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
+def generate(opts: GenerateOptions, hooks: Hooks | None = None, pipe: Any = None) -> list[ImageResult]:
+    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring).
+
+    `pipe`: a FluxPipeline already built on opts.device (`bench --what image`: random weights); nothing
+    is then loaded, no weights are checked and no memory plan made; the rest is the same code path."""
 
     started = time.perf_counter()
     hooks = hooks or Hooks()
@@ -186,10 +196,15 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageRes
         height=opts.height,
     )
     output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    _check_weights_and_device(opts, choice, device, hooks)
+    if pipe is None:
+        opts, plan = _prepare(opts, choice, device, hooks)
+    else:
+        plan = None
+        if choice.note:
+            hooks.note(choice.note)
     # 2. Load, then generate.
     jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
-    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan, pipe)
 
 
 def upscale(
@@ -201,14 +216,30 @@ def upscale(
     """Take existing pictures to a larger size with CLEAR's SDEdit stages: generate's code path, the first
     stage starting from each picture instead of a text-to-image pass. `opts.prompts`: [] (each picture's
     own prompt from its metadata, else none) or [prompt]; `opts.stages`: long sides after the picture."""
-
     started = time.perf_counter()
-    hooks, target = hooks or Hooks(), target or UpscaleTarget()
-    if opts.stages and target == UpscaleTarget():  # no size given: the last stage is the target
-        target = UpscaleTarget(res=opts.stages[-1])
+    hooks = hooks or Hooks()
     # 1. Read every picture, then plan every image, before loading gigabytes.
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    jobs, choice = upscale_jobs(opts, inputs, target, hooks)
+    largest = max(jobs, key=lambda job: job.stages[-1].tokens)
+    last = largest.stages[-1]
+    probe = output.ImageRecord(prompt=largest.prompt, seed=largest.seed, model=opts.model, steps=1,
+                               guidance=0.0, width=last.width, height=last.height)  # fmt: skip
+    output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    planned = replace(opts, width=last.width, height=last.height)  # the largest picture's plan
+    opts, plan = _prepare(opts, choice, device, hooks, planned, largest.stages)
+    # 2. Load once, then upscale every picture.
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan)
+
+
+def upscale_jobs(
+    opts: GenerateOptions, inputs: list[str | Path], target: UpscaleTarget | None, hooks: Hooks | None = None
+) -> tuple[list[Job], ClearChoice]:
+    """The jobs of an upscale (every picture read, every size and stage checked) and its attention."""
+    hooks, target = hooks or Hooks(), target or UpscaleTarget()
+    if opts.stages and target == UpscaleTarget():  # no size given: the last stage is the target
+        target = UpscaleTarget(res=opts.stages[-1])
     sources = _read_sources([Path(p) for p in inputs], hooks)
     choice = resolve_clear(replace(opts, width=MAX_SIDE, height=MAX_SIDE))  # the variant, if any
     sized = [(src, *target.size(src.size, size_multiple(choice.down_factor))) for src in sources]
@@ -225,26 +256,42 @@ def upscale(
                 hooks.note(f"{src.path.name}: {text}")
         info = {"file": src.path.name, "sha256": src.sha256, "width": src.size[0], "height": src.size[1]}
         jobs += [Job(prompt, seed, stages, src.image, info) for seed in seeds]
-    probe = output.ImageRecord(prompt=jobs[0].prompt, seed=seeds[0], model=opts.model, steps=1,
-                               guidance=0.0, width=largest[1], height=largest[2])  # fmt: skip
-    output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
-    _check_weights_and_device(opts, choice, device, hooks)
-    # 2. Load once, then upscale every picture.
-    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started)
+    return jobs, choice
 
 
-def _check_weights_and_device(opts: GenerateOptions, choice: ClearChoice, device, hooks: Hooks) -> None:
-    """Before loading: the device can run the quantization, and every weight file is there or fetchable."""
+def upscale_plans(opts: GenerateOptions, inputs: list[str | Path], target: UpscaleTarget | None) -> list:
+    """`upscale --dry-run`: (picture, memory plan) per picture, loading no weights."""
+    from .memory import plan_run
+
+    jobs, _ = upscale_jobs(replace(opts, seeds=[0], count=1), inputs, target)
+    return [(job.source["file"], plan_run(replace(opts, width=job.stages[-1].width,
+             height=job.stages[-1].height), stages=job.stages)) for job in jobs]  # fmt: skip
+
+
+def _prepare(
+    opts: GenerateOptions,
+    choice: ClearChoice,
+    device,
+    hooks: Hooks,
+    planned: GenerateOptions | None = None,
+    stages: list[Stage] | None = None,
+) -> tuple[GenerateOptions, RunPlan]:
+    """Before loading: the memory plan (offload decided, what cannot fit refused; `planned` and `stages`:
+    what it plans for, if not generate's run of opts), the device can run the quantization, every weight
+    file is there or fetchable. Returns opts with the offload decided, and the plan."""
     from .hub import check_run_weights
 
+    plan = _memory_plan(planned or opts, device, hooks, stages)  # offload, chunking; refuses what cannot fit
+    opts = replace(opts, offload=plan.offload)
     Q.check_device(opts.quantize, opts.quantize_text, device, opts.offload, gguf=opts.transformer is not None)
-    loras = hub_files(parse_loras(opts.loras or [], opts.lora_files or []))
+    loras = hub_files(parse_loras(opts.loras or [], opts.lora_files or []))  # (repo, file) from the Hub
     check_run_weights(
         opts.model, choice.hub_variant, transformer=opts.transformer, loras=loras
     )  # or fetchable
     check_transformer_file(opts)  # a GGUF --transformer on disk: whole, and a transformer of this base
     if choice.note:
         hooks.note(choice.note)
+    return opts, plan
 
 
 def _read_sources(inputs: list[Path], hooks: Hooks) -> list[Source]:
@@ -278,23 +325,48 @@ def _source_prompt(opts: GenerateOptions, src: Source, hooks: Hooks) -> str:
     return ""
 
 
-def _run_jobs(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
-    """Load once, then make every job's image; GPU memory can run out anywhere in there."""
+def _run_jobs(
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, pipe=None
+) -> list[ImageResult]:
+    """Load once (unless given `pipe`), then make every job's image; GPU memory can run out anywhere."""
     try:
-        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started)
+        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started, plan, pipe)
     except torch.cuda.OutOfMemoryError as e:
-        raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
+        planned = f" (planned peak {plan.peak_gb:.1f} GB with --offload {plan.offload})" if plan else ""
+        raise DeviceError(
+            f"out of GPU memory{planned}: try --offload model or sequential, or a smaller size"
+        ) from e
 
 
-def _load_and_generate(opts, hooks, jobs: list[Job], choice, device, dtype, started) -> list[ImageResult]:
-    # 1. The CLEAR weights and the pipeline; every prompt encoded once.
+def _memory_plan(opts: GenerateOptions, device: torch.device, hooks: Hooks, stages=None) -> RunPlan:
+    """The run's memory plan (memory.py), before loading: a device problem or a run that cannot fit even
+    with sequential offload is refused now; on a GPU the offload decision is announced in one line."""
+    plan = plan_run(opts, assume_gpu=False, stages=stages)
+    if plan.problems:
+        raise DeviceError(plan.problems[0])
+    if not plan.fits_any:
+        raise DeviceError(plan.cannot_fit_line())
+    if plan.gpu:
+        if opts.gpu_memory is not None:
+            gpus.limit_memory(device, opts.gpu_memory)
+        hooks.note(plan.offload_line())
+    return plan
+
+
+def _load_and_generate(
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, pipe=None
+) -> list[ImageResult]:
+    # 1. The CLEAR weights and the pipeline (compiled blocks if asked); every prompt encoded once.
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
     hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else ""))
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
-    pipe = load_pipeline(opts, device, dtype)
+    pipe = load_pipeline(opts, device, dtype) if pipe is None else prepared_pipeline(pipe, opts)
+    chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's slices (None: whole)
+    if opts.compile:
+        compile_blocks(pipe.transformer)  # compiles lazily: the first step of each stage pays
     img2img = img2img_pipeline(pipe) if any(s.sdedit for job in jobs for s in job.stages) else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
@@ -306,11 +378,11 @@ def _load_and_generate(opts, hooks, jobs: list[Job], choice, device, dtype, star
     hooks.phase_done("encode", encode_s)
     if state_dict is not None and opts.offload == "none":  # once the text encoders have left the GPU
         t0 = now(device)
-        tokens = max(s.tokens for job in jobs for s in job.stages)
-        state_dict = place_clear_weights(state_dict, pipe.transformer, tokens)
+        activations = plan.activation_bytes if plan else 0
+        state_dict = place_clear_weights(state_dict, pipe.transformer, activations)
         load_s += now(device) - t0
     # 2. Every job: its stages, then save (each image as soon as it is done).
-    run = _Run(pipe, img2img, opts, choice, state_dict, device, hooks)
+    run = _Run(pipe, img2img, opts, choice, state_dict, device, hooks, plan)
     results, mark = [], started
     try:
         for job in jobs:
@@ -341,6 +413,7 @@ class _Run:
     state_dict: dict[str, torch.Tensor] | None
     device: torch.device
     hooks: Hooks
+    plan: RunPlan | None  # None: a pipeline built elsewhere (bench --what image), no plan
 
 
 def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult:
@@ -356,8 +429,10 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
         t0 = now(run.device)
         image = _decode(run.pipe, latents, stage)
         stage_timing.decode_s = now(run.device) - t0
+        record_peak_memory(stage_timing, run.device)  # denoising and decoding, not timing full attention
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
+        hooks.stage_done(i, stage_timing)
         if run.opts.keep_stages and i < n - 1:
             record = _record(run, job, job.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
@@ -383,24 +458,29 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     _vae_tiling(run.pipe.vae, stage)
     geo = _geometry(stage, choice, emb[0].shape[1]) if stage.clear else None  # emb[0]: (1, T, D)
     compiling = _first_run(geo, opts.backend, device, transformer.dtype)
-    # 2. Denoise, timing every step.
+    # 2. Denoise, timing every step (and the GPU memory's high-water mark).
     if compiling:
         hooks.phase("compile", f"{stage.width}x{stage.height}")
     clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
-    with capture_transformer_call(transformer) as inputs, clock.watching(transformer):
+    reset_peak_memory(device)
+    cache = step_cache(transformer, parse_cache(opts.cache))  # --cache: this stage's denoising only
+    with capture_transformer_call(transformer) as inputs, clock.watching(transformer), cache as blocks:
         latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
-    timing = _timing(stage, choice, clock, geo)
+    timing = _timing(stage, choice, clock, geo, blocks)
+    record_peak_memory(timing, device)
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
     if opts.compare_full and geo is not None:
         hooks.phase("compare", f"{stage.width}x{stage.height}")
         t0 = now(device)
         if timing.step_s is None:
             timing.step_s = time_step(transformer, inputs, device)
+        fits = run.plan is None or (stage.width, stage.height) not in run.plan.full_step_too_big
         time_full_attention(
-            transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw)
+            transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw), fits
         )
         timing.compare_s = now(device) - t0
         hooks.phase_done("compare", timing.compare_s)
+        reset_peak_memory(device)  # the stage's peak leaves out timing full attention
     elif not stage.clear:
         timing.full_step_s = timing.step_s
     return latents, timing
@@ -443,7 +523,9 @@ def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
     return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
 
 
-def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None) -> StageTiming:
+def _timing(
+    stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None, blocks: BlockCount | None
+) -> StageTiming:
     steps = clock.durations()
     timing = StageTiming(
         width=stage.width,
@@ -456,6 +538,9 @@ def _timing(stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry |
     )
     if geo is not None:  # a CLEAR stage
         timing.density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
+    if blocks is not None:  # --cache: steps differ by design, so the mean warm step, not the median
+        timing.step_s = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None
+        timing.block_evals, timing.blocks_skipped = blocks.evaluated, blocks.skipped
     return timing
 
 
@@ -485,6 +570,7 @@ def _record(
     opts, choice = run.opts, run.choice
     last, clear = stages[-1], any(s.clear for s in stages)
     several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
+    cache = parse_cache(opts.cache)
     extra = {
         "first_steps": opts.first_steps if several else None,
         "first_guidance": opts.first_guidance if several else None,
@@ -500,6 +586,8 @@ def _record(
         "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
         "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
+        "compile": True if opts.compile else None,
+        "cache": str(cache) if cache.kind != "none" else None,
     }
     model = Path(opts.model).expanduser()
     return output.ImageRecord(

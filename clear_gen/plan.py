@@ -45,7 +45,8 @@ class GenerateOptions:
     out: str | None = None
     device: str = "auto"
     dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere
-    offload: str = "none"  # none | model | sequential
+    offload: str = "auto"  # auto | none | model | sequential; auto: from the memory plan (memory.py)
+    gpu_memory: float | None = None  # GB the plan may use (default: the GPU's free memory, or 24 without one)
     compare_full: bool = True
     backend: str = "auto"
     token: str | None = None
@@ -54,6 +55,8 @@ class GenerateOptions:
     transformer: str | None = None  # a FLUX.1 transformer .gguf (file or owner/repo/file.gguf) for the base's
     loras: list[str] | None = None  # --lora PATH_OR_REPO[:SCALE] each (lora.py)
     lora_files: list[str] | None = None  # --lora-file: the files of the bare owner/repo --loras, in order
+    compile: bool = False  # regional compilation of the transformer blocks (speed.py)
+    cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
@@ -217,15 +220,18 @@ def check_options(opts: GenerateOptions) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
     if opts.ntk_factor is not None and not opts.ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
-    if opts.offload not in ("none", "model", "sequential"):
-        raise ConfigError(f"unknown --offload {opts.offload!r}; choose none, model or sequential")
+    from .speed import parse_cache
+
+    parse_cache(opts.cache)
+    if opts.offload not in ("auto", "none", "model", "sequential"):
+        raise ConfigError(f"unknown --offload {opts.offload!r}; choose auto, none, model or sequential")
     from .quantize import check_names  # imports torch: not at the CLI's start
 
     check_names(opts.quantize, opts.quantize_text, opts.transformer)
     from .lora import parse_loras
 
     parse_loras(opts.loras or [], opts.lora_files or [])  # scales are numbers, files exist
-    if opts.offload != "none":
+    if opts.offload in ("model", "sequential"):
         try:
             import accelerate  # noqa: F401
         except ImportError:
@@ -329,6 +335,8 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         quantize_text=extra.get("quantize_text", "none"),
         transformer=extra.get("transformer"),
         loras=extra.get("loras"),
+        compile=extra.get("compile", False),
+        cache=extra.get("cache", "none"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))

@@ -66,6 +66,10 @@ class StageTiming:
     density: float = 1.0  # fraction of (q, kv) pairs CLEAR computes exactly
     compare_s: float = 0.0  # seconds spent timing full attention (and a warm step of a 1-step stage)
     decode_s: float = 0.0  # VAE decode of the stage's latents into an image
+    peak_allocated_gb: float | None = None  # GPU memory high-water mark (denoise and decode); None: CPU
+    peak_reserved_gb: float | None = None  # the same, as reserved by torch's caching allocator
+    block_evals: int = 0  # --cache: transformer blocks evaluated in the stage (0: no cache, not counted)
+    blocks_skipped: int = 0  # --cache: block evaluations the cache skipped
 
     @property
     def warmup_s(self) -> float | None:
@@ -131,6 +135,23 @@ class RunTiming:
         names = {f.name for f in fields(cls)} - {"stages"}
         stages = [StageTiming.from_json(s) for s in data["stages"]]
         return cls(**{k: v for k, v in data.items() if k in names}, stages=stages)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new GPU memory high-water mark (CUDA; nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def record_peak_memory(timing: StageTiming, device: torch.device) -> None:
+    """Raise the stage's peak figures to the high-water marks since the last reset (CUDA; None elsewhere:
+    torch keeps no count on the CPU)."""
+    if device.type != "cuda":
+        return
+    allocated = torch.cuda.max_memory_allocated(device) / 1e9
+    reserved = torch.cuda.max_memory_reserved(device) / 1e9
+    timing.peak_allocated_gb = max(timing.peak_allocated_gb or 0.0, allocated)
+    timing.peak_reserved_gb = max(timing.peak_reserved_gb or 0.0, reserved)
 
 
 def now(device: torch.device) -> float:
@@ -223,9 +244,10 @@ def _full_step_key(inputs: dict, geo: Geometry, device) -> tuple:
 
 
 def time_full_attention(
-    transformer, inputs: dict, timing: StageTiming, geo: Geometry, device, reapply
+    transformer, inputs: dict, timing: StageTiming, geo: Geometry, device, reapply, fits: bool = True
 ) -> None:
-    """timing.full_step_s: one warm step with stock attention when that is cheap, else the FLOP model.
+    """timing.full_step_s: one warm step with stock attention when that is cheap (and `fits`: the memory
+    plan says its activations fit), else the FLOP model.
 
     A measured time is kept per transformer and size, so a batch of images measures it once. The
     estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
@@ -238,7 +260,7 @@ def time_full_attention(
         return
     computed = build_block_lists(geo).computed_pairs()
     estimate = timing.step_s * speedup_bound(step_flops(_shape(transformer.config), geo, computed))
-    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs:
+    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits:
         timing.full_step_s, timing.full_estimated = estimate, True
         return
     remove_clear(transformer)

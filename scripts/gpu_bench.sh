@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU proof in one command, for a session lent one GPU (H100/H200, bf16): CLEAR versus full
-# attention on random FLUX.1-dev-sized weights, in parts ordered by value, within BUDGET seconds
-# (default 300: a session has 15 minutes of device time, machine start and a rerun included).
+# attention on random FLUX.1-dev-sized weights, one step and whole 8K images (generate's own code
+# path: first pass, SDEdit stage, tiled VAE decode, PNG), in parts ordered by value, within BUDGET
+# seconds (default 300: a session has 15 minutes of device time, machine start and a rerun included).
 #
 #   bash scripts/gpu_bench.sh                     # on the GPU machine; writes into $OUT
-#   BUDGET=480 PARTS=attention,steps-2k-4k bash scripts/gpu_bench.sh   # a rerun: other parts, more time
+#   BUDGET=560 PARTS=image-8k,image-8k-r8 bash scripts/gpu_bench.sh   # a rerun: other parts, more time
 #   SMOKE=1 bash scripts/gpu_bench.sh             # tiny CPU settings: checks the plumbing only
 #
 # Three files come back in $OUT (the device tool returns at most 8): rows.jsonl (every row as it lands,
@@ -13,7 +14,8 @@
 # Outside the device tool OUT defaults to bench_out/.
 #
 # The GPU machine has torch, transformers, typer, rich, safetensors and huggingface_hub but not
-# diffusers, and no network: carry the wheel in .whl/ (git-ignored; name .whl in the tool's carry):
+# diffusers, and no network: carry the wheel in .whl/ (git-ignored; name .whl in the tool's carry;
+# torchao's too once --quantize fp8dq is benchmarked):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
 # (its other needs, requests, Pillow, regex, filelock, numpy, are on that machine).
@@ -44,8 +46,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 if [ "${SMOKE:-0}" = 1 ]; then  # plumbing check on a CPU: small everything
   MODEL=(--device cpu --heads 2 --head-dim 32 --layers 2) BIG=512 MID=256,384 SIZES=256,384,512
+  IMAGE=(--res 512 --stages 256,512 --steps 2 --vae-channels 8)
 else
   MODEL=(--layers 57) BIG=8192 MID=2048,4096 SIZES=2048,4096,8192  # FLUX.1-dev: 24 heads x 128, bf16
+  IMAGE=(--res 8192)  # the default recipe: a 1024 px first pass (20 steps), then 8K (14 of 20 steps)
 fi
 
 # part NAME MIN_S MAX_S ARGS...: one `clear-gen bench`, rows appended to rows.jsonl as they land.
@@ -68,14 +72,20 @@ part() {
 }
 
 # 1. The headline: one 8K step of the full transformer, CLEAR (default variant r8-down4), then the
-#    stock step at 8K alone (~100 s on an H100: one call), then CLEAR r = 8 (the paper's setting).
+#    stock step at 8K alone (~100 s on an H100: one call; the image parts' full attention comes from it).
 part step-8k 60 150 --what step --res "$BIG" --measure clear --repeats 1 "${MODEL[@]}"
 part full-8k 100 220 --what step --res "$BIG" --measure full --repeats 0 "${MODEL[@]}"
-part step-8k-r8 45 100 --what step --res "$BIG" --variant r8 --measure clear --repeats 1 "${MODEL[@]}"
-# 2. The attention op alone, r = 8, 2K-8K, against full SDPA; its image and text query rows timed apart.
+# 2. Whole 8K images by generate's code path: the default variant, then r = 8 (the paper's setting),
+#    plain and with compiled blocks. Each needs minutes: a rerun with more BUDGET brings the rest.
+part image-8k 150 330 --what image "${IMAGE[@]}" "${MODEL[@]}"
+part image-8k-r8 120 300 --what image "${IMAGE[@]}" --variant r8 "${MODEL[@]}"
+part image-8k-compile 150 330 --what image "${IMAGE[@]}" --variant r8 --compile "${MODEL[@]}"
+# part image-8k-fp8 150 330 --what image "${IMAGE[@]}" --variant r8 --compile --quantize fp8dq "${MODEL[@]}"
+#   ^ once --quantize fp8dq lands (torchao's wheel in .whl/ too)
+# 3. The attention op alone, r = 8, 2K-8K, against full SDPA; its image and text query rows timed apart.
 part attention 50 120 --what attention --res "$SIZES" --variant r8 --repeats 3 "${MODEL[@]}"
-# 3. Whole steps at 2K and 4K, CLEAR and full.
+# 4. Whole steps at 2K and 4K, CLEAR and full.
 part steps-2k-4k 60 150 --what step --res "$MID" --repeats 3 "${MODEL[@]}"
-# 4. The plan (CPU, seconds): densities, mask build, FLOPs.
+# 5. The plan (CPU, seconds): densities, mask build, FLOPs.
 part plan 10 60 --what plan --res "$SIZES"
 echo "done in $(( $(date +%s) - START ))s; report in $MD"

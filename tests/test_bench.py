@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from clear_gen import bench as B
+from clear_gen import bench_image as BI
 from clear_gen import bench_report as R
 from clear_gen import flops as FL
 from clear_gen import geometry as G
@@ -190,7 +191,7 @@ def test_gpu_bench_smoke_brings_back_few_files_and_reports_a_killed_part(tmp_pat
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    env.update(PARTS="step-8k,full-8k,plan", PART_LIMITS="full-8k=1")
+    env.update(PARTS="step-8k,full-8k,image-8k,plan", PART_LIMITS="full-8k=1")
     done = subprocess.run(["bash", str(root / "scripts/gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -200,3 +201,86 @@ def test_gpu_bench_smoke_brings_back_few_files_and_reports_a_killed_part(tmp_pat
     assert "| full-8k | killed: timeout after 1 s" in text and "| step-8k | done |" in text
     assert "| attention | not selected (PARTS) |" in text
     assert "## step-8k" in text and "| 512 | 8 | 4 |" in text and "## plan" in text
+    assert "| image-8k | done |" in text and "## image-8k" in text and "| all | 512x512 |" in text
+
+
+# ---------------------------------------------------------------- a whole image (--what image)
+
+TINY_IMAGE = dict(heads=2, head_dim=32, layers=2, vae_channels=8, device="cpu", steps=2)
+
+
+@pytest.mark.slow  # a whole (tiny) image: first pass, SDEdit stage with CLEAR, decode, save
+def test_image_rows_have_every_field_and_add_up_to_the_wall_time():
+    import time
+
+    t0 = time.perf_counter()
+    rows = B.run("image", res=[256], stages=[128, 256], **TINY_IMAGE)
+    wall = time.perf_counter() - t0
+    assert [r["stage"] for r in rows] == [1, 2, "all"]
+    for row in rows:
+        assert set(BI.IMAGE_KEYS) <= row.keys() and row["what"] == "image" and row["device"].startswith("cpu")
+    first, clear, total = rows
+    assert (first["res"], first["attention"], first["steps"]) == (128, "full", 2)
+    assert (clear["res"], clear["attention"], clear["tokens"]) == (256, "CLEAR r=8 f=4", 512 + 16 * 16)
+    assert clear["full_step_s"] > 0 and clear["decode_s"] > 0 and clear["compile_s"] >= 0
+    assert total["steps"] == first["steps"] + clear["steps"] and total["block_evals"] == 0
+    assert total["total_s"] == pytest.approx(wall, rel=0.05)
+    parts = total["total_s"] - total["other_s"]  # every timed part: build, load, encode, stages, ...
+    assert parts == pytest.approx(wall, rel=0.05)
+    assert parts == pytest.approx(total["build_s"] + total["load_s"] + total["encode_s"] + total["compare_s"]
+                                  + total["save_s"] + first["total_s"] + clear["total_s"])  # fmt: skip
+    text = R.table_markdown(rows)
+    assert "| all | 256x256 | full + CLEAR r=8 f=4 | 4 |" in text and "The whole image:" in text
+    assert "tiny random text encoders" in R.title(rows)
+
+
+@pytest.mark.slow  # a whole (tiny) image
+def test_cli_bench_image_with_a_cache_writes_json(tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["bench", "--what", "image", "--res", "128", "--heads", "2", "--head-dim", "32", "--layers", "2",
+            "--vae-channels", "8", "--device", "cpu", "--steps", "4", "--cache", "taylorseer:2"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--no-compare-full", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    (stage,) = [r for r in rows if r["stage"] != "all"]
+    assert stage["cache"] == "taylorseer:2" and stage["full_step_s"] is None
+    # 2 blocks, 4 steps: the first 3 computed (warm-up), the 4th predicted (taylorseer:2)
+    assert (stage["block_evals"], stage["blocks_skipped"]) == (2 * 3, 2 * 1)
+    assert "2/8" in result.output and "The whole image" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--what", "step", "--stages", "512,1024"], "--stages is an option of --what image only"),
+     (["--what", "image", "--res", "512,1024"], "one --res"),
+     (["--what", "image", "--res", "512", "--cache", "fbc:0"], "--cache fbc:T"),
+     (["--what", "image", "--res", "512", "--vae-channels", "12", "--layers", "1"], "--vae-channels")],
+)  # fmt: skip
+def test_cli_bench_image_user_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cpu", *args])
+    assert e.value.code == 1 and message in capsys.readouterr().err
+
+
+def test_report_fills_an_image_stage_from_a_measured_full_step():
+    base = dict(what="image", window=8, down_factor=4, layers=57, heads=24, head_dim=128, dtype="bfloat16",
+                device="gpu", compile=False, cache="none", vae_channels=128, text_len=512)  # fmt: skip
+    stage = lambda i, res, att, step, full, est: {  # noqa: E731
+        **base, "part": "image-8k", "stage": i, "res": res, "width": res, "height": res, "attention": att,
+        "tokens": 512 + (res // 16) ** 2, "steps": 10, "step_s": step, "compile_s": 1.0, "decode_s": 2.0,
+        "total_s": 10 * step + 3.0, "full_step_s": full, "full_estimated": est, "speedup": None,
+        "peak_mem_mb": 40960.0,
+    }  # fmt: skip
+    rows = [stage(1, 1024, "full", 0.5, 0.5, False), stage(2, 8192, "CLEAR r=8 f=4", 10.0, 60.0, True)]
+    rows.append({**stage("all", 8192, "full + CLEAR r=8 f=4", 1.0, None, True), "step_s": None,
+                 "image_s": 120.0, "full_image_s": 620.0, "speedup": 620 / 120, "total_s": 130.0,
+                 "build_s": 10.0})  # fmt: skip
+    full = {**base, "what": "step", "part": "full-8k", "res": 8192, "tokens": 512 + 512**2, "full_ms": 90e3,
+            "clear_ms": None, "full_estimated": False, "computed_density": 0.07, "speedup": None,
+            "peak_mem_mb": None}  # fmt: skip
+    text = R.markdown([*rows, full], {})
+    assert rows[1]["full_step_s"] == 90.0 and rows[1]["speedup"] == 9.0 and rows[1]["full_from"] == "full-8k"
+    assert rows[2]["full_image_s"] == 120.0 + 10 * 80.0 and not rows[2]["full_estimated"]
+    cells = "| 2 | 8192x8192 | CLEAR r=8 f=4 | 10 | 10.00 | 1.0 | 2.0 | 103.0 | 90.00 | 9.00x | 40.0 | - |"
+    assert cells in text
+    assert "the same stages with full attention: 920.0 s." in text

@@ -186,7 +186,7 @@ def test_full_attention_variant_none(tiny, tmp_path, capsys):
         (["--res", "128", "--window", "2", "--device", "cuda"], "no CUDA GPU"),
         (["--res", "128", "--window", "2", "--dtype", "fp8"], "bf16, fp16, fp32"),
         (["--res", "128", "--window", "2", "--stages", "256,128"], "must grow"),
-        (["--res", "128", "--window", "2", "--offload", "disk"], "choose none, model or sequential"),
+        (["--res", "128", "--window", "2", "--offload", "disk"], "choose auto, none, model or sequential"),
         (["--res", "128", "--window", "2", "--strength", "1.5"], "--strength must be in (0, 1]"),
         (["--res", "128", "--window", "2", "--seed", "1", "--count", "3"], "either --seed"),
     ],

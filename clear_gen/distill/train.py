@@ -1,0 +1,577 @@
+"""`clear-gen distill train`: CLEAR weights for any FLUX-family base, window and down factor.
+
+One transformer in memory. The student is the base with CLEAR attention (`apply_clear`) and its own
+copy of the projections CLEAR's checkpoints replace, the only trainable parameters (exactly the
+published key set). The teacher is the same module inside `attention.original_attention`, which swaps
+the base's projections, the stock processors and row-major tokens back in for its forward: pointer
+swaps, no copies, so the frozen 10B parameters exist once and the base's projections twice (why not a
+teacher processor reading saved weights: the stock FluxAttnProcessor then computes the teacher, exactly
+the model `clear-gen generate --variant none` runs, with no second attention implementation to keep in
+step with diffusers).
+
+Per step: for each of `accumulate` micro-batches, x0 from the cached posterior, sigma as the recipe
+draws it, the teacher's velocity and attention outputs (no grad), then the student's, the loss
+(losses.py) and its backward; then gradient clipping at 1.0 and one optimiser step. With bf16 weights
+the optimiser updates float32 master copies of the trainable parameters (DeepSpeed's bf16 mode does
+the same), which are cast into the model after each step: bf16 alone rounds most small updates away.
+
+Multi-GPU: `torchrun --nproc-per-node N -m clear_gen distill train ...` runs torch DDP (NCCL on CUDA,
+gloo on the CPU); each rank draws its own micro-batches, rank 0 logs, saves and validates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..attention import apply_clear, expected_checkpoint, original_attention
+from ..errors import ConfigError, DeviceError
+from . import checkpoint as C
+from .data import Samples, base_id
+from .losses import DEFAULT_WEIGHTS, attention_layers, captured_attention, distill_loss, noised
+
+OPTIMIZERS = {  # name: (package to import, pip name, default learning rate)
+    "prodigy": ("prodigyopt", "prodigyopt", 1.0),  # the recipe's; lr 1.0 = Prodigy's own estimate
+    "adamw": ("torch", "torch", 1e-5),
+    "adamw8bit": ("bitsandbytes", "bitsandbytes", 1e-5),
+}
+RECIPE_BATCH = 32  # the recipe's effective batch: 2 per GPU x 4 GPUs x 4 accumulation
+WEIGHT_DECAY = 1e-4
+GRAD_CLIP = 1.0
+LOSSES = ("loss", "loss_fm", "loss_pred", "loss_attn")
+
+
+@dataclass
+class TrainOptions:
+    """What `clear-gen distill train` runs. None: the recipe's default."""
+
+    data: Path  # a make-data folder
+    out: Path  # the CLEAR weights, .safetensors
+    window: int  # r
+    down_factor: int = 1  # f
+    model: str = "dev"  # the base the data was made from
+    res: int = 1024
+    steps: int = 10_000  # optimiser steps (the paper's 10K iterations)
+    batch: int = 1  # per GPU and micro-batch
+    accumulate: int | None = None  # None: an effective batch of 32, as the recipe
+    lr: float | None = None  # None: 1.0 for Prodigy, 1e-5 for AdamW
+    optimizer: str = "prodigy"  # prodigy | adamw | adamw8bit
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS  # fm, pred, attn
+    guidance: float = 3.5  # fed to guidance-distilled bases (dev); ignored by others
+    seed: int = 0
+    save_every: int = 500
+    validate_every: int = 0  # 0: at the end only
+    validate_steps: int = 20  # denoising steps of each validation image; 0: no validation
+    resume: Path | None = None
+    log: Path | None = None  # None: FILE.log.jsonl beside out
+    gradient_checkpointing: bool = True
+    fp32_master: bool = True  # float32 master weights when the model is bf16 or fp16
+    save: bool = True  # False: write no weights or resume file (benchmarks)
+    device: str = "auto"
+    dtype: str | None = None  # bf16 on CUDA, fp32 elsewhere
+    backend: str = "auto"  # flex on CUDA, dense on the CPU (FlexAttention has no CPU backward)
+    token: str | None = None
+
+
+@dataclass
+class TrainHooks:
+    """What a caller sees; clear_gen prints nothing itself."""
+
+    note: Callable[[str], None] = lambda text: None
+    phase: Callable[[str], None] = lambda name: None  # "load", "validate"
+    start: Callable[[int, int], None] = lambda first, total: None  # steps done already, total steps
+    step: Callable[[dict], None] = lambda record: None  # a step's log line
+    validated: Callable[[dict], None] = lambda result: None
+    saved: Callable[[Path], None] = lambda path: None
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    resume: Path
+    log: Path
+    step: int
+    interrupted: bool = False
+    validation: dict | None = None
+
+
+# ---------------------------------------------------------------- checking (nothing loaded)
+
+
+def check_geometry(res: int, window: int, down_factor: int) -> None:
+    """A window and down factor that CLEAR can train at res: a token grid divisible by f, r inside it."""
+    from ..plan import check_size, size_multiple
+
+    if window < 1 or down_factor < 1:
+        raise ConfigError(f"--window and --down-factor must be at least 1, got {window} and {down_factor}")
+    check_size(res, res, size_multiple(down_factor), "--res")
+    side = res // 16
+    if window >= side * math.sqrt(2):
+        raise ConfigError(
+            f"--window {window} covers the whole {side} x {side} token grid at {res} px: that is full "
+            f"attention, nothing to distil; use a window below {math.ceil(side * math.sqrt(2))}"
+        )
+
+
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    module, pip, _ = OPTIMIZERS[name]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"--optimizer {name} needs the {pip} package: pip install {pip}")
+
+
+def check_options(opts: TrainOptions) -> None:
+    check_geometry(opts.res, opts.window, opts.down_factor)
+    check_optimizer(opts.optimizer)
+    for name in ("steps", "batch", "save_every"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.accumulate is not None and opts.accumulate < 1:
+        raise ConfigError(f"--accumulate must be at least 1, got {opts.accumulate}")
+    if opts.validate_every < 0 or opts.validate_steps < 0:
+        raise ConfigError("--validate-every and --validate-steps must be 0 or more")
+    weights = opts.loss_weights
+    if len(weights) != 3 or not all(w >= 0 for w in weights) or not any(weights):
+        raise ConfigError(f"--loss-weights takes three weights >= 0, not all 0 (FM,PRED,ATTN); got {weights}")
+    if opts.lr is not None and not opts.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {opts.lr}")
+    for flag, path in (("--out", opts.out), ("--log", opts.log)):
+        if path is not None and not Path(path).expanduser().parent.is_dir():
+            raise ConfigError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+    if opts.out.suffix != ".safetensors":
+        raise ConfigError(
+            f"--out {opts.out}: the weights are written as .safetensors; name it FILE.safetensors"
+        )
+    if opts.resume is None and C.resume_path(opts.out).exists():
+        raise ConfigError(
+            f"{C.resume_path(opts.out)} is an earlier run's: continue it with --resume "
+            f"{C.resume_path(opts.out)}, or remove it (or choose another --out) to start afresh"
+        )
+
+
+# ---------------------------------------------------------------- devices and processes
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on one."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_dist(device: str) -> Dist:
+    """Rank and device from torchrun's environment (NCCL on CUDA, gloo on the CPU); one process otherwise."""
+    from ..device import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=resolve_device(device))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = resolve_device(device).type == "cuda"
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, dev)
+
+
+def resolve_train_backend(backend: str, device: torch.device) -> str:
+    """flex on CUDA, dense on the CPU: FlexAttention has no backward pass on the CPU."""
+    from ..attention import resolve_backend
+
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "dense"
+    if resolve_backend(backend, device) == "flex" and device.type == "cpu":
+        raise ConfigError("FlexAttention has no backward pass on the CPU: train there with --backend dense")
+    return backend
+
+
+# ---------------------------------------------------------------- the student
+
+
+def load_base(model: str, token: str | None, device: torch.device, dtype: torch.dtype):
+    """The base's transformer, VAE and scheduler (no text encoders: the data holds the embeddings), as a
+    FluxPipeline that validation renders with."""
+    from diffusers import FluxPipeline
+
+    from ..hub import check_run_weights, resolve_base
+    from ..loading import _quiet_loading
+    from ..positions import use_exact_positions
+
+    check_run_weights(model, None)
+    path = resolve_base(model, token)
+    none = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    with _quiet_loading():
+        try:
+            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, **none)
+        except (OSError, ValueError) as e:
+            first = str(e).splitlines()[0][:160]
+            raise ConfigError(f"{path} is not a complete FLUX.1 diffusers folder ({first})") from e
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    use_exact_positions(pipe.transformer)
+    return pipe
+
+
+def trainable_keys(transformer, down_factor: int) -> list[str]:
+    """The published key set, in a fixed order (the optimiser's parameter order)."""
+    return sorted(expected_checkpoint(transformer, down_factor))
+
+
+def make_student(
+    transformer, opts: TrainOptions, backend: str, weights: dict | None
+) -> list[torch.nn.Parameter]:
+    """CLEAR on the transformer with its own trainable projections (the base's kept for the teacher); its
+    trainable parameters in trainable_keys order. weights: a resumed student's, else the base's."""
+    f, keys = opts.down_factor, trainable_keys(transformer, opts.down_factor)
+    like = transformer.x_embedder.weight
+    if weights is None:
+        init = torch.full((1, 1, 1, f, 1, f, 1), 1.0 / f**2)  # the recipe's initial pooling: a plain mean
+        weights = {k: init if k.endswith("spatial_weight") else transformer.get_parameter(k) for k in keys}
+    state = {k: v.detach().to(like.device, like.dtype).clone() for k, v in weights.items()}  # own storage
+    apply_clear(transformer, window=opts.window, down_factor=f, state_dict=state, backend=backend)
+    transformer.requires_grad_(False)
+    params = [transformer.get_parameter(k) for k in keys]
+    for p in params:
+        p.requires_grad_(True)
+    if opts.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return params
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float | None):
+    """A maintained optimiser from its package, with the recipe's betas and decoupled weight decay."""
+    lr = OPTIMIZERS[name][2] if lr is None else lr
+    betas = (0.9, 0.999)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+            return Prodigy(
+                params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY, decouple=True,
+                use_bias_correction=True, safeguard_warmup=True,
+            )  # fmt: skip
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY)
+
+
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class _Run:
+    opts: TrainOptions
+    dist: Dist
+    pipe: Any  # FluxPipeline: transformer (CLEAR student), VAE, scheduler
+    samples: Samples
+    params: list[torch.nn.Parameter]  # the model's trainable parameters
+    masters: list[torch.nn.Parameter] | None  # their float32 copies the optimiser updates, or None
+    optimizer: Any
+    ddp: Any  # DistributedDataParallel around the transformer, or None
+    layers: list[int]  # single blocks of the attention loss
+    accumulate: int
+    identity: C.RunIdentity
+    keys: list[str]
+    paths: tuple[Path, Path, Path]  # out, resume, log
+    stop: bool = False
+    perms: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The student's trainable weights at full precision, by key."""
+        return dict(zip(self.keys, self.masters or self.params, strict=True))
+
+
+def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None) -> TrainResult:
+    """Distil CLEAR weights (module docstring); returns where they are and the last validation.
+
+    pipe: the base already loaded (its transformer, and its VAE's config), instead of loading opts.model;
+    for benchmarks on random weights (scripts/distill_bench.py)."""
+    from ..device import resolve_dtype
+
+    hooks = hooks or TrainHooks()
+    # 1. Everything that needs no model: options, processes, data, the resume file.
+    opts.out = Path(opts.out).expanduser()
+    check_options(opts)
+    dist = setup_dist(opts.device)
+    dtype = resolve_dtype(opts.dtype, dist.device)
+    backend = resolve_train_backend(opts.backend, dist.device)
+    base = base_id(opts.model)
+    samples = Samples(Path(opts.data), base, opts.res)
+    identity = C.RunIdentity(base, opts.res, opts.window, opts.down_factor, opts.optimizer)
+    resumed = C.load_resume(Path(opts.resume).expanduser(), identity) if opts.resume else None
+    accumulate = opts.accumulate or max(1, RECIPE_BATCH // (opts.batch * dist.world))
+    if resumed and resumed["extra"] != _extra(opts, accumulate, dist):
+        hooks.note(
+            f"resumed with other settings than {resumed['extra']}: training goes on, but not exactly as the "
+            "first run would have"
+        )
+    if len(samples) < samples.manifest.count:
+        hooks.note(f"{len(samples)} of the {samples.manifest.count} samples are made; training on those")
+    # 2. The base, the student and its optimiser.
+    hooks.phase("load")
+    try:
+        pipe = pipe or load_base(opts.model, opts.token, dist.device, dtype)
+        run = _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate)
+        return _train(run, resumed["step"] if resumed else 0, hooks)
+    except torch.cuda.OutOfMemoryError as e:
+        raise DeviceError(
+            f"out of GPU memory at --batch {opts.batch}: try --batch 1 (with --accumulate for the same "
+            "effective batch), --optimizer adamw8bit, and keep gradient checkpointing on"
+        ) from e
+
+
+def _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate) -> _Run:
+    transformer, dtype = pipe.transformer, pipe.transformer.dtype
+    params = make_student(transformer, opts, backend, resumed["weights"] if resumed else None)
+    keys = trainable_keys(transformer, opts.down_factor)
+    masters = None
+    if opts.fp32_master and dtype != torch.float32:
+        source = resumed["weights"] if resumed else dict(zip(keys, params, strict=True))
+        masters = [
+            torch.nn.Parameter(source[k].detach().to(dist.device, torch.float32).clone()) for k in keys
+        ]
+    optimizer = make_optimizer(opts.optimizer, masters or params, opts.lr)
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        C.restore_rng(resumed)
+    ddp = None
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        ddp = DistributedDataParallel(transformer, device_ids=ids)
+    out = opts.out
+    log = (
+        Path(opts.log).expanduser()
+        if opts.log
+        else out.with_name(out.name.removesuffix(".safetensors") + ".log.jsonl")
+    )
+    layers = attention_layers(len(transformer.single_transformer_blocks))
+    return _Run(
+        opts, dist, pipe, samples, params, masters, optimizer, ddp, layers, accumulate, identity, keys,
+        (out, C.resume_path(out), log),
+    )  # fmt: skip
+
+
+def _train(run: _Run, first: int, hooks: TrainHooks) -> TrainResult:
+    opts, dist = run.opts, run.dist
+    out, resume, log = run.paths
+    if dist.rank == 0:
+        _trim_log(log, first)
+    hooks.start(first, opts.steps)
+    step, result = first, None
+    with _stop_on_interrupt(run):
+        for step in range(first + 1, opts.steps + 1):
+            record = _step(run, step - 1)
+            hooks.step(record)
+            stop, last = dist.any(run.stop), step == opts.steps
+            if stop or last or step % opts.save_every == 0:
+                _save(run, step, hooks)
+            if not stop and (last or (opts.validate_every and step % opts.validate_every == 0)):
+                result = _validate(run, step, hooks)
+                record |= {"validation": result} if result else {}
+            if dist.rank == 0:
+                _append(log, record)
+            if stop:
+                return TrainResult(out, resume, log, step, interrupted=True)
+    if step == first:  # nothing left to train (a finished run resumed): the weights again, and validation
+        _save(run, step, hooks)
+        result = _validate(run, step, hooks)
+    return TrainResult(out, resume, log, step, validation=result)
+
+
+@contextmanager
+def _stop_on_interrupt(run: _Run):
+    """Ctrl-C ends the run after the current step, saved; a second Ctrl-C stops at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        run.stop = True
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- one step
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process (unlike hash() of a tuple with strings)."""
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1)
+    )
+
+
+def _draws(run: _Run, step: int, micro: int) -> list[int]:
+    """Global draw numbers of this rank's micro-batch: draw g is sample perm_epoch[g % n] with generator
+    seed (seed, g), so one process with batch 2 and two with batch 1 train on the same draws."""
+    b = run.opts.batch
+    first = ((step * run.accumulate + micro) * run.dist.world + run.dist.rank) * b
+    return list(range(first, first + b))
+
+
+def _sample(run: _Run, draw: int) -> int:
+    """The sample of a draw: a fresh permutation of the data each epoch."""
+    n = len(run.samples)
+    epoch = draw // n
+    if epoch not in run.perms:
+        generator = torch.Generator().manual_seed(_seed(run.opts.seed, epoch))
+        run.perms = {epoch: torch.randperm(n, generator=generator)}
+    return int(run.perms[epoch][draw % n])
+
+
+def _step(run: _Run, step: int) -> dict:
+    """One optimiser step over `accumulate` micro-batches; its log line."""
+    started = time.perf_counter()
+    opts, transformer, model = run.opts, run.transformer, run.ddp or run.transformer
+    device, dtype = run.dist.device, transformer.dtype
+    guidance = opts.guidance if transformer.config.guidance_embeds else None
+    totals = torch.zeros(len(LOSSES), device=device)
+    for micro in range(run.accumulate):
+        draws = _draws(run, step, micro)
+        batch = run.samples.batch([_sample(run, g) for g in draws], device, dtype)
+        generators = [torch.Generator().manual_seed(_seed(opts.seed, 1, g)) for g in draws]
+        n = noised(batch, run.pipe.vae.config, guidance, generators)
+        # 1. The teacher: the same module with the base's projections and full attention, no grad.
+        with torch.no_grad(), original_attention(transformer):
+            with captured_attention(transformer, run.layers, tiled=False) as a_teacher:
+                v_teacher = transformer(**n.inputs)[0]
+        # 2. The student, its loss and gradient (DDP averages them at the last micro-batch).
+        last = micro == run.accumulate - 1
+        with nullcontext() if run.ddp is None or last else run.ddp.no_sync():
+            with captured_attention(transformer, run.layers, tiled=True) as a_student:
+                v_student = model(**n.inputs)[0]
+            losses = distill_loss(v_student, v_teacher, n.target, a_student, a_teacher, opts.loss_weights)
+            (losses["loss"] / run.accumulate).backward()
+        totals += torch.stack([losses[k].detach() for k in LOSSES])
+        del a_teacher, a_student, v_teacher, v_student
+    grad_norm, lr = _optimizer_step(run)
+    values = run.dist.mean(totals / run.accumulate).tolist()
+    record = {"step": step + 1, **dict(zip(LOSSES, values, strict=True))}
+    return record | {"grad_norm": grad_norm, "lr": lr, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def _optimizer_step(run: _Run) -> tuple[float, float]:
+    """Clip, step, and cast the float32 masters back into the model; (gradient norm, learning rate)."""
+    if run.masters is not None:
+        for p, m in zip(run.params, run.masters, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+    targets = run.masters or run.params
+    norm = torch.nn.utils.clip_grad_norm_(targets, GRAD_CLIP)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.masters is not None:
+        with torch.no_grad():
+            for p, m in zip(run.params, run.masters, strict=True):
+                p.copy_(m)
+    group = run.optimizer.param_groups[0]
+    return float(norm), float(group["lr"] * group.get("d", 1.0))  # Prodigy's step size is d * lr
+
+
+# ---------------------------------------------------------------- saving and validating
+
+
+def _save(run: _Run, step: int, hooks: TrainHooks) -> None:
+    """The weights in the published format and the resume file (rank 0; the others wait)."""
+    if run.dist.rank == 0 and run.opts.save:
+        out, resume, _ = run.paths
+        weights = run.weights()
+        C.save_weights(out, weights, run.identity, step)
+        extra = _extra(run.opts, run.accumulate, run.dist)
+        C.save_resume(resume, run.identity, step, weights, run.optimizer, extra)
+        hooks.saved(resume)
+    run.dist.barrier()
+
+
+def _extra(opts: TrainOptions, accumulate: int, dist: Dist) -> dict:
+    """What else decides a run's draws and steps: a resume with others is a different run."""
+    return {"seed": opts.seed, "batch": opts.batch, "accumulate": accumulate, "world": dist.world}
+
+
+def _validate(run: _Run, step: int, hooks: TrainHooks) -> dict | None:
+    from .validate import validate
+
+    result = None
+    if run.dist.rank == 0 and run.opts.validate_steps > 0 and run.samples.validation_files:
+        hooks.phase("validate")
+        result = validate(run.pipe, run.samples, run.opts, step, run.paths[0])
+        hooks.validated(result)
+    run.dist.barrier()
+    return result
+
+
+def _append(log: Path, record: dict) -> None:
+    try:
+        with log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write --log {log}: {e.strerror}") from e
+
+
+def _trim_log(log: Path, first: int) -> None:
+    """A fresh run starts the log anew; a resumed one keeps its lines up to the resumed step."""
+    if not log.exists():
+        return
+    lines = log.read_text(encoding="utf-8").splitlines() if first else []
+    kept = [line for line in lines if _step_of(line) <= first]
+    log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _step_of(line: str) -> float:
+    """A log line's step; a torn last line (a killed run) reads as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -1,0 +1,602 @@
+"""The memory and time plan of a run, made before anything loads: what `--dry-run` prints, what
+`--offload auto` decides from, and where loading puts CLEAR's weights (`plan_run(opts) -> RunPlan`).
+
+Peak GPU memory of a stage, in bytes, with e the compute dtype's bytes per element (2 for bf16):
+
+    peak = weights on the GPU + the largest of (one denoising step's activations, VAE encode, VAE decode)
+
+Weights (parameter counts from shapes.py, exact):
+- transformer: its Linear weights at QUANT_BYTES[--quantize] bytes each plus a scale per output row
+  (none: e bytes, exactly), every other parameter (biases, norms) at e; a GGUF --transformer: the file's
+  size, or its quantization type's bytes per weight (GGUF_BYTES) when the file is not here;
+- CLEAR: a checkpoint's replaced projections (the image q, k, v, out: 190 Linear of C x C, 3.6 GB in
+  bf16) at e, when they sit on the GPU beside the originals (a quantized transformer: always);
+- text encoders: T5 per --quantize-text and CLIP at e, while the prompts are encoded (then they leave);
+- VAE: its parameters at e.
+With `--offload model` only the running component is on the GPU; with `sequential`, one layer at a time.
+
+Activations of one step at L = T + N tokens (text + image) and hidden size C (3072 for FLUX.1). The
+peak is in a single-stream block (the double-stream blocks peak lower); in copies of one L x C
+activation at e bytes:
+- carried through the block: its input, the concatenated residual, the adaLN-normed input   3
+- the MLP's GELU output, 4C wide, kept alive through attention (stock block only)             4
+- attention, stock processor: q, k, v and RoPE's rotated copy                                 4
+  + RoPE's three float32 temporaries, 3 x L x C x 4 bytes
+- attention, CLEAR: q, k, v and the value concatenation                                       4
+  (or 3 + a norm/RoPE slice of min(L, 8192) tokens at 2e + 12 bytes an element, if larger)
+- the stock block's output: attention out 1, MLP 4, their concatenation 5, projection 1, gate 1:
+  with the 3 carried, 15 copies, the largest phase of a stock block.
+Feed-forward chunking (chunking.py) runs the MLP after attention over slices of S tokens: the MLP
+leaves the attention phase, and the output phase becomes 5 copies + 9 x S x C x e.
+So a step needs, besides RoPE's cos/sin tables (2 x L x head_dim x 4 bytes):
+    stock:  max(11 L C e + 12 L C, 15 L C e)    chunked:  max(7 L C e + 12 L C, 5 L C e + 9 S C e)
+    CLEAR:  15 L C e                            chunked:  7 L C e
+i.e. at 8192 px in bf16 (L = 262,656, 1.61 GB a copy) 24.5 GB for CLEAR unchunked, 11.6 GB chunked.
+
+VAE (AutoencoderKL, counted on diffusers' decoder): decode 768 e bytes a pixel, or with tiling one
+tile's (sample_size px a side) 768 e bytes a pixel plus 5 e a pixel of the whole image; encode 640 e
+a pixel (tiled: a tile's, plus 4 e a pixel). Decoding also keeps 3 copies of the RGB image.
+
+A plan fits when peak x (1 + HEADROOM) <= the GPU memory free (allocator fragmentation, CUDA
+libraries' workspaces and what is not modelled). Time: the FLOP model (flops.py) of each step over the
+GPU's matmul rate (gpus.py: probed, or a table card's) at LINEAR/ATTENTION efficiencies, plus weights
+streamed over PCIe with offload: an estimate, always labelled so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import gpus
+from .attention import ROPE_CHUNK_TOKENS
+from .device import DTYPES, resolve_device, resolve_dtype
+from .errors import ConfigError, DeviceError
+from .flops import attention_flops, linear_flops
+from .geometry import build_block_lists, image_geometry, needed_pairs
+from .plan import ClearChoice, GenerateOptions, Stage, plan_stages, resolve_clear, size_multiple, text_tokens
+from .shapes import ModelShapes, Params, TransformerConfig, clear_params, model_shapes, transformer_params
+
+GB = 1e9
+HEADROOM = 0.10  # a plan fits when its peak plus this share is free
+DEFAULT_GPU_GB = 24.0  # what a plan assumes without a GPU (and without --gpu-memory)
+FF_CHUNK_TOKENS = 4096  # tokens per feed-forward slice when chunking
+OFFLOADS = ("auto", "none", "model", "sequential")
+# Bytes per Linear weight and per output row (its scale) of each --quantize mode; none: the dtype's.
+QUANT_BYTES: dict[str, tuple[float, int]] = {
+    "fp8": (1.0, 4),  # torchao Float8WeightOnlyConfig: float8 e4m3 weights, a float32 scale per row
+    "fp8dq": (1.0, 4),  # torchao Float8DynamicActivationFloat8WeightConfig: the same storage
+    "int8": (1.0, 4),  # torchao Int8WeightOnlyConfig: int8 weights, a scale per row
+    "nf4": (0.5 + 4 / 64, 0),  # bitsandbytes NF4: 4 bits a weight, a float32 absmax per 64 weights
+}
+QUANTIZE_MODES = ("none", *QUANT_BYTES)
+TEXT_QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")
+GGUF_BYTES = {  # bytes per weight of GGUF block types (block bytes / block weights)
+    "Q8_0": 34 / 32, "Q6_K": 210 / 256, "Q5_K": 176 / 256, "Q5_1": 24 / 32, "Q5_0": 22 / 32,
+    "Q4_K": 144 / 256, "Q4_1": 20 / 32, "Q4_0": 18 / 32, "Q3_K": 110 / 256, "Q2_K": 84 / 256,
+    "BF16": 2.0, "F16": 2.0, "F32": 4.0,
+}  # fmt: skip
+TEXT_ACTIVATIONS = 0.25 * GB  # T5-XXL and CLIP on 512 tokens: a few hundred MB
+LINEAR_EFFICIENCY = 0.9  # share of the matmul rate the transformer's Linear layers reach
+ATTENTION_EFFICIENCY = {"full": 0.6, "clear": 0.35}  # flash attention; CLEAR's block-sparse FlexAttention
+FP8_SPEEDUP = 1.6  # fp8dq Linear layers over bf16 (fp8 tensor cores, less the activations' quantization)
+PCIE_BYTES_S = 12e9  # host-to-GPU copies of offloaded weights (pageable memory)
+
+
+# ---------------------------------------------------------------- bytes
+
+
+def weight_bytes(params: Params, mode: str, e: int) -> int:
+    """Bytes of a component's parameters: Linear weights per quantization mode, the rest at e bytes.
+
+    Quantized layers also dequantize one weight at a time: the largest Linear at e bytes is added."""
+    if mode == "none":
+        return params.total * e
+    per_weight, per_row = QUANT_BYTES[mode]
+    return math.ceil(params.linear * per_weight) + params.rows * per_row + (params.other + params.largest) * e
+
+
+def gguf_bytes(transformer: str, params: Params, e: int) -> tuple[int, str | None]:
+    """(bytes, note) of a GGUF transformer: the file's size when it is here, else its type's bytes per
+    weight from the name (Q8_0, Q4_K_S, ...; Q8_0 when the name does not say)."""
+    path = Path(transformer).expanduser()
+    if path.is_file():
+        return path.stat().st_size + params.largest * e, None
+    found = re.search(r"(Q\d_[K01]|BF16|F16|F32)", Path(transformer).name.upper())
+    kind = found.group(1) if found else "Q8_0"
+    note = None if found else f"{transformer}: quantization type not in the name, Q8_0 assumed"
+    return math.ceil(params.linear * GGUF_BYTES[kind]) + (params.other + params.largest) * e, note
+
+
+def step_activations(
+    text_len: int,
+    image_len: int,
+    cfg: TransformerConfig,
+    e: int,
+    clear: bool,
+    chunk: int | None,
+    down: int = 1,
+) -> int:
+    """Peak bytes of activations of one transformer call on T + N tokens (module docstring); `clear`:
+    CLEAR's processor (`down`: its down factor), else the stock one; `chunk`: feed-forward slice."""
+    tokens = text_len + image_len
+    x = tokens * cfg.hidden  # elements of one (L, C) activation
+    carried, mlp = 3 * x * e, (0 if chunk else 4 * x * e)
+    if clear:
+        pooled = image_len // down**2 * cfg.hidden if down > 1 else 0  # down-sampled keys and values
+        rope_slice = min(tokens, ROPE_CHUNK_TOKENS) * cfg.hidden * (2 * e + 12)
+        attention = max(4 * x * e, 3 * x * e + rope_slice) + 3 * pooled * e
+    else:
+        attention = 4 * x * e + 3 * x * 4
+    if chunk:
+        output = 5 * x * e + 9 * min(chunk, tokens) * cfg.hidden * e
+    else:
+        output = 15 * x * e
+    rope_tables = 2 * tokens * cfg.attention_head_dim * 4
+    return rope_tables + max(carried + mlp + attention, output)
+
+
+def vae_activations(width: int, height: int, e: int, tile: int | None, encode: bool) -> int:
+    """Peak bytes of a VAE decode (or encode) of a width x height image; `tile`: the tile side with
+    tiling on (tiles apply above it), None without."""
+    pixels, per_pixel = width * height, (640 if encode else 768) * e
+    if tile is None or max(width, height) <= tile:
+        vae = per_pixel * pixels
+    else:
+        vae = per_pixel * tile * tile + (4 if encode else 5) * e * pixels
+    return vae if encode else max(vae, 9 * e * pixels)  # decoding: then the RGB image, twice normalised
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class StagePlan:
+    """One stage of an image: its size, attention and estimated peak memory and time."""
+
+    width: int
+    height: int
+    tokens: int  # image tokens
+    steps: int  # denoising steps that run
+    attention: str  # "full" or "CLEAR r=8 f=4"
+    density: float  # share of (query, key) pairs attention computes exactly
+    weights_gb: float  # on the GPU while it denoises
+    activations_gb: float  # one step's peak activations
+    unchunked_activations_gb: float  # the same without feed-forward chunking
+    vae_gb: float  # the VAE's encode / decode peak (weights apart)
+    peak_gb: float
+    time_s: float  # estimate: its denoising steps and offload copies
+
+
+@dataclass
+class RunPlan:
+    """What a run will do with GPU memory and time, before it loads anything (`plan_run`)."""
+
+    device: str  # the GPU planned for ("NVIDIA GeForce RTX 4090", "a 24 GB GPU") or "cpu"
+    gpu: bool  # False: a CPU run, whose memory is not checked
+    free_gb: float | None  # GPU memory the plan may use
+    rate_tflops: float
+    rate_source: str  # "measured by a matmul probe" or the table card
+    dtype: str
+    model: str  # where the shapes come from
+    quantize: str
+    quantize_text: str
+    transformer: str | None
+    transformer_gb: float  # its weights as quantized (CLEAR's projections apart)
+    text_encoders_gb: float  # T5 (as --quantize-text) and CLIP
+    offload: str  # none | model | sequential: what runs
+    offload_asked: str
+    ff_chunk: int | None  # feed-forward slice in tokens; None: not chunked
+    clear_on_gpu: bool  # a CLEAR checkpoint's projections sit on the GPU beside the originals
+    encode_gb: float  # peak while the text encoders run
+    peak_gb: float  # the run's peak: encoding and every stage
+    unchunked_peak_gb: float  # the same run without feed-forward chunking
+    fits: bool
+    stages: list[StagePlan]
+    fits_any: bool = True  # False: not even sequential offload with chunking fits (a real run refuses)
+    reason: str = ""  # why this offload (and chunking): see offload_line
+    fits_at: tuple[int, int] | None = None  # when it does not fit: the largest size that would
+    needs_gb: float | None = None  # when it does not fit: the GPU memory that would do
+    problems: list[str] = field(default_factory=list)  # device problems a real run refuses
+    notes: list[str] = field(default_factory=list)  # assumptions (shapes, file types)
+    activation_bytes: int = 0  # the largest stage's activations and VAE: what loading keeps free
+    # CLEAR stages (w, h) whose comparison step with stock attention would not fit: estimated, not timed
+    full_step_too_big: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def time_s(self) -> float:
+        return sum(s.time_s for s in self.stages)
+
+    def offload_line(self) -> str:
+        """'offload: model (plan 31.2 GB > 23.5 GB free)': the decision in one line."""
+        return f"offload: {self.offload} ({self.reason})"
+
+    def cannot_fit_line(self) -> str:
+        """Why the run cannot fit, and what would: one line."""
+        target = self.stages[-1]
+        smaller = f"; {self.fits_at[0]}x{self.fits_at[1]} would fit" if self.fits_at else ""
+        return (
+            f"{target.width}x{target.height} needs {self.peak_gb:.1f} GB of GPU memory even with --offload "
+            f"sequential and feed-forward chunking, and {self.free_gb:.1f} GB is free (a GPU with "
+            f"{self.needs_gb:.0f} GB would do){smaller}"
+        )
+
+    def to_json(self) -> dict:
+        data = {k: v for k, v in vars(self).items() if k != "stages"}
+        return {**data, "time_s": self.time_s, "estimate": True, "stages": [vars(s) for s in self.stages]}
+
+
+def check_plan_options(opts: GenerateOptions) -> None:
+    """Known --quantize, --quantize-text and --offload names, a positive --gpu-memory."""
+    for flag, value, modes in (
+        ("--quantize", opts.quantize, QUANTIZE_MODES),
+        ("--quantize-text", opts.quantize_text, TEXT_QUANTIZE_MODES),
+    ):
+        if value not in modes:
+            raise ConfigError(f"unknown {flag} {value!r}; choose one of {', '.join(modes)}")
+    if opts.offload not in OFFLOADS:
+        raise ConfigError(f"unknown --offload {opts.offload!r}; choose {', '.join(OFFLOADS)}")
+    if opts.gpu_memory is not None and not opts.gpu_memory > 0:
+        raise ConfigError(f"--gpu-memory must be a positive number of GB, got {opts.gpu_memory}")
+
+
+def device_problems(opts: GenerateOptions, gpu: gpus.Gpu | None, cuda_here: bool) -> list[str]:
+    """What a real run would refuse on this device: fp8 matmuls on an older card, nf4 without CUDA.
+
+    A run on the CPU gets quantize.device_problems' answer (the one a real run raises); a GPU, detected
+    or assumed for a dry run, is judged by the card the plan describes."""
+    import importlib.util
+
+    from .quantize import device_problems as on_device
+
+    gguf = opts.transformer is not None and str(opts.transformer).endswith(".gguf")
+    if gpu is None:
+        return on_device(opts.quantize, opts.quantize_text, torch.device("cpu"), opts.offload, gguf=gguf)
+    problems = []
+    modes = {("--quantize", opts.quantize), ("--quantize-text", opts.quantize_text)}
+    if ("--quantize", "fp8dq") in modes:
+        if gpu is None:
+            problems.append("--quantize fp8dq needs a CUDA GPU with fp8 matmuls; on a CPU use fp8 or int8")
+        elif gpu.capability is not None and gpu.capability < gpus.FP8_CAPABILITY:
+            cc = ".".join(map(str, gpu.capability))
+            problems.append(
+                f"--quantize fp8dq needs fp8 matmuls (compute capability 8.9+), {gpu.name} has {cc}; "
+                "use --quantize fp8 or int8"
+            )
+    for flag, mode in sorted(modes):
+        if mode != "nf4":
+            continue
+        if gpu is None or not cuda_here:
+            where = "this run is on the CPU" if gpu is None else "this machine has none"
+            problems.append(f"{flag} nf4 needs a CUDA GPU ({where}); on a CPU use int8 or fp8")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"{flag} nf4 needs bitsandbytes: pip install bitsandbytes")
+    return problems
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every candidate plan of one run shares."""
+
+    opts: GenerateOptions
+    shapes: ModelShapes
+    stages: list[Stage]
+    labels: list[str]  # attention per stage
+    densities: list[float]
+    flops: list[tuple[float, float]]  # (linear, attention) FLOPs of one step per stage
+    text_len: int
+    dtype: torch.dtype
+    multiple: int  # pixels each side is a multiple of
+    down_factor: int  # CLEAR's
+    clear_bytes: int  # CLEAR's replaced projections at e; 0 without a checkpoint
+    vae_tile: int | None  # None: VAE tiling off
+
+    @property
+    def e(self) -> int:
+        """Bytes per element of the compute dtype."""
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def plan_run(
+    opts: GenerateOptions,
+    assume_gpu: bool = True,
+    gpu: gpus.Gpu | None = None,
+    stages: list[Stage] | None = None,
+) -> RunPlan:
+    """The memory and time plan of `opts` on this machine's GPU, or, when there is none and `assume_gpu`
+    (a dry run), on a `--gpu-memory` GB one (default 24): loads no weights, calls no network.
+
+    `assume_gpu=False` plans the run as `generate` makes it: on the CPU when --device auto finds no GPU.
+    `gpu`: plan for this GPU (e.g. `gpus.assumed_gpu(24, torch.bfloat16)`) whatever this machine has.
+    `stages`: the stages that run, when not generate's for opts (an upscale's SDEdit stages).
+    """
+    # 1. What runs: stages, attention, the device and dtype, the model's shapes.
+    check_plan_options(opts)
+    choice = resolve_clear(opts)
+    stages = stages or plan_stages(opts, choice)
+    cuda_here, problems = torch.cuda.is_available(), []
+    try:
+        device = resolve_device(opts.device)  # auto: CUDA when there is one
+    except DeviceError as e:  # --device cuda without one: a dry run plans for a GPU all the same
+        if not assume_gpu:
+            raise
+        device, problems = torch.device("cuda"), [str(e)]
+    on_gpu = device.type == "cuda" or (opts.device == "auto" and assume_gpu)
+    dtype = resolve_dtype(opts.dtype, torch.device("cuda") if on_gpu else device)
+    if gpu is None and on_gpu:
+        gpu = _target_gpu(opts, device, dtype, cuda_here)
+    run = _prepare(opts, choice, stages, dtype)
+    # 2. Offload and chunking: the first candidate that fits (only the asked offload unless auto).
+    plan = _decide(run, gpu)
+    plan.problems = problems + device_problems(opts, gpu, cuda_here)
+    plan.notes += [n for n in (run.shapes.note, choice.note) if n]
+    return plan
+
+
+def _target_gpu(opts: GenerateOptions, device: torch.device, dtype: torch.dtype, cuda_here: bool) -> gpus.Gpu:
+    """This machine's GPU (its free memory, or --gpu-memory), else an assumed card of --gpu-memory GB."""
+    if not cuda_here:
+        return gpus.assumed_gpu(opts.gpu_memory or DEFAULT_GPU_GB, dtype)
+    gpu = gpus.detected_gpu(device, dtype)
+    if opts.gpu_memory is not None:
+        gpu = replace(gpu, free_bytes=int(opts.gpu_memory * GB))
+    return gpu
+
+
+def _prepare(opts: GenerateOptions, choice: ClearChoice, stages: list[Stage], dtype: torch.dtype) -> _Run:
+    """Everything the candidates share: the model's shapes, each stage's attention and FLOPs."""
+    shapes = model_shapes(opts.model)
+    text_len = text_tokens(opts)
+    attention = [_attention(choice, text_len, s, shapes.transformer) for s in stages]
+    e = torch.empty(0, dtype=dtype).element_size()
+    has_checkpoint = choice.weights is not None or choice.hub_variant is not None
+    return _Run(
+        opts=opts,
+        shapes=shapes,
+        stages=stages,
+        labels=[a[0] for a in attention],
+        densities=[a[1] for a in attention],
+        flops=[a[2] for a in attention],
+        text_len=text_len,
+        dtype=dtype,
+        multiple=size_multiple(choice.down_factor),
+        down_factor=choice.down_factor,
+        clear_bytes=clear_params(shapes.transformer, choice.down_factor) * e if has_checkpoint else 0,
+        vae_tile=shapes.vae_tile if max(opts.width, opts.height) > 2048 else None,  # as generate tiles
+    )
+
+
+def _attention(
+    choice: ClearChoice, text_len: int, stage: Stage, cfg: TransformerConfig
+) -> tuple[str, float, tuple[float, float]]:
+    """(label, density, (linear, attention) FLOPs of one step) of a stage."""
+    shape = cfg.flux_shape
+    linear = linear_flops(shape, text_len, stage.tokens)
+    if not stage.clear:
+        return "full", 1.0, (linear, attention_flops(shape, (text_len + stage.tokens) ** 2))
+    geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
+    density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
+    label = f"CLEAR r={choice.window}" + (f" f={choice.down_factor}" if choice.down_factor > 1 else "")
+    return label, density, (linear, attention_flops(shape, build_block_lists(geo).computed_pairs()))
+
+
+# ---------------------------------------------------------------- deciding
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Bytes of each component on the GPU, for one run."""
+
+    transformer: int
+    clear: int  # CLEAR's projections beside the originals; 0 when copied in place
+    t5: int
+    clip: int
+    vae: int
+    layer: int  # the largest layer (sequential offload streams one at a time)
+
+
+def _weights(run: _Run, clear_on_gpu: bool) -> tuple[_Weights, str | None]:
+    opts, shapes, e = run.opts, run.shapes, run.e
+    params = transformer_params(shapes.transformer)
+    gguf = bool(opts.transformer) and str(opts.transformer).lower().endswith(".gguf")
+    transformer, note = (
+        gguf_bytes(opts.transformer, params, e) if gguf else (weight_bytes(params, opts.quantize, e), None)
+    )
+    quantized = gguf or opts.quantize != "none"
+    layer = max(params.largest * e, shapes.t5.other * e)  # a Linear, or T5's token embedding
+    clear = run.clear_bytes if (quantized or clear_on_gpu) else 0
+    t5 = weight_bytes(shapes.t5, opts.quantize_text, e)
+    w = _Weights(transformer, clear, t5, shapes.clip.total * e, shapes.vae * e, layer)
+    return w, note
+
+
+def _stage_memory(
+    run: _Run, w: _Weights, offload: str, chunk: int | None, i: int
+) -> tuple[int, int, int, int]:
+    """(denoise weights, activations, VAE activations, peak) of stage i, in bytes."""
+    s, e = run.stages[i], run.e
+    act = step_activations(run.text_len, s.tokens, run.shapes.transformer, e, s.clear, chunk, run.down_factor)
+    vae = vae_activations(s.width, s.height, e, run.vae_tile, encode=False)
+    if s.sdedit:
+        vae = max(vae, vae_activations(s.width, s.height, e, run.vae_tile, encode=True))
+    if offload == "sequential":
+        denoise_weights = vae_weights = w.layer
+    elif offload == "model":  # the transformer leaves when the VAE runs; the VAE stays through denoising
+        denoise_weights, vae_weights = w.transformer + w.clear + w.vae, w.vae
+    else:
+        denoise_weights = vae_weights = w.transformer + w.clear + w.vae
+    return denoise_weights, act, vae, max(denoise_weights + act, vae_weights + vae)
+
+
+def _full_step(run: _Run, w: _Weights, offload: str, chunk: int | None, i: int) -> int:
+    """Peak bytes of the stock-attention step that times full attention at stage i's size."""
+    s = run.stages[i]
+    act = step_activations(run.text_len, s.tokens, run.shapes.transformer, run.e, False, chunk)
+    return _stage_memory(run, w, offload, chunk, i)[0] + act
+
+
+def _encode_memory(w: _Weights, offload: str) -> int:
+    """Peak while encoding the prompts: with offload none, everything is on the GPU (then the text
+    encoders leave); with model, one text encoder at a time; with sequential, one layer."""
+    if offload == "sequential":
+        return w.layer + int(TEXT_ACTIVATIONS)
+    if offload == "model":
+        return max(w.t5, w.clip) + int(TEXT_ACTIVATIONS)
+    return w.transformer + w.t5 + w.clip + w.vae + int(TEXT_ACTIVATIONS)
+
+
+def _candidate(run: _Run, gpu: gpus.Gpu | None, offload: str, chunk: int | None, clear_on: bool) -> RunPlan:
+    """The plan of one (offload, chunk, CLEAR placement) choice; its time is filled in later."""
+    w, note = _weights(run, clear_on)
+    stages, peaks = [], [_encode_memory(w, offload)]
+    unchunked = [_stage_memory(run, w, offload, None, i) for i in range(len(run.stages))]
+    for i, s in enumerate(run.stages):
+        weights, act, vae, peak = _stage_memory(run, w, offload, chunk, i)
+        peaks.append(peak)
+        stages.append(
+            StagePlan(s.width, s.height, s.tokens, s.denoising_steps, run.labels[i], run.densities[i],
+                      weights / GB, act / GB, unchunked[i][1] / GB, vae / GB, peak / GB, 0.0)
+        )  # fmt: skip
+    free = gpu.free_bytes if gpu else None
+    too_big = [
+        (s.width, s.height)
+        for i, s in enumerate(run.stages)
+        if s.clear and free is not None and (1 + HEADROOM) * _full_step(run, w, offload, chunk, i) > free
+    ]
+    return RunPlan(
+        device=gpu.name if gpu else "cpu",
+        gpu=gpu is not None,
+        free_gb=free / GB if free is not None else None,
+        rate_tflops=gpu.tflops if gpu else 0.0,
+        rate_source=gpu.rate_source if gpu else "",
+        dtype=next(k for k, v in DTYPES.items() if v == run.dtype),
+        model=run.shapes.source,
+        quantize=run.opts.quantize,
+        quantize_text=run.opts.quantize_text,
+        transformer=run.opts.transformer,
+        transformer_gb=w.transformer / GB,
+        text_encoders_gb=(w.t5 + w.clip) / GB,
+        offload=offload,
+        offload_asked=run.opts.offload,
+        ff_chunk=chunk,
+        clear_on_gpu=w.clear > 0 and offload != "sequential",
+        encode_gb=peaks[0] / GB,
+        peak_gb=max(peaks) / GB,
+        unchunked_peak_gb=max([peaks[0]] + [u[3] for u in unchunked]) / GB,
+        fits=free is None or max(peaks) * (1 + HEADROOM) <= free,
+        stages=stages,
+        notes=[note] if note else [],
+        full_step_too_big=too_big,
+        activation_bytes=max(max(a, v) for _, a, v, _ in (_stage_memory(run, w, offload, chunk, i)
+                                                           for i in range(len(run.stages)))),
+    )  # fmt: skip
+
+
+def _chunks(run: _Run, offload: str) -> list[int | None]:
+    """Feed-forward slices to try, fewest first. With sequential offload each slice copies the MLP's
+    weights to the GPU again, so it tries 2, 4, then 8 slices; else FF_CHUNK_TOKENS-token slices."""
+    longest = run.text_len + max(s.tokens for s in run.stages)
+    if offload != "sequential":
+        return [None, FF_CHUNK_TOKENS]
+    return [None] + [256 * math.ceil(longest / k / 256) for k in (2, 4, 8)]
+
+
+def _decide(run: _Run, gpu: gpus.Gpu | None) -> RunPlan:
+    """The first (offload, CLEAR placement, chunk) that fits, fastest first: none, model, sequential
+    (with an asked offload, only it). When nothing fits, the most frugal plan, with fits_at and needs_gb."""
+    if gpu is None:
+        plan = _candidate(run, None, "none", None, clear_on=False)
+        plan.reason = "a CPU run: no GPU memory to plan"
+        return _timed(run, plan)
+    asked = run.opts.offload
+    rejected = None  # the most frugal plan of the last offload that did not fit
+    for offload in ("none", "model", "sequential") if asked == "auto" else (asked,):
+        for clear_on in (True, False) if offload == "none" and run.clear_bytes else (False,):
+            for chunk in _chunks(run, offload):
+                plan = _candidate(run, gpu, offload, chunk, clear_on)
+                if plan.fits:
+                    plan.reason = _reason(run, plan, rejected)
+                    return _timed(run, plan)
+        rejected = plan
+    frugal = _candidate(run, gpu, "sequential", _chunks(run, "sequential")[-1], clear_on=False)
+    plan = frugal if asked == "auto" else plan
+    plan.fits_any = frugal.fits
+    plan.needs_gb = frugal.peak_gb * (1 + HEADROOM)
+    plan.fits_at = None if frugal.fits else _fits_at(run, gpu)
+    also = "; --offload sequential fits" if frugal.fits else ": does not fit even with --offload sequential"
+    plan.reason = _reason(run, plan, None) + also
+    return _timed(run, plan)
+
+
+def _usable(plan: RunPlan) -> str:
+    return f"{plan.free_gb / (1 + HEADROOM):.1f} GB usable of {plan.free_gb:.1f} GB free"
+
+
+def _reason(run: _Run, plan: RunPlan, rejected: RunPlan | None) -> str:
+    """Why this offload, for `offload_line`: 'none: plan 31.2 GB > 21.4 GB usable of 23.5 GB free; model:
+    plan 18.1 GB'."""
+    longest = run.text_len + max(s.tokens for s in run.stages)
+    chunked = f", feed-forward in {math.ceil(longest / plan.ff_chunk)} slices" if plan.ff_chunk else ""
+    sign = "<=" if plan.fits else ">"
+    this = f"plan {plan.peak_gb:.1f} GB {sign} {_usable(plan)}{chunked}"
+    if plan.offload_asked != "auto":
+        return f"asked; {this}"
+    if rejected is None:
+        return this
+    return f"{rejected.offload}: plan {rejected.peak_gb:.1f} GB > {_usable(rejected)}; {plan.offload}: {this}"
+
+
+def _fits_at(run: _Run, gpu: gpus.Gpu) -> tuple[int, int] | None:
+    """The largest size of the same aspect whose last stage fits with sequential offload and chunking."""
+    opts, multiple = run.opts, run.multiple
+    last = run.stages[-1]
+    w0, h0 = opts.width, opts.height
+    lo, hi = 0, max(w0, h0) // multiple  # long side in multiples, lo fits (0: nothing does)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        scale = mid * multiple / max(w0, h0)
+        w, h = (max(multiple, round(s * scale / multiple) * multiple) for s in (w0, h0))
+        stage = replace(last, width=w, height=h)
+        trial = replace(run, stages=[stage])
+        plan = _candidate(trial, gpu, "sequential", _chunks(trial, "sequential")[-1], clear_on=False)
+        lo, hi = (mid, hi) if plan.fits else (lo, mid)
+    if lo == 0:
+        return None
+    scale = lo * multiple / max(w0, h0)
+    return tuple(max(multiple, round(s * scale / multiple) * multiple) for s in (w0, h0))
+
+
+# ---------------------------------------------------------------- time
+
+
+def _timed(run: _Run, plan: RunPlan) -> RunPlan:
+    """Each stage's estimated seconds: its steps' FLOPs at the GPU's rate, plus offload copies."""
+    cpu = torch.device("cpu")
+    rate = plan.rate_tflops * 1e12 if plan.gpu else gpus.probe_tflops(cpu, run.dtype, 512) * 1e12
+    w, _ = _weights(run, plan.clear_on_gpu)
+    cfg = run.shapes.transformer
+    linear_rate = rate * LINEAR_EFFICIENCY * (FP8_SPEEDUP if run.opts.quantize == "fp8dq" else 1.0)
+    for stage, label, (linear, attention) in zip(plan.stages, run.labels, run.flops, strict=True):
+        kind = "full" if label == "full" else "clear"
+        step = linear / linear_rate + attention / (rate * ATTENTION_EFFICIENCY[kind])
+        copies = 0.0
+        if plan.offload == "sequential":  # every layer's weights each step; the MLP's once per slice
+            slices = math.ceil((run.text_len + stage.tokens) / plan.ff_chunk) if plan.ff_chunk else 1
+            copies = (w.transformer + w.clear + (slices - 1) * _mlp_bytes(cfg, w)) / PCIE_BYTES_S
+        stage.time_s = stage.steps * (step + copies)
+        if plan.offload == "model":  # the transformer comes back once a stage
+            stage.time_s += (w.transformer + w.clear) / PCIE_BYTES_S
+    if not plan.gpu:
+        plan.rate_tflops, plan.rate_source = rate / 1e12, "measured by a matmul probe"
+    return plan
+
+
+def _mlp_bytes(cfg: TransformerConfig, w: _Weights) -> float:
+    """The MLP layers' share of the transformer's bytes (what each feed-forward slice copies again)."""
+    c2 = cfg.hidden**2
+    mlp = (16 * cfg.num_layers + 9 * cfg.num_single_layers) * c2
+    return w.transformer * mlp / transformer_params(cfg).linear
