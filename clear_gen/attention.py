@@ -5,7 +5,9 @@
 2. RoPE theta multiplied by `ntk_factor`;
 3. hooks that tile-order the image tokens and their RoPE positions at the transformer's input and
    restore row-major order at its output, so every layer works on tiles with no per-layer gather; the
-   positions fed to RoPE are exact integers whatever dtype `img_ids` came in (see positions.py);
+   positions fed to RoPE are exact integers whatever dtype `img_ids` came in (see positions.py); under
+   torchrun's sequence mode the hooks also keep this rank's slice of the sequence, and the processors
+   trade it for every token of this rank's heads around attention (parallel.SequenceShards);
 4. optionally, a CLEAR checkpoint's projections and spatial weights (see `_load` for where the
    originals are kept).
 """
@@ -57,6 +59,7 @@ class _ClearState:
     theta: float = 10000.0
     hooks: list = field(default_factory=list)
     grids: GridCache = field(default_factory=GridCache)
+    parallel: object | None = None  # parallel.SequenceShards in torchrun's sequence mode, else None
 
 
 # ---------------------------------------------------------------- backends
@@ -208,16 +211,18 @@ class ClearAttnProcessor(torch.nn.Module):
         query, key, value = _project(hidden_states, attn.head_dim, attn.to_q, attn.to_k, attn.to_v)
         query, key = attn.norm_q(query), attn.norm_k(key)
         if encoder_hidden_states is not None:
-            assert encoder_hidden_states.shape[1] == geo.text_len
+            assert state.parallel is not None or encoder_hidden_states.shape[1] == geo.text_len
             projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
             eq, ek, ev = _project(encoder_hidden_states, attn.head_dim, *projections)
             query = torch.cat([attn.norm_added_q(eq), query], dim=1)  # (B, T + N, H, D): text first
             key = torch.cat([attn.norm_added_k(ek), key], dim=1)
             value = torch.cat([ev, value], dim=1)
-        assert query.shape[1] == geo.q_len, (query.shape, geo)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if state.parallel is not None:  # sequence mode: (B, T + N, H/P, D), every token of this rank's heads
+            query, key, value = state.parallel.gather_heads(query, key, value)
+        assert query.shape[1] == geo.q_len, (query.shape, geo)
         # 2. Down-sampled keys and values from post-norm, post-RoPE keys, appended after the image.
         if geo.down_factor > 1:
             image = slice(geo.text_len, None)
@@ -226,12 +231,15 @@ class ClearAttnProcessor(torch.nn.Module):
         # 3. Attention over (B, H, L, D).
         scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
-        out = clear_attention(q, k, v, geo, scale, state.config.backend)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
+        out = clear_attention(q, k, v, geo, scale, state.config.backend).transpose(1, 2)  # (B, T + N, H, D)
+        if state.parallel is not None:  # sequence mode: back to this rank's tokens, every head
+            out = state.parallel.scatter_heads(out)
+        out = out.flatten(2, 3).to(query.dtype)  # (B, L, H * D)
         # 4. Output projections, exactly as FluxAttnProcessor.
         if encoder_hidden_states is None:
             return out
-        text, image = out.split_with_sizes([geo.text_len, geo.image_len], dim=1)
+        text_len = encoder_hidden_states.shape[1]  # this rank's text tokens in sequence mode
+        text, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         return image, attn.to_add_out(text.contiguous())
 
@@ -268,16 +276,21 @@ def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
     state.layout = _device_layout(geo, str(hidden.device))
     kwargs["hidden_states"] = hidden[:, state.layout.perm]  # (B, N, C) tile order
     kwargs["img_ids"] = exact_ids(grid, hidden.device)[state.layout.perm]  # positions move with tokens
+    if state.parallel is not None:  # sequence mode: this rank's slice of [text ; image]
+        kwargs = state.parallel.shard_inputs(kwargs)
     return (), kwargs
 
 
 def _post_hook(state: _ClearState, module, args, output):
-    """Back to row-major order."""
+    """Back to row-major order (in sequence mode, once every rank's image tokens are gathered)."""
     inv = state.layout.inv
     state.layout = None
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    if state.parallel is not None:
+        sample = state.parallel.gather_image(sample)  # (B, N, C): every rank's image tokens, tile order
     if isinstance(output, tuple):
-        return (output[0][:, inv], *output[1:])
-    output.sample = output.sample[:, inv]
+        return (sample[:, inv], *output[1:])
+    output.sample = sample[:, inv]
     return output
 
 
@@ -398,11 +411,12 @@ def apply_clear(
     proportional_attention: bool = False,
     ntk_factor: float = 1.0,
     backend: str = "auto",
+    parallel: object | None = None,
 ) -> None:
     """Turn a diffusers FluxTransformer2DModel into its CLEAR version, in place (see module docstring).
 
     Applying again first removes the previous CLEAR. A checkpoint that does not fit is refused
-    before anything changes.
+    before anything changes. `parallel`: a parallel.SequenceShards for torchrun's sequence mode.
     """
     config = ClearConfig(window, down_factor, proportional_attention, ntk_factor, backend)
     _validate(config)
@@ -411,7 +425,7 @@ def apply_clear(
     if state_dict is not None:
         check_checkpoint(transformer, state_dict, down_factor)
     remove_clear(transformer)
-    state = _ClearState(config, theta=transformer.pos_embed.theta)
+    state = _ClearState(config, theta=transformer.pos_embed.theta, parallel=parallel)
     like = transformer.x_embedder.weight
     for name, attn in _attn_modules(transformer).items():
         state.processors[name] = attn.processor
