@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from . import output
+from . import output, parallel
 from .attention import apply_clear, remove_clear, resolve_backend
-from .device import DTYPES, device_name, resolve_device, resolve_dtype
-from .errors import ConfigError, DeviceError
+from .device import DTYPES, device_name, resolve_dtype
+from .errors import ClearGenError, ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
 from .loading import (
     clear_weights_file,
@@ -62,10 +62,13 @@ class ImageResult:
     record: output.ImageRecord
     timing: RunTiming
     stage_paths: list[Path] = field(default_factory=list)  # absolute; --keep-stages
+    job: int | None = None  # under torchrun: the image's place in the run's (prompt, seed) jobs
 
     def to_json(self) -> dict[str, Any]:
         """The record as `clear-gen info --json` prints it, with the paths and the finished timing."""
+        job = {} if self.job is None else {"job": self.job}
         return {
+            **job,
             "path": str(self.path),
             "stage_paths": [str(p) for p in self.stage_paths],
             **self.record.to_dict(),
@@ -144,44 +147,88 @@ class Hooks:
 
 
 def generate(opts: GenerateOptions, hooks: Hooks | None = None) -> list[ImageResult]:
-    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring)."""
-    from .hub import check_run_weights
+    """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring).
 
+    Under torchrun every rank calls this (parallel.py says what each does): rank 0 returns every image's
+    result, in data mode gathered from all ranks, and the other ranks return [].
+    """
     started = time.perf_counter()
     hooks = hooks or Hooks()
-    # 1. Check everything the user gave before loading gigabytes.
+    # 1. Check everything the user gave before loading gigabytes (under torchrun: every rank, agreed).
+    world, device = parallel.start(opts.parallel, opts.device)
+    prompts, seeds, dtype, choice, stages, world = world.agree(lambda: _check(opts, world, device))
+    seeds = world.from_rank0(seeds)  # random seeds: rank 0's
+    for note in (choice.note, world.describe(len(prompts) * len(seeds))):
+        if note:
+            hooks.note(note)
+    # 2. Load, then generate; GPU memory can run out anywhere in there.
+    try:
+        return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype, started, world)
+    except torch.cuda.OutOfMemoryError as e:
+        raise world.own(_out_of_memory()) from e
+
+
+def _out_of_memory() -> DeviceError:
+    return DeviceError("out of GPU memory: try --offload model or a smaller size")
+
+
+def _check(opts: GenerateOptions, world: parallel.World, device: torch.device) -> tuple:
+    """(prompts, seeds, dtype, attention choice, stages, world with its mode decided), or a ClearGenError."""
+    from .hub import check_run_weights
+
     prompts = [p.strip() for p in opts.prompts]
     if not prompts or not all(prompts):
         raise ConfigError("the prompt is empty: give a PROMPT or a --prompts-file with one prompt a line")
-    device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     choice = resolve_clear(opts)
     stages = plan_stages(opts, choice)
     seeds = image_seeds(opts.seeds, opts.count)
-    probe = output.ImageRecord(
-        prompt=prompts[0],
-        seed=seeds[0],
-        model=opts.model,
-        steps=1,
-        guidance=0.0,
-        width=opts.width,
-        height=opts.height,
-    )
-    output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    world = world.decide(len(prompts) * len(seeds))
+    if world.writes:
+        probe = output.ImageRecord(
+            prompt=prompts[0],
+            seed=seeds[0],
+            model=opts.model,
+            steps=1,
+            guidance=0.0,
+            width=opts.width,
+            height=opts.height,
+        )
+        output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
     check_run_weights(opts.model, choice.hub_variant)  # base, then CLEAR weights: all there or fetchable
-    if choice.note:
-        hooks.note(choice.note)
-    # 2. Load, then generate; GPU memory can run out anywhere in there.
-    try:
-        return _load_and_generate(opts, hooks, prompts, seeds, choice, stages, device, dtype, started)
-    except torch.cuda.OutOfMemoryError as e:
-        raise DeviceError("out of GPU memory: try --offload model or a smaller size") from e
+    return prompts, seeds, dtype, choice, stages, world
 
 
 def _load_and_generate(
-    opts, hooks, prompts, seeds, choice, stages, device, dtype, started
+    opts, hooks, prompts, seeds, choice, stages, device, dtype, started, world
 ) -> list[ImageResult]:
-    # 1. The CLEAR weights and the pipeline; every prompt encoded once.
+    # 1. The pipeline, its CLEAR weights and this rank's prompts encoded (agreed: a failure ends every rank).
+    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    mine = list(dict.fromkeys(jobs[i][0] for i in world.my_jobs(len(jobs)) if i is not None))
+    run, embeds = world.agree(lambda: _load(opts, hooks, mine, choice, stages, device, dtype, world))
+    embeds = {p: tuple(world.share(t) for t in e) for p, e in embeds.items()}  # sequence mode: rank 0's
+    run.mark = started
+    # 2. Every job of this rank: its stages, then save (each image as soon as it is done); in data mode
+    #    rank 0 reports every rank's images, a round at a time, in job order.
+    results = []
+    try:
+        for index in world.my_jobs(len(jobs)):
+            for result in world.collect(lambda i=index: _job(run, jobs, embeds, i)):
+                results.append(result)
+                hooks.image_done(result)
+    except ClearGenError as e:
+        failure = world.own(e)  # sequence mode: this rank's alone, named by rank
+        if failure is e:
+            raise
+        raise failure from e
+    finally:
+        remove_clear(run.pipe.transformer)
+    return results
+
+
+def _load(opts, hooks, prompts, choice, stages, device, dtype, world) -> tuple[_Run, dict[str, tuple]]:
+    """The pipeline and CLEAR weights (as _Run) and each prompt's embeddings. No collectives in here: it
+    runs inside World.agree, whose own collective follows it on every rank."""
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     hooks.phase("load", f"FLUX.1 {opts.model}" + (clear if choice.window else ""))
     t0 = now(device)
@@ -191,32 +238,43 @@ def _load_and_generate(
     if max(opts.width, opts.height) > 2048:
         pipe.vae.enable_tiling()
     img2img = img2img_pipeline(pipe) if len(stages) > 1 else None
+    heads = pipe.transformer.config.num_attention_heads
+    shards = parallel.SequenceShards(world, heads) if world.sequence and choice.window else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
     max_len = opts.max_sequence_length or (256 if "schnell" in str(opts.model).lower() else 512)
     hooks.phase("encode", f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}")
     t0 = now(device)
-    embeds = _encode(pipe, prompts, device, max_len, opts.offload)
+    embeds = dict(zip(prompts, _encode(pipe, prompts, device, max_len, opts.offload), strict=True))
     encode_s = now(device) - t0
     hooks.phase_done("encode", encode_s)
     if state_dict is not None and opts.offload == "none":  # once the text encoders have left the GPU
         t0 = now(device)
         state_dict = place_clear_weights(state_dict, pipe.transformer, max(s.tokens for s in stages))
         load_s += now(device) - t0
-    # 2. Every prompt and seed: its stages, then save (each image as soon as it is done).
-    run = _Run(pipe, img2img, opts, choice, stages, state_dict, device, hooks)
-    results, mark = [], started
+    setup_s = (load_s, encode_s)
+    run = _Run(pipe, img2img, opts, choice, stages, state_dict, device, hooks, world, shards, setup_s)
+    return run, embeds
+
+
+def _job(run: _Run, jobs: list[tuple[str, int]], embeds: dict, index: int | None) -> ImageResult | None:
+    """Job `index` (None: this rank has none this round): its image, or None on a rank that does not save it.
+
+    The first image a rank makes carries that rank's load and encode times."""
+    if index is None:
+        return None
+    prompt, seed = jobs[index]
+    timing = RunTiming(*run.setup_s) if run.made == 0 else RunTiming()
+    timing.gpus, timing.parallel = run.world.size, run.world.mode
     try:
-        for prompt, emb in zip(prompts, embeds, strict=True):
-            for seed in seeds:
-                timing = RunTiming() if results else RunTiming(load_s, encode_s)  # the first carries them
-                result = _one_image(run, emb, prompt, seed, timing, mark)
-                mark += timing.total_s  # the next image's time starts where this one's ended
-                results.append(result)
-                hooks.image_done(result)
-    finally:
-        remove_clear(pipe.transformer)
-    return results
+        result = _one_image(run, embeds[prompt], prompt, seed, timing, run.mark)
+    except torch.cuda.OutOfMemoryError as e:
+        raise _out_of_memory() from e
+    run.mark += timing.total_s  # the next image's time starts where this one's ended
+    run.made += 1
+    if result is not None and run.world.mode != "none":
+        result.job = index
+    return result
 
 
 def _attention_label(choice: ClearChoice, stage: Stage) -> str:
@@ -237,10 +295,18 @@ class _Run:
     state_dict: dict[str, torch.Tensor] | None
     device: torch.device
     hooks: Hooks
+    world: parallel.World = field(default_factory=parallel.World)
+    shards: parallel.SequenceShards | None = None  # sequence mode: head-parallel CLEAR over the ranks
+    setup_s: tuple[float, float] = (0.0, 0.0)  # loading and encoding: the rank's first image carries them
+    mark: float = 0.0  # where the next image's wall time begins
+    made: int = 0  # images this rank has made
 
 
-def _one_image(run: _Run, emb, prompt: str, seed: int, timing: RunTiming, started: float) -> ImageResult:
-    """Every stage of one image (each decoded: the next starts from its image), then its PNG.
+def _one_image(
+    run: _Run, emb, prompt: str, seed: int, timing: RunTiming, started: float
+) -> ImageResult | None:
+    """Every stage of one image (each decoded: the next starts from its image), then its PNG (None on the
+    ranks that do not save it).
 
     `started`: where this image's wall time begins (the run's start for the first image).
     """
@@ -248,13 +314,16 @@ def _one_image(run: _Run, emb, prompt: str, seed: int, timing: RunTiming, starte
     for i, stage in enumerate(run.stages):
         hooks.stage_start(i, n, stage)
         latents, stage_timing = _stage(run, stage, emb, image, seed)
+        timing.stages.append(stage_timing)
+        if i == n - 1 and not run.world.writes:
+            timing.total_s = time.perf_counter() - started
+            return None  # sequence mode: rank 0 alone decodes and saves the image
         hooks.phase("decode", f"{stage.width}x{stage.height}")
         t0 = now(run.device)
         image = _decode(run.pipe, latents, stage)
         stage_timing.decode_s = now(run.device) - t0
         hooks.phase_done("decode", stage_timing.decode_s)
-        timing.stages.append(stage_timing)
-        if run.opts.keep_stages and i < n - 1:
+        if run.opts.keep_stages and i < n - 1 and run.world.writes:
             record = _record(run, prompt, seed, run.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
             stage_paths.append(path)
@@ -271,7 +340,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     transformer, opts, device, hooks = run.pipe.transformer, run.opts, run.device, run.hooks
     choice = run.choice
     # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale.
-    kwargs = clear_kwargs(opts, choice, stage, run.state_dict)
+    kwargs = {**clear_kwargs(opts, choice, stage, run.state_dict), "parallel": run.shards}
     if stage.clear:
         apply_clear(transformer, **kwargs)
     else:
@@ -285,6 +354,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     with capture_transformer_call(transformer) as inputs, clock.watching(transformer):
         latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
     timing = _timing(stage, choice, clock, geo)
+    timing.gpus = run.world.size if run.shards is not None and stage.clear else 1  # stock stages: replicated
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
     if opts.compare_full and geo is not None:
         hooks.phase("compare", f"{stage.width}x{stage.height}")
@@ -298,7 +368,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         hooks.phase_done("compare", timing.compare_s)
     elif not stage.clear:
         timing.full_step_s = timing.step_s
-    return latents, timing
+    return run.world.share(latents), timing  # sequence mode: rank 0's latents, so the ranks never drift
 
 
 _FIRST_RUNS: set[tuple] = set()  # (geometry, device, dtype) whose flex kernels this process has compiled

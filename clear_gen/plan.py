@@ -48,6 +48,7 @@ class GenerateOptions:
     compare_full: bool = True
     backend: str = "auto"
     token: str | None = None
+    parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
