@@ -74,7 +74,7 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
                 f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
                 f"fetch one with `clear-gen download --base dev`"
             ) from e
-        if opts.offload == "none":
+        if opts.offload in ("none", "auto"):  # auto unresolved (no memory plan: distill, library use): none
             pipe.to(device)
         elif opts.offload == "model":
             pipe.enable_model_cpu_offload(device=device)

@@ -55,6 +55,7 @@ class GenerateOptions:
     transformer: str | None = None  # a FLUX.1 transformer .gguf (file or owner/repo/file.gguf) for the base's
     compile: bool = False  # regional compilation of the transformer blocks (speed.py)
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
+    parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
