@@ -687,6 +687,12 @@ def bench(
         show_default="none",
         rich_help_panel=SPEED,
     ),
+    quantize: str | None = typer.Option(
+        None,
+        help="image: transformer weights, none, fp8, fp8dq or int8.",
+        show_default="none",
+        rich_help_panel=SPEED,
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
     dtype: str | None = typer.Option(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
@@ -749,7 +755,7 @@ def bench(
         max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
         progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"), on_row=on_row,
         stages=_ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
-        cache=cache, gpus=_ints(gpus, "--gpus", "GPU counts, e.g. 2,4,8"),
+        cache=cache, quantize=quantize, gpus=_ints(gpus, "--gpus", "GPU counts, e.g. 2,4,8"),
     )  # fmt: skip
     # 3. Print a table per kind of row: as wide as the terminal (or COLUMNS); piped, wide enough not to wrap.
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
