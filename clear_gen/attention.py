@@ -5,7 +5,9 @@
 2. RoPE theta multiplied by `ntk_factor`;
 3. hooks that tile-order the image tokens and their RoPE positions at the transformer's input and
    restore row-major order at its output, so every layer works on tiles with no per-layer gather; the
-   positions fed to RoPE are exact integers whatever dtype `img_ids` came in (see positions.py);
+   positions fed to RoPE are exact integers whatever dtype `img_ids` came in (see positions.py); under
+   torchrun's sequence mode the hooks also keep this rank's slice of the sequence, and the processors
+   trade it for every token of this rank's heads around attention (parallel.SequenceShards);
 4. optionally, a CLEAR checkpoint's projections and spatial weights (see `_load` for where the
    originals are kept). On a quantized transformer (torchao, GGUF, bitsandbytes) the projections come in
    as plain Linear layers in the compute dtype, and remove_clear puts the quantized ones back.
@@ -60,6 +62,7 @@ class _ClearState:
     theta: float = 10000.0
     hooks: list = field(default_factory=list)
     grids: GridCache = field(default_factory=GridCache)
+    parallel: object | None = None  # parallel.SequenceShards in torchrun's sequence mode, else None
 
 
 # ---------------------------------------------------------------- backends
@@ -211,42 +214,62 @@ class ClearAttnProcessor(torch.nn.Module):
         assert attention_mask is None, "CLEAR attention takes no attention_mask"
         geo = layout.geometry
         # 1. Projections, q/k RMSNorm and RoPE, as FluxAttnProcessor computes them: (B, L, H, D), text
-        # first. Norm and RoPE run over token slices (the same values; see _normed_rotated).
-        text, head_dim = encoder_hidden_states, attn.head_dim
+        # first. Norm and RoPE run over token slices (the same values; see _normed_rotated). In sequence
+        # mode L is this rank's slice of the tokens.
+        text, head_dim, parallel = encoder_hidden_states, attn.head_dim, state.parallel
         if text is not None:
-            assert text.shape[1] == geo.text_len
+            assert parallel is not None or text.shape[1] == geo.text_len
+        extra = geo.kv_len - geo.q_len if parallel is None else 0  # room for the down-sampled keys
         q_parts = [(attn.add_q_proj(text), attn.norm_added_q)] if text is not None else []
         q_parts.append((attn.to_q(hidden_states), attn.norm_q))
         query = _normed_rotated(q_parts, image_rotary_emb, head_dim)
-        assert query.shape[1] == geo.q_len, (query.shape, geo)
         del q_parts
         k_parts = [(attn.add_k_proj(text), attn.norm_added_k)] if text is not None else []
         k_parts.append((attn.to_k(hidden_states), attn.norm_k))
-        key = _normed_rotated(k_parts, image_rotary_emb, head_dim, extra=geo.kv_len - geo.q_len)
+        key = _normed_rotated(k_parts, image_rotary_emb, head_dim, extra=extra)
         del k_parts
         v_parts = [attn.add_v_proj(text)] if text is not None else []
         v_parts.append(attn.to_v(hidden_states))  # (B, N, H * D)
         # 2. Down-sampled keys and values (from post-norm, post-RoPE keys), after the image's.
+        if parallel is None:
+            assert query.shape[1] == geo.q_len, (query.shape, geo)
+            key, value = self._with_down_sampled(key, v_parts, geo, layout, head_dim)
+        else:  # sequence mode: every token for this rank's heads, (B, T + N, H/P, D), then pool
+            value = torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0]
+            query, key, value = parallel.gather_heads(query, key, value.unflatten(-1, (-1, head_dim)))
+            assert query.shape[1] == geo.q_len, (query.shape, geo)
+            if geo.down_factor > 1:
+                image = slice(geo.text_len, geo.q_len)
+                key = torch.cat([key, pool_keys(key[:, image], geo, layout.inv, self.spatial_weight)], dim=1)
+                value = torch.cat(
+                    [value, pool_keys(value[:, image], geo, layout.inv, self.spatial_weight)], 1
+                )
+        del v_parts
+        # 3. Attention over (B, H, L, D).
+        scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
+        out = clear_attention(q, k, v, geo, scale, state.config.backend).transpose(1, 2)  # (B, T + N, H, D)
+        if state.parallel is not None:  # sequence mode: back to this rank's tokens, every head
+            out = state.parallel.scatter_heads(out)
+        out = out.flatten(2, 3).to(query.dtype)  # (B, L, H * D)
+        # 4. Output projections, exactly as FluxAttnProcessor.
+        if encoder_hidden_states is None:
+            return out
+        text_len = encoder_hidden_states.shape[1]  # this rank's text tokens in sequence mode
+        text, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+    def _with_down_sampled(self, key: Tensor, v_parts: list[Tensor], geo: G.Geometry, layout, head_dim: int):
+        """(key, value) with the pooled keys written into key's spare rows and the pooled values appended:
+        (B, kv_len, H, D) each."""
         if geo.down_factor > 1:
             keys = key[:, geo.text_len : geo.q_len]
             key[:, geo.q_len :] = pool_keys(keys, geo, layout.inv, self.spatial_weight)
             values = v_parts[-1][:, -geo.image_len :].unflatten(-1, (-1, head_dim))  # (B, N, H, D)
             v_parts.append(pool_keys(values, geo, layout.inv, self.spatial_weight).flatten(2, 3))
-            del keys, values
         value = torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0]  # (B, kv_len, H * D)
-        value = value.unflatten(-1, (-1, head_dim))  # (B, kv_len, H, D)
-        del v_parts
-        # 3. Attention over (B, H, L, D).
-        scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
-        out = clear_attention(q, k, v, geo, scale, state.config.backend)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
-        # 4. Output projections, exactly as FluxAttnProcessor.
-        if encoder_hidden_states is None:
-            return out
-        text, image = out.split_with_sizes([geo.text_len, geo.image_len], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return key, value.unflatten(-1, (-1, head_dim))  # (B, kv_len, H, D)
 
 
 ROPE_CHUNK_TOKENS = 8192  # tokens per slice of q/k norm and RoPE (whose float32 temporaries are 6x q's size)
@@ -335,6 +358,8 @@ def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
     for name in _RESIDUALS:  # a ControlNet's, added to the image tokens after each block: tile order too
         if kwargs.get(name) is not None:
             kwargs[name] = [sample[:, perm] for sample in kwargs[name]]
+    if state.parallel is not None:  # sequence mode: this rank's slice of [text ; image]
+        kwargs = state.parallel.shard_inputs(kwargs)
     return (), kwargs
 
 
@@ -345,9 +370,10 @@ def _control_hook(state: _ClearState, module, args: tuple):
 
 
 def _post_hook(state: _ClearState, module, args, output):
-    """Back to row-major order: the transformer's sample, or every residual a ControlNet returns. The layout
-    stays recorded: a gradient-checkpointed backward pass runs the blocks (and so the processors) again after
-    the forward has returned."""
+    """Back to row-major order (in sequence mode, once every rank's image tokens are gathered): the
+    transformer's sample, or every residual a ControlNet returns. The layout stays recorded: a
+    gradient-checkpointed backward pass runs the blocks (and so the processors) again after the forward has
+    returned."""
     inv = state.layout.inv
     if _is_controlnet(module):
         rows = [None if s is None else [t[:, inv] for t in s] for s in _residuals(output)]
@@ -355,9 +381,12 @@ def _post_hook(state: _ClearState, module, args, output):
             return tuple(rows)
         output.controlnet_block_samples, output.controlnet_single_block_samples = rows
         return output
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    if state.parallel is not None:
+        sample = state.parallel.gather_image(sample)  # (B, N, C): every rank's image tokens, tile order
     if isinstance(output, tuple):
-        return (output[0][:, inv], *output[1:])
-    output.sample = output.sample[:, inv]
+        return (sample[:, inv], *output[1:])
+    output.sample = sample[:, inv]
     return output
 
 
@@ -541,11 +570,12 @@ def apply_clear(
     proportional_attention: bool = False,
     ntk_factor: float = 1.0,
     backend: str = "auto",
+    parallel: object | None = None,
 ) -> None:
     """Turn a diffusers FluxTransformer2DModel into its CLEAR version, in place (see module docstring).
 
     Applying again first removes the previous CLEAR. A checkpoint that does not fit is refused
-    before anything changes.
+    before anything changes. `parallel`: a parallel.SequenceShards for torchrun's sequence mode.
     """
     config = ClearConfig(window, down_factor, proportional_attention, ntk_factor, backend)
     _validate(config)
@@ -554,7 +584,7 @@ def apply_clear(
     if state_dict is not None:
         check_checkpoint(transformer, state_dict, down_factor)
     remove_clear(transformer)
-    state = _ClearState(config, theta=transformer.pos_embed.theta)
+    state = _ClearState(config, theta=transformer.pos_embed.theta, parallel=parallel)
     like = torch.empty(0, dtype=transformer.dtype, device=_compute_device(transformer))  # not GGUF's uint8
     for name, attn in _attn_modules(transformer).items():
         state.processors[name] = attn.processor

@@ -4,7 +4,10 @@ Three measurements, one row (a dict) per resolution:
 - plan: no compute; tokens, mask densities, block-mask build time, FLOPs and the speedup they bound;
 - attention: the attention op alone, CLEAR (FlexAttention) versus full SDPA, plus a check of CLEAR
   against the dense reference;
-- step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock.
+- step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock;
+  under torchrun the CLEAR step is the sequence-parallel one (parallel.py), checked against one GPU's.
+`plan --gpus P` adds, per resolution and GPU count, sequence mode's communication per GPU next to its
+compute, priced at NVLink, PCIe and network speeds, and the halo layout's on paper (parallel.py).
 Timing follows nanoGPT's bench: warm up (first call, compilation included, reported apart),
 synchronise, median of repeats, device named in every row.
 """
@@ -20,6 +23,7 @@ import torch
 
 from . import flops as FL
 from . import geometry as G
+from . import parallel as PL
 from .device import device_name, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .positions import use_exact_positions
@@ -104,6 +108,26 @@ def plan_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.F
         speedup_bound=FL.speedup_bound(flops),
         layers=shape.layers,
     )
+    return row
+
+
+def comm_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.FluxShape, gpus: int) -> dict:
+    """Per GPU and step at `gpus` GPUs: compute, head-parallel bytes and their time on each link (None when
+    the heads do not split), and the halo layout's bytes on paper. Compute time at parallel.ASSUMED_FLOPS."""
+    geo = geometry(res, window, down_factor, text_len)
+    flops = FL.step_flops(shape, geo, _computed(geo))
+    compute = (flops["linear"] + flops["attn_computed"]) / gpus
+    a2a = PL.head_parallel_bytes(shape, geo, gpus) if shape.heads % gpus == 0 else None
+    halo = PL.halo_bytes(shape, geo, gpus)
+    row = {
+        "what": "comm", "res": res, "window": window, "down_factor": down_factor, "tokens": geo.q_len,
+        "gpus": gpus, "heads": shape.heads, "layers": shape.layers, "pflop_per_gpu": compute / 1e15,
+        "compute_s": compute / PL.ASSUMED_FLOPS, "assumed_tflops": PL.ASSUMED_FLOPS / 1e12,
+        "a2a_gb": None if a2a is None else a2a / 1e9, "halo_gb": halo / 1e9,
+    }  # fmt: skip
+    for link, rate in PL.LINKS.items():
+        row[f"a2a_s {link}"] = None if a2a is None else a2a / rate
+    row["halo_s 400 Gb/s"] = halo / PL.LINKS["400 Gb/s"]
     return row
 
 
@@ -221,13 +245,15 @@ class FullGuard:
 # ---------------------------------------------------------------- step
 
 
-def check_step(model, inputs: dict, window: int, down_factor: int) -> dict:
-    """Whole-step CLEAR with FlexAttention against the dense-mask backend: relative L2 error."""
+def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) -> dict:
+    """Whole-step CLEAR with FlexAttention against the dense-mask backend: relative L2 error. With
+    `shards` (under torchrun), the sequence-parallel flex step against this GPU's own flex step."""
     from .attention import apply_clear
 
     outs = []
-    for backend in ("dense", "flex"):
-        apply_clear(model, window=window, down_factor=down_factor, backend=backend)
+    runs = (("flex", None), ("flex", shards)) if shards is not None else (("dense", None), ("flex", None))
+    for backend, parallel in runs:
+        apply_clear(model, window=window, down_factor=down_factor, backend=backend, parallel=parallel)
         outs.append(model(**inputs)[0].float())
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     tol = 1e-3 if inputs["hidden_states"].dtype == torch.float32 else 5e-2
@@ -240,10 +266,11 @@ MEASURES = ("both", "clear", "full")
 def step_row(
     res: int, window: int, down_factor: int, text_len: int, model, shape: FL.FluxShape,
     device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard, check: bool,
-    measure: str = "both", emit: Callable[[dict], None] = lambda row: None,
+    measure: str = "both", emit: Callable[[dict], None] = lambda row: None, shards=None,
 ) -> dict:  # fmt: skip
     """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
-    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step."""
+    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. `shards`
+    (under torchrun): CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU whole."""
     from .attention import apply_clear, remove_clear
 
     geo = geometry(res, window, down_factor, text_len)
@@ -253,19 +280,22 @@ def step_row(
     row = _base_row("step", res, geo, G.build_block_lists(geo), device_name(device))
     row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim, text_len=text_len)
     row.update(dtype=str(dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
+    gpus = 1 if shards is None else shards.world.size
+    row.update(gpus=gpus, parallel="none" if shards is None else "sequence")
     # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
     if measure != "full":
-        apply_clear(model, window=window, down_factor=down_factor, backend="flex")
+        apply_clear(model, window=window, down_factor=down_factor, backend="flex", parallel=shards)
         clear_ms, first_ms, peak = timed(step, device, repeats)
         row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
         if check:
-            row.update(check_res=res, **check_step(model, inputs, window, down_factor))
+            row.update(check_res=res, **check_step(model, inputs, window, down_factor, shards))
         remove_clear(model)
         emit(row)
     # 2. Stock attention, unless the guard estimates it too slow.
     if measure != "clear":
         full_flops = flops["linear"] + flops["attn_full"]
-        row.update(guard.measure(step, full_flops, row["clear_ms"], FL.speedup_bound(flops), device, repeats))
+        gpu_ms = None if row["clear_ms"] is None else row["clear_ms"] * gpus  # one GPU's: from GPU-seconds
+        row.update(guard.measure(step, full_flops, gpu_ms, FL.speedup_bound(flops), device, repeats))
         row["speedup"] = row["full_ms"] / row["clear_ms"] if row["full_ms"] and row["clear_ms"] else None
     return row
 
@@ -295,10 +325,12 @@ def run(
     measure: str = "both",
     progress: Progress = None,
     on_row: Callable[[dict], None] | None = None,
+    gpus: Sequence[int] | None = None,
     **image,
 ) -> list[dict]:
     """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands
-    (a step row twice: once CLEAR is measured, again with full attention).
+    (a step row twice: once CLEAR is measured, again with full attention). `gpus` (plan): a
+    communication row per resolution and GPU count too.
 
     No window: the registry's default variant (r8-down4), as `clear-gen generate` runs. No res: 1K-8K,
     or 1K alone for measurements on a CPU. `measure` (step): both, clear or full. Full-attention runs
@@ -329,7 +361,9 @@ def run(
     down_factor = down_factor or 1
     if window < 1 or down_factor < 1 or repeats < 0 or heads < 1 or head_dim < 1:
         raise ConfigError("window, down factor, heads and head dim must be positive, repeats >= 0")
-    dev = resolve_device(device)
+    if gpus and (what != "plan" or min(gpus) < 1):
+        raise ConfigError("--gpus takes GPU counts of 1 or more, with --what plan (torchrun runs the step)")
+    world, dev = _world(what, device)
     if res is None:
         res = CPU_SIZES if dev.type == "cpu" and what != "plan" else ALL_SIZES
         say(f"sizes {', '.join(map(str, res))} px (--res to choose)")
@@ -348,6 +382,7 @@ def run(
         model = build_transformer(shape, dev, dt) if what == "step" else None
         if model is not None:
             use_exact_positions(model)  # stock and CLEAR steps see the same, exact positions
+        shards = None if world is None else PL.SequenceShards(world, heads)
         for r in res:
             say(f"{what} {r} px, r = {window}, f = {down_factor} on {device_name(dev)}")
             if what == "plan":
@@ -356,10 +391,14 @@ def run(
                 row = attention_row(r, *wf, heads, head_dim, dev, dt, repeats, guard)
             else:
                 geo = geometry(r, *wf)
-                check = r == min(res) and geo.q_len * geo.kv_len <= _dense_max() and measure != "full"
-                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check, measure, emit)
+                small = geo.q_len * geo.kv_len <= _dense_max() or shards is not None  # dense or one-GPU check
+                check = r == min(res) and small and measure != "full"
+                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check, measure, emit, shards)
             rows.append(row)
             emit(row)
+            for p in gpus or []:
+                rows.append(comm_row(r, *wf, shape, p))
+                emit(rows[-1])
         if what == "attention":
             check = check_attention(_check_geometry(res, *wf), heads, head_dim, dev, dt)
             say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
@@ -367,6 +406,14 @@ def run(
                 row.update(check)
                 emit(row)
     return rows
+
+
+def _world(what: str, device: str) -> tuple[PL.World | None, torch.device]:
+    """(parallel.World, device) for a step under torchrun (rank, process group, cuda:LOCAL_RANK), else
+    (None, the device)."""
+    if what == "step" and PL.launched():
+        return PL.start("sequence", device)
+    return None, resolve_device(device)
 
 
 def default_variant() -> str:

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from . import quantize as Q
 from .device import device_name, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .pipeline import Hooks, generate
@@ -54,6 +55,7 @@ def run(
     vae_channels: int | None = None,
     compile: bool | None = None,
     cache: str | None = None,
+    quantize: str | None = None,
 ) -> list[dict]:
     """Rows of one image at `res` (one size: the target) made by generate on random weights; see the
     module docstring. `steps`: every stage's (default 20, as generate); `stages`: long sides, as
@@ -65,7 +67,11 @@ def run(
     # 1. Everything generate would refuse, refused now, before gigabytes of weights are made.
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    opts = _options(res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache)
+    opts = _options(
+        res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache, quantize
+    )
+    Q.check_names(opts.quantize, "none", None)
+    Q.check_device(opts.quantize, "none", dev)
     opts = replace(opts, dtype=str(dt).removeprefix("torch."))
     plan_stages(opts, resolve_clear(opts))
     shape = flux_shape(heads, head_dim, layers)
@@ -85,7 +91,7 @@ def run(
     return rows.rows
 
 
-def _options(res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache):
+def _options(res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache, quantize):
     """GenerateOptions of the benchmarked image: a custom CLEAR window (no checkpoint to fetch)."""
     from .bench import default_variant, variant
 
@@ -97,13 +103,23 @@ def _options(res, dev, window, down_factor, text_len, stages, steps, compare_ful
         down_factor = default_f if down_factor is None else down_factor
     steps = 20 if steps is None else steps
     return GenerateOptions(
-        prompts=[PROMPT], width=target, height=target, model="random", window=window,
-        down_factor=down_factor or 1, stages=stages, steps=steps, first_steps=steps, seeds=[0],
-        max_sequence_length=text_len, device=str(dev), compare_full=compare_full,
-        compile=bool(compile), cache=str(parse_cache(cache)),
-        # quantize=...: GenerateOptions.quantize (--quantize fp8dq) passes through here once it lands;
-        # generate applies it to this pipeline in loading.prepared_pipeline, as to loaded weights.
-    )  # fmt: skip
+        prompts=[PROMPT],
+        width=target,
+        height=target,
+        model="random",
+        window=window,
+        down_factor=down_factor or 1,
+        stages=stages,
+        steps=steps,
+        first_steps=steps,
+        seeds=[0],
+        max_sequence_length=text_len,
+        device=str(dev),
+        compare_full=compare_full,
+        compile=bool(compile),
+        cache=str(parse_cache(cache)),
+        quantize=quantize or "none",
+    )  # fmt: skip  (quantize: applied to the built pipeline by loading.prepared_pipeline)
 
 
 def _base(opts: GenerateOptions, shape, dev, dt, vae_channels: int) -> dict:
@@ -114,6 +130,7 @@ def _base(opts: GenerateOptions, shape, dev, dt, vae_channels: int) -> dict:
         "layers": shape.layers, "heads": shape.heads, "head_dim": shape.head_dim,
         "dtype": str(dt).removeprefix("torch."), "device": device_name(dev), "torch": torch.__version__,
         "diffusers": diffusers.__version__, "compile": opts.compile, "cache": opts.cache,
+        "quantize": opts.quantize,
         "vae_channels": vae_channels, "text_encoders": "tiny random", "text_len": opts.max_sequence_length,
     }  # fmt: skip
 

@@ -47,6 +47,23 @@ TIMING_COLUMNS = (
     "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
     "peak MB", "image + text rows ms", "check",
 )  # fmt: skip
+COMM_COLUMNS = (
+    "res", "r", "f", "GPUs", "tokens/GPU", "PF/GPU", "compute s", "a2a GB", "NVLink s", "PCIe s",
+    "400 Gb/s s", "halo GB", "halo 400 Gb/s s",
+)  # fmt: skip
+LINK_KEYS = ("a2a_s NVLink", "a2a_s PCIe", "a2a_s 400 Gb/s")
+
+
+def _comm_cells(row: dict) -> list[str]:
+    """One GPU count at one size: compute and sequence mode's traffic per GPU and step (n/a: the heads do not
+    split over that many GPUs), then the halo layout's."""
+    na = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    return [
+        str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["gpus"]),
+        str(-(-row["tokens"] // row["gpus"])), f"{row['pflop_per_gpu']:.3f}", f"{row['compute_s']:.3f}",
+        na(row["a2a_gb"], ".2f"), *(na(row[k], ".3f") for k in LINK_KEYS),
+        f"{row['halo_gb']:.2f}", f"{row['halo_s 400 Gb/s']:.3f}",
+    ]  # fmt: skip
 
 
 IMAGE_COLUMNS = (
@@ -92,6 +109,8 @@ def image_summary(rows: list[dict]) -> str:
 def _cells(row: dict) -> list[str]:
     if row["what"] == "image":
         return _image_cells(row)
+    if row["what"] == "comm":
+        return _comm_cells(row)
     head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
     if row["what"] != "plan":
         return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
@@ -107,6 +126,11 @@ def _cells(row: dict) -> list[str]:
 def title(rows: list[dict]) -> str:
     """'clear-gen bench --what step on NVIDIA H100 ..., bfloat16, 24 heads x 128, 57 layers'."""
     what, first = rows[0]["what"], rows[0]
+    if what == "comm":
+        return (
+            f"sequence mode (head-parallel) per GPU and step: {first['heads']} heads, {first['layers']} "
+            f"layers, bf16; compute s at {first['assumed_tflops']:.0f} TFLOP/s; halo: band layout, on paper"
+        )
     text = f"clear-gen bench --what {what} on {first['device']}, torch {first.get('torch', '?')}"
     if what == "image":
         speed = f"compile {'on' if first['compile'] else 'off'}, cache {first['cache']}"
@@ -115,11 +139,14 @@ def title(rows: list[dict]) -> str:
     if what != "plan":
         text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
         text += f", {first['layers']} layers" if what == "step" else ""
+        if first.get("parallel") == "sequence":  # under torchrun; its check is against one GPU's step
+            text += f", sequence mode on {first['gpus']} GPU{'s' * (first['gpus'] > 1)} (check: vs one GPU)"
     return text
 
 
 def _columns(rows: list[dict]) -> tuple[str, ...]:
-    return {"plan": PLAN_COLUMNS, "image": IMAGE_COLUMNS}.get(rows[0]["what"], TIMING_COLUMNS)
+    kinds = {"plan": PLAN_COLUMNS, "image": IMAGE_COLUMNS, "comm": COMM_COLUMNS}
+    return kinds.get(rows[0]["what"], TIMING_COLUMNS)
 
 
 def table(rows: list[dict]):
@@ -147,7 +174,8 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def _key(row: dict) -> tuple:
-    return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"], row.get("stage"))
+    return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"], row.get("stage"),
+            row.get("gpus"))  # fmt: skip
 
 
 def read(path: Path) -> tuple[list[dict], dict[str, str]]:

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import ClearGenError, ConfigError, OutputError
+from .errors import ClearGenError, ConfigError, OutputError, ParallelError
 from .output import describe, record_from_image
 from .plan import GenerateOptions
 
@@ -89,15 +90,13 @@ def info(
         console.print(timing_table(timing, "timings"))
 
 
-def _ints(text: str | None, name: str) -> list[int] | None:
+def _ints(text: str | None, name: str, what: str = "pixel sizes, e.g. 1024,2048,4096") -> list[int] | None:
     if not text:
         return None
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise ConfigError(
-            f"{name} takes comma-separated pixel sizes, e.g. 1024,2048,4096; got {text!r}"
-        ) from None
+        raise ConfigError(f"{name} takes comma-separated {what}; got {text!r}") from None
 
 
 def _dimensions(res: int | None, width: int | None, height: int | None) -> tuple[int | None, int | None]:
@@ -246,6 +245,11 @@ def _recipe(
         show_default="none",
         rich_help_panel=SPEED,
     ),
+    parallel: str = typer.Option(
+        "auto",
+        help="Under torchrun: sequence (each image over every GPU), data (images spread) or auto.",
+        rich_help_panel=RUN,
+    ),
 ) -> None:
     """The recipe's options, shared by every command that generates (only its signature is used)."""
 
@@ -388,11 +392,11 @@ def generate(
 
         _print_plans([("", plan_run(opts))], as_json)
         return
-    # 2. Generate, showing progress and a timing table on stderr, JSON on stdout.
+    # 2. Generate, showing progress and a timing table on stderr, JSON on stdout (under torchrun: rank 0).
     from .display import GenerateDisplay
 
     with GenerateDisplay(err, as_json) as display:
-        generate(opts, display.hooks())
+        display.summary(generate(opts, display.hooks()))
 
 
 def _print_plans(plans: list, as_json: bool) -> None:
@@ -510,6 +514,8 @@ def compare(
     from . import compare as C
 
     # 1. Parse and check every variant before anything loads (--dry-run: plan each, load nothing).
+    if _torchrun_rank() is not None:
+        raise ConfigError("compare runs in one process: launch it without torchrun")
     seeds = [seed] if seed is not None else None
     opts = _generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
     names = variants.split(",") if variants is not None else None
@@ -661,6 +667,9 @@ def bench(
     down_factor: int | None = typer.Option(
         None, help="CLEAR down factor f (1 = none).", show_default="1 with --window", rich_help_panel=WHAT
     ),
+    gpus: str | None = typer.Option(
+        None, help="plan: head-parallel traffic at these GPU counts, e.g. 2,4,8.", rich_help_panel=WHAT
+    ),
     heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=SHAPE),
     head_dim: int = typer.Option(128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=SHAPE),
     layers: int = typer.Option(57, help="Blocks (step, image), 1:2 double:single.", rich_help_panel=SHAPE),
@@ -687,6 +696,12 @@ def bench(
     cache: str | None = typer.Option(
         None,
         help="image: step caching, none, fbc[:T] or taylorseer[:N].",
+        show_default="none",
+        rich_help_panel=SPEED,
+    ),
+    quantize: str | None = typer.Option(
+        None,
+        help="image: transformer weights, none, fp8, fp8dq or int8.",
         show_default="none",
         rich_help_panel=SPEED,
     ),
@@ -731,10 +746,13 @@ def bench(
             )
         window, down_factor = B.variant(variant)
     sizes = _ints(res, "--res")
+    writes = not _torchrun_rank()  # under torchrun (step: sequence-parallel), rank 0 writes the files
     # 2. Run, saving the rows as they land (a killed run keeps what it measured).
     done: dict[int, dict] = {}
 
     def on_row(row: dict) -> None:
+        if not writes:
+            return
         done[id(row)] = row
         if json_file:
             _write_json(json_file, list(done.values()))
@@ -749,13 +767,15 @@ def bench(
         max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
         progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"), on_row=on_row,
         stages=_ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
-        cache=cache,
+        cache=cache, quantize=quantize, gpus=_ints(gpus, "--gpus", "GPU counts, e.g. 2,4,8"),
     )  # fmt: skip
-    # 3. Print: as wide as the terminal (or COLUMNS); piped into a file, wide enough not to wrap.
+    # 3. Print a table per kind of row: as wide as the terminal (or COLUMNS); piped, wide enough not to wrap.
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
-    console.print(_fit(_with_legend(R.table(rows)), console.width))
-    if markdown and not jsonl:
-        _write(markdown, R.table_markdown(rows))
+    kinds = [[r for r in rows if r["what"] == what] for what in dict.fromkeys(r["what"] for r in rows)]
+    for part in kinds:
+        console.print(_fit(_with_legend(R.table(part)), console.width))
+    if markdown and not jsonl and writes:
+        _write(markdown, "\n".join(R.table_markdown(part) for part in kinds))
 
 
 # Terse bench headers, explained under the table; BENCHMARKS.md has the long form.
@@ -769,6 +789,9 @@ BENCH_LEGEND = {
     "(est.)": "~ (est.): from the FLOP model, not run",
     "full s/step": "full s/step: full attention's warm step at the stage's size",
     "skipped": "skipped: block evaluations the step cache skipped / all",
+    "a2a GB": "a2a GB: what each GPU sends per step in sequence mode (it receives as much), s: at that link",
+    "n/a": "n/a: the heads do not split over that many GPUs",
+    "halo GB": "halo: bands of image rows trading r - 1 rows with their neighbours (on paper)",
 }
 
 
@@ -835,6 +858,18 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return argv
 
 
+def _torchrun_rank() -> int | None:
+    """This process's rank when torchrun started it, else None."""
+    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
+@contextmanager
+def _silenced() -> Iterator[None]:
+    """Nothing printed on stdout or stderr (torchrun's ranks other than 0: rank 0 speaks for the job)."""
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     # Library chatter (import-time notes, retried-request warnings) is not for our users: errors only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -843,13 +878,22 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("torchao", "torch.utils._pytree"):  # torchao's import: CUDA extensions, torch deprecations
         logging.getLogger(name).setLevel(logging.ERROR)
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    quiet = bool(_torchrun_rank())  # torchrun's ranks 1..: they print only a failure of their own
     try:
         # Standalone: Typer prints help and usage errors itself (exit 2); our errors come through.
-        app(args=argv, prog_name="clear-gen", standalone_mode=True)
+        with _silenced() if quiet else nullcontext():
+            app(args=argv, prog_name="clear-gen", standalone_mode=True)
+    except ParallelError as e:  # one rank's own failure, or lost contact: the rank that saw it says so
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # no process-group teardown: with a rank gone it can hang or abort
     except ClearGenError as e:
         # escape: a path like a[1].png is not markup; soft_wrap: one line even when longer than the terminal
-        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        if not quiet:
+            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]")
+        if not quiet:
+            err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)

@@ -164,6 +164,7 @@ class GenerateDisplay:
     def __init__(self, console: Console, as_json: bool):
         self.as_json = as_json
         self.view = Bars(console) if console.is_terminal else Lines(console)
+        self.started = time.perf_counter()
 
     def __enter__(self) -> GenerateDisplay:
         return self
@@ -189,8 +190,20 @@ class GenerateDisplay:
     def _done(self, result: ImageResult) -> None:
         if self.as_json:
             print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
-        title = f"{result.path}  (seed {result.record.seed})"
-        self.view.console.print(timing_table(result.timing, title))
+        t = result.timing
+        ranks = f"; {t.parallel} mode, {t.gpus} GPUs" if t.gpus > 1 else ""
+        title = f"{result.path}  (seed {result.record.seed}{ranks})"
+        self.view.console.print(timing_table(t, title))
+
+    def summary(self, results: list[ImageResult]) -> None:
+        """Under torchrun's data mode, one line for the whole batch once every image's table is out."""
+        if len(results) < 2 or results[0].timing.parallel != "data":
+            return
+        seconds = time.perf_counter() - self.started
+        n, gpus = len(results), results[0].timing.gpus
+        self.view.print(
+            f"{n} images on {gpus} GPUs (data mode) in {duration(seconds)}: {n / seconds * 60:.1f} a minute"
+        )
 
 
 COLUMNS = ("part", "attention", "steps", "warm-up", "s/step", "full", "speedup", "density", "seconds")
@@ -203,6 +216,12 @@ PEAK_COLUMN, PEAK_LEGEND = (
     "; peak GB: GPU memory allocated at most (reserved), denoising and decoding",
 )
 CACHE_LEGEND = "; skipped: block evaluations the step cache (--cache) skipped / all, s/step their mean"
+
+
+SEQUENCE_LEGEND = (
+    "; sequence mode: a CLEAR stage's s/step is the {gpus} GPUs' step, its full and speedup against one GPU "
+    "(measured, or * from the step's GPU-seconds); stock stages run whole on each GPU"
+)
 
 
 def seconds(value: float | None) -> str:
@@ -225,7 +244,8 @@ def _stage_cells(t: StageTiming) -> list[str]:
         else:  # n/a: one step, so no warm step to compare
             speed = "n/a" if t.speedup is None else f"{t.speedup:.2f}x{est}"
         density = f"{t.density:.1%}"
-    return [t.attention, str(t.steps), seconds(t.warmup_s), seconds(t.step_s), full, speed, density]
+    attention = f"{t.attention} on {t.gpus} GPUs" if t.gpus > 1 else t.attention
+    return [attention, str(t.steps), seconds(t.warmup_s), seconds(t.step_s), full, speed, density]
 
 
 def _peak(t: StageTiming) -> str:
@@ -241,10 +261,13 @@ def timing_table(timing: RunTiming, title: str) -> Table:
     cached = any(t.block_evals for t in timing.stages)  # --cache: a column of skipped block evaluations
     extra = (*([PEAK_COLUMN] if peaks else []), *(["skipped"] if cached else []))
     columns = (*COLUMNS[:-1], *extra, COLUMNS[-1])
+    sequence = timing.gpus > 1 and timing.parallel == "sequence"
+    caption = LEGEND + (PEAK_LEGEND if peaks else "") + (CACHE_LEGEND if cached else "")
+    caption += SEQUENCE_LEGEND.format(gpus=timing.gpus) if sequence else ""
     table = Table(
         title=escape(title),
         title_justify="left",
-        caption=LEGEND + (PEAK_LEGEND if peaks else "") + (CACHE_LEGEND if cached else ""),
+        caption=caption,
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         padding=(0, 1, 0, 0),

@@ -23,3 +23,7 @@ class DeviceError(ClearGenError):
 
 class OutputError(ClearGenError):
     """The output cannot be written."""
+
+
+class ParallelError(ClearGenError):
+    """One rank of a torchrun job failed on its own, or lost contact with the others: that rank prints it."""

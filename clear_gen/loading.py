@@ -77,7 +77,7 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
                 f"fetch one with `clear-gen download --base dev`"
             ) from e
         load_loras(pipe, parse_loras(opts.loras or [], opts.lora_files or []), opts.token)  # before offload
-        if opts.offload == "none":
+        if opts.offload in ("none", "auto"):  # auto unresolved (no memory plan: distill, library use): none
             pipe.to(device)
         elif opts.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
@@ -220,9 +220,10 @@ def prepared_pipeline(pipe, opts: GenerateOptions):
     """A pipeline built elsewhere, already on its device (`bench --what image`: random weights), made
     ready as load_pipeline leaves one: no progress bars, exact RoPE positions.
 
-    --quantize (quantize.py, when it lands) applies here too, as in load_pipeline, so that a benchmark
-    on random weights measures the same quantized transformer as a run on the real ones.
+    --quantize applies here too (quantize.quantize_built: the same torchao config as load_pipeline's),
+    so that a benchmark on random weights measures the same quantized transformer as a run on real ones.
     """
+    Q.quantize_built(pipe.transformer, opts.quantize)
     pipe.set_progress_bar_config(disable=True)
     use_exact_positions(pipe.transformer)
     return pipe

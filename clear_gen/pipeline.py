@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from . import gpus, output
+from . import gpus, output, parallel
 from . import quantize as Q
 from .attention import apply_clear, remove_clear, resolve_backend
 from .chunking import chunk_feed_forward
-from .device import DTYPES, device_name, resolve_device, resolve_dtype
-from .errors import ConfigError, DeviceError
+from .device import DTYPES, device_name, resolve_dtype
+from .errors import ClearGenError, ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
 from .loading import (
     check_transformer_file,
@@ -76,10 +76,13 @@ class ImageResult:
     record: output.ImageRecord
     timing: RunTiming
     stage_paths: list[Path] = field(default_factory=list)  # absolute; --keep-stages
+    job: int | None = None  # under torchrun: the image's place in the run's jobs
 
     def to_json(self) -> dict[str, Any]:
         """The record as `clear-gen info --json` prints it, with the paths and the finished timing."""
+        job = {} if self.job is None else {"job": self.job}
         return {
+            **job,
             "path": str(self.path),
             "stage_paths": [str(p) for p in self.stage_paths],
             **self.record.to_dict(),
@@ -173,38 +176,41 @@ def generate(opts: GenerateOptions, hooks: Hooks | None = None, pipe: Any = None
     """Generate one image per prompt and seed; each is saved as soon as it is done (see module docstring).
 
     `pipe`: a FluxPipeline already built on opts.device (`bench --what image`: random weights); nothing
-    is then loaded, no weights are checked and no memory plan made; the rest is the same code path."""
-
+    is then loaded, no weights are checked and no memory plan made; the rest is the same code path.
+    Under torchrun every rank calls this (parallel.py says what each does): rank 0 returns every image's
+    result, in data mode gathered from all ranks, and the other ranks return [].
+    """
     started = time.perf_counter()
     hooks = hooks or Hooks()
-    # 1. Check everything the user gave before loading gigabytes.
+    # 1. Check everything the user gave before loading gigabytes (under torchrun: every rank, agreed).
+    world, device = parallel.start(opts.parallel, opts.device)
+    jobs, choice, dtype, opts, plan, world = world.agree(lambda: _check(opts, world, device, hooks, pipe))
+    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan, world, pipe)
+
+
+def _check(opts: GenerateOptions, world: parallel.World, device, hooks: Hooks, pipe) -> tuple:
+    """(jobs, attention choice, dtype, opts with the offload decided, memory plan, world with its mode
+    decided), or a ClearGenError."""
     prompts = [p.strip() for p in opts.prompts]
     if not prompts or not all(prompts):
         raise ConfigError("the prompt is empty: give a PROMPT or a --prompts-file with one prompt a line")
-    device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     choice = resolve_clear(opts)
     stages = plan_stages(opts, choice)
     seeds = image_seeds(opts.seeds, opts.count)
-    probe = output.ImageRecord(
-        prompt=prompts[0],
-        seed=seeds[0],
-        model=opts.model,
-        steps=1,
-        guidance=0.0,
-        width=opts.width,
-        height=opts.height,
-    )
-    output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    world = world.decide(len(prompts) * len(seeds))
+    if world.writes:
+        probe = output.ImageRecord(prompt=prompts[0], seed=seeds[0], model=opts.model, steps=1, guidance=0.0,
+                                   width=opts.width, height=opts.height)  # fmt: skip
+        output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
     if pipe is None:
         opts, plan = _prepare(opts, choice, device, hooks)
     else:
         plan = None
         if choice.note:
             hooks.note(choice.note)
-    # 2. Load, then generate.
     jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
-    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan, pipe)
+    return jobs, choice, dtype, opts, plan, world
 
 
 def upscale(
@@ -218,19 +224,28 @@ def upscale(
     own prompt from its metadata, else none) or [prompt]; `opts.stages`: long sides after the picture."""
     started = time.perf_counter()
     hooks = hooks or Hooks()
-    # 1. Read every picture, then plan every image, before loading gigabytes.
-    device = resolve_device(opts.device)
+    world, device = parallel.start(opts.parallel, opts.device)
+    return _run_jobs(
+        *world.agree(lambda: _check_upscale(opts, inputs, target, world, device, hooks, started))
+    )
+
+
+def _check_upscale(
+    opts, inputs, target, world: parallel.World, device, hooks: Hooks, started: float
+) -> tuple:
+    """Read every picture, then plan every image, before loading gigabytes: _run_jobs' arguments."""
     dtype = resolve_dtype(opts.dtype, device)
     jobs, choice = upscale_jobs(opts, inputs, target, hooks)
+    world = world.decide(len(jobs))
     largest = max(jobs, key=lambda job: job.stages[-1].tokens)
     last = largest.stages[-1]
     probe = output.ImageRecord(prompt=largest.prompt, seed=largest.seed, model=opts.model, steps=1,
                                guidance=0.0, width=last.width, height=last.height)  # fmt: skip
-    output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
+    if world.writes:
+        output.release(output.output_path(opts.out, probe))  # fails now, not after an hour, if unwritable
     planned = replace(opts, width=last.width, height=last.height)  # the largest picture's plan
     opts, plan = _prepare(opts, choice, device, hooks, planned, largest.stages)
-    # 2. Load once, then upscale every picture.
-    return _run_jobs(opts, hooks, jobs, choice, device, dtype, started, plan)
+    return opts, hooks, jobs, choice, device, dtype, started, plan, world
 
 
 def upscale_jobs(
@@ -326,16 +341,23 @@ def _source_prompt(opts: GenerateOptions, src: Source, hooks: Hooks) -> str:
 
 
 def _run_jobs(
-    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, pipe=None
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, world, pipe=None
 ) -> list[ImageResult]:
     """Load once (unless given `pipe`), then make every job's image; GPU memory can run out anywhere."""
+    note = world.describe(len(jobs))
+    if note:
+        hooks.note(note)
+    seeds = world.from_rank0([job.seed for job in jobs])  # random seeds: rank 0's
+    jobs = [replace(job, seed=seed) for job, seed in zip(jobs, seeds, strict=True)]
     try:
-        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started, plan, pipe)
+        return _load_and_generate(opts, hooks, jobs, choice, device, dtype, started, plan, world, pipe)
     except torch.cuda.OutOfMemoryError as e:
-        planned = f" (planned peak {plan.peak_gb:.1f} GB with --offload {plan.offload})" if plan else ""
-        raise DeviceError(
-            f"out of GPU memory{planned}: try --offload model or sequential, or a smaller size"
-        ) from e
+        raise world.own(_out_of_memory(plan)) from e
+
+
+def _out_of_memory(plan: RunPlan | None) -> DeviceError:
+    planned = f" (planned peak {plan.peak_gb:.1f} GB with --offload {plan.offload})" if plan else ""
+    return DeviceError(f"out of GPU memory{planned}: try --offload model or sequential, or a smaller size")
 
 
 def _memory_plan(opts: GenerateOptions, device: torch.device, hooks: Hooks, stages=None) -> RunPlan:
@@ -354,9 +376,36 @@ def _memory_plan(opts: GenerateOptions, device: torch.device, hooks: Hooks, stag
 
 
 def _load_and_generate(
-    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, pipe=None
+    opts, hooks, jobs: list[Job], choice, device, dtype, started, plan, world, pipe=None
 ) -> list[ImageResult]:
-    # 1. The CLEAR weights and the pipeline (compiled blocks if asked); every prompt encoded once.
+    # 1. The pipeline, its CLEAR weights and this rank's prompts encoded (agreed: a failure ends every rank).
+    mine = [jobs[i] for i in world.my_jobs(len(jobs)) if i is not None]
+    run, embeds = world.agree(
+        lambda: _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe)
+    )
+    embeds = {p: tuple(world.share(t) for t in e) for p, e in embeds.items()}  # sequence mode: rank 0's
+    run.mark = started
+    # 2. Every job of this rank: its stages, then save (each image as soon as it is done); in data mode
+    #    rank 0 reports every rank's images, a round at a time, in job order.
+    results = []
+    try:
+        for index in world.my_jobs(len(jobs)):
+            for result in world.collect(lambda i=index: _job(run, jobs, embeds, i)):
+                results.append(result)
+                hooks.image_done(result)
+    except ClearGenError as e:
+        failure = world.own(e)  # sequence mode: this rank's alone, named by rank
+        if failure is e:
+            raise
+        raise failure from e
+    finally:
+        remove_clear(run.pipe.transformer)
+    return results
+
+
+def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> tuple[_Run, dict[str, tuple]]:
+    """The pipeline and CLEAR weights (as _Run) and the embeddings of this rank's prompts (`mine`: its jobs).
+    No collectives in here: it runs inside World.agree, whose own collective follows it on every rank."""
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
     hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else ""))
@@ -370,7 +419,9 @@ def _load_and_generate(
     img2img = img2img_pipeline(pipe) if any(s.sdedit for job in jobs for s in job.stages) else None
     load_s = now(device) - t0
     hooks.phase_done("load", load_s)
-    prompts = list(dict.fromkeys(job.prompt for job in jobs))
+    prompts = list(dict.fromkeys(job.prompt for job in mine)) or [jobs[0].prompt]
+    heads = pipe.transformer.config.num_attention_heads
+    shards = parallel.SequenceShards(world, heads) if world.sequence and choice.window else None
     hooks.phase("encode", f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}")
     t0 = now(device)
     embeds = dict(zip(prompts, _encode(pipe, prompts, device, text_tokens(opts), opts.offload), strict=True))
@@ -381,19 +432,30 @@ def _load_and_generate(
         activations = plan.activation_bytes if plan else 0
         state_dict = place_clear_weights(state_dict, pipe.transformer, activations)
         load_s += now(device) - t0
-    # 2. Every job: its stages, then save (each image as soon as it is done).
-    run = _Run(pipe, img2img, opts, choice, state_dict, device, hooks, plan)
-    results, mark = [], started
+    run = _Run(
+        pipe, img2img, opts, choice, state_dict, device, hooks, plan, world, shards, (load_s, encode_s)
+    )
+    return run, embeds
+
+
+def _job(run: _Run, jobs: list[Job], embeds: dict, index: int | None) -> ImageResult | None:
+    """Job `index` (None: this rank has none this round): its image, or None on a rank that does not save it.
+
+    The first image a rank makes carries that rank's load and encode times."""
+    if index is None:
+        return None
+    job = jobs[index]
+    timing = RunTiming(*run.setup_s) if run.made == 0 else RunTiming()
+    timing.gpus, timing.parallel = run.world.size, run.world.mode
     try:
-        for job in jobs:
-            timing = RunTiming() if results else RunTiming(load_s, encode_s)  # the first carries them
-            result = _one_image(run, job, embeds[job.prompt], timing, mark)
-            mark += timing.total_s  # the next image's time starts where this one's ended
-            results.append(result)
-            hooks.image_done(result)
-    finally:
-        remove_clear(pipe.transformer)
-    return results
+        result = _one_image(run, job, embeds[job.prompt], timing, run.mark)
+    except torch.cuda.OutOfMemoryError as e:
+        raise _out_of_memory(run.plan) from e
+    run.mark += timing.total_s  # the next image's time starts where this one's ended
+    run.made += 1
+    if result is not None and run.world.mode != "none":
+        result.job = index
+    return result
 
 
 def _attention_label(choice: ClearChoice, stage: Stage) -> str:
@@ -414,10 +476,16 @@ class _Run:
     device: torch.device
     hooks: Hooks
     plan: RunPlan | None  # None: a pipeline built elsewhere (bench --what image), no plan
+    world: parallel.World = field(default_factory=parallel.World)
+    shards: parallel.SequenceShards | None = None  # sequence mode: head-parallel CLEAR over the ranks
+    setup_s: tuple[float, float] = (0.0, 0.0)  # loading and encoding: the rank's first image carries them
+    mark: float = 0.0  # where the next image's wall time begins
+    made: int = 0  # images this rank has made
 
 
-def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult:
-    """Every stage of one image (each decoded: the next starts from its image), then its PNG.
+def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult | None:
+    """Every stage of one image (each decoded: the next starts from its image), then its PNG (None on the
+    ranks that do not save it).
 
     `started`: where this image's wall time begins (the run's start for the first image).
     """
@@ -425,6 +493,10 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
     for i, stage in enumerate(job.stages):
         hooks.stage_start(i, n, stage)
         latents, stage_timing = _stage(run, stage, emb, image, job.seed)
+        if i == n - 1 and not run.world.writes:
+            timing.stages.append(stage_timing)
+            timing.total_s = time.perf_counter() - started
+            return None  # sequence mode: rank 0 alone decodes and saves the image
         hooks.phase("decode", f"{stage.width}x{stage.height}")
         t0 = now(run.device)
         image = _decode(run.pipe, latents, stage)
@@ -433,7 +505,7 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
         hooks.stage_done(i, stage_timing)
-        if run.opts.keep_stages and i < n - 1:
+        if run.opts.keep_stages and i < n - 1 and run.world.writes:
             record = _record(run, job, job.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
             stage_paths.append(path)
@@ -450,7 +522,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     transformer, opts, device, hooks = run.pipe.transformer, run.opts, run.device, run.hooks
     choice = run.choice
     # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale.
-    kwargs = clear_kwargs(opts, choice, stage, run.state_dict)
+    kwargs = {**clear_kwargs(opts, choice, stage, run.state_dict), "parallel": run.shards}
     if stage.clear:
         apply_clear(transformer, **kwargs)
     else:
@@ -467,6 +539,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     with capture_transformer_call(transformer) as inputs, clock.watching(transformer), cache as blocks:
         latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
     timing = _timing(stage, choice, clock, geo, blocks)
+    timing.gpus = run.world.size if run.shards is not None and stage.clear else 1  # stock stages: replicated
     record_peak_memory(timing, device)
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
     if opts.compare_full and geo is not None:
@@ -483,7 +556,7 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         reset_peak_memory(device)  # the stage's peak leaves out timing full attention
     elif not stage.clear:
         timing.full_step_s = timing.step_s
-    return latents, timing
+    return run.world.share(latents), timing  # sequence mode: rank 0's latents, so the ranks never drift
 
 
 VAE_TILING_ABOVE = 2048  # px: larger stages encode and decode in tiles (the VAE's memory grows with area)

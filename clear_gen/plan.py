@@ -57,6 +57,7 @@ class GenerateOptions:
     lora_files: list[str] | None = None  # --lora-file: the files of the bare owner/repo --loras, in order
     compile: bool = False  # regional compilation of the transformer blocks (speed.py)
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
+    parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
 
 
 def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:

@@ -180,6 +180,21 @@ def transformer_config(mode: str, dtype: torch.dtype):
     return TorchAoConfig(_torchao_config(mode))
 
 
+def quantize_built(transformer, mode: str) -> None:
+    """Quantize a transformer built in memory (bench --what image's random weights) with the same torchao
+    config as `transformer_config` gives from_pretrained: the benchmark measures the same layers. nf4
+    (bitsandbytes) quantizes only while loading, so it is refused here."""
+    if mode == "none":
+        return
+    if mode == "nf4":
+        raise ConfigError("--quantize nf4 quantizes while loading real weights; bench --what image takes "
+                          "fp8, fp8dq or int8")  # fmt: skip
+    with quiet_imports():
+        from torchao.quantization import quantize_
+
+    quantize_(transformer, _torchao_config(mode))  # every Linear, as diffusers' TorchAoConfig does
+
+
 def text_config(mode: str, dtype: torch.dtype):
     """The `quantization_config` for T5's `T5EncoderModel.from_pretrained` (transformers' classes)."""
     if mode == "none":

@@ -70,6 +70,7 @@ class StageTiming:
     peak_reserved_gb: float | None = None  # the same, as reserved by torch's caching allocator
     block_evals: int = 0  # --cache: transformer blocks evaluated in the stage (0: no cache, not counted)
     blocks_skipped: int = 0  # --cache: block evaluations the cache skipped
+    gpus: int = 1  # ranks whose GPUs shared each step (torchrun's sequence mode); full_step_s is one GPU's
 
     @property
     def warmup_s(self) -> float | None:
@@ -108,6 +109,8 @@ class RunTiming:
     stages: list[StageTiming] = field(default_factory=list)
     save_s: float | None = None  # PNG writes: the image and its kept stages
     total_s: float | None = None  # wall time of this image, its share of loading and encoding included
+    gpus: int = 1  # processes in the run (torchrun's world size)
+    parallel: str = "none"  # none (one process), sequence (each image over every GPU) or data: parallel.py
 
     @property
     def decode_s(self) -> float:
@@ -251,7 +254,9 @@ def time_full_attention(
 
     A measured time is kept per transformer and size, so a batch of images measures it once. The
     estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
-    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate.
+    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate. Either is one
+    GPU's: in sequence mode the stock step runs whole on each GPU, and the estimate starts from the
+    CLEAR step's GPU-seconds (step_s x gpus, as if the step scaled perfectly).
     """
     cache = _FULL_STEP_S.setdefault(transformer, {})
     key = _full_step_key(inputs, geo, device) if inputs else None
@@ -259,7 +264,8 @@ def time_full_attention(
         timing.full_step_s = cache[key]
         return
     computed = build_block_lists(geo).computed_pairs()
-    estimate = timing.step_s * speedup_bound(step_flops(_shape(transformer.config), geo, computed))
+    gpu_seconds = timing.step_s * timing.gpus
+    estimate = gpu_seconds * speedup_bound(step_flops(_shape(transformer.config), geo, computed))
     if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits:
         timing.full_step_s, timing.full_estimated = estimate, True
         return

@@ -14,10 +14,10 @@
 # Outside the device tool OUT defaults to bench_out/.
 #
 # The GPU machine has torch, transformers, typer, rich, safetensors and huggingface_hub but not
-# diffusers, and no network: carry the wheel in .whl/ (git-ignored; name .whl in the tool's carry;
-# torchao's too once --quantize fp8dq is benchmarked):
+# diffusers nor torchao (for --quantize fp8dq), and no network: carry their wheels in .whl/ (git-ignored;
+# name .whl in the tool's carry):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
+#     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 torchao==0.18.0
 # (its other needs, requests, Pillow, regex, filelock, numpy, are on that machine).
 # Test knobs: PARTS (comma-separated part names to run; default all), PART_LIMITS ("name=seconds,...":
 # per-part timeouts, e.g. to check that a killed part is reported).
@@ -46,10 +46,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 if [ "${SMOKE:-0}" = 1 ]; then  # plumbing check on a CPU: small everything
   MODEL=(--device cpu --heads 2 --head-dim 32 --layers 2) BIG=512 MID=256,384 SIZES=256,384,512
-  IMAGE=(--res 512 --stages 256,512 --steps 2 --vae-channels 8)
+  IMAGE=(--res 512 --stages 256,512 --steps 2 --vae-channels 8) FP8=int8  # fp8dq needs CUDA
 else
   MODEL=(--layers 57) BIG=8192 MID=2048,4096 SIZES=2048,4096,8192  # FLUX.1-dev: 24 heads x 128, bf16
   IMAGE=(--res 8192)  # the default recipe: a 1024 px first pass (20 steps), then 8K (14 of 20 steps)
+  FP8=fp8dq  # dynamic fp8 activations and weights: fp8 matmuls (compute capability 8.9+)
 fi
 
 # part NAME MIN_S MAX_S ARGS...: one `clear-gen bench`, rows appended to rows.jsonl as they land.
@@ -80,8 +81,7 @@ part full-8k 100 220 --what step --res "$BIG" --measure full --repeats 0 "${MODE
 part image-8k 150 330 --what image "${IMAGE[@]}" "${MODEL[@]}"
 part image-8k-r8 120 300 --what image "${IMAGE[@]}" --variant r8 "${MODEL[@]}"
 part image-8k-compile 150 330 --what image "${IMAGE[@]}" --variant r8 --compile "${MODEL[@]}"
-# part image-8k-fp8 150 330 --what image "${IMAGE[@]}" --variant r8 --compile --quantize fp8dq "${MODEL[@]}"
-#   ^ once --quantize fp8dq lands (torchao's wheel in .whl/ too)
+part image-8k-fp8dq 150 330 --what image "${IMAGE[@]}" --variant r8 --compile --quantize "$FP8" "${MODEL[@]}"
 # 3. The attention op alone, r = 8, 2K-8K, against full SDPA; its image and text query rows timed apart.
 part attention 50 120 --what attention --res "$SIZES" --variant r8 --repeats 3 "${MODEL[@]}"
 # 4. Whole steps at 2K and 4K, CLEAR and full.

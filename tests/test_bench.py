@@ -15,7 +15,7 @@ from clear_gen import flops as FL
 from clear_gen import geometry as G
 from clear_gen import random_flux as RF
 from clear_gen.cli import app, main
-from clear_gen.errors import ConfigError
+from clear_gen.errors import ClearGenError, ConfigError
 
 GEO_8K = G.Geometry(512, 512, 512, 8)
 
@@ -284,3 +284,11 @@ def test_report_fills_an_image_stage_from_a_measured_full_step():
     cells = "| 2 | 8192x8192 | CLEAR r=8 f=4 | 10 | 10.00 | 1.0 | 2.0 | 103.0 | 90.00 | 9.00x | 40.0 | - |"
     assert cells in text
     assert "the same stages with full attention: 920.0 s." in text
+
+
+@pytest.mark.slow  # a whole (tiny) image
+def test_bench_image_quantizes_the_built_transformer_as_loading_would():
+    rows = B.run("image", res=[128], quantize="int8", compare_full=False, **TINY_IMAGE)
+    assert all(r["quantize"] == "int8" for r in rows) and rows[-1]["stage"] == "all"
+    with pytest.raises(ClearGenError, match="nf4"):  # on a CPU: CUDA only; on a GPU: only while loading
+        B.run("image", res=[128], quantize="nf4", **TINY_IMAGE)

@@ -32,8 +32,10 @@ def _tokenizers(tmp: Path):
     return clip, t5, len(words), len(pieces)
 
 
-def save_tiny_flux(path: Path, seed: int = 0) -> Path:
-    """Write a FluxPipeline with 1 double + 1 single block, 2 heads of 16, a 4-level VAE; ~1 MB."""
+def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
+    """Write a FluxPipeline with 1 double + 1 single block, `heads` heads of 16, a 4-level VAE; ~1 MB.
+
+    6 heads: 2 and 3 ranks of a sequence-parallel run each take a whole number of them."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -89,7 +91,7 @@ def save_tiny_flux(path: Path, seed: int = 0) -> Path:
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         guidance_embeds=True,
