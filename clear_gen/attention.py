@@ -316,12 +316,32 @@ def _device_layout(geo: G.Geometry, device: str) -> _Layout:
     return _Layout(geo, perm, G.inverse_order(geo.height, geo.width, geo.tile).to(device))
 
 
-_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+_ARGS = (  # FluxTransformer2DModel.forward's positional parameters
+    "hidden_states",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "timestep",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+    "joint_attention_kwargs",
+    "controlnet_block_samples",
+    "controlnet_single_block_samples",
+)
+_CONTROLNET_ARGS = ("hidden_states", "controlnet_cond", "controlnet_mode", "conditioning_scale")
+_CONTROLNET_ARGS += _ARGS[1:7]  # FluxControlNetModel.forward's
+_RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")  # lists of (B, N, C) row-major
+
+
+def _is_controlnet(module) -> bool:
+    return hasattr(module, "controlnet_x_embedder")
 
 
 def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
-    """Tile-order hidden_states and exact img_ids (positions.py) and record the layout for this forward."""
-    kwargs = {**dict(zip(_ARGS, args, strict=False)), **kwargs}  # positional arguments by name
+    """Tile-order hidden_states, exact img_ids (positions.py) and a ControlNet's residuals; record the layout
+    for this forward."""
+    names = _CONTROLNET_ARGS if _is_controlnet(module) else _ARGS
+    kwargs = {**dict(zip(names, args, strict=False)), **kwargs}  # positional arguments by name
     hidden, text, img_ids = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["img_ids"]
     if img_ids.ndim == 3:
         img_ids = img_ids[0]
@@ -329,20 +349,38 @@ def _pre_hook(state: _ClearState, module, args: tuple, kwargs: dict):
     h, w, f = grid.height, grid.width, state.config.down_factor
     if h % f or w % f:
         raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
-    geo = G.image_geometry(text.shape[1], h, w, state.config.window, f)
+    text_len = text.shape[1] + int(getattr(module, "union", False))  # a union ControlNet adds a mode token
+    geo = G.image_geometry(text_len, h, w, state.config.window, f)
     state.layout = _device_layout(geo, str(hidden.device))
-    kwargs["hidden_states"] = hidden[:, state.layout.perm]  # (B, N, C) tile order
-    kwargs["img_ids"] = exact_ids(grid, hidden.device)[state.layout.perm]  # positions move with tokens
+    perm = state.layout.perm
+    kwargs["hidden_states"] = hidden[:, perm]  # (B, N, C) tile order
+    kwargs["img_ids"] = exact_ids(grid, hidden.device)[perm]  # positions move with tokens
+    for name in _RESIDUALS:  # a ControlNet's, added to the image tokens after each block: tile order too
+        if kwargs.get(name) is not None:
+            kwargs[name] = [sample[:, perm] for sample in kwargs[name]]
     if state.parallel is not None:  # sequence mode: this rank's slice of [text ; image]
         kwargs = state.parallel.shard_inputs(kwargs)
     return (), kwargs
 
 
+def _control_hook(state: _ClearState, module, args: tuple):
+    """A ControlNet's condition, packed (B, N, C) row-major as its controlnet_x_embedder takes it (whether the
+    pipeline packed it or its input_hint_block did): tile order, like the hidden_states it is added to."""
+    return (args[0][:, state.layout.perm], *args[1:])
+
+
 def _post_hook(state: _ClearState, module, args, output):
-    """Back to row-major order (in sequence mode, once every rank's image tokens are gathered). The layout
-    stays recorded: a gradient-checkpointed backward pass runs the blocks (and so the processors) again
-    after the forward has returned."""
+    """Back to row-major order (in sequence mode, once every rank's image tokens are gathered): the
+    transformer's sample, or every residual a ControlNet returns. The layout stays recorded: a
+    gradient-checkpointed backward pass runs the blocks (and so the processors) again after the forward has
+    returned."""
     inv = state.layout.inv
+    if _is_controlnet(module):
+        rows = [None if s is None else [t[:, inv] for t in s] for s in _residuals(output)]
+        if isinstance(output, tuple):
+            return tuple(rows)
+        output.controlnet_block_samples, output.controlnet_single_block_samples = rows
+        return output
     sample = output[0] if isinstance(output, tuple) else output.sample
     if state.parallel is not None:
         sample = state.parallel.gather_image(sample)  # (B, N, C): every rank's image tokens, tile order
@@ -350,6 +388,12 @@ def _post_hook(state: _ClearState, module, args, output):
         return (sample[:, inv], *output[1:])
     output.sample = sample[:, inv]
     return output
+
+
+def _residuals(output) -> tuple:
+    if isinstance(output, tuple):
+        return output
+    return output.controlnet_block_samples, output.controlnet_single_block_samples
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -370,7 +414,7 @@ def expected_checkpoint(transformer, down_factor: int) -> dict[str, torch.Size]:
     for name, attn in _attn_modules(transformer).items():
         layers = ["to_q", "to_k", "to_v"] + (["to_out.0"] if name.startswith("transformer_") else [])
         for layer in layers:
-            module = attn.get_submodule(layer)
+            module = _base(attn.get_submodule(layer))
             shapes[f"{name}.{layer}.weight"] = torch.Size((module.out_features, module.in_features))
             if module.bias is not None:
                 shapes[f"{name}.{layer}.bias"] = module.bias.shape
@@ -425,10 +469,10 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
     with torch.no_grad():
         for key, value in state_dict.items():
             name, _, kind = key.rpartition(".")
-            if kind != "spatial_weight" and _swapped_whole(transformer.get_submodule(name)):
+            if kind != "spatial_weight" and _swapped_whole(_base(transformer.get_submodule(name))):
                 swapped.setdefault(name, {})[kind] = value
                 continue
-            param = transformer.get_parameter(key)
+            param = transformer.get_parameter(_base_key(transformer, key))
             if kind == "spatial_weight":
                 param.copy_(value)
             elif value.device == param.device and value.dtype == param.dtype:
@@ -438,9 +482,29 @@ def _load(transformer, state: _ClearState, state_dict: Mapping[str, Tensor]) -> 
                 state.originals.setdefault(key, _cpu_copy(param))
                 param.copy_(value)
         for name, tensors in swapped.items():
-            original = transformer.get_submodule(name)
+            original = _base(transformer.get_submodule(name))
             state.modules.setdefault(name, original)
-            transformer.set_submodule(name, _plain_linear(original, tensors, transformer.dtype))
+            transformer.set_submodule(
+                _base_name(transformer, name), _plain_linear(original, tensors, transformer.dtype)
+            )
+
+
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    """The projection itself: under a LoRA (peft's LoraLayer wraps it as `base_layer`), the wrapped one."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _base_name(transformer, name: str) -> str:
+    """`name`, or `name.base_layer` when a LoRA wraps that projection now: CLEAR's weights and the originals
+    it keeps always belong to the projection under the LoRA, whether the LoRA came before CLEAR or after."""
+    module = transformer.get_submodule(name)
+    return f"{name}.base_layer" if hasattr(module, "get_base_layer") and module is not _base(module) else name
+
+
+def _base_key(transformer, key: str) -> str:
+    """A parameter key of the checkpoint's format ('...attn.to_q.weight') as it is named now."""
+    name, _, kind = key.rpartition(".")
+    return f"{_base_name(transformer, name)}.{kind}" if kind != "spatial_weight" else key
 
 
 def _swapped_whole(module: torch.nn.Module) -> bool:
@@ -477,7 +541,7 @@ def _cpu_copy(t: Tensor) -> Tensor:
 def _restore(transformer, originals: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for key, value in originals.items():
-            param = transformer.get_parameter(key)
+            param = transformer.get_parameter(_base_key(transformer, key))
             if value.device == param.device:
                 param.data = value
             else:
@@ -537,6 +601,9 @@ def _register_hooks(transformer, state: _ClearState) -> None:
         transformer.register_forward_pre_hook(lambda m, a, k: _pre_hook(state, m, a, k), with_kwargs=True),
         transformer.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
     ]
+    if _is_controlnet(transformer):
+        embedder = transformer.controlnet_x_embedder
+        state.hooks.append(embedder.register_forward_pre_hook(lambda m, a: _control_hook(state, m, a)))
 
 
 def _compute_device(transformer) -> torch.device:
@@ -559,7 +626,7 @@ def remove_clear(transformer) -> None:
     for name, processor in state.processors.items():
         modules[name].set_processor(processor)
     for name, module in state.modules.items():
-        transformer.set_submodule(name, module)
+        transformer.set_submodule(_base_name(transformer, name), module)
     _restore(transformer, state.originals)
     transformer.pos_embed.theta = state.theta
     del transformer._clear_state

@@ -175,6 +175,14 @@ def _recipe(
     token: str = typer.Option(
         None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=MODEL
     ),
+    lora: list[str] = typer.Option(
+        None,
+        help="LoRA PATH_OR_REPO[:SCALE] (file, owner/repo or owner/repo/file); repeatable.",
+        rich_help_panel=MODEL,
+    ),
+    lora_file: list[str] = typer.Option(
+        None, help="File of a --lora owner/repo holding several, in order; repeatable.", rich_help_panel=MODEL
+    ),
     steps: int = typer.Option(
         None, help="Steps of each CLEAR stage.", show_default=str(_D.steps), rich_help_panel=RECIPE
     ),
@@ -295,6 +303,10 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
     w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
     if "clear_weights" in recipe:
         recipe["clear_weights"] = str(recipe["clear_weights"]) if recipe["clear_weights"] else None
+    recipe["loras"], recipe["lora_files"] = (
+        recipe.pop("lora", None) or None,
+        recipe.pop("lora_file", None) or None,
+    )
     recipe["proportional_attention"] = _on_off(recipe["proportional_attention"], "--proportional-attention")
     long_sides = _ints(recipe.pop("stages", None), "--stages")
     upscale_from, direct = recipe.pop("upscale_from", None), recipe.pop("direct", False)

@@ -386,12 +386,17 @@ def require_hub(variants: Sequence[Variant], bases: Sequence[Base], files: Seque
 
 
 def check_run_weights(
-    model: str, variant: str | None, registry: Registry | None = None, transformer: str | None = None
+    model: str,
+    variant: str | None,
+    registry: Registry | None = None,
+    transformer: str | None = None,
+    loras: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Before a run loads anything: its base (`model`: a local folder, checked here, or a base name or
     repo id), its CLEAR variant (a registry name; None for full attention or a local file) and its
-    --transformer file (local, or a Hub file; the base's own transformer weights are then not needed) are
-    cached, or can be fetched now. Else one WeightsError naming every missing piece and one command."""
+    --transformer file (local, or a Hub file; the base's own transformer weights are then not needed) and its
+    LoRAs from the Hub (`loras`: (repo, file)) are cached, or can be fetched now. Else one WeightsError
+    naming every missing piece and one command."""
     registry = registry or load_registry()
     local = local_model(model)
     if local is not None:
@@ -402,6 +407,7 @@ def check_run_weights(
     variants = [registry.variant(variant)] if variant is not None else []
     source = transformer_source(transformer) if transformer is not None else None
     files = [_file_target(*source)] if isinstance(source, tuple) and cached_file(*source) is None else []
+    files += [_file_target(repo, name, "LoRA") for repo, name in loras if cached_file(repo, name) is None]
     missing_bases = [b for b in bases if cached_base(b) is None]
     require_hub([v for v in variants if cached_variant(v) is None], missing_bases, files)
 
@@ -426,8 +432,17 @@ def transformer_source(spec: str) -> Path | tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def _file_target(repo: str, filename: str) -> Target:
-    return Target(f"transformer {repo}/{filename}", repo, "main", False, f"hf download {repo} {filename}")
+def _file_target(repo: str, filename: str, kind: str = "transformer") -> Target:
+    return Target(f"{kind} {repo}/{filename}", repo, "main", False, f"hf download {repo} {filename}")
+
+
+def hub_file(repo: str, filename: str, kind: str, token: str | None = None) -> Path:
+    """One file of a Hub repo (`kind`: what it is, for errors) from the cache or the Hub (cache only when
+    offline)."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(_file_target(repo, filename, kind)):
+        return Path(hf_hub_download(repo, filename, token=token, local_files_only=is_offline()))
 
 
 def cached_file(repo: str, filename: str) -> Path | None:

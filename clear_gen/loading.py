@@ -1,5 +1,6 @@
 """Loading: the FLUX.1 pipeline (placed per --offload; its transformer and T5 quantized per --quantize and
---quantize-text, or the transformer from a GGUF file), its img2img twin, and CLEAR's checkpoint.
+--quantize-text, or the transformer from a GGUF file; its --lora adapters), its img2img twin, and CLEAR's
+checkpoint.
 
 Everything here runs once per `generate` call, before the first image.
 """
@@ -14,6 +15,7 @@ import torch
 
 from . import quantize as Q
 from .errors import WeightsError
+from .lora import load_loras, parse_loras
 from .memory import HEADROOM
 from .plan import ClearChoice, GenerateOptions
 from .positions import use_exact_positions
@@ -74,6 +76,7 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
                 f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
                 f"fetch one with `clear-gen download --base dev`"
             ) from e
+        load_loras(pipe, parse_loras(opts.loras or [], opts.lora_files or []), opts.token)  # before offload
         if opts.offload in ("none", "auto"):  # auto unresolved (no memory plan: distill, library use): none
             pipe.to(device)
         elif opts.offload == "model":

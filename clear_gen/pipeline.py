@@ -37,6 +37,7 @@ from .loading import (
     place_clear_weights,
     prepared_pipeline,
 )
+from .lora import hub_files, parse_loras
 from .memory import RunPlan, plan_run
 from .plan import (
     MAX_SIDE,
@@ -298,7 +299,10 @@ def _prepare(
     plan = _memory_plan(planned or opts, device, hooks, stages)  # offload, chunking; refuses what cannot fit
     opts = replace(opts, offload=plan.offload)
     Q.check_device(opts.quantize, opts.quantize_text, device, opts.offload, gguf=opts.transformer is not None)
-    check_run_weights(opts.model, choice.hub_variant, transformer=opts.transformer)  # all there or fetchable
+    loras = hub_files(parse_loras(opts.loras or [], opts.lora_files or []))  # (repo, file) from the Hub
+    check_run_weights(
+        opts.model, choice.hub_variant, transformer=opts.transformer, loras=loras
+    )  # or fetchable
     check_transformer_file(opts)  # a GGUF --transformer on disk: whole, and a transformer of this base
     if choice.note:
         hooks.note(choice.note)
@@ -654,6 +658,7 @@ def _record(
         "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
         "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
+        "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
         "compile": True if opts.compile else None,
         "cache": str(cache) if cache.kind != "none" else None,
     }

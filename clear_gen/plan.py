@@ -53,6 +53,8 @@ class GenerateOptions:
     quantize: str = "none"  # transformer weights: none | fp8 | fp8dq | int8 | nf4 (quantize.py)
     quantize_text: str = "none"  # T5's weights: none | int8 | fp8 | nf4
     transformer: str | None = None  # a FLUX.1 transformer .gguf (file or owner/repo/file.gguf) for the base's
+    loras: list[str] | None = None  # --lora PATH_OR_REPO[:SCALE] each (lora.py)
+    lora_files: list[str] | None = None  # --lora-file: the files of the bare owner/repo --loras, in order
     compile: bool = False  # regional compilation of the transformer blocks (speed.py)
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
     parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
@@ -227,6 +229,9 @@ def check_options(opts: GenerateOptions) -> None:
     from .quantize import check_names  # imports torch: not at the CLI's start
 
     check_names(opts.quantize, opts.quantize_text, opts.transformer)
+    from .lora import parse_loras
+
+    parse_loras(opts.loras or [], opts.lora_files or [])  # scales are numbers, files exist
     if opts.offload in ("model", "sequential"):
         try:
             import accelerate  # noqa: F401
@@ -297,7 +302,7 @@ def options_from_record(record, **overrides) -> GenerateOptions:
     An override of the attention (variant, window, down factor or CLEAR weights) replaces the record's
     attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window;
     likewise `--quantize` or `--transformer` replaces the record's transformer (a GGUF file or a quantized
-    base's)."""
+    base's), and `--lora` the record's LoRAs."""
     extra = record.extra or {}
     if extra.get("source"):
         src = extra["source"]
@@ -330,6 +335,7 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         quantize=extra.get("quantize", "none"),
         quantize_text=extra.get("quantize_text", "none"),
         transformer=extra.get("transformer"),
+        loras=extra.get("loras"),
         compile=extra.get("compile", False),
         cache=extra.get("cache", "none"),
     )
