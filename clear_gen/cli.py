@@ -279,6 +279,31 @@ def _attention(
 _ALWAYS = {"keep_stages", "out", "device", "offload", "compare_full", "token"}
 
 
+def _output(
+    out: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Output file or folder.",
+        show_default="current folder",
+        rich_help_panel=OUTPUT,
+    ),
+    keep_stages: bool = typer.Option(
+        False, "--keep-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per image on stdout.", rich_help_panel=OUTPUT
+    ),
+    no_compare_full: bool = typer.Option(
+        False,
+        "--no-compare-full",
+        help="Skip timing full attention at each CLEAR size.",
+        rich_help_panel=OUTPUT,
+    ),
+) -> None:
+    """Where images go and what is printed: generate's and upscale's (only its signature is used)."""
+
+
 def _with(*groups: Callable) -> Callable:
     """Append the options of `groups` (_size, _attention, _recipe) to a command's own; Typer passes them
     in as keyword arguments (**recipe)."""
@@ -300,6 +325,8 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
 
     recipe = dict(recipe)
     recipe.pop("dry_run", None)  # the command's, not the run's
+    if "no_compare_full" in recipe:  # _output's flag, as the option the run takes
+        recipe["compare_full"] = not recipe.pop("no_compare_full")
     w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
     if "clear_weights" in recipe:
         recipe["clear_weights"] = str(recipe["clear_weights"]) if recipe["clear_weights"] else None
@@ -332,7 +359,7 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
 
 
 @app.command()
-@_with(_size, _attention, _recipe)
+@_with(_size, _attention, _recipe, _output)
 def generate(
     prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
     seed: list[int] = typer.Option(
@@ -351,41 +378,19 @@ def generate(
     from_image: Path = typer.Option(
         None, "--from", help="Re-run what a clear-gen PNG stores; options given win.", rich_help_panel=PROMPTS
     ),
-    out: str = typer.Option(
-        None,
-        "--out",
-        "-o",
-        help="Output file or folder.",
-        show_default="current folder",
-        rich_help_panel=OUTPUT,
-    ),
-    keep_stages: bool = typer.Option(
-        False, "--keep-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT
-    ),
-    as_json: bool = typer.Option(
-        False, "--json", help="One JSON object per image on stdout.", rich_help_panel=OUTPUT
-    ),
-    no_compare_full: bool = typer.Option(
-        False,
-        "--no-compare-full",
-        help="Skip timing full attention at each CLEAR size.",
-        rich_help_panel=OUTPUT,
-    ),
     **recipe: Any,
 ) -> None:
     """Generate 2K-8K images: a full-attention first pass, then SDEdit stages with CLEAR."""
     from .pipeline import generate
 
     # 1. Parse: explicit flags win over --from, which wins over the defaults.
+    as_json = recipe.pop("as_json")
     opts = _generate_options(
         recipe,
         from_image,
         prompts=_prompts(prompt, prompts_file) or None,
         seeds=list(seed or []) or None,
         count=count,
-        keep_stages=keep_stages,
-        out=out,
-        compare_full=not no_compare_full,
     )
     if recipe["dry_run"]:
         from .memory import plan_run
@@ -415,7 +420,7 @@ def _print_plans(plans: list, as_json: bool) -> None:
 
 
 @app.command()
-@_with(_attention, _recipe)
+@_with(_attention, _recipe, _output)
 def upscale(
     args: list[str] = typer.Argument(
         ...,
@@ -445,26 +450,6 @@ def upscale(
         rich_help_panel=PROMPTS,
     ),
     count: int = typer.Option(None, help="Results per picture, random seeds.", rich_help_panel=PROMPTS),
-    out: str = typer.Option(
-        None,
-        "--out",
-        "-o",
-        help="Output file or folder.",
-        show_default="current folder",
-        rich_help_panel=OUTPUT,
-    ),
-    keep_stages: bool = typer.Option(
-        False, "--keep-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT
-    ),
-    as_json: bool = typer.Option(
-        False, "--json", help="One JSON object per image on stdout.", rich_help_panel=OUTPUT
-    ),
-    no_compare_full: bool = typer.Option(
-        False,
-        "--no-compare-full",
-        help="Skip timing full attention at each CLEAR size.",
-        rich_help_panel=OUTPUT,
-    ),
     **recipe: Any,
 ) -> None:
     """Upscale existing pictures to 2K-8K: SDEdit stages with CLEAR, as generate's after its first pass."""
@@ -474,14 +459,12 @@ def upscale(
 
     # 1. Parse: which arguments are pictures, the prompt, the size, the recipe.
     inputs, text = split_arguments(args, prompt)
+    as_json = recipe.pop("as_json")
     opts = _generate_options(
         {**recipe, "stages": stages},
         prompts=[text] if text else [],
         seeds=list(seed or []) or None,
         count=count,
-        keep_stages=keep_stages,
-        out=out,
-        compare_full=not no_compare_full,
     )
     target = UpscaleTarget(res=res, scale=scale, width=width, height=height)
     if recipe["dry_run"]:
