@@ -93,13 +93,15 @@ def run(
 
 def _options(res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache, quantize):
     """GenerateOptions of the benchmarked image: a custom CLEAR window (no checkpoint to fetch)."""
-    from .bench import default_variant, variant
+    from .registry import load_registry
 
     if res is not None and len(res) != 1:
         raise ConfigError("--what image makes one image: give one --res (the target; --stages for the rest)")
     target = res[0] if res else (CPU_RES if dev.type == "cpu" else GPU_RES)
     if window is None:
-        window, default_f = variant(default_variant())
+        registry = load_registry()
+        default = registry.variant(registry.default_variant)
+        window, default_f = default.window, default.down_factor
         down_factor = default_f if down_factor is None else down_factor
     steps = 20 if steps is None else steps
     return GenerateOptions(
