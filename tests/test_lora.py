@@ -16,8 +16,6 @@ import clear_gen
 from clear_gen.errors import ConfigError, WeightsError
 from clear_gen.lora import LoraSpec, check_flux_lora, parse_loras
 
-pytest.importorskip("peft")
-
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
 TARGETS += ["proj_mlp", "proj_out"]  # the single blocks' feed-forward and output
 
