@@ -34,8 +34,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="FLUX.1 at 2K-8K with CLEAR local attention. `clear-gen PROMPT` is `clear-gen generate PROMPT`.",
 )
-err = Console(
-    stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160
+err = Console(  # emoji=False: a user's ":abc:" (e.g. a --lora scale) is text, not an emoji code
+    stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 160
 )  # tables unclipped in logs
 
 
@@ -84,7 +84,7 @@ def info(
         timing = None
         if record.timings:
             table.add_row("timings", escape(json.dumps(record.timings)))
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     console.print(table)
     if timing is not None:
         console.print(timing_table(timing, "timings"))
@@ -412,7 +412,7 @@ def _print_plans(plans: list, as_json: bool) -> None:
         return
     from .display import plan_lines, plan_table
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
     for label, plan in plans:
         console.print(plan_table(plan, label))
         for line in plan_lines(plan):

@@ -221,6 +221,10 @@ def test_cli_lora_is_recorded_and_rerun_by_from(tiny, lora_file, tmp_path, capsy
     "extra, match",
     [
         (["--lora", "LORA:strong"], "error: --lora .*: the scale 'strong' is not a number"),
+        (
+            ["--lora", "LORA:abc"],
+            "error: --lora .*:abc: the scale 'abc' is not a number",
+        ),  # text, not an emoji
         (["--lora", "OTHER"], "error: other.safetensors is not a FLUX.1 LoRA .*its first key is lora_unet_"),
         (["--lora", "someone/lora-repo"], "error: .*LoRA someone/lora-repo/pytorch_lora_weights.safetensors"),
     ],

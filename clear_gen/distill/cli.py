@@ -21,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Make CLEAR weights for any FLUX-family model, window and down factor (see docs/distill.md).",
 )
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+err = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 160)
 LINE_EVERY_S = 10.0  # not a terminal: at most one progress line per this many seconds
 DATA, TRAIN, RUN = "Data", "Training", "Run"
 
