@@ -332,18 +332,7 @@ def plan_table(plan: RunPlan, label: str = "") -> Table:
         box=box.SIMPLE_HEAD,
         header_style="bold",
     )
-    for col in (
-        "stage",
-        "tokens",
-        "attention",
-        "density",
-        "steps",
-        "weights",
-        "activations",
-        "VAE",
-        "peak GB",
-        "time",
-    ):
+    for col in PLAN_COLUMNS:
         table.add_column(col, justify="left" if col in ("stage", "attention") else "right")
     for s in plan.stages:
         gb = (f"{v:.1f}" for v in (s.weights_gb, s.activations_gb, s.vae_gb, s.peak_gb))

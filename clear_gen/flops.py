@@ -38,6 +38,18 @@ class FluxShape:
     def layers(self) -> int:
         return self.double + self.single
 
+    @classmethod
+    def from_config(cls, config) -> FluxShape:
+        """The shape of a FluxTransformer2DModel config (or anything with its field names)."""
+        return cls(
+            heads=config.num_attention_heads,
+            head_dim=config.attention_head_dim,
+            double=config.num_layers,
+            single=config.num_single_layers,
+            in_channels=config.in_channels,
+            joint_dim=config.joint_attention_dim,
+        )
+
 
 def parameter_count(shape: FluxShape) -> int:
     """Weights of the transformer's blocks, the bulk of its parameters (11.9B for FLUX.1-dev): per

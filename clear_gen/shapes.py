@@ -61,14 +61,7 @@ class TransformerConfig:
 
     @property
     def flux_shape(self) -> FluxShape:
-        return FluxShape(
-            heads=self.num_attention_heads,
-            head_dim=self.attention_head_dim,
-            double=self.num_layers,
-            single=self.num_single_layers,
-            in_channels=self.in_channels,
-            joint_dim=self.joint_attention_dim,
-        )
+        return FluxShape.from_config(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TransformerConfig:

@@ -226,17 +226,6 @@ def capture_transformer_call(transformer) -> Iterator[dict]:
         handle.remove()
 
 
-def _shape(config) -> FluxShape:
-    return FluxShape(
-        heads=config.num_attention_heads,
-        head_dim=config.attention_head_dim,
-        double=config.num_layers,
-        single=config.num_single_layers,
-        in_channels=config.in_channels,
-        joint_dim=config.joint_attention_dim,
-    )
-
-
 _FULL_STEP_S: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> {key: seconds}
 
 
@@ -265,7 +254,9 @@ def time_full_attention(
         return
     computed = build_block_lists(geo).computed_pairs()
     gpu_seconds = timing.step_s * timing.gpus
-    estimate = gpu_seconds * speedup_bound(step_flops(_shape(transformer.config), geo, computed))
+    estimate = gpu_seconds * speedup_bound(
+        step_flops(FluxShape.from_config(transformer.config), geo, computed)
+    )
     if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits:
         timing.full_step_s, timing.full_estimated = estimate, True
         return

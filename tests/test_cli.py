@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import run_cli as run
 
 from clear_gen import __version__
-from clear_gen.cli import _prompts, app, main
+from clear_gen.cli import _prompts, app
 from clear_gen.registry import load_registry
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: the connection is refused at once, never a real host
@@ -50,17 +51,6 @@ def no_backoff(monkeypatch) -> list[float]:
     slept: list[float] = []
     monkeypatch.setattr(http.time, "sleep", slept.append)
     return slept
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    """clear-gen in this process: (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_error_line(code: int, err: str) -> str:

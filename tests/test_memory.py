@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 from conftest import tiny_inputs, tiny_transformer
 from live_bytes import LiveBytes, flash_like_clear, flash_like_sdpa
 
 import clear_gen.attention as A
 from clear_gen import gpus, memory
 from clear_gen.chunking import chunk_feed_forward, chunk_tokens
-from clear_gen.cli import main
 from clear_gen.errors import ConfigError
 from clear_gen.memory import plan_run, step_activations, vae_activations, weight_bytes
 from clear_gen.plan import GenerateOptions
@@ -338,16 +338,6 @@ def test_table_card_rates():
 
 
 # ---------------------------------------------------------------- --dry-run and the real run
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

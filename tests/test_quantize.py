@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from conftest import tiny_inputs, tiny_transformer
 from tiny_pipeline import save_tiny_flux
 
 import clear_gen
 from clear_gen import quantize as Q
 from clear_gen.attention import expected_checkpoint
-from clear_gen.cli import main
 from clear_gen.errors import ClearGenError, WeightsError
 from clear_gen.loading import load_pipeline, load_transformer
 from clear_gen.output import ImageRecord
@@ -351,20 +351,8 @@ def tiny_gguf(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def _offline(offline_hub):
+    """Every test here runs offline with an empty Hugging Face cache (conftest's offline_hub)."""
 
 
 def common(tiny: Path, out: Path) -> list[str]:
