@@ -321,7 +321,7 @@ def _with(*groups: Callable) -> Callable:
 def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:
     """GenerateOptions from the recipe options and a command's own: explicit flags win over --from,
     which wins over the defaults."""
-    from .pipeline import GenerateOptions, options_from_record
+    from .plan import GenerateOptions, options_from_record
 
     recipe = dict(recipe)
     recipe.pop("dry_run", None)  # the command's, not the run's

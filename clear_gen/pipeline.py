@@ -46,7 +46,6 @@ from .plan import (
     Stage,
     clear_kwargs,
     image_seeds,
-    options_from_record,  # noqa: F401  (re-exported for the CLI)
     plan_stages,
     plan_upscale,
     resolve_clear,
