@@ -131,6 +131,7 @@ def _on_off(value: str, name: str) -> bool | None:
 # --help panels: generate's, then bench's (with RUN and OUTPUT)
 SIZE, MODEL, RECIPE, PROMPTS = "Size", "Model and attention", "Recipe", "Prompts"
 OUTPUT, RUN, WHAT, SHAPE, SPEED = "Output", "Run", "What", "Model shape", "Speed"
+CONTROL = "ControlNet"
 _D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
 
 
@@ -274,6 +275,33 @@ def _attention(
     """Which attention: a variant, or a custom window (generate and upscale; only its signature is used)."""
 
 
+def _control(
+    controlnet: str = typer.Option(
+        None,
+        help="A FLUX.1 ControlNet: registry name (clear-gen weights), Hub repo or folder.",
+        rich_help_panel=CONTROL,
+    ),
+    control: Path = typer.Option(
+        None,
+        help="Its control picture (edge map, depth map, photo).",
+        show_default="upscale: the picture itself",
+        rich_help_panel=CONTROL,
+    ),
+    control_mode: str = typer.Option(
+        None,
+        help="A union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq (or its number).",
+        rich_help_panel=CONTROL,
+    ),
+    control_scale: float = typer.Option(
+        None,
+        help="How strongly the control picture steers, >= 0.",
+        show_default="the registry's, else 1",
+        rich_help_panel=CONTROL,
+    ),
+) -> None:
+    """The ControlNet options of generate, upscale and compare (only its signature is used)."""
+
+
 # Passed on even when None: with --from, these do not come from the image's record (dtype and backend
 # do: the record says what made the image).
 _ALWAYS = {"keep_stages", "out", "device", "offload", "compare_full", "token"}
@@ -328,8 +356,9 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
     if "no_compare_full" in recipe:  # _output's flag, as the option the run takes
         recipe["compare_full"] = not recipe.pop("no_compare_full")
     w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
-    if "clear_weights" in recipe:
-        recipe["clear_weights"] = str(recipe["clear_weights"]) if recipe["clear_weights"] else None
+    for name in ("clear_weights", "control"):
+        if name in recipe:
+            recipe[name] = str(recipe[name]) if recipe[name] else None
     recipe["loras"], recipe["lora_files"] = (
         recipe.pop("lora", None) or None,
         recipe.pop("lora_file", None) or None,
@@ -359,7 +388,7 @@ def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **
 
 
 @app.command()
-@_with(_size, _attention, _recipe, _output)
+@_with(_size, _attention, _recipe, _control, _output)
 def generate(
     prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
     seed: list[int] = typer.Option(
@@ -420,7 +449,7 @@ def _print_plans(plans: list, as_json: bool) -> None:
 
 
 @app.command()
-@_with(_attention, _recipe, _output)
+@_with(_attention, _recipe, _control, _output)
 def upscale(
     args: list[str] = typer.Argument(
         ...,
@@ -478,7 +507,7 @@ def upscale(
 
 
 @app.command()
-@_with(_size, _recipe)
+@_with(_size, _recipe, _control)
 def compare(
     prompt: str = typer.Argument(..., help="What to draw."),
     variants: str = typer.Option(
@@ -584,15 +613,20 @@ def download(
     all_variants: bool = typer.Option(False, "--all", help="Every variant in weights.toml."),
     base: str = typer.Option(None, "--base", help="Base name (dev, schnell) or Hub repo id."),
     no_base: bool = typer.Option(False, "--no-base", help="Only the CLEAR checkpoints."),
+    controlnet: list[str] = typer.Option(
+        None, "--controlnet", help="A ControlNet (registry name or Hub repo); repeatable. Alone: only it."
+    ),
     token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
 ) -> None:
-    """Download CLEAR weights and their FLUX.1 base into the Hugging Face cache; re-runs transfer nothing."""
+    """Download CLEAR weights and their FLUX.1 base (and ControlNets) into the Hugging Face cache; re-runs
+    transfer nothing."""
     from .hub import download as fetch
     from .hub import plan_download
     from .registry import load_registry
 
-    names, bases = plan_download(variants or [], all_variants, base, no_base, load_registry())
-    rows = fetch(names, bases, token=token)
+    nets = list(controlnet or [])
+    names, bases = plan_download(variants or [], all_variants, base, no_base, load_registry(), nets)
+    rows = fetch(names, bases, token=token, controlnets=nets)
     Console().print(_weights_table(rows, "Downloaded"))
 
 
@@ -627,6 +661,20 @@ def weights() -> None:
     console = Console()
     console.print(table)
     console.print(bases)
+    if registry.controlnets:
+        console.print(_controlnets_table(registry, cached))
+
+
+def _controlnets_table(registry, cached: dict) -> Table:
+    table = Table(title="ControlNets (--controlnet NAME)", title_justify="left")
+    for column in ("name", "repo", "modes", "scale", "base", "cached", "description"):
+        table.add_column(column, overflow="fold")
+    for c in registry.controlnets.values():
+        row = cached[("controlnet", c.name)]
+        where = _human_size(row.size) if row.path else "[dim]no[/dim]"
+        modes = ", ".join(c.modes) or "-"
+        table.add_row(c.name, c.repo, modes, f"{c.scale:g}", c.base, where, c.description)
+    return table
 
 
 @app.command()

@@ -355,6 +355,12 @@ def plan_lines(plan: RunPlan) -> list[str]:
         f"peak: {plan.peak_gb:.1f} GB{chunking}; encoding the prompts: {plan.encode_gb:.1f} GB",
         time_line,
     ]
+    if plan.lora_gb:
+        lines.append(f"LoRAs: {plan.lora_gb:.2f} GB of weights, beside the transformer's")
+    if plan.controlnet_gb:
+        lines.append(
+            f"ControlNet: {plan.controlnet_gb:.1f} GB of weights; its residuals count in the activations"
+        )
     if plan.fits:
         lines.append(f"[green]fits[/green] (peak + {HEADROOM:.0%} within {plan.free_gb:.1f} GB free)")
     elif plan.fits_any:

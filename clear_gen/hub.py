@@ -18,7 +18,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError, WeightsError
-from .registry import DIFFUSERS_PATTERNS, Base, Registry, Variant, load_registry
+from .registry import (
+    CONTROLNET_PATTERNS,
+    DIFFUSERS_PATTERNS,
+    Base,
+    ControlNet,
+    Registry,
+    Variant,
+    load_registry,
+)
 
 HUB_URL = "https://huggingface.co"
 PROBE_TIMEOUT_S = 5.0  # "can we reach the Hub": one request, no retries (huggingface_hub's own take ~25 s)
@@ -32,8 +40,8 @@ class Fetched:
     """One row of `clear-gen download` / `clear-gen weights`: what is where, and how big."""
 
     name: str
-    kind: str  # "variant" | "base"
-    source: str  # "repo/filename" for a variant, "repo" for a base
+    kind: str  # "variant" | "base" | "controlnet"
+    source: str  # "repo/filename" for a variant, "repo" for a base or a ControlNet
     path: Path | None  # None: not cached
     size: int  # bytes on disk (0 when not cached)
 
@@ -269,17 +277,30 @@ def fetch_variant(v: Variant, token: str | None = None) -> Path:
 
 def fetch_base(b: Base, token: str | None = None) -> Path:
     """The cached snapshot folder of `b` (its diffusers folders only), downloaded first if needed."""
+    return _snapshot(_base_target(b), b.allow_patterns, token)
+
+
+def _snapshot(t: Target, patterns: Sequence[str], token: str | None, cached_only: bool = False) -> Path:
+    """The cached snapshot of t.repo's files matching `patterns`, downloaded first if needed (cache only
+    when offline or `cached_only`, which raises huggingface_hub's own errors)."""
     from huggingface_hub import snapshot_download
 
-    with _hub_errors(_base_target(b)):
+    local = cached_only or is_offline()
+    with contextlib.nullcontext() if cached_only else _hub_errors(t):
         path = snapshot_download(
-            b.repo,
-            revision=b.revision,
-            allow_patterns=list(b.allow_patterns),
-            token=token,
-            local_files_only=is_offline(),
+            t.repo, revision=t.revision, allow_patterns=list(patterns), token=token, local_files_only=local
         )
     return Path(path)
+
+
+def _cached_snapshot(t: Target, patterns: Sequence[str]) -> Path | None:
+    """The cached snapshot of t.repo's `patterns`, without any network call (None if absent, known to be
+    partial, or empty)."""
+    try:
+        path = _snapshot(t, patterns, None, cached_only=True)
+    except Exception:  # not cached, partial, unreadable: all mean "download it"
+        return None
+    return path if any(path.iterdir()) else None
 
 
 def _looks_like_path(s: str) -> bool:
@@ -391,12 +412,13 @@ def check_run_weights(
     registry: Registry | None = None,
     transformer: str | None = None,
     loras: Sequence[tuple[str, str]] = (),
+    controlnet: ControlNet | None = None,
 ) -> None:
     """Before a run loads anything: its base (`model`: a local folder, checked here, or a base name or
     repo id), its CLEAR variant (a registry name; None for full attention or a local file) and its
     --transformer file (local, or a Hub file; the base's own transformer weights are then not needed) and its
-    LoRAs from the Hub (`loras`: (repo, file)) are cached, or can be fetched now. Else one WeightsError
-    naming every missing piece and one command."""
+    LoRAs from the Hub (`loras`: (repo, file)) and its `controlnet` from the Hub are cached, or can be
+    fetched now. Else one WeightsError naming every missing piece and one command."""
     registry = registry or load_registry()
     local = local_model(model)
     if local is not None:
@@ -408,6 +430,8 @@ def check_run_weights(
     source = transformer_source(transformer) if transformer is not None else None
     files = [_file_target(*source)] if isinstance(source, tuple) and cached_file(*source) is None else []
     files += [_file_target(repo, name, "LoRA") for repo, name in loras if cached_file(repo, name) is None]
+    if controlnet is not None and cached_controlnet(controlnet) is None:
+        files.append(_controlnet_target(controlnet))
     missing_bases = [b for b in bases if cached_base(b) is None]
     require_hub([v for v in variants if cached_variant(v) is None], missing_bases, files)
 
@@ -465,6 +489,50 @@ def resolve_transformer_file(spec: str, token: str | None = None) -> Path:
         return Path(hf_hub_download(*source, token=token, local_files_only=is_offline()))
 
 
+# ---------------------------------------------------------------------------------------- ControlNets
+
+
+def controlnet_for(name_or_repo: str, registry: Registry | None = None) -> ControlNet:
+    """A registry ControlNet by name or repo, or an ad-hoc one for a raw Hub repo id (modes unknown: its
+    config says whether it is a union model; layers 0: unknown until its config is here)."""
+    registry = registry or load_registry()
+    if name_or_repo in registry.controlnets:
+        return registry.controlnets[name_or_repo]
+    known = {c.repo: c for c in registry.controlnets.values()}
+    if name_or_repo in known:
+        return known[name_or_repo]
+    if _REPO_ID.match(name_or_repo):
+        return ControlNet(name_or_repo, name_or_repo, "main", "", (), 1.0, 0, 0, False, "")
+    raise ConfigError(
+        f"--controlnet {name_or_repo}: not a local folder, a registry ControlNet "
+        f"({', '.join(registry.controlnets)}) nor a Hub owner/repo"
+    )
+
+
+def _controlnet_target(c: ControlNet) -> Target:
+    named = c.name != c.repo
+    return Target(
+        what=f"ControlNet {c.name} ({c.repo})" if named else f"ControlNet {c.repo}",
+        repo=c.repo,
+        revision=c.revision,
+        gated=c.gated,
+        command=f"clear-gen download --controlnet {c.name}",
+    )
+
+
+def fetch_controlnet(c: ControlNet, token: str | None = None) -> Path:
+    """The cached folder of a ControlNet (config and weights), downloaded first if needed."""
+    return _snapshot(_controlnet_target(c), CONTROLNET_PATTERNS, token)
+
+
+def cached_controlnet(c: ControlNet) -> Path | None:
+    """The cached folder of a ControlNet, without any network call (None if absent or without weights)."""
+    found = _cached_snapshot(_controlnet_target(c), CONTROLNET_PATTERNS)
+    if found is None or not (found / "config.json").is_file() or not any(found.glob("*.safetensors")):
+        return None
+    return found
+
+
 # ------------------------------------------------------------------------------------ download / status
 
 
@@ -491,18 +559,25 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def plan_download(
-    variants: Sequence[str], all_variants: bool, base: str | None, no_base: bool, registry: Registry
+    variants: Sequence[str],
+    all_variants: bool,
+    base: str | None,
+    no_base: bool,
+    registry: Registry,
+    controlnets: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """(variants, bases) for `clear-gen download`: no variant named -> the default one, unless only --base is;
-    the bases default to those the variants were distilled from."""
+    """(variants, bases) for `clear-gen download`: no variant named -> the default one, unless only --base
+    or --controlnet is; the bases default to those the variants were distilled from."""
     if base and no_base:
         raise ConfigError("--base and --no-base contradict each other; pick one")
+    for name in controlnets:
+        controlnet_for(name, registry)  # unknown name -> ConfigError listing the valid ones
     if all_variants:
         names = list(registry.variants)
     elif variants:
         names = list(dict.fromkeys(variants))
     else:
-        names = [] if base else [registry.default_variant]
+        names = [] if base or controlnets else [registry.default_variant]
     chosen = [registry.variant(n) for n in names]  # unknown name -> ConfigError listing the valid ones
     if no_base:
         return names, []
@@ -514,14 +589,18 @@ def download(
     base: str | Sequence[str] | None,
     token: str | None = None,
     progress: bool = True,
+    controlnets: Sequence[str] = (),
 ) -> list[Fetched]:
-    """Fetch `variants` (registry names) and `base` (names or repo ids) into the cache; one row per item."""
+    """Fetch `variants` (registry names), `base` (names or repo ids) and `controlnets` (names or repo ids)
+    into the cache; one row per item."""
     registry = load_registry()
     chosen = [registry.variant(name) for name in variants]
     bases = [base_for(name, registry) for name in ([base] if isinstance(base, str) else list(base or []))]
+    nets = [controlnet_for(name, registry) for name in dict.fromkeys(controlnets)]
     # 1. What is missing must be fetchable now: one line naming all of it, not one error per piece.
     missing_bases = [b for b in bases if cached_base(b) is None]
-    require_hub([v for v in chosen if cached_variant(v) is None], missing_bases)
+    missing_nets = [_controlnet_target(c) for c in nets if cached_controlnet(c) is None]
+    require_hub([v for v in chosen if cached_variant(v) is None], missing_bases, missing_nets)
     rows = []
     with _progress_bars(progress):
         for v in chosen:  # 2. the CLEAR checkpoints (small, never gated)
@@ -530,6 +609,9 @@ def download(
         for b in bases:  # 3. the FLUX.1 bases (tens of GB, dev is gated)
             path = fetch_base(b, token)
             rows.append(Fetched(b.name, "base", b.repo, path, disk_size(path)))
+        for c in nets:  # 4. ControlNets (a few GB each)
+            path = fetch_controlnet(c, token)
+            rows.append(Fetched(c.name, "controlnet", c.repo, path, disk_size(path)))
     return rows
 
 
@@ -543,15 +625,7 @@ def cached_variant(v: Variant) -> Path | None:
 
 def cached_base(b: Base) -> Path | None:
     """The cached snapshot of `b`, without any network call (None if absent or known to be partial)."""
-    from huggingface_hub import snapshot_download
-
-    patterns = list(b.allow_patterns)
-    try:
-        found = snapshot_download(b.repo, revision=b.revision, allow_patterns=patterns, local_files_only=True)
-        path = Path(found)
-    except Exception:  # not cached, partial, unreadable: all mean "download it"
-        return None
-    return path if any(path.iterdir()) else None
+    return _cached_snapshot(_base_target(b), b.allow_patterns)
 
 
 def status(registry: Registry | None = None) -> list[Fetched]:
@@ -565,4 +639,7 @@ def status(registry: Registry | None = None) -> list[Fetched]:
     for b in registry.bases.values():
         path = cached_base(b)
         rows.append(Fetched(b.name, "base", b.repo, path, disk_size(path) if path else 0))
+    for c in registry.controlnets.values():
+        path = cached_controlnet(c)
+        rows.append(Fetched(c.name, "controlnet", c.repo, path, disk_size(path) if path else 0))
     return rows

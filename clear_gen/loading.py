@@ -1,6 +1,6 @@
 """Loading: the FLUX.1 pipeline (placed per --offload; its transformer and T5 quantized per --quantize and
---quantize-text, or the transformer from a GGUF file; its --lora adapters), its img2img twin, and CLEAR's
-checkpoint.
+--quantize-text, or the transformer from a GGUF file; its --lora adapters; with --controlnet, diffusers'
+ControlNet pipeline), its img2img twin, and CLEAR's checkpoint.
 
 Everything here runs once per `generate` call, before the first image.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import quantize as Q
+from .control import ControlSpec, controlnet_pipeline, load_controlnet
 from .errors import WeightsError
 from .lora import load_loras, parse_loras
 from .memory import HEADROOM
@@ -54,9 +55,12 @@ def _quiet_loading() -> Iterator[None]:
         transformers.logging.enable_progress_bar()
 
 
-def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtype):
+def load_pipeline(
+    opts: GenerateOptions, device: torch.device, dtype: torch.dtype, control: ControlSpec | None = None
+):
     """FluxPipeline from a registry base, Hub repo or local directory, placed per --offload; its transformer
-    from a GGUF file or quantized on load (--quantize), T5 quantized on load (--quantize-text)."""
+    from a GGUF file or quantized on load (--quantize), T5 quantized on load (--quantize-text). With
+    `control`: FluxControlNetPipeline with the same modules and the ControlNet (in the compute dtype)."""
     from .hub import resolve_base
 
     path = resolve_base(opts.model, opts.token, transformer_weights=opts.transformer is None)
@@ -77,6 +81,8 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
                 f"fetch one with `clear-gen download --base dev`"
             ) from e
         load_loras(pipe, parse_loras(opts.loras or [], opts.lora_files or []), opts.token)  # before offload
+        if control is not None:  # before offload too: model offload then moves it with the transformer
+            pipe = controlnet_pipeline(pipe, load_controlnet(control, pipe.transformer, dtype, opts.token))
         if opts.offload in ("none", "auto"):  # auto unresolved (no memory plan: distill, library use): none
             pipe.to(device)
         elif opts.offload == "model":
@@ -85,6 +91,8 @@ def load_pipeline(opts: GenerateOptions, device: torch.device, dtype: torch.dtyp
             pipe.enable_sequential_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
     use_exact_positions(pipe.transformer)  # RoPE sees integer positions in every stage and dtype
+    if control is not None:
+        use_exact_positions(pipe.controlnet)
     return pipe
 
 
@@ -198,17 +206,19 @@ def place_clear_weights(state_dict: dict, transformer, activation_bytes: int) ->
 
 
 def img2img_pipeline(pipe):
-    """FluxImg2ImgPipeline sharing pipe's modules as they are, with the recipe's static shift.
+    """FluxImg2ImgPipeline (FluxControlNetImg2ImgPipeline when pipe has a ControlNet) sharing pipe's modules
+    as they are, with the recipe's static shift.
 
     Built directly rather than with `from_pipe`, which casts every shared module to float32 unless told
     a dtype (a bf16 run then crashes on mixed dtypes, and a 12B transformer doubles in size).
     """
     import inspect
 
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetImg2ImgPipeline, FluxImg2ImgPipeline
 
-    wanted = inspect.signature(FluxImg2ImgPipeline.__init__).parameters
-    img2img = FluxImg2ImgPipeline(**{k: v for k, v in pipe.components.items() if k in wanted})
+    kind = FluxControlNetImg2ImgPipeline if "controlnet" in pipe.components else FluxImg2ImgPipeline
+    wanted = inspect.signature(kind.__init__).parameters
+    img2img = kind(**{k: v for k, v in pipe.components.items() if k in wanted})
     img2img.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config, use_dynamic_shifting=False
     )

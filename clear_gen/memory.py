@@ -12,7 +12,11 @@ Weights (parameter counts from shapes.py, exact):
 - CLEAR: a checkpoint's replaced projections (the image q, k, v, out: 190 Linear of C x C, 3.6 GB in
   bf16) at e, when they sit on the GPU beside the originals (a quantized transformer: always);
 - text encoders: T5 per --quantize-text and CLIP at e, while the prompts are encoded (then they leave);
-- VAE: its parameters at e.
+- VAE: its parameters at e;
+- LoRAs (--lora): every tensor of their files at e, beside the transformer's weights (peft keeps them
+  apart, unquantized); a Hub LoRA not yet downloaded is left out, with a note;
+- a ControlNet (--controlnet): its parameters at e (shapes.controlnet_params, from its config.json, else
+  the registry's block counts). With `--offload model` it joins the transformer while a stage denoises.
 With `--offload model` only the running component is on the GPU; with `sequential`, one layer at a time.
 
 Activations of one step at L = T + N tokens (text + image) and hidden size C (3072 for FLUX.1). The
@@ -32,6 +36,9 @@ So a step needs, besides RoPE's cos/sin tables (2 x L x head_dim x 4 bytes):
     stock:  max(11 L C e + 12 L C, 15 L C e)    chunked:  max(7 L C e + 12 L C, 5 L C e + 9 S C e)
     CLEAR:  15 L C e                            chunked:  7 L C e
 i.e. at 8192 px in bf16 (L = 262,656, 1.61 GB a copy) 24.5 GB for CLEAR unchunked, 11.6 GB chunked.
+A ControlNet adds its residuals, one N x C image activation per block of it, alive through the
+transformer's call (15 blocks of union-pro: 24 GB at 8192 px in bf16); its own call, on the same tokens
+with fewer blocks, peaks no higher than the transformer's.
 
 VAE (AutoencoderKL, counted on diffusers' decoder): decode 768 e bytes a pixel, or with tiling one
 tile's (sample_size px a side) 768 e bytes a pixel plus 5 e a pixel of the whole image; encode 640 e
@@ -54,12 +61,22 @@ import torch
 
 from . import gpus
 from .attention import ROPE_CHUNK_TOKENS
+from .control import clear_on_controlnet, controlnet_folder, parse_control
 from .device import DTYPES, resolve_device, resolve_dtype
 from .errors import ConfigError, DeviceError
 from .flops import attention_flops, linear_flops
 from .geometry import build_block_lists, image_geometry, needed_pairs
 from .plan import ClearChoice, GenerateOptions, Stage, plan_stages, resolve_clear, size_multiple, text_tokens
-from .shapes import ModelShapes, Params, TransformerConfig, clear_params, model_shapes, transformer_params
+from .shapes import (
+    ModelShapes,
+    Params,
+    TransformerConfig,
+    clear_params,
+    controlnet_params,
+    file_shapes,
+    model_shapes,
+    transformer_params,
+)
 
 GB = 1e9
 HEADROOM = 0.10  # a plan fits when its peak plus this share is free
@@ -188,6 +205,8 @@ class RunPlan:
     transformer: str | None
     transformer_gb: float  # its weights as quantized (CLEAR's projections apart)
     text_encoders_gb: float  # T5 (as --quantize-text) and CLIP
+    controlnet_gb: float  # --controlnet's weights (0 without one); its residuals are in the activations
+    lora_gb: float  # --lora's weights (0 without), with the transformer's in transformer_gb
     offload: str  # none | model | sequential: what runs
     offload_asked: str
     ff_chunk: int | None  # feed-forward slice in tokens; None: not chunked
@@ -294,6 +313,11 @@ class _Run:
     down_factor: int  # CLEAR's
     clear_bytes: int  # CLEAR's replaced projections at e; 0 without a checkpoint
     vae_tile: int | None  # None: VAE tiling off
+    controlnet: Params | None = None  # --controlnet's parameters
+    controlnet_blocks: int = 0  # its blocks: one residual of N x C each
+    controlnet_note: str | None = None  # an assumption about it
+    lora_elements: int = 0  # --lora's tensors, elements
+    lora_note: str | None = None  # a LoRA not counted
 
     @property
     def e(self) -> int:
@@ -333,7 +357,7 @@ def plan_run(
     # 2. Offload and chunking: the first candidate that fits (only the asked offload unless auto).
     plan = _decide(run, gpu)
     plan.problems = problems + device_problems(opts, gpu, cuda_here)
-    plan.notes += [n for n in (run.shapes.note, choice.note) if n]
+    plan.notes += [n for n in (run.shapes.note, choice.note, run.controlnet_note, run.lora_note) if n]
     return plan
 
 
@@ -351,7 +375,9 @@ def _prepare(opts: GenerateOptions, choice: ClearChoice, stages: list[Stage], dt
     """Everything the candidates share: the model's shapes, each stage's attention and FLOPs."""
     shapes = model_shapes(opts.model)
     text_len = text_tokens(opts)
-    attention = [_attention(choice, text_len, s, shapes.transformer) for s in stages]
+    net, net_note = _controlnet(opts)
+    lora_elements, lora_note = _loras(opts)
+    attention = [_attention(choice, text_len, s, shapes.transformer, net) for s in stages]
     e = torch.empty(0, dtype=dtype).element_size()
     has_checkpoint = choice.weights is not None or choice.hub_variant is not None
     return _Run(
@@ -367,21 +393,73 @@ def _prepare(opts: GenerateOptions, choice: ClearChoice, stages: list[Stage], dt
         down_factor=choice.down_factor,
         clear_bytes=clear_params(shapes.transformer, choice.down_factor) * e if has_checkpoint else 0,
         vae_tile=shapes.vae_tile if max(opts.width, opts.height) > 2048 else None,  # as generate tiles
+        controlnet=controlnet_params(shapes.transformer, *net) if net else None,
+        controlnet_blocks=net[0] + net[1] if net else 0,
+        controlnet_note=net_note,
+        lora_elements=lora_elements,
+        lora_note=lora_note,
     )
 
 
+def _loras(opts: GenerateOptions) -> tuple[int, str | None]:
+    """(elements of every --lora file here, a note naming those not downloaded yet)."""
+    from .hub import cached_file
+    from .lora import parse_loras
+
+    elements, missing = 0, []
+    for spec in parse_loras(opts.loras or [], opts.lora_files or []):
+        file = Path(spec.source) if spec.file is None else cached_file(spec.source, spec.file)
+        if file is None:
+            missing.append(spec.spec)
+            continue
+        elements += sum(math.prod(shape) for shape in file_shapes(file).values())
+    note = f"LoRA {', '.join(missing)} not downloaded yet: not counted" if missing else None
+    return elements, note
+
+
+def _controlnet(opts: GenerateOptions) -> tuple[tuple[int, int, int] | None, str | None]:
+    """((num_layers, num_single_layers, num_mode) of --controlnet, a note): from its config.json when it is
+    on disk, else the registry's (a repo outside it: union-pro's, said in the note); None without one."""
+    import json
+
+    spec = parse_control(opts, own_picture=True)
+    if spec is None:
+        return None, 0
+    folder = controlnet_folder(spec, cached_only=True)
+    if folder is not None:
+        config = json.loads((folder / "config.json").read_text())
+        blocks = config.get("num_layers", 2), config.get("num_single_layers", 0)  # diffusers' defaults
+        return (*blocks, config.get("num_mode") or 0), None
+    net = spec.net
+    if not net.num_layers + net.num_single_layers:  # a repo outside the registry, not downloaded yet
+        return (5, 10, 10), f"ControlNet {net.repo} is not cached: planned with 5 + 10 blocks (union-pro's)"
+    return (net.num_layers, net.num_single_layers, 10 if net.modes else 0), None
+
+
 def _attention(
-    choice: ClearChoice, text_len: int, stage: Stage, cfg: TransformerConfig
+    choice: ClearChoice, text_len: int, stage: Stage, cfg: TransformerConfig, net: tuple | None = None
 ) -> tuple[str, float, tuple[float, float]]:
-    """(label, density, (linear, attention) FLOPs of one step) of a stage."""
+    """(label, density, (linear, attention) FLOPs of one step) of a stage; `net`: a ControlNet's
+    (num_layers, num_single_layers, num_mode), whose blocks run in every step too (control.py says when
+    with CLEAR)."""
     shape = cfg.flux_shape
     linear = linear_flops(shape, text_len, stage.tokens)
+    full = attention_flops(shape, (text_len + stage.tokens) ** 2)
+    extra = (0.0, 0.0)
+    if net is not None:
+        net_shape = replace(shape, double=net[0], single=net[1])
+        pairs = (text_len + stage.tokens) ** 2
+        if clear_on_controlnet(stage):
+            net_geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, 1)
+            pairs = build_block_lists(net_geo).computed_pairs()
+        extra = (linear_flops(net_shape, text_len, stage.tokens), attention_flops(net_shape, pairs))
     if not stage.clear:
-        return "full", 1.0, (linear, attention_flops(shape, (text_len + stage.tokens) ** 2))
+        return "full", 1.0, (linear + extra[0], full + extra[1])
     geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
     density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
     label = f"CLEAR r={choice.window}" + (f" f={choice.down_factor}" if choice.down_factor > 1 else "")
-    return label, density, (linear, attention_flops(shape, build_block_lists(geo).computed_pairs()))
+    attention = attention_flops(shape, build_block_lists(geo).computed_pairs())
+    return label, density, (linear + extra[0], attention + extra[1])
 
 
 # ---------------------------------------------------------------- deciding
@@ -397,6 +475,8 @@ class _Weights:
     clip: int
     vae: int
     layer: int  # the largest layer (sequential offload streams one at a time)
+    controlnet: int = 0  # --controlnet's weights
+    lora: int = 0  # --lora's, counted in transformer too
 
 
 def _weights(run: _Run, clear_on_gpu: bool) -> tuple[_Weights, str | None]:
@@ -406,11 +486,14 @@ def _weights(run: _Run, clear_on_gpu: bool) -> tuple[_Weights, str | None]:
     transformer, note = (
         gguf_bytes(opts.transformer, params, e) if gguf else (weight_bytes(params, opts.quantize, e), None)
     )
+    lora = run.lora_elements * e
+    transformer += lora  # the LoRAs go where the transformer goes
     quantized = gguf or opts.quantize != "none"
     layer = max(params.largest * e, shapes.t5.other * e)  # a Linear, or T5's token embedding
     clear = run.clear_bytes if (quantized or clear_on_gpu) else 0
     t5 = weight_bytes(shapes.t5, opts.quantize_text, e)
-    w = _Weights(transformer, clear, t5, shapes.clip.total * e, shapes.vae * e, layer)
+    net = run.controlnet.total * e if run.controlnet else 0
+    w = _Weights(transformer, clear, t5, shapes.clip.total * e, shapes.vae * e, layer, net, lora)
     return w, note
 
 
@@ -420,15 +503,16 @@ def _stage_memory(
     """(denoise weights, activations, VAE activations, peak) of stage i, in bytes."""
     s, e = run.stages[i], run.e
     act = step_activations(run.text_len, s.tokens, run.shapes.transformer, e, s.clear, chunk, run.down_factor)
+    act += run.controlnet_blocks * s.tokens * run.shapes.transformer.hidden * e  # a ControlNet's residuals
     vae = vae_activations(s.width, s.height, e, run.vae_tile, encode=False)
     if s.sdedit:
         vae = max(vae, vae_activations(s.width, s.height, e, run.vae_tile, encode=True))
     if offload == "sequential":
         denoise_weights = vae_weights = w.layer
-    elif offload == "model":  # the transformer leaves when the VAE runs; the VAE stays through denoising
-        denoise_weights, vae_weights = w.transformer + w.clear + w.vae, w.vae
+    elif offload == "model":  # the transformer (and ControlNet) leave when the VAE runs; the VAE stays
+        denoise_weights, vae_weights = w.transformer + w.clear + w.vae + w.controlnet, w.vae
     else:
-        denoise_weights = vae_weights = w.transformer + w.clear + w.vae
+        denoise_weights = vae_weights = w.transformer + w.clear + w.vae + w.controlnet
     return denoise_weights, act, vae, max(denoise_weights + act, vae_weights + vae)
 
 
@@ -446,7 +530,7 @@ def _encode_memory(w: _Weights, offload: str) -> int:
         return w.layer + int(TEXT_ACTIVATIONS)
     if offload == "model":
         return max(w.t5, w.clip) + int(TEXT_ACTIVATIONS)
-    return w.transformer + w.t5 + w.clip + w.vae + int(TEXT_ACTIVATIONS)
+    return w.transformer + w.t5 + w.clip + w.vae + w.controlnet + int(TEXT_ACTIVATIONS)
 
 
 def _candidate(run: _Run, gpu: gpus.Gpu | None, offload: str, chunk: int | None, clear_on: bool) -> RunPlan:
@@ -480,6 +564,8 @@ def _candidate(run: _Run, gpu: gpus.Gpu | None, offload: str, chunk: int | None,
         transformer=run.opts.transformer,
         transformer_gb=w.transformer / GB,
         text_encoders_gb=(w.t5 + w.clip) / GB,
+        controlnet_gb=w.controlnet / GB,
+        lora_gb=w.lora / GB,
         offload=offload,
         offload_asked=run.opts.offload,
         ff_chunk=chunk,
@@ -586,10 +672,11 @@ def _timed(run: _Run, plan: RunPlan) -> RunPlan:
         copies = 0.0
         if plan.offload == "sequential":  # every layer's weights each step; the MLP's once per slice
             slices = math.ceil((run.text_len + stage.tokens) / plan.ff_chunk) if plan.ff_chunk else 1
-            copies = (w.transformer + w.clear + (slices - 1) * _mlp_bytes(cfg, w)) / PCIE_BYTES_S
+            streamed = w.transformer + w.clear + w.controlnet + (slices - 1) * _mlp_bytes(cfg, w)
+            copies = streamed / PCIE_BYTES_S
         stage.time_s = stage.steps * (step + copies)
-        if plan.offload == "model":  # the transformer comes back once a stage
-            stage.time_s += (w.transformer + w.clear) / PCIE_BYTES_S
+        if plan.offload == "model":  # the transformer (and a ControlNet) come back once a stage
+            stage.time_s += (w.transformer + w.clear + w.controlnet) / PCIE_BYTES_S
     if not plan.gpu:
         plan.rate_tflops, plan.rate_source = rate / 1e12, "measured by a matmul probe"
     return plan

@@ -314,7 +314,8 @@ class SequenceShards:
 
     def shard_inputs(self, kwargs: dict) -> dict:
         """The transformer's inputs cut to this rank's slice of the joint [text ; image] sequence: its text
-        and image hidden states and their RoPE ids (so positions still move with their tokens)."""
+        and image hidden states and their RoPE ids (so positions still move with their tokens), and a
+        ControlNet's residuals (added to the image tokens; each rank ran the whole ControlNet)."""
         text, hidden = kwargs["encoder_hidden_states"], kwargs["hidden_states"]  # (B, T, C'), (B, N, C)
         t = text.shape[1]
         bounds = _slices(t + hidden.shape[1], self.world.size)
@@ -323,12 +324,18 @@ class SequenceShards:
         start, end = bounds[self.world.rank]
         txt, img = slice(min(start, t), min(end, t)), slice(max(start, t) - t, max(end, t) - t)
         txt_ids = kwargs["txt_ids"][0] if kwargs["txt_ids"].ndim == 3 else kwargs["txt_ids"]  # (T, 3)
+        residuals = {
+            name: [sample[:, img] for sample in kwargs[name]]
+            for name in ("controlnet_block_samples", "controlnet_single_block_samples")
+            if kwargs.get(name) is not None
+        }
         return {
             **kwargs,
             "encoder_hidden_states": text[:, txt],
             "txt_ids": txt_ids[txt],
             "hidden_states": hidden[:, img],
             "img_ids": kwargs["img_ids"][img],
+            **residuals,
         }
 
     def gather_heads(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,16 @@ from . import gpus, output, parallel
 from . import quantize as Q
 from .attention import apply_clear, remove_clear, resolve_backend
 from .chunking import chunk_feed_forward
+from .control import (
+    ControlSpec,
+    check_base,
+    check_cached_config,
+    clear_on_controlnet,
+    control_record,
+    parse_control,
+    read_control_image,
+    stage_kwargs,
+)
 from .device import DTYPES, device_name, resolve_dtype
 from .errors import ClearGenError, ConfigError, DeviceError
 from .geometry import Geometry, image_geometry, needed_pairs
@@ -62,6 +73,7 @@ from .timing import (
     now,
     record_peak_memory,
     reset_peak_memory,
+    step_call,
     time_full_attention,
     time_step,
 )
@@ -98,6 +110,7 @@ class Job:
     stages: list[Stage]
     first: Any = None  # PIL image (upscale); None: the first stage is text-to-image
     source: dict[str, Any] | None = None  # the picture's file, sha256 and size, recorded in the PNG
+    control: Any = None  # the ControlNet's picture (PIL), with --controlnet
 
 
 # ---------------------------------------------------------------- generation
@@ -114,11 +127,13 @@ def _encode(pipe, prompts: list[str], device, max_len: int, offload: str) -> lis
     return out
 
 
-def _run_stage(pipe, img2img, stage: Stage, embeds, image, seed: int, opts: GenerateOptions, clock):
-    """One stage's diffusion; returns its packed latents (B, (H/16)(W/16), 64), not yet decoded."""
+def _run_stage(pipe, img2img, stage: Stage, embeds, image, seed: int, opts: GenerateOptions, clock, control):
+    """One stage's diffusion; returns its packed latents (B, (H/16)(W/16), 64), not yet decoded.
+    `control`: the ControlNet pipelines' own arguments (control.stage_kwargs), or {}."""
     import numpy as np
 
     common = dict(
+        **control,
         prompt_embeds=embeds[0],
         pooled_prompt_embeds=embeds[1],
         width=stage.width,
@@ -197,6 +212,8 @@ def _check(opts: GenerateOptions, world: parallel.World, device, hooks: Hooks, p
     choice = resolve_clear(opts)
     stages = plan_stages(opts, choice)
     seeds = image_seeds(opts.seeds, opts.count)
+    control = parse_control(opts)
+    picture = read_control_image(control.image) if control is not None else None
     world = world.decide(len(prompts) * len(seeds))
     if world.writes:
         probe = output.ImageRecord(prompt=prompts[0], seed=seeds[0], model=opts.model, steps=1, guidance=0.0,
@@ -208,7 +225,7 @@ def _check(opts: GenerateOptions, world: parallel.World, device, hooks: Hooks, p
         plan = None
         if choice.note:
             hooks.note(choice.note)
-    jobs = [Job(prompt, seed, stages) for prompt in prompts for seed in seeds]
+    jobs = [Job(prompt, seed, stages, control=picture) for prompt in prompts for seed in seeds]
     return jobs, choice, dtype, opts, plan, world
 
 
@@ -255,6 +272,8 @@ def upscale_jobs(
     if opts.stages and target == UpscaleTarget():  # no size given: the last stage is the target
         target = UpscaleTarget(res=opts.stages[-1])
     sources = _read_sources([Path(p) for p in inputs], hooks)
+    control = parse_control(opts, own_picture=True)
+    picture = read_control_image(control.image) if control is not None and control.image else None
     choice = resolve_clear(replace(opts, width=MAX_SIDE, height=MAX_SIDE))  # the variant, if any
     sized = [(src, *target.size(src.size, size_multiple(choice.down_factor))) for src in sources]
     largest = max(sized, key=lambda s: s[1] * s[2])
@@ -269,7 +288,8 @@ def upscale_jobs(
             if text:
                 hooks.note(f"{src.path.name}: {text}")
         info = {"file": src.path.name, "sha256": src.sha256, "width": src.size[0], "height": src.size[1]}
-        jobs += [Job(prompt, seed, stages, src.image, info) for seed in seeds]
+        own = src.image if control is not None and picture is None else picture  # the ControlNet's picture
+        jobs += [Job(prompt, seed, stages, src.image, info, own) for seed in seeds]
     return jobs, choice
 
 
@@ -299,13 +319,28 @@ def _prepare(
     opts = replace(opts, offload=plan.offload)
     Q.check_device(opts.quantize, opts.quantize_text, device, opts.offload, gguf=opts.transformer is not None)
     loras = hub_files(parse_loras(opts.loras or [], opts.lora_files or []))  # (repo, file) from the Hub
+    control = parse_control(opts, own_picture=True)  # the run checked --control itself
+    if control is not None:
+        check_base(control, opts.model)
+    hub_net = control.net if control is not None and control.folder is None else None
     check_run_weights(
-        opts.model, choice.hub_variant, transformer=opts.transformer, loras=loras
+        opts.model, choice.hub_variant, transformer=opts.transformer, loras=loras, controlnet=hub_net
     )  # or fetchable
     check_transformer_file(opts)  # a GGUF --transformer on disk: whole, and a transformer of this base
+    if control is not None:  # its config against the base's, when both are on disk
+        check_cached_config(control, _transformer_config(opts.model))
     if choice.note:
         hooks.note(choice.note)
     return opts, plan
+
+
+def _transformer_config(model: str) -> dict:
+    """The base's transformer config as far as a ControlNet must match it (shapes.py: no weights read)."""
+    from dataclasses import asdict
+
+    from .shapes import model_shapes
+
+    return asdict(model_shapes(model).transformer)
 
 
 def _read_sources(inputs: list[Path], hooks: Hooks) -> list[Source]:
@@ -399,6 +434,8 @@ def _load_and_generate(
         raise failure from e
     finally:
         remove_clear(run.pipe.transformer)
+        if run.control is not None:
+            remove_clear(run.pipe.controlnet)
     return results
 
 
@@ -407,11 +444,13 @@ def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> 
     No collectives in here: it runs inside World.agree, whose own collective follows it on every rank."""
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
-    hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else ""))
+    control = parse_control(opts, own_picture=True)
+    net = f", ControlNet {control.source}" if control is not None else ""
+    hooks.phase("load", f"FLUX.1 {opts.model}{quantized}" + (clear if choice.window else "") + net)
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
-    pipe = load_pipeline(opts, device, dtype) if pipe is None else prepared_pipeline(pipe, opts)
+    pipe = load_pipeline(opts, device, dtype, control) if pipe is None else prepared_pipeline(pipe, opts)
     chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's slices (None: whole)
     if opts.compile:
         compile_blocks(pipe.transformer)  # compiles lazily: the first step of each stage pays
@@ -434,6 +473,8 @@ def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> 
     run = _Run(
         pipe, img2img, opts, choice, state_dict, device, hooks, plan, world, shards, (load_s, encode_s)
     )
+    if control is not None:
+        run.control, run.control_record = control, control_record(control, control.image)
     return run, embeds
 
 
@@ -480,6 +521,8 @@ class _Run:
     setup_s: tuple[float, float] = (0.0, 0.0)  # loading and encoding: the rank's first image carries them
     mark: float = 0.0  # where the next image's wall time begins
     made: int = 0  # images this rank has made
+    control: ControlSpec | None = None  # --controlnet (pipe and img2img are then diffusers' ControlNet ones)
+    control_record: dict[str, Any] | None = None  # what the PNGs record of it
 
 
 def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult | None:
@@ -491,7 +534,7 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
     image, stage_paths, save_s, hooks, n = job.first, [], 0.0, run.hooks, len(job.stages)
     for i, stage in enumerate(job.stages):
         hooks.stage_start(i, n, stage)
-        latents, stage_timing = _stage(run, stage, emb, image, job.seed)
+        latents, stage_timing = _stage(run, stage, emb, image, job.seed, job.control)
         if i == n - 1 and not run.world.writes:
             timing.stages.append(stage_timing)
             timing.total_s = time.perf_counter() - started
@@ -516,16 +559,25 @@ def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> I
     return ImageResult(path, record, timing, stage_paths)
 
 
-def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor, StageTiming]:
-    """One stage's denoising, every step timed: (packed latents, its StageTiming)."""
+def _stage(run: _Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torch.Tensor, StageTiming]:
+    """One stage's denoising, every step timed: (packed latents, its StageTiming). `picture`: the
+    ControlNet's (with --controlnet)."""
     transformer, opts, device, hooks = run.pipe.transformer, run.opts, run.device, run.hooks
     choice = run.choice
-    # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale.
+    # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale; the
+    #    ControlNet's blocks too above 1024 px (control.py).
     kwargs = {**clear_kwargs(opts, choice, stage, run.state_dict), "parallel": run.shards}
     if stage.clear:
         apply_clear(transformer, **kwargs)
     else:
         remove_clear(transformer)
+    controlnet = run.pipe.controlnet if run.control is not None else None
+    net_kwargs = {**kwargs, "state_dict": None, "down_factor": 1, "parallel": None}  # training-free
+    if controlnet is not None and clear_on_controlnet(stage):
+        apply_clear(controlnet, **net_kwargs)
+    elif controlnet is not None:
+        remove_clear(controlnet)
+    control = stage_kwargs(run.control, picture) if controlnet is not None else {}
     _vae_tiling(run.pipe.vae, stage)
     geo = _geometry(stage, choice, emb[0].shape[1]) if stage.clear else None  # emb[0]: (1, T, D)
     compiling = _first_run(geo, opts.backend, device, transformer.dtype)
@@ -535,8 +587,10 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
     clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
     reset_peak_memory(device)
     cache = step_cache(transformer, parse_cache(opts.cache))  # --cache: this stage's denoising only
-    with capture_transformer_call(transformer) as inputs, clock.watching(transformer), cache as blocks:
-        latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock)
+    control_call = capture_transformer_call(controlnet) if controlnet is not None else nullcontext({})
+    with capture_transformer_call(transformer) as inputs, control_call as control_inputs:
+        with clock.watching(controlnet if controlnet is not None else transformer), cache as blocks:
+            latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock, control)
     timing = _timing(stage, choice, clock, geo, blocks)
     timing.gpus = run.world.size if run.shards is not None and stage.clear else 1  # stock stages: replicated
     record_peak_memory(timing, device)
@@ -545,10 +599,16 @@ def _stage(run: _Run, stage: Stage, emb, image, seed: int) -> tuple[torch.Tensor
         hooks.phase("compare", f"{stage.width}x{stage.height}")
         t0 = now(device)
         if timing.step_s is None:
-            timing.step_s = time_step(transformer, inputs, device)
+            timing.step_s = time_step(step_call(transformer, inputs, controlnet, control_inputs), device)
         fits = run.plan is None or (stage.width, stage.height) not in run.plan.full_step_too_big
+
+        def reapply():
+            apply_clear(transformer, **kwargs)
+            if controlnet is not None and clear_on_controlnet(stage):
+                apply_clear(controlnet, **net_kwargs)
+
         time_full_attention(
-            transformer, inputs, timing, geo, device, lambda kw=kwargs: apply_clear(transformer, **kw), fits
+            transformer, inputs, timing, geo, device, reapply, fits, controlnet, control_inputs
         )
         timing.compare_s = now(device) - t0
         hooks.phase_done("compare", timing.compare_s)
@@ -658,6 +718,7 @@ def _record(
         "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
         "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
+        "control": run.control_record,
         "compile": True if opts.compile else None,
         "cache": str(cache) if cache.kind != "none" else None,
     }

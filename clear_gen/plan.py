@@ -16,6 +16,7 @@ MIN_SIDE, MAX_SIDE = 64, 16384
 FIRST_PASS_SIDE = 1024  # long side of the full-attention first pass in the reference recipe
 ATTENTION_FIELDS = frozenset({"variant", "window", "down_factor", "clear_weights"})  # see resolve_clear
 TRANSFORMER_FIELDS = {"quantize": "none", "transformer": None}  # a GGUF file or a quantized base, not both
+CONTROL_FIELDS = ("control", "controlnet", "control_mode", "control_scale")  # one ControlNet, as a whole
 
 
 @dataclass
@@ -55,6 +56,10 @@ class GenerateOptions:
     transformer: str | None = None  # a FLUX.1 transformer .gguf (file or owner/repo/file.gguf) for the base's
     loras: list[str] | None = None  # --lora PATH_OR_REPO[:SCALE] each (lora.py)
     lora_files: list[str] | None = None  # --lora-file: the files of the bare owner/repo --loras, in order
+    controlnet: str | None = None  # --controlnet: a registry name, Hub repo or local folder (control.py)
+    control: str | None = None  # --control: the control picture (upscale: its own picture by default)
+    control_mode: str | None = None  # a union ControlNet's mode: a registry name or the mode's number
+    control_scale: float | None = None  # None: the registry's recommended scale, else 1
     compile: bool = False  # regional compilation of the transformer blocks (speed.py)
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
     parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
@@ -302,7 +307,8 @@ def options_from_record(record, **overrides) -> GenerateOptions:
     An override of the attention (variant, window, down factor or CLEAR weights) replaces the record's
     attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window;
     likewise `--quantize` or `--transformer` replaces the record's transformer (a GGUF file or a quantized
-    base's), and `--lora` the record's LoRAs."""
+    base's), `--lora` the record's LoRAs and `--controlnet` (or --control, --control-mode, --control-scale)
+    the record's ControlNet."""
     extra = record.extra or {}
     if extra.get("source"):
         src = extra["source"]
@@ -336,6 +342,7 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         quantize_text=extra.get("quantize_text", "none"),
         transformer=extra.get("transformer"),
         loras=extra.get("loras"),
+        **_control_options(extra.get("control")),
         compile=extra.get("compile", False),
         cache=extra.get("cache", "none"),
     )
@@ -343,7 +350,21 @@ def options_from_record(record, **overrides) -> GenerateOptions:
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))
     if TRANSFORMER_FIELDS.keys() & overrides.keys():
         opts = replace(opts, **TRANSFORMER_FIELDS)
+    if {"controlnet", "control"} & overrides.keys():
+        opts = replace(opts, **dict.fromkeys(CONTROL_FIELDS))
     return replace(opts, **overrides)
+
+
+def _control_options(control: dict | None) -> dict:
+    """GenerateOptions' ControlNet fields from a record's `control` entry (control.control_record)."""
+    if not control:
+        return {}
+    return {
+        "controlnet": control.get("controlnet"),
+        "control": control.get("image"),
+        "control_mode": control.get("mode"),
+        "control_scale": control.get("scale"),
+    }
 
 
 def text_tokens(opts: GenerateOptions) -> int:

@@ -1,6 +1,7 @@
 """The weights registry: `weights.toml` loaded into frozen dataclasses.
 
-`[variants.NAME]` are the published CLEAR checkpoints, `[bases.NAME]` the FLUX.1 models they plug into.
+`[variants.NAME]` are the published CLEAR checkpoints, `[bases.NAME]` the FLUX.1 models they plug into,
+`[controlnets.NAME]` the FLUX.1 ControlNets `--controlnet` takes by name.
 An unknown name or a malformed file is a `ConfigError` that says what is valid.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,32 @@ class Base:
     description: str
 
 
+# What a diffusers FluxControlNetModel folder needs (its config and weights, sharded or not).
+CONTROLNET_PATTERNS: tuple[str, ...] = ("config.json", "diffusion_pytorch_model*")
+
+
+@dataclass(frozen=True)
+class ControlNet:
+    """A FLUX.1 ControlNet in diffusers layout (FluxControlNetModel) on the Hub."""
+
+    name: str
+    repo: str
+    revision: str
+    base: str  # the [bases] entry it was trained for
+    modes: tuple[str, ...]  # a union model's control modes, in the order of their ids; () = one kind
+    scale: float  # the conditioning scale its model card recommends (--control-scale's default)
+    num_layers: int  # its double-stream blocks, as its config.json says (for the memory plan)
+    num_single_layers: int
+    gated: bool
+    description: str
+
+
 @dataclass(frozen=True)
 class Registry:
     variants: dict[str, Variant]
     bases: dict[str, Base]
     default_variant: str
+    controlnets: dict[str, ControlNet] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
@@ -77,6 +99,11 @@ class Registry:
         if name not in self.bases:
             raise ConfigError(f"unknown base {name!r}; valid: {', '.join(self.bases)}")
         return self.bases[name]
+
+    def controlnet(self, name: str) -> ControlNet:
+        if name not in self.controlnets:
+            raise ConfigError(f"unknown ControlNet {name!r}; valid: {', '.join(self.controlnets)}")
+        return self.controlnets[name]
 
 
 # field -> (type, required); bool is checked before int because bool is an int.
@@ -98,6 +125,17 @@ _BASE_FIELDS: dict[str, tuple[type, bool]] = {
     "allow_patterns": (list, True),
     "description": (str, True),
 }
+_CONTROLNET_FIELDS: dict[str, tuple[type, bool]] = {
+    "repo": (str, True),
+    "revision": (str, False),
+    "base": (str, True),
+    "modes": (list, False),
+    "scale": (float, False),
+    "num_layers": (int, True),
+    "num_single_layers": (int, True),
+    "gated": (bool, False),
+    "description": (str, True),
+}
 
 
 def _fields(table: Any, spec: dict[str, tuple[type, bool]], where: str) -> dict[str, Any]:
@@ -114,6 +152,8 @@ def _fields(table: Any, spec: dict[str, tuple[type, bool]], where: str) -> dict[
                 raise ValueError(f"[{where}] is missing {key!r}")
             continue
         value = table[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # scale = 1
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ValueError(f"[{where}] {key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
         out[key] = value
@@ -156,9 +196,30 @@ def _base(name: str, table: Any) -> Base:
     )
 
 
+def _controlnet(name: str, table: Any) -> ControlNet:
+    f = _fields(table, _CONTROLNET_FIELDS, f"controlnets.{name}")
+    modes = f.get("modes", [])
+    if not all(isinstance(m, str) and m for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"[controlnets.{name}] modes must be distinct names")
+    if f["num_layers"] < 0 or f["num_single_layers"] < 0 or not f.get("scale", 1.0) >= 0:
+        raise ValueError(f"[controlnets.{name}] num_layers, num_single_layers and scale must be >= 0")
+    return ControlNet(
+        name=name,
+        repo=f["repo"],
+        revision=f.get("revision", "main"),
+        base=f["base"],
+        modes=tuple(modes),
+        scale=f.get("scale", 1.0),
+        num_layers=f["num_layers"],
+        num_single_layers=f["num_single_layers"],
+        gated=f.get("gated", False),
+        description=f["description"],
+    )
+
+
 def parse_registry(data: dict[str, Any]) -> Registry:
     """Build a Registry from parsed TOML; ValueError says what is wrong."""
-    unknown = sorted(set(data) - {"default_variant", "variants", "bases"})
+    unknown = sorted(set(data) - {"default_variant", "variants", "bases", "controlnets"})
     if unknown:
         raise ValueError(f"unknown top-level key(s) {', '.join(unknown)}")
     variants_t, bases_t = data.get("variants"), data.get("bases")
@@ -166,13 +227,18 @@ def parse_registry(data: dict[str, Any]) -> Registry:
         raise ValueError("needs at least one [variants.NAME] and one [bases.NAME] table")
     variants = {name: _variant(name, t) for name, t in variants_t.items()}
     bases = {name: _base(name, t) for name, t in bases_t.items()}
-    for v in variants.values():
-        if v.base not in bases:
-            raise ValueError(f"[variants.{v.name}] base {v.base!r} is not one of: {', '.join(bases)}")
+    controlnets_t = data.get("controlnets", {})
+    if not isinstance(controlnets_t, dict):
+        raise ValueError("controlnets must be tables: [controlnets.NAME]")
+    controlnets = {name: _controlnet(name, t) for name, t in controlnets_t.items()}
+    for item in [*variants.values(), *controlnets.values()]:
+        if item.base not in bases:
+            kind = "variants" if isinstance(item, Variant) else "controlnets"
+            raise ValueError(f"[{kind}.{item.name}] base {item.base!r} is not one of: {', '.join(bases)}")
     default = data.get("default_variant", next(iter(variants)))
     if default not in variants:
         raise ValueError(f"default_variant {default!r} is not one of: {', '.join(variants)}")
-    return Registry(variants=variants, bases=bases, default_variant=default)
+    return Registry(variants=variants, bases=bases, default_variant=default, controlnets=controlnets)
 
 
 @functools.lru_cache(maxsize=8)

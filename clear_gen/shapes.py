@@ -13,7 +13,7 @@ import functools
 import json
 import struct
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from math import prod
 from pathlib import Path
 
@@ -104,6 +104,23 @@ def transformer_params(cfg: TransformerConfig) -> Params:
     )
 
 
+def controlnet_params(
+    cfg: TransformerConfig, num_layers: int, num_single_layers: int, num_mode: int
+) -> Params:
+    """FluxControlNetModel's parameters: the transformer's embedders and `num_layers` + `num_single_layers`
+    of its blocks (cfg: the transformer it feeds), without its output layers, plus a zero-initialised
+    C x C Linear per block (its residual), the condition's embedder and a union model's mode embedding."""
+    c = cfg.hidden
+    blocks = transformer_params(replace(cfg, num_layers=num_layers, num_single_layers=num_single_layers))
+    out = [(c, 2 * c), (c, cfg.in_channels)]  # norm_out's modulation, proj_out: not in a ControlNet
+    added = [(c, c)] * (num_layers + num_single_layers)  # controlnet_blocks and controlnet_single_blocks
+    added.append((cfg.in_channels, c))  # controlnet_x_embedder
+    linear = blocks.linear + sum(i * o for i, o in added) - sum(i * o for i, o in out)
+    rows = blocks.rows + sum(o for _, o in added) - sum(o for _, o in out)
+    return Params(linear=linear, rows=rows, other=rows + (blocks.other - blocks.rows) + num_mode * c,
+                  largest=blocks.largest)  # fmt: skip
+
+
 def clear_params(cfg: TransformerConfig, down_factor: int) -> int:
     """Parameters a CLEAR checkpoint replaces: the image branch's q, k, v (and out in double blocks),
     weights and biases, and each attention's f x f spatial weights when down-sampled."""
@@ -140,11 +157,16 @@ def _header_shapes(folder: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from every .safetensors file in a folder (headers only, no weights read)."""
     shapes = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+        shapes.update(file_shapes(path))
     return shapes
+
+
+def file_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of one .safetensors file, from its header (no weights read)."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
 def folder_params(folder: Path) -> Params | None:

@@ -7,7 +7,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -204,10 +204,25 @@ class StepClock:
         return sorted(d)[len(d) // 2] if d else None
 
 
-def time_step(transformer, inputs: dict, device: torch.device) -> float:
-    """Seconds of one more (warm) transformer call with the inputs of its last call."""
+def step_call(transformer, inputs: dict, controlnet=None, control_inputs: dict | None = None) -> Callable:
+    """One denoising step's model calls with the inputs of their last calls: the ControlNet's, when there
+    is one (its residuals then feed the transformer, as in diffusers' ControlNet pipelines), then the
+    transformer's."""
+
+    def call():
+        if controlnet is None:
+            return transformer(**inputs)
+        blocks, singles = controlnet(**{**control_inputs, "return_dict": False})
+        residuals = {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles}
+        return transformer(**{**inputs, **residuals})
+
+    return call
+
+
+def time_step(step: Callable, device: torch.device) -> float:
+    """Seconds of one more (warm) step (step_call) with the inputs of the last."""
     with torch.no_grad():
-        return samples(lambda: transformer(**inputs), device, 1)[0] / 1e3
+        return samples(step, device, 1)[0] / 1e3
 
 
 @contextmanager
@@ -229,41 +244,58 @@ def capture_transformer_call(transformer) -> Iterator[dict]:
 _FULL_STEP_S: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> {key: seconds}
 
 
-def _full_step_key(inputs: dict, geo: Geometry, device) -> tuple:
-    """What a stock step's time depends on: sizes, batch, dtype and device (not CLEAR's window)."""
+def _full_step_key(inputs: dict, geo: Geometry, device, controlnet) -> tuple:
+    """What a stock step's time depends on: sizes, batch, dtype, device and whether a ControlNet runs in
+    it (not CLEAR's window)."""
     hidden = inputs["hidden_states"]
-    return (geo.text_len, geo.height, geo.width, hidden.shape[0], hidden.dtype, str(device))
+    return geo.text_len, geo.height, geo.width, hidden.shape[0], hidden.dtype, str(device), controlnet is None
 
 
 def time_full_attention(
-    transformer, inputs: dict, timing: StageTiming, geo: Geometry, device, reapply, fits: bool = True
+    transformer,
+    inputs: dict,
+    timing: StageTiming,
+    geo: Geometry,
+    device,
+    reapply,
+    fits: bool = True,
+    controlnet=None,
+    control_inputs: dict | None = None,
 ) -> None:
     """timing.full_step_s: one warm step with stock attention when that is cheap (and `fits`: the memory
-    plan says its activations fit), else the FLOP model.
+    plan says its activations fit), else the FLOP model. With a ControlNet (its last call's inputs in
+    `control_inputs`) the step is the ControlNet's call and the transformer's, both with stock attention,
+    as the stage's steps were both of them with CLEAR.
 
     A measured time is kept per transformer and size, so a batch of images measures it once. The
     estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
-    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate. Either is one
-    GPU's: in sequence mode the stock step runs whole on each GPU, and the estimate starts from the
-    CLEAR step's GPU-seconds (step_s x gpus, as if the step scaled perfectly).
+    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate; a ControlNet's
+    blocks are counted as more transformer blocks. Either is one GPU's: in sequence mode the stock step
+    runs whole on each GPU, and the estimate starts from the CLEAR step's GPU-seconds (step_s x gpus, as
+    if the step scaled perfectly).
     """
     cache = _FULL_STEP_S.setdefault(transformer, {})
-    key = _full_step_key(inputs, geo, device) if inputs else None
+    key = _full_step_key(inputs, geo, device, controlnet) if inputs else None
     if key in cache:
         timing.full_step_s = cache[key]
         return
     computed = build_block_lists(geo).computed_pairs()
     gpu_seconds = timing.step_s * timing.gpus
-    estimate = gpu_seconds * speedup_bound(
-        step_flops(FluxShape.from_config(transformer.config), geo, computed)
-    )
-    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits:
+    shape = FluxShape.from_config(transformer.config)
+    if controlnet is not None:
+        net = FluxShape.from_config(controlnet.config)
+        shape = replace(shape, double=shape.double + net.double, single=shape.single + net.single)
+    estimate = gpu_seconds * speedup_bound(step_flops(shape, geo, computed))
+    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits or (controlnet and not control_inputs):
         timing.full_step_s, timing.full_estimated = estimate, True
         return
     remove_clear(transformer)
+    if controlnet is not None:
+        remove_clear(controlnet)
     try:
-        with torch.no_grad():
-            median_ms, _ = timeit(lambda: transformer(**inputs), device, repeats=1)  # one warm-up, one timed
+        with torch.no_grad():  # one warm-up, one timed
+            step = step_call(transformer, inputs, controlnet, control_inputs)
+            median_ms, _ = timeit(step, device, repeats=1)
         timing.full_step_s = cache[key] = median_ms / 1e3
     finally:
         reapply()

@@ -47,10 +47,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 if [ "${SMOKE:-0}" = 1 ]; then  # plumbing check on a CPU: small everything
   MODEL=(--device cpu --heads 2 --head-dim 32 --layers 2) BIG=512 MID=256,384 SIZES=256,384,512
   IMAGE=(--res 512 --stages 256,512 --steps 2 --vae-channels 8) FP8=int8  # fp8dq needs CUDA
+  CN_LAYERS=3
 else
   MODEL=(--layers 57) BIG=8192 MID=2048,4096 SIZES=2048,4096,8192  # FLUX.1-dev: 24 heads x 128, bf16
   IMAGE=(--res 8192)  # the default recipe: a 1024 px first pass (20 steps), then 8K (14 of 20 steps)
   FP8=fp8dq  # dynamic fp8 activations and weights: fp8 matmuls (compute capability 8.9+)
+  CN_LAYERS=15  # a union ControlNet's 5 double + 10 single blocks (the bench's 1:2 split)
 fi
 
 # part NAME MIN_S MAX_S ARGS...: one `clear-gen bench`, rows appended to rows.jsonl as they land.
@@ -84,6 +86,10 @@ part image-8k-compile 150 330 --what image "${IMAGE[@]}" --variant r8 --compile 
 part image-8k-fp8dq 150 330 --what image "${IMAGE[@]}" --variant r8 --compile --quantize "$FP8" "${MODEL[@]}"
 # 3. The attention op alone, r = 8, 2K-8K, against full SDPA; its image and text query rows timed apart.
 part attention 50 120 --what attention --res "$SIZES" --variant r8 --repeats 3 "${MODEL[@]}"
+# 3b. A union ControlNet's blocks at 8K (its embedders and residual Linears left out), training-free CLEAR
+#    r = 8 as the pipeline gives it above 1024 px, against full attention: what that choice saves a step.
+part controlnet-8k 60 150 --what step --res "$BIG" --window 8 --down-factor 1 --repeats 1 "${MODEL[@]}" \
+  --layers "$CN_LAYERS"
 # 4. Whole steps at 2K and 4K, CLEAR and full.
 part steps-2k-4k 60 150 --what step --res "$MID" --repeats 3 "${MODEL[@]}"
 # 5. The plan (CPU, seconds): densities, mask build, FLOPs.

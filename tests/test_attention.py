@@ -378,3 +378,41 @@ def test_full_attention_step_is_measured_once_per_size(transformer):
         time_full_attention(transformer, inputs, timing, geo, torch.device("cpu"), reapply)
     assert len(calls) == 2  # one warm-up and one timed stock step, for the first image only
     assert timings[0].full_step_s == timings[1].full_step_s > 0 and not timings[1].full_estimated
+
+
+def test_full_attention_step_with_a_controlnet_runs_both_with_stock_attention(transformer):
+    """The stage's steps ran the ControlNet and the transformer; the stock step it is compared with runs
+    both too, each with its stock attention, the transformer taking the ControlNet's fresh residuals."""
+    from test_controlnet import tiny_controlnet
+
+    from clear_gen.attention import clear_config
+    from clear_gen.timing import StageTiming, capture_transformer_call, time_full_attention
+
+    net = tiny_controlnet(transformer, union=False)
+    inputs = tiny_inputs(1, 5, 8, 8)
+    cond = torch.randn(1, 64, 4)
+    clear_gen.apply_clear(transformer, window=2)
+    clear_gen.apply_clear(net, window=2)
+    with capture_transformer_call(transformer) as seen, capture_transformer_call(net) as net_seen:
+        with torch.no_grad():
+            blocks, singles = net(
+                hidden_states=inputs["hidden_states"], controlnet_cond=cond, encoder_hidden_states=inputs[
+                    "encoder_hidden_states"], pooled_projections=inputs["pooled_projections"],
+                timestep=inputs["timestep"], img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"],
+                guidance=inputs["guidance"], return_dict=False,
+            )  # fmt: skip
+            transformer(**inputs, controlnet_block_samples=blocks, controlnet_single_block_samples=singles)
+    calls = []
+    for model in (net, transformer):
+        model.register_forward_pre_hook(lambda m, a: calls.append((type(m).__name__, clear_config(m))))
+
+    def reapply():
+        clear_gen.apply_clear(transformer, window=2)
+        clear_gen.apply_clear(net, window=2)
+
+    timing = StageTiming(128, 128, "CLEAR r=2", 2, 1.0, 0.01)
+    time_full_attention(transformer, seen, timing, Geometry(5, 8, 8, 2), torch.device("cpu"), reapply,
+                        controlnet=net, control_inputs=net_seen)  # fmt: skip
+    assert calls == [("FluxControlNetModel", None), ("FluxTransformer2DModel", None)] * 2  # warm-up, timed
+    assert timing.full_step_s > 0 and not timing.full_estimated
+    assert clear_config(net) is not None and clear_config(transformer) is not None  # CLEAR again

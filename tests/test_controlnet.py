@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_transformer
+from conftest import run_cli, tiny_inputs, tiny_transformer
 from test_attention import ReferenceProcessor, clear_checkpoint, rel_err
 
 import clear_gen
@@ -110,3 +115,155 @@ def test_diffusers_controlnet_pipelines_with_clear_match_the_dense_reference(tin
     got = run()
     assert got.shape == expected.shape and got.shape[1] == h * w
     assert rel_err(got, expected) < 1e-5
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def nets(tiny, tmp_path_factory) -> dict[str, Path]:
+    """Tiny ControlNets for the tiny pipeline (plain, union, one of another model), a control picture and a
+    file that is not a picture."""
+    from PIL import Image
+    from tiny_pipeline import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    noise = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(2))
+    Image.fromarray((noise * 255).byte().numpy()).save(root / "edges.png")
+    (root / "notes.png").write_text("not a picture")
+    return {
+        "plain": save_tiny_controlnet(root / "plain", tiny, union=False),
+        "union": save_tiny_controlnet(root / "union", tiny, union=True),
+        "other": save_tiny_controlnet(root / "other", tiny, union=False, joint_attention_dim=48),
+        "picture": root / "edges.png",
+        "notes": root / "notes.png",
+    }
+
+
+def cli_args(tiny: Path, out: Path, *extra: str) -> list[str]:
+    return ["a lighthouse", "--model", str(tiny), "--out", f"{out}/", "--max-sequence-length", "16",
+            "--steps", "2", "--first-steps", "2", "--backend", "dense", "--window", "2", "--stages", "64,128",
+            "--seed", "3", "--dtype", "bf16", "--json", "--no-compare-full", *extra]  # fmt: skip
+
+
+def pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).astype(int)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("offline_hub")
+def test_cli_controlnet_runs_every_stage_is_recorded_and_rerun_by_from(
+    tiny, nets, tmp_path, capsys, monkeypatch
+):
+    """bf16, a stock first pass then a CLEAR stage; the ControlNet gets CLEAR in the CLEAR stage (its
+    threshold lowered from 1024 px to 64 for the tiny sizes)."""
+    import clear_gen.control as K
+    import clear_gen.pipeline as P
+
+    monkeypatch.setattr(K, "CLEAR_ABOVE", 64)
+    applied, real = [], P.apply_clear
+    monkeypatch.setattr(P, "apply_clear", lambda model, **kw: (applied.append(type(model).__name__),
+                                                               real(model, **kw)))  # fmt: skip
+    control = [
+        "--controlnet",
+        str(nets["plain"]),
+        "--control",
+        str(nets["picture"]),
+        "--control-scale",
+        "0.8",
+    ]
+    code, out, err = run_cli(cli_args(tiny, tmp_path / "a", *control), capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    sha = hashlib.sha256(nets["picture"].read_bytes()).hexdigest()
+    expected = {"controlnet": str(nets["plain"]), "scale": 0.8, "image": str(nets["picture"]), "sha256": sha}
+    assert row["extra"]["control"] == expected and row["extra"]["dtype"] == "bf16"
+    assert applied == ["FluxTransformer2DModel", "FluxControlNetModel"]  # the second stage, both models
+    assert "ControlNet " + str(nets["plain"]) in err  # the loading line names it
+    code, out, err = run_cli(["info", row["path"], "--json"], capsys)
+    assert code == 0 and json.loads(out)["extra"]["control"] == expected
+    code, out, err = run_cli(["--from", row["path"], "--out", f"{tmp_path / 'b'}/", "--json"], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(pixels(row["path"]), pixels(json.loads(out)["path"]))
+    code, out, err = run_cli(cli_args(tiny, tmp_path / "c"), capsys)  # the same without the ControlNet
+    assert code == 0, err
+    assert np.abs(pixels(row["path"]) - pixels(json.loads(out)["path"])).max() > 8
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("offline_hub")
+def test_cli_upscale_with_a_controlnet_controls_with_the_picture_itself(tiny, nets, tmp_path, capsys):
+    args = ["upscale", str(nets["picture"]), "a hill", "--model", str(tiny), "--res", "192", "--steps", "2",
+            "--max-sequence-length", "16", "--backend", "dense", "--window", "2", "--seed", "1", "--dtype",
+            "bf16", "--json", "--no-compare-full"]  # fmt: skip
+    union = ["--controlnet", str(nets["union"]), "--control-mode", "2"]
+    code, out, err = run_cli([*args, *union, "--out", f"{tmp_path / 'a'}/"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["extra"]["control"] == {"controlnet": str(nets["union"]), "scale": 1.0, "mode": "2"}
+    code, out, err = run_cli([*args, "--out", f"{tmp_path / 'b'}/"], capsys)
+    assert code == 0, err
+    assert np.abs(pixels(row["path"]) - pixels(json.loads(out)["path"])).max() > 8
+
+
+@pytest.mark.usefixtures("offline_hub")
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--control", "PICTURE"], "--control needs --controlnet NAME_OR_REPO"),
+        (["--controlnet", "PLAIN"], "--controlnet .*plain needs --control IMAGE"),
+        (["--controlnet", "PLAIN", "--control", "NOTES"], "--control .*notes.png: cannot read it as an"),
+        (["--controlnet", "PLAIN", "--control", "nowhere.png"], "--control nowhere.png: no such file"),
+        (["--controlnet", "OTHER", "--control", "PICTURE"],
+         "other is a ControlNet for another model: its joint_attention_dim is 48, .* 32"),
+        (["--controlnet", "UNION", "--control", "PICTURE"], "union is a union ControlNet .*-mode 0-2"),
+        (["--controlnet", "UNION", "--control", "PICTURE", "--control-mode", "3"], "union has modes 0-2"),
+        (["--controlnet", "PLAIN", "--control", "PICTURE", "--control-mode", "1"], "not a union ControlNet"),
+        (["--controlnet", "PLAIN", "--control", "PICTURE", "--control-scale", "-1"], "-scale must be"),
+        (["--controlnet", "union-pro", "--control", "PICTURE", "--control-mode", "edges"],
+         "--control-mode edges: ControlNet union-pro has canny, tile, depth"),
+        (["--controlnet", "union-pro", "--control", "PICTURE"], "union-pro is a union model: give"),
+        (["--controlnet", "upscaler", "--control", "PICTURE", "--control-mode", "tile"], "not a union model"),
+        (["--controlnet", "upscaler", "--control", "PICTURE"],
+         "not in the cache .*ControlNet upscaler .*run `clear-gen download --controlnet upscaler`"),
+        (["--controlnet", "upscaler", "--control", "PICTURE", "--model", "schnell"],
+         "ControlNet upscaler is for black-forest-labs/FLUX.1-dev, not black-forest-labs/FLUX.1-schnell"),
+        (["--controlnet", "no-such-net", "--control", "PICTURE"], "not a local folder, a registry"),
+    ],
+)  # fmt: skip
+def test_cli_bad_controlnet_input_is_one_line(tiny, nets, tmp_path, capsys, extra, match):
+    names = {"PLAIN": "plain", "UNION": "union", "OTHER": "other", "PICTURE": "picture", "NOTES": "notes"}
+    extra = [str(nets[names[a]]) if a in names else a for a in extra]
+    args = cli_args(tiny, tmp_path, *extra)
+    if "--model" in extra:  # a registry base instead of the tiny folder
+        del args[1:3]
+    code, out, err = run_cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err, err
+    assert re.search(match, lines[-1]) and lines[-1].startswith("error: "), lines[-1]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_from_with_another_controlnet_replaces_the_record_s_as_a_whole():
+    from clear_gen.output import ImageRecord
+    from clear_gen.plan import options_from_record
+
+    control = {"controlnet": "union-pro", "mode": "tile", "scale": 0.4, "image": "/a.png", "sha256": "0" * 64}
+    record = ImageRecord(prompt="a", seed=1, model="dev", steps=2, guidance=1.0, width=64, height=64,
+                         extra={"control": control})  # fmt: skip
+    opts = options_from_record(record)
+    assert (opts.controlnet, opts.control, opts.control_mode, opts.control_scale) == (
+        "union-pro",
+        "/a.png",
+        "tile",
+        0.4,
+    )
+    opts = options_from_record(record, controlnet="upscaler")
+    assert (opts.controlnet, opts.control, opts.control_mode, opts.control_scale) == (
+        "upscaler",
+        None,
+        None,
+        None,
+    )

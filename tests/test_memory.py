@@ -462,3 +462,62 @@ def test_full_attention_comparison_is_estimated_when_its_step_would_not_fit():
     assert plan.fits and plan.offload == "model" and plan.stages[-1].peak_gb == pytest.approx(18.8, abs=0.05)
     assert plan.full_step_too_big == [(4096, 4096)]  # stock attention's step: 5.3 GB, not CLEAR's 3.0
     assert plan_run(opts(width=4096, height=4096, gpu_memory=80)).full_step_too_big == []
+
+
+# ---------------------------------------------------------------- a ControlNet
+
+
+@pytest.mark.parametrize("blocks", [(5, 10), (4, 1), (5, 0)])
+@pytest.mark.parametrize("num_mode", [None, 10])
+def test_controlnet_parameters_are_diffusers_own(blocks, num_mode):
+    from diffusers import FluxControlNetModel
+
+    from clear_gen.shapes import controlnet_params
+
+    with torch.device("meta"):
+        net = FluxControlNetModel(
+            num_layers=blocks[0], num_single_layers=blocks[1], num_mode=num_mode, guidance_embeds=True
+        )
+    params = controlnet_params(DEV, *blocks, num_mode or 0)
+    assert (params.total, params.linear, params.rows) == counts(net)
+
+
+def test_a_controlnet_adds_its_weights_and_its_residuals_to_every_stage():
+    """union-pro from the registry (5 + 10 blocks, not downloaded): its weights at 2 bytes each, and 15
+    residuals of N x C bf16 elements in every stage's activations."""
+    from clear_gen.registry import load_registry
+    from clear_gen.shapes import controlnet_params
+
+    net = load_registry().controlnet("union-pro")
+    kw = dict(width=4096, height=4096, offload="none", gpu_memory=500, dtype="bf16")
+    plain = plan_run(opts(**kw))
+    control = plan_run(opts(**kw, controlnet="union-pro", control_mode="tile"))
+    weights = controlnet_params(DEV, net.num_layers, net.num_single_layers, 10).total * 2
+    assert control.controlnet_gb * 1e9 == pytest.approx(weights, abs=1) and plain.controlnet_gb == 0
+    for a, b in zip(plain.stages, control.stages, strict=True):
+        assert (b.weights_gb - a.weights_gb) * 1e9 == pytest.approx(weights, abs=16)
+        residuals = 15 * a.tokens * C * 2
+        assert (b.activations_gb - a.activations_gb) * 1e9 == pytest.approx(residuals, abs=16)
+        assert b.time_s > a.time_s  # its blocks run every step too
+    assert (control.encode_gb - plain.encode_gb) * 1e9 == pytest.approx(weights, abs=16)
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_loras_count_beside_the_transformer_and_an_absent_one_is_noted(tmp_path):
+    from safetensors.torch import save_file
+
+    file = tmp_path / "style.safetensors"
+    tensors = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(16, C),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(C, 16),
+    }
+    save_file(tensors, str(file))
+    kw = dict(width=2048, height=2048, offload="none", gpu_memory=500, dtype="bf16")
+    plain, styled = plan_run(opts(**kw)), plan_run(opts(**kw, loras=[f"{file}:0.8"]))
+    assert styled.lora_gb * 1e9 == 2 * 16 * C * 2 and plain.lora_gb == 0
+    assert (styled.transformer_gb - plain.transformer_gb) * 1e9 == pytest.approx(2 * 16 * C * 2, abs=16)
+    assert (styled.peak_gb - plain.peak_gb) * 1e9 == pytest.approx(2 * 16 * C * 2, abs=16)
+    hub = plan_run(opts(**kw, loras=["someone/style-lora"]))
+    assert hub.lora_gb == 0
+    missing = "LoRA someone/style-lora/pytorch_lora_weights.safetensors:1 not downloaded yet"
+    assert any(missing in note for note in hub.notes)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_pipeline import save_tiny_flux
+from tiny_pipeline import save_tiny_controlnet, save_tiny_flux
 
 from clear_gen import parallel as PL
 from clear_gen.errors import ConfigError, WeightsError
@@ -241,7 +241,12 @@ def read(out: Path, case: int, rank: int) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny6(tmp_path_factory) -> Path:
-    return save_tiny_flux(tmp_path_factory.mktemp("model6"), heads=6)
+    """The tiny pipeline with 6 heads, and in its folder a union ControlNet for it and a control picture."""
+    model = save_tiny_flux(tmp_path_factory.mktemp("model6"), heads=6)
+    save_tiny_controlnet(model / "controlnet", model, union=True)
+    noise = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(2))
+    Image.fromarray((noise * 255).byte().numpy()).save(model / "control.png")
+    return model
 
 
 @pytest.fixture(autouse=True)
@@ -264,7 +269,14 @@ SEQUENCE_CASES = {  # r in {2, 4} x f in {1, 2}; a grid no tile divides; SDEdit 
     "r2 f2, SDEdit": ["--window", "2", "--down-factor", "2", "--width", "256", "--height", "128",
                       "--upscale-from", "128", "--keep-stages"],
     "r4 f1, SDEdit stages": ["--window", "4", "--stages", "128,192", "--no-compare-full"],
+    "r2 f1, ControlNet, SDEdit": ["--window", "2", "--upscale-from", "128", "--res", "192", "--control-mode",
+                                  "1", "--controlnet", "MODEL/controlnet", "--control", "MODEL/control.png"],
 }  # fmt: skip
+
+
+def case_args(model: Path, name: str) -> list[str]:
+    """A case's arguments, its MODEL/ paths in the model's folder."""
+    return [a.replace("MODEL/", f"{model}/") for a in SEQUENCE_CASES[name]]
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +292,7 @@ def one_process(tiny6, tmp_path_factory):
             out, decoded, real = tmp_path_factory.mktemp("reference"), [], P._decode
             try:
                 _spy_decodes(decoded)
-                code = _cli([*common(tiny6), *SEQUENCE_CASES[name], "--out", f"{out}/"], str(out / "ref"))
+                code = _cli([*common(tiny6), *case_args(tiny6, name), "--out", f"{out}/"], str(out / "ref"))
             finally:
                 P._decode = real
             assert code == 0, (out / "ref.err").read_text()
@@ -312,7 +324,7 @@ def pixels(path) -> np.ndarray:
 
 
 def case(model: Path, name: str, out: Path) -> dict:
-    return {"argv": [*common(model), *SEQUENCE_CASES[name], "--parallel", "sequence", "--out", f"{out}/"]}
+    return {"argv": [*common(model), *case_args(model, name), "--parallel", "sequence", "--out", f"{out}/"]}
 
 
 @pytest.mark.slow

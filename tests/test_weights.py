@@ -628,3 +628,68 @@ def test_cli_offline_without_cache_says_to_unset_offline(monkeypatch):
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "base dev" in r.stderr and "variant r8 " in r.stderr  # every missing piece, in one line
     assert "unset HF_HUB_OFFLINE and run `clear-gen download r8`" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ ControlNets
+
+UPSCALER_REPO = "jasperai/Flux.1-dev-Controlnet-Upscaler"
+
+
+def test_registry_controlnets_are_diffusers_folders_for_dev():
+    reg = load_registry()
+    assert {"union-pro", "union", "upscaler", "canny", "depth"} <= set(reg.controlnets)
+    assert reg.controlnet("union-pro").modes == ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
+    assert reg.controlnet("upscaler").modes == () and reg.controlnet("upscaler").repo == UPSCALER_REPO
+    assert all(c.base == "dev" and c.scale > 0 for c in reg.controlnets.values())
+    with pytest.raises(ConfigError, match="unknown ControlNet 'tile'; valid: union-pro, union"):
+        reg.controlnet("tile")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (_GOOD.replace('modes = ["canny"', 'modes = ["tile"', 1), "modes must be distinct names"),
+        (_GOOD.replace("scale = 0.6", "scale = -0.6", 1), "scale must be >= 0"),
+        (_GOOD.replace("num_single_layers = 0", 'num_single_layers = "0"', 1), "num_single_layers must"),
+        (_GOOD + '\n[controlnets.x]\nrepo="a/b"\nbase="pro"\nnum_layers=1\nnum_single_layers=0\n'
+         'description="d"\n', "[controlnets.x] base 'pro' is not one of"),
+    ],
+)  # fmt: skip
+def test_malformed_controlnet_entries_are_named(tmp_path, text, problem):
+    path = tmp_path / "weights.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_registry(path)
+    assert problem in str(e.value)
+
+
+def test_plan_download_of_controlnets_alone_fetches_no_variant_or_base():
+    reg = load_registry()
+    assert hub.plan_download([], False, None, False, reg, ["upscaler"]) == ([], [])
+    assert hub.plan_download(["r8"], False, None, False, reg, ["upscaler"]) == (["r8"], ["dev"])
+    with pytest.raises(ConfigError, match="--controlnet nope: not a local folder, a registry ControlNet"):
+        hub.plan_download([], False, None, False, reg, ["nope"])
+
+
+def test_cli_download_controlnet_then_a_run_finds_it_offline(fake_hub, monkeypatch):
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "examples/input.png"):
+        fake_hub.add(UPSCALER_REPO, name, f"content of {name}".encode())
+    r = cli("download", "--controlnet", "upscaler")
+    assert r.returncode == 0, r.stderr
+    assert "upscaler" in r.stdout and "controlnet" in r.stdout and "r8-down4" not in r.stdout
+    got = [p for p in fake_hub.gets() if UPSCALER_REPO in p]
+    assert any(p.endswith("config.json") for p in got) and any(p.endswith(".safetensors") for p in got)
+    assert not [p for p in got if p.endswith(("README.md", "input.png"))]  # the model card's files stay
+    r = cli("weights")
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") > 3}
+    assert "no" not in rows["upscaler"].split("│")[6] and "no" in rows["depth"].split("│")[6]
+    fake_hub.requests.clear()
+    set_offline(monkeypatch)
+    net = load_registry().controlnet("upscaler")
+    assert hub.cached_controlnet(net) is not None
+    with pytest.raises(WeightsError) as e:  # the base is missing; the ControlNet is not
+        hub.check_run_weights("dev", None, controlnet=net)
+    assert "base dev" in str(e.value) and "ControlNet" not in str(e.value)
+    with pytest.raises(WeightsError, match=r"ControlNet depth \(Shakker-Labs.*download --controlnet depth`"):
+        hub.check_run_weights("dev", None, controlnet=load_registry().controlnet("depth"))
+    assert fake_hub.requests == []

@@ -118,3 +118,23 @@ def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
     for leftover in ("vocab.json", "merges.txt"):
         (path / leftover).unlink()
     return path / "flux"
+
+
+def save_tiny_controlnet(path: Path, model: Path, union: bool, seed: int = 7, **config) -> Path:
+    """Write a FluxControlNetModel for the tiny pipeline in `model` (its transformer's config, 1 double +
+    1 single block, 3 modes if `union`; `config` overrides, e.g. another joint_attention_dim), its
+    zero-initialised layers made random so that the control changes the image."""
+    from diffusers import FluxControlNetModel
+
+    base = json.loads((model / "transformer" / "config.json").read_text())
+    keep = ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
+            "in_channels", "guidance_embeds", "axes_dims_rope", "patch_size")  # fmt: skip
+    settings = {k: base[k] for k in keep if k in base} | {"num_layers": 1, "num_single_layers": 1}
+    torch.manual_seed(seed)
+    net = FluxControlNetModel(**{**settings, "num_mode": 3 if union else None, **config})
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.normal_(0, 0.3)
+    net.save_pretrained(path)
+    return path

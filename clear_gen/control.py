@@ -1,0 +1,245 @@
+"""ControlNet: `--control IMAGE --controlnet NAME_OR_REPO [--control-mode M] [--control-scale S]`.
+
+A FLUX.1 ControlNet (diffusers' FluxControlNetModel, plain or union) runs in every stage of a run, through
+diffusers' FluxControlNetPipeline (the text-to-image first pass) and FluxControlNetImg2ImgPipeline (the
+SDEdit stages), with the control picture resized to each stage's size by the pipeline. `upscale` uses the
+picture being upscaled as the control picture unless `--control` names another one.
+
+CLEAR and the ControlNet: the transformer puts the ControlNet's residuals in its own tile order
+(attention.py), so they are exact with or without CLEAR on either model. The ControlNet's own blocks get
+training-free CLEAR (the stage's window, NTK factor and proportional attention, no down-sampled tokens: no
+checkpoint was distilled for them) in the CLEAR stages above CLEAR_ABOVE px: at 8K its full attention
+alone would cost more than a whole CLEAR step of the transformer.
+
+The control picture is used as given: an edge map for a canny mode, a depth map for a depth mode, the
+photo itself for tile, blur, low-quality or upscaler models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, WeightsError
+from .plan import FIRST_PASS_SIDE, GenerateOptions, Stage
+from .registry import ControlNet, load_registry
+
+CLEAR_ABOVE = FIRST_PASS_SIDE  # px: the ControlNet's blocks get CLEAR in CLEAR stages with a longer side
+CONFIG_FIELDS = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim",
+                 "in_channels")  # fmt: skip  # what a ControlNet shares with the transformer it feeds
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What a run's ControlNet is: its weights, the control picture, the mode and the scale."""
+
+    net: ControlNet  # a registry entry, or an ad-hoc one for a Hub repo or a local folder
+    folder: Path | None  # a local diffusers folder; None: from the Hub (net.repo)
+    image: Path | None  # the control picture; None: upscale's own picture
+    mode: int | None  # a union model's mode id
+    mode_name: str | None  # the mode as given (a registry name, or the id as text)
+    scale: float
+
+    @property
+    def source(self) -> str:
+        """As `--controlnet` takes it and the PNG records it: a registry name, a repo id, a folder."""
+        return str(self.folder) if self.folder is not None else self.net.name
+
+
+def parse_control(opts: GenerateOptions, own_picture: bool = False) -> ControlSpec | None:
+    """The run's ControlNet from --control, --controlnet, --control-mode and --control-scale, checked as far
+    as the arguments allow (the control picture is read by check_control). `own_picture`: upscale, where the
+    picture being upscaled is the control picture unless --control names another."""
+    given = {
+        "--control": opts.control,
+        "--control-mode": opts.control_mode,
+        "--control-scale": opts.control_scale,
+    }
+    if opts.controlnet is None:
+        flag = next((flag for flag, value in given.items() if value is not None), None)
+        if flag is not None:
+            raise ConfigError(
+                f"{flag} needs --controlnet NAME_OR_REPO (`clear-gen weights` lists the registry's)"
+            )
+        return None
+    if opts.control is None and not own_picture:
+        raise ConfigError(
+            f"--controlnet {opts.controlnet} needs --control IMAGE: the picture whose structure to keep"
+        )
+    image = Path(opts.control).expanduser() if opts.control is not None else None
+    if image is not None and not image.is_file():
+        raise ConfigError(f"--control {opts.control}: no such file")
+    folder = _local_folder(opts.controlnet)
+    if folder is not None:
+        net = ControlNet(folder.name, str(folder), "", "", (), 1.0, 0, 0, False, "")
+    else:
+        from .hub import controlnet_for
+
+        net = controlnet_for(opts.controlnet)
+    mode = _mode(net, opts.control_mode)
+    scale = net.scale if opts.control_scale is None else opts.control_scale
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"--control-scale must be a number >= 0, got {opts.control_scale}")
+    return ControlSpec(net, folder, image, mode, opts.control_mode, scale)
+
+
+def _local_folder(spec: str) -> Path | None:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if spec.startswith((".", "/", "~")):
+        raise ConfigError(f"--controlnet {spec}: no such folder")
+    return None
+
+
+def _mode(net: ControlNet, given: str | None) -> int | None:
+    """A mode name (a registry union model's) or id into its id; a union model needs one, others take none."""
+    if net.modes:
+        if given is None:
+            raise ConfigError(
+                f"ControlNet {net.name} is a union model: give --control-mode, one of {', '.join(net.modes)}"
+            )
+        if given in net.modes:
+            return net.modes.index(given)
+        if given.isdigit() and int(given) < len(net.modes):
+            return int(given)
+        raise ConfigError(f"--control-mode {given}: ControlNet {net.name} has {', '.join(net.modes)}")
+    if given is None:
+        return None
+    if net.repo and net.base:  # a registry entry with no modes: not a union model
+        raise ConfigError(f"--control-mode {given}: ControlNet {net.name} is not a union model; leave it out")
+    if not given.isdigit():
+        raise ConfigError(
+            f"--control-mode {given}: {net.name} is not in the registry, so give the mode's number "
+            "from its model card (e.g. 0)"
+        )
+    return int(given)  # checked against its config once that is here (check_config)
+
+
+# ---------------------------------------------------------------- checks before loading
+
+
+def read_control_image(path: Path) -> Any:
+    """The control picture as an RGB PIL image, or one ConfigError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise ConfigError(f"--control {path}: cannot read it as an image ({str(e)[:100]})") from e
+
+
+def control_record(spec: ControlSpec, image_path: Path | None) -> dict[str, Any]:
+    """What the PNG records of the ControlNet: `--from` runs it again, the sha256 says which picture."""
+    record: dict[str, Any] = {"controlnet": spec.source, "scale": spec.scale}
+    if spec.mode_name is not None:
+        record["mode"] = spec.mode_name
+    if image_path is not None:
+        digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+        record |= {"image": str(image_path.resolve()), "sha256": digest}
+    return record
+
+
+def check_base(spec: ControlSpec, model: str) -> None:
+    """A registry ControlNet trained for another registry base than --model's: one error naming both."""
+    registry = load_registry()
+    if not spec.net.base:
+        return
+    bases = {**{b.repo: b.name for b in registry.bases.values()}, **{n: n for n in registry.bases}}
+    base = bases.get(model)
+    if base is not None and base != spec.net.base:
+        trained = registry.bases[spec.net.base].repo
+        raise ConfigError(
+            f"ControlNet {spec.net.name} is for {trained}, not {registry.bases[base].repo}: "
+            f"use --model {spec.net.base} or a ControlNet made for {base}"
+        )
+
+
+def check_config(spec: ControlSpec, config: dict, transformer_config: dict, where: str) -> None:
+    """A ControlNet's config.json against the transformer it feeds: the same hidden size and text inputs,
+    and a mode exactly when it is a union model. One error naming the first mismatch."""
+    for name in CONFIG_FIELDS:
+        if name in config and name in transformer_config and config[name] != transformer_config[name]:
+            raise WeightsError(
+                f"{where} is a ControlNet for another model: its {name} is {config[name]}, this FLUX.1 "
+                f"transformer's is {transformer_config[name]}"
+            )
+    num_mode = config.get("num_mode")
+    if num_mode and spec.mode is None:
+        raise ConfigError(
+            f"{where} is a union ControlNet ({num_mode} modes): give --control-mode 0-{num_mode - 1}"
+        )
+    if not num_mode and spec.mode is not None:
+        raise ConfigError(f"--control-mode {spec.mode_name}: {where} is not a union ControlNet; leave it out")
+    if num_mode and spec.mode >= num_mode:
+        raise ConfigError(f"--control-mode {spec.mode_name}: {where} has modes 0-{num_mode - 1}")
+
+
+def controlnet_folder(spec: ControlSpec, token: str | None = None, cached_only: bool = False) -> Path | None:
+    """Where the ControlNet's config and weights are: a local folder, else the Hub cache (fetched first
+    unless `cached_only`; None when it is not cached then)."""
+    from .hub import cached_controlnet, fetch_controlnet
+
+    if spec.folder is not None:
+        if not (spec.folder / "config.json").is_file():
+            raise WeightsError(
+                f"--controlnet {spec.folder}: not a diffusers ControlNet folder (no config.json); give one "
+                "saved by FluxControlNetModel.save_pretrained, a registry name or a Hub repo"
+            )
+        return spec.folder
+    return cached_controlnet(spec.net) if cached_only else fetch_controlnet(spec.net, token)
+
+
+def check_cached_config(spec: ControlSpec, transformer_config: dict | None) -> None:
+    """check_config before anything loads, when the ControlNet's config is already on disk."""
+    folder = controlnet_folder(spec, cached_only=True)
+    if folder is None:
+        return
+    config = json.loads((folder / "config.json").read_text())
+    check_config(spec, config, transformer_config or {}, spec.source)
+
+
+# ---------------------------------------------------------------- loading and running
+
+
+def load_controlnet(spec: ControlSpec, transformer, dtype, token: str | None = None):
+    """The FluxControlNetModel, its config checked against `transformer`'s first."""
+    from diffusers import FluxControlNetModel
+
+    folder = controlnet_folder(spec, token)
+    config = json.loads((folder / "config.json").read_text())
+    check_config(spec, config, dict(transformer.config), spec.source)
+    try:
+        return FluxControlNetModel.from_pretrained(folder, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise WeightsError(
+            f"ControlNet {spec.source} did not load ({str(e).splitlines()[0][:160]}); download it again"
+        ) from e
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """FluxControlNetPipeline sharing pipe's modules (and its scheduler), with `controlnet`."""
+    import inspect
+
+    from diffusers import FluxControlNetPipeline
+
+    wanted = inspect.signature(FluxControlNetPipeline.__init__).parameters
+    parts = {k: v for k, v in pipe.components.items() if k in wanted and k != "controlnet"}
+    return FluxControlNetPipeline(controlnet=controlnet, **parts)
+
+
+def stage_kwargs(spec: ControlSpec, picture) -> dict[str, Any]:
+    """What a ControlNet pipeline call takes besides the usual: the picture (the pipeline resizes it to the
+    stage), the mode and the scale."""
+    return {"control_image": picture, "control_mode": spec.mode, "controlnet_conditioning_scale": spec.scale}
+
+
+def clear_on_controlnet(stage: Stage) -> bool:
+    """The ControlNet's blocks get CLEAR in this stage: a CLEAR stage above CLEAR_ABOVE px."""
+    return stage.clear and max(stage.width, stage.height) > CLEAR_ABOVE
