@@ -28,7 +28,7 @@ from .geometry import build_block_lists, image_geometry
 from .hub import resolve_base
 from .loading import clear_weights_file
 from .memory import RunPlan, plan_run
-from .pipeline import Hooks, ImageResult, generate
+from .pipeline import Hooks, ImageResult, generate, reuse_loaded
 from .plan import ClearChoice, GenerateOptions, plan_stages, resolve_clear, text_tokens
 from .registry import Registry, load_registry
 
@@ -257,9 +257,10 @@ def run(
     """Generate each variant's image, score it against the reference and save the grid."""
     # 1. One image per variant: same prompt, seed and recipe.
     rows = []
-    for i, v in enumerate(plan.variants):
-        on_variant(i, v)
-        rows.append(_generate(plan, v, hooks))
+    with reuse_loaded():  # one load for every variant
+        for i, v in enumerate(plan.variants):
+            on_variant(i, v)
+            rows.append(_generate(plan, v, hooks))
     rows[plan.reference].reference = True
     # 2. Similarity to the reference.
     pixels = [_pixels(row.image.path) for row in rows]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,16 +124,28 @@ def _mode(net: ControlNet, given: str | None) -> int | None:
 # ---------------------------------------------------------------- checks before loading
 
 
-def read_control_image(path: Path) -> Any:
-    """The control picture as an RGB PIL image, or one ConfigError naming it."""
-    from PIL import Image, UnidentifiedImageError
+def read_control_image(path: Path, note: Callable[[str], None] = lambda text: None) -> Any:
+    """The control picture as an RGB PIL image, read as upscale reads its pictures (EXIF orientation, 16-bit
+    depth maps scaled to 8 bits, alpha flattened: each conversion told to `note`), or one ConfigError."""
+    from .source import load_source
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"--control {path}: cannot read it as an image ({str(e)[:100]})") from e
+        source = load_source(path)
+    except ConfigError as e:
+        raise ConfigError(f"--control {e}") from e
+    for text in source.notes:
+        note(f"--control {path.name}: {text}")
+    return source.image
+
+
+def check_unchanged(spec: ControlSpec, sha256: str | None, note: Callable[[str], None]) -> None:
+    """--from: say so when the control picture is not the one the image was made with."""
+    if sha256 is None or spec.image is None:
+        return
+    now = hashlib.sha256(spec.image.read_bytes()).hexdigest()
+    if now != sha256:
+        note(f"--control {spec.image.name} changed since the image was made (sha256 {sha256[:12]}... then, "
+             f"{now[:12]}... now): the result will differ")  # fmt: skip
 
 
 def control_record(spec: ControlSpec, image_path: Path | None) -> dict[str, Any]:

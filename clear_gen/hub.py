@@ -232,15 +232,18 @@ def verify_file(path: Path, v: Variant) -> None:
 # ------------------------------------------------------------------------------------------- resolving
 
 
-def download_command(variants: Sequence[Variant], bases: Sequence[Base]) -> str:
-    """The one `clear-gen download ...` that fetches these variants and bases (see plan_download)."""
+def download_command(
+    variants: Sequence[Variant], bases: Sequence[Base], controlnets: Sequence[ControlNet] = ()
+) -> str:
+    """The one `clear-gen download ...` that fetches these variants, bases and ControlNets (see
+    plan_download)."""
     words = ["clear-gen download", *(v.name for v in variants)]
     named = list(dict.fromkeys(b.name for b in bases))
     if variants and not bases:
         words.append("--no-base")
     elif named != list(dict.fromkeys(v.base for v in variants)):  # not the bases the variants imply
         words += [f"--base {name}" for name in named]
-    return " ".join(words)
+    return " ".join(words + [f"--controlnet {c.name}" for c in controlnets])
 
 
 def _variant_target(v: Variant) -> Target:
@@ -387,13 +390,19 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def require_hub(variants: Sequence[Variant], bases: Sequence[Base], files: Sequence[Target] = ()) -> None:
+def require_hub(
+    variants: Sequence[Variant],
+    bases: Sequence[Base],
+    files: Sequence[Target] = (),
+    controlnets: Sequence[ControlNet] = (),
+) -> None:
     """Fail fast, in one line naming all of them and one command, when these pieces (not in the cache) cannot
     be fetched now: HF_HUB_OFFLINE is set, or the Hub does not answer. `files`: single Hub files (a GGUF
     --transformer), fetched with `hf download`."""
-    if not variants and not bases and not files:
+    if not variants and not bases and not files and not controlnets:
         return
-    what = [_base_target(b).what for b in bases] + [t.what for t in files]
+    what = [_base_target(b).what for b in bases] + [_controlnet_target(c).what for c in controlnets]
+    what += [t.what for t in files]
     if len(variants) == 1:
         what.append(_variant_target(variants[0]).what)
     elif variants:
@@ -402,7 +411,8 @@ def require_hub(variants: Sequence[Variant], bases: Sequence[Base], files: Seque
     offline = is_offline()
     why = None if offline else hub_unreachable()
     if offline or why is not None:
-        commands = [download_command(variants, bases)] if variants or bases else []
+        ours = variants or bases or controlnets
+        commands = [download_command(variants, bases, controlnets)] if ours else []
         raise WeightsError(not_cached_message(what, " && ".join(commands + [t.command for t in files]), why))
 
 
@@ -430,10 +440,9 @@ def check_run_weights(
     source = transformer_source(transformer) if transformer is not None else None
     files = [_file_target(*source)] if isinstance(source, tuple) and cached_file(*source) is None else []
     files += [_file_target(repo, name, "LoRA") for repo, name in loras if cached_file(repo, name) is None]
-    if controlnet is not None and cached_controlnet(controlnet) is None:
-        files.append(_controlnet_target(controlnet))
     missing_bases = [b for b in bases if cached_base(b) is None]
-    require_hub([v for v in variants if cached_variant(v) is None], missing_bases, files)
+    nets = [controlnet] if controlnet is not None and cached_controlnet(controlnet) is None else []
+    require_hub([v for v in variants if cached_variant(v) is None], missing_bases, files, nets)
 
 
 # ------------------------------------------------------------------------------ a --transformer file
@@ -599,8 +608,8 @@ def download(
     nets = [controlnet_for(name, registry) for name in dict.fromkeys(controlnets)]
     # 1. What is missing must be fetchable now: one line naming all of it, not one error per piece.
     missing_bases = [b for b in bases if cached_base(b) is None]
-    missing_nets = [_controlnet_target(c) for c in nets if cached_controlnet(c) is None]
-    require_hub([v for v in chosen if cached_variant(v) is None], missing_bases, missing_nets)
+    missing_nets = [c for c in nets if cached_controlnet(c) is None]
+    require_hub([v for v in chosen if cached_variant(v) is None], missing_bases, controlnets=missing_nets)
     rows = []
     with _progress_bars(progress):
         for v in chosen:  # 2. the CLEAR checkpoints (small, never gated)

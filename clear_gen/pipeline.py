@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .control import (
     ControlSpec,
     check_base,
     check_cached_config,
+    check_unchanged,
     clear_on_controlnet,
     control_record,
     parse_control,
@@ -118,6 +119,9 @@ class Job:
 
 def _encode(pipe, prompts: list[str], device, max_len: int, offload: str) -> list[tuple]:
     """(prompt_embeds, pooled) per prompt; then text encoders leave the GPU for the transformer's room."""
+    if device.type == "cuda" and offload == "none" and pipe.text_encoder.device != device:
+        pipe.text_encoder.to(device)  # a reused pipeline (reuse_loaded): an earlier run sent them away
+        pipe.text_encoder_2.to(device)
     with torch.no_grad():
         out = [pipe.encode_prompt(p, None, device=device, max_sequence_length=max_len)[:2] for p in prompts]
     if device.type == "cuda" and offload == "none":  # with offload, accelerate moves them itself
@@ -213,7 +217,9 @@ def _check(opts: GenerateOptions, world: parallel.World, device, hooks: Hooks, p
     stages = plan_stages(opts, choice)
     seeds = image_seeds(opts.seeds, opts.count)
     control = parse_control(opts)
-    picture = read_control_image(control.image) if control is not None else None
+    picture = read_control_image(control.image, hooks.note) if control is not None else None
+    if control is not None:
+        check_unchanged(control, opts.control_sha256, hooks.note)
     world = world.decide(len(prompts) * len(seeds))
     if world.writes:
         probe = output.ImageRecord(prompt=prompts[0], seed=seeds[0], model=opts.model, steps=1, guidance=0.0,
@@ -273,7 +279,7 @@ def upscale_jobs(
         target = UpscaleTarget(res=opts.stages[-1])
     sources = _read_sources([Path(p) for p in inputs], hooks)
     control = parse_control(opts, own_picture=True)
-    picture = read_control_image(control.image) if control is not None and control.image else None
+    picture = read_control_image(control.image, hooks.note) if control is not None and control.image else None
     choice = resolve_clear(replace(opts, width=MAX_SIDE, height=MAX_SIDE))  # the variant, if any
     sized = [(src, *target.size(src.size, size_multiple(choice.down_factor))) for src in sources]
     largest = max(sized, key=lambda s: s[1] * s[2])
@@ -450,7 +456,7 @@ def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> 
     t0 = now(device)
     weights = clear_weights_file(choice, opts.token)
     state_dict = load_clear_weights(weights) if weights is not None else None
-    pipe = load_pipeline(opts, device, dtype, control) if pipe is None else prepared_pipeline(pipe, opts)
+    pipe = _pipeline(opts, device, dtype, control) if pipe is None else prepared_pipeline(pipe, opts)
     chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's slices (None: whole)
     if opts.compile:
         compile_blocks(pipe.transformer)  # compiles lazily: the first step of each stage pays
@@ -476,6 +482,35 @@ def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> 
     if control is not None:
         run.control, run.control_record = control, control_record(control, control.image)
     return run, embeds
+
+
+_REUSED: dict[tuple, Any] | None = None  # inside reuse_loaded: loading options -> the pipeline loaded
+
+
+@contextmanager
+def reuse_loaded() -> Iterator[None]:
+    """Inside, a run keeps the pipeline it loads, and a later run with the same loading options (base,
+    device, dtype, quantization, GGUF file, LoRAs, ControlNet, offload) uses it again instead of loading it
+    from disk: `compare` loads once for all its variants. Every run leaves the pipeline as loaded (CLEAR
+    removed, its weights restored); on exit the pipelines are let go."""
+    global _REUSED
+    outer, _REUSED = _REUSED, {}
+    try:
+        yield
+    finally:
+        _REUSED = outer
+
+
+def _pipeline(opts: GenerateOptions, device, dtype, control: ControlSpec | None):
+    """load_pipeline, or inside reuse_loaded the pipeline an earlier run loaded with the same options."""
+    if _REUSED is None:
+        return load_pipeline(opts, device, dtype, control)
+    loras = tuple(opts.loras or ()), tuple(opts.lora_files or ())
+    key = (opts.model, str(device), dtype, opts.quantize, opts.quantize_text, opts.transformer, *loras,
+           control, opts.offload, opts.token)  # fmt: skip
+    if key not in _REUSED:
+        _REUSED[key] = load_pipeline(opts, device, dtype, control)
+    return _REUSED[key]
 
 
 def _job(run: _Run, jobs: list[Job], embeds: dict, index: int | None) -> ImageResult | None:

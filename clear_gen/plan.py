@@ -16,7 +16,7 @@ MIN_SIDE, MAX_SIDE = 64, 16384
 FIRST_PASS_SIDE = 1024  # long side of the full-attention first pass in the reference recipe
 ATTENTION_FIELDS = frozenset({"variant", "window", "down_factor", "clear_weights"})  # see resolve_clear
 TRANSFORMER_FIELDS = {"quantize": "none", "transformer": None}  # a GGUF file or a quantized base, not both
-CONTROL_FIELDS = ("control", "controlnet", "control_mode", "control_scale")  # one ControlNet, as a whole
+CONTROL_FIELDS = ("control", "controlnet", "control_mode", "control_scale", "control_sha256")  # as a whole
 
 
 @dataclass
@@ -60,6 +60,7 @@ class GenerateOptions:
     control: str | None = None  # --control: the control picture (upscale: its own picture by default)
     control_mode: str | None = None  # a union ControlNet's mode: a registry name or the mode's number
     control_scale: float | None = None  # None: the registry's recommended scale, else 1
+    control_sha256: str | None = None  # --from: the control picture's then (a note when it changed)
     compile: bool = False  # regional compilation of the transformer blocks (speed.py)
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
     parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
@@ -364,6 +365,7 @@ def _control_options(control: dict | None) -> dict:
         "control": control.get("image"),
         "control_mode": control.get("mode"),
         "control_scale": control.get("scale"),
+        "control_sha256": control.get("sha256"),
     }
 
 

@@ -114,15 +114,22 @@ def test_compare_writes_each_variant_a_grid_and_strict_json(tiny, checkpoints, t
 
 
 @pytest.mark.slow
-def test_compare_runs_what_generate_runs(tiny, checkpoints, tmp_path, capsys):
-    """Same prompt, seed and recipe: each compare image is the one `generate --variant` makes."""
+def test_compare_runs_what_generate_runs(tiny, checkpoints, tmp_path, capsys, monkeypatch):
+    """Same prompt, seed and recipe: each compare image is the one `generate --variant` makes, though
+    compare loads the pipeline once (the CLEAR variant first: full attention then runs on the pipeline
+    CLEAR was applied to and removed from)."""
+    import clear_gen.pipeline as P
+
+    loads, real = [], P.load_pipeline
+    monkeypatch.setattr(P, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
     args = [*recipe(tiny), "--seed", "3", "--backend", "dense"]
     code, stdout, err = run(
-        ["compare", "a tower", *args, "--variants", f"none,{checkpoints[0]}", "--out", str(tmp_path / "c")]
+        ["compare", "a tower", *args, "--variants", f"{checkpoints[0]},none", "--out", str(tmp_path / "c")]
         + ["--json"],
         capsys,
     )
     assert code == 0, err
+    assert len(loads) == 1
     rows = strict_rows(stdout)
     for row in rows:
         code, out, err = run(

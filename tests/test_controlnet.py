@@ -159,6 +159,8 @@ def test_cli_controlnet_runs_every_stage_is_recorded_and_rerun_by_from(
 ):
     """bf16, a stock first pass then a CLEAR stage; the ControlNet gets CLEAR in the CLEAR stage (its
     threshold lowered from 1024 px to 64 for the tiny sizes)."""
+    from PIL import Image
+
     import clear_gen.control as K
     import clear_gen.pipeline as P
 
@@ -187,6 +189,17 @@ def test_cli_controlnet_runs_every_stage_is_recorded_and_rerun_by_from(
     code, out, err = run_cli(["--from", row["path"], "--out", f"{tmp_path / 'b'}/", "--json"], capsys)
     assert code == 0, err
     np.testing.assert_array_equal(pixels(row["path"]), pixels(json.loads(out)["path"]))
+    assert "changed since" not in err
+    copy = tmp_path / "edges.png"  # the picture edited since: --from says so, and the image differs
+    copy.write_bytes(nets["picture"].read_bytes())
+    args = cli_args(tiny, tmp_path / "d", *control[:3], str(copy), *control[4:])
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    edited = json.loads(out)["path"]
+    Image.fromarray(255 - pixels(nets["picture"]).astype(np.uint8)).save(copy)
+    code, out, err = run_cli(["--from", edited, "--out", f"{tmp_path / 'e'}/", "--json"], capsys)
+    assert code == 0 and "note: --control edges.png changed since the image was made (sha256 " in err
+    assert not np.array_equal(pixels(edited), pixels(json.loads(out)["path"]))
     code, out, err = run_cli(cli_args(tiny, tmp_path / "c"), capsys)  # the same without the ControlNet
     assert code == 0, err
     assert np.abs(pixels(row["path"]) - pixels(json.loads(out)["path"])).max() > 8
@@ -214,7 +227,7 @@ def test_cli_upscale_with_a_controlnet_controls_with_the_picture_itself(tiny, ne
     [
         (["--control", "PICTURE"], "--control needs --controlnet NAME_OR_REPO"),
         (["--controlnet", "PLAIN"], "--controlnet .*plain needs --control IMAGE"),
-        (["--controlnet", "PLAIN", "--control", "NOTES"], "--control .*notes.png: cannot read it as an"),
+        (["--controlnet", "PLAIN", "--control", "NOTES"], "--control .*notes.png is not an image clear-gen"),
         (["--controlnet", "PLAIN", "--control", "nowhere.png"], "--control nowhere.png: no such file"),
         (["--controlnet", "OTHER", "--control", "PICTURE"],
          "other is a ControlNet for another model: its joint_attention_dim is 48, .* 32"),
@@ -267,3 +280,17 @@ def test_from_with_another_controlnet_replaces_the_record_s_as_a_whole():
         None,
         None,
     )
+
+
+def test_a_16_bit_depth_map_is_scaled_to_8_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    from clear_gen.control import read_control_image
+
+    depth = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # near = bright, 16 bits
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    notes = []
+    picture = np.asarray(read_control_image(tmp_path / "depth.png", notes.append))
+    assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+    assert picture[0, 0, 0] == 0 and picture[-1, -1, 0] == 255 and len(np.unique(picture)) > 200
+    assert notes == ["--control depth.png: 16-bit converted to 8-bit"]

@@ -690,6 +690,8 @@ def test_cli_download_controlnet_then_a_run_finds_it_offline(fake_hub, monkeypat
     with pytest.raises(WeightsError) as e:  # the base is missing; the ControlNet is not
         hub.check_run_weights("dev", None, controlnet=net)
     assert "base dev" in str(e.value) and "ControlNet" not in str(e.value)
-    with pytest.raises(WeightsError, match=r"ControlNet depth \(Shakker-Labs.*download --controlnet depth`"):
-        hub.check_run_weights("dev", None, controlnet=load_registry().controlnet("depth"))
+    with pytest.raises(WeightsError) as e:  # one line and one command for all that is missing
+        hub.check_run_weights("dev", "r16", controlnet=load_registry().controlnet("depth"))
+    assert "base dev (black-forest-labs/FLUX.1-dev) and ControlNet depth (Shakker-Labs/" in str(e.value)
+    assert str(e.value).endswith("run `clear-gen download r16 --controlnet depth`")
     assert fake_hub.requests == []
