@@ -1,10 +1,9 @@
 """clear-gen: FLUX.1 at 2K-8K with CLEAR local attention."""
 
-__version__ = "0.1.0"
-
-from .attention import apply_clear, clear_config, remove_clear  # noqa: E402
-from .errors import ClearGenError  # noqa: E402
-from .pipeline import GenerateOptions, generate, upscale  # noqa: E402
+from .attention import apply_clear, clear_config, remove_clear
+from .errors import ClearGenError
+from .pipeline import GenerateOptions, generate, upscale
+from .version import __version__
 
 __all__ = [
     "ClearGenError",

@@ -5,12 +5,11 @@ User errors (ClearGenError) become one red line on stderr and exit code 1, never
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,14 +19,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from . import cli_options as options
 from .errors import ClearGenError, ConfigError, OutputError, ParallelError
 from .output import describe, record_from_image
-from .plan import GenerateOptions
+from .version import __version__
 
 if TYPE_CHECKING:
     from .hub import Fetched
-    from .plan import GenerateOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -90,305 +88,14 @@ def info(
         console.print(timing_table(timing, "timings"))
 
 
-def _ints(text: str | None, name: str, what: str = "pixel sizes, e.g. 1024,2048,4096") -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ConfigError(f"{name} takes comma-separated {what}; got {text!r}") from None
-
-
-def _dimensions(res: int | None, width: int | None, height: int | None) -> tuple[int | None, int | None]:
-    if res is not None and (width is not None or height is not None):
-        raise ConfigError("give either --res or --width/--height, not both")
-    if res is not None:
-        return res, res
-    if (width is None) != (height is None):
-        return (width or height), (height or width)
-    return width, height
-
-
-def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
-    if prompts_file is None:
-        return [prompt] if prompt is not None else []
-    try:
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from e
-    from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return ([prompt] if prompt else []) + from_file
-
-
-def _on_off(value: str, name: str) -> bool | None:
-    """on -> True, off -> False, auto -> None (the recipe decides)."""
-    choices = {"on": True, "off": False, "auto": None}
-    if value.lower() not in choices:
-        raise ConfigError(f"{name} takes on, off or auto; got {value!r}")
-    return choices[value.lower()]
-
-
-# --help panels: generate's, then bench's (with RUN and OUTPUT)
-SIZE, MODEL, RECIPE, PROMPTS = "Size", "Model and attention", "Recipe", "Prompts"
-OUTPUT, RUN, WHAT, SHAPE, SPEED = "Output", "Run", "What", "Model shape", "Speed"
-CONTROL = "ControlNet"
-_D = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
-
-
-def _size(
-    res: int = typer.Option(
-        None,
-        help="Square side in px: a multiple of 16 (64 for -down4).",
-        show_default=str(_D.width),
-        rich_help_panel=SIZE,
-    ),
-    width: int = typer.Option(None, help="Width in px (with --height).", rich_help_panel=SIZE),
-    height: int = typer.Option(None, help="Height in px (with --width).", rich_help_panel=SIZE),
-    stages: str = typer.Option(
-        None,
-        help="Long side of each stage, e.g. 1024,2048,4096.",
-        show_default="1024,target",
-        rich_help_panel=SIZE,
-    ),
-    upscale_from: int = typer.Option(
-        None, help="One SDEdit stage from a first pass at this long side.", rich_help_panel=SIZE
-    ),
-    direct: bool = typer.Option(
-        False, "--direct", help="No first pass: text-to-image at the target.", rich_help_panel=SIZE
-    ),
-) -> None:
-    """Generate's size options, shared with compare (only its signature is used)."""
-
-
-def _recipe(
-    model: str = typer.Option(
-        None,
-        help="Base (dev, schnell), Hub repo id or local folder.",
-        show_default=_D.model,
-        rich_help_panel=MODEL,
-    ),
-    backend: str = typer.Option(
-        None, help="CLEAR kernel: auto, flex or dense.", show_default="auto", rich_help_panel=MODEL
-    ),
-    transformer: str = typer.Option(
-        None, help="FLUX.1 transformer .gguf: a file or owner/repo/file.gguf.", rich_help_panel=MODEL
-    ),
-    token: str = typer.Option(
-        None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=MODEL
-    ),
-    lora: list[str] = typer.Option(
-        None,
-        help="LoRA PATH_OR_REPO[:SCALE] (file, owner/repo or owner/repo/file); repeatable.",
-        rich_help_panel=MODEL,
-    ),
-    lora_file: list[str] = typer.Option(
-        None, help="File of a --lora owner/repo holding several, in order; repeatable.", rich_help_panel=MODEL
-    ),
-    steps: int = typer.Option(
-        None, help="Steps of each CLEAR stage.", show_default=str(_D.steps), rich_help_panel=RECIPE
-    ),
-    guidance: float = typer.Option(
-        None, help="Guidance of the CLEAR stages.", show_default="7.5; 3.5 --direct", rich_help_panel=RECIPE
-    ),
-    first_steps: int = typer.Option(
-        None, help="Steps of the first pass.", show_default=str(_D.first_steps), rich_help_panel=RECIPE
-    ),
-    first_guidance: float = typer.Option(
-        None, help="Guidance of the first pass.", show_default=str(_D.first_guidance), rich_help_panel=RECIPE
-    ),
-    strength: float = typer.Option(
-        None, help="SDEdit strength, in (0, 1].", show_default=str(_D.strength), rich_help_panel=RECIPE
-    ),
-    ntk_factor: float = typer.Option(
-        None, help="RoPE NTK factor.", show_default="10 above 1024 px, else 1", rich_help_panel=RECIPE
-    ),
-    proportional_attention: str = typer.Option(
-        "auto", help="Proportional attention: on, off or auto (on above 1024 px).", rich_help_panel=RECIPE
-    ),
-    max_sequence_length: int = typer.Option(
-        None, help="T5 tokens, up to 512.", show_default="512; 256 schnell", rich_help_panel=RECIPE
-    ),
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
-    dtype: str = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
-    ),
-    offload: str = typer.Option(
-        _D.offload, help="auto (from the memory plan), none, model or sequential.", rich_help_panel=RUN
-    ),
-    gpu_memory: float = typer.Option(
-        None,
-        help="GB of GPU memory to plan for (on a GPU, the run keeps to it).",
-        show_default="free memory; 24 without a GPU",
-        rich_help_panel=RUN,
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the memory and time plan; load nothing.", rich_help_panel=RUN
-    ),
-    quantize: str = typer.Option(
-        None,
-        help="Transformer weights: none, fp8, fp8dq, int8 or nf4.",
-        show_default="none",
-        rich_help_panel=RUN,
-    ),
-    quantize_text: str = typer.Option(
-        None, help="T5 weights: none, int8, fp8 or nf4.", show_default="none", rich_help_panel=RUN
-    ),
-    compile: bool = typer.Option(
-        None,
-        "--compile/--no-compile",
-        help="Compile the transformer blocks.",
-        show_default="off",
-        rich_help_panel=SPEED,
-    ),
-    cache: str = typer.Option(
-        None,
-        help="Step caching: none, fbc[:T] or taylorseer[:N] (changes the image).",
-        show_default="none",
-        rich_help_panel=SPEED,
-    ),
-    parallel: str = typer.Option(
-        "auto",
-        help="Under torchrun: sequence (each image over every GPU), data (images spread) or auto.",
-        rich_help_panel=RUN,
-    ),
-) -> None:
-    """The recipe's options, shared by every command that generates (only its signature is used)."""
-
-
-def _attention(
-    variant: str = typer.Option(
-        None,
-        help="CLEAR weights (clear-gen weights); none = full attention.",
-        show_default="r8-down4; none <= 1024 px",
-        rich_help_panel=MODEL,
-    ),
-    window: int = typer.Option(
-        None, help="Custom CLEAR window r (instead of --variant).", rich_help_panel=MODEL
-    ),
-    down_factor: int = typer.Option(
-        None, help="Custom down factor f (with --window).", rich_help_panel=MODEL
-    ),
-    clear_weights: Path = typer.Option(
-        None, help="Custom .safetensors (with --window); none: training-free.", rich_help_panel=MODEL
-    ),
-) -> None:
-    """Which attention: a variant, or a custom window (generate and upscale; only its signature is used)."""
-
-
-def _control(
-    controlnet: str = typer.Option(
-        None,
-        help="A FLUX.1 ControlNet: registry name (clear-gen weights), Hub repo or folder.",
-        rich_help_panel=CONTROL,
-    ),
-    control: Path = typer.Option(
-        None,
-        help="Its control picture (edge map, depth map, photo).",
-        show_default="upscale: the picture itself",
-        rich_help_panel=CONTROL,
-    ),
-    control_mode: str = typer.Option(
-        None,
-        help="A union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq (or its number).",
-        rich_help_panel=CONTROL,
-    ),
-    control_scale: float = typer.Option(
-        None,
-        help="How strongly the control picture steers, >= 0.",
-        show_default="the registry's, else 1",
-        rich_help_panel=CONTROL,
-    ),
-) -> None:
-    """The ControlNet options of generate, upscale and compare (only its signature is used)."""
-
-
-# Passed on even when None: with --from, these do not come from the image's record (dtype and backend
-# do: the record says what made the image).
-_ALWAYS = {"keep_stages", "out", "device", "offload", "compare_full", "token"}
-
-
-def _output(
-    out: str = typer.Option(
-        None,
-        "--out",
-        "-o",
-        help="Output file or folder.",
-        show_default="current folder",
-        rich_help_panel=OUTPUT,
-    ),
-    keep_stages: bool = typer.Option(
-        False, "--keep-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT
-    ),
-    as_json: bool = typer.Option(
-        False, "--json", help="One JSON object per image on stdout.", rich_help_panel=OUTPUT
-    ),
-    no_compare_full: bool = typer.Option(
-        False,
-        "--no-compare-full",
-        help="Skip timing full attention at each CLEAR size.",
-        rich_help_panel=OUTPUT,
-    ),
-) -> None:
-    """Where images go and what is printed: generate's and upscale's (only its signature is used)."""
-
-
-def _with(*groups: Callable) -> Callable:
-    """Append the options of `groups` (_size, _attention, _recipe) to a command's own; Typer passes them
-    in as keyword arguments (**recipe)."""
-
-    def decorate(command: Callable) -> Callable:
-        sig = inspect.signature(command, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        shared = [p for g in groups for p in inspect.signature(g, eval_str=True).parameters.values()]
-        command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
-        return command
-
-    return decorate
-
-
-def _generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:
-    """GenerateOptions from the recipe options and a command's own: explicit flags win over --from,
-    which wins over the defaults."""
-    from .plan import GenerateOptions, options_from_record
-
-    recipe = dict(recipe)
-    recipe.pop("dry_run", None)  # the command's, not the run's
-    if "no_compare_full" in recipe:  # _output's flag, as the option the run takes
-        recipe["compare_full"] = not recipe.pop("no_compare_full")
-    w, h = _dimensions(recipe.pop("res", None), recipe.pop("width", None), recipe.pop("height", None))
-    for name in ("clear_weights", "control"):
-        if name in recipe:
-            recipe[name] = str(recipe[name]) if recipe[name] else None
-    recipe["loras"], recipe["lora_files"] = (
-        recipe.pop("lora", None) or None,
-        recipe.pop("lora_file", None) or None,
-    )
-    recipe["proportional_attention"] = _on_off(recipe["proportional_attention"], "--proportional-attention")
-    long_sides = _ints(recipe.pop("stages", None), "--stages")
-    upscale_from, direct = recipe.pop("upscale_from", None), recipe.pop("direct", False)
-    if upscale_from is not None or direct:
-        if long_sides or (upscale_from is not None and direct):
-            raise ConfigError("give only one of --stages, --upscale-from and --direct")
-    given = {"width": w, "height": h, **recipe, **own}
-    given = {k: v for k, v in given.items() if v is not None or k in _ALWAYS}
-    if from_image is not None:
-        opts = options_from_record(record_from_image(from_image), **given)
-    else:
-        opts = GenerateOptions(**{"prompts": [], **given})  # GenerateOptions holds the defaults
-    target = max(opts.width, opts.height)
-    if direct:
-        opts.stages = [target]
-    elif upscale_from is not None:
-        opts.stages = [upscale_from, target]
-    elif long_sides:
-        opts.stages = long_sides
-        if w is None and from_image is None:  # no size given: the last stage is the target
-            opts.width = opts.height = long_sides[-1]
-    return opts
-
-
 @app.command()
-@_with(_size, _attention, _recipe, _control, _output)
+@options.with_options(
+    options.size_options,
+    options.attention_options,
+    options.recipe_options,
+    options.control_options,
+    options.output_options,
+)
 def generate(
     prompt: str = typer.Argument(None, help="What to draw.", show_default=False),
     seed: list[int] = typer.Option(
@@ -396,16 +103,22 @@ def generate(
         help="Seed; repeat for several images.",
         show_default="random",
         metavar="INT",
-        rich_help_panel=PROMPTS,
+        rich_help_panel=options.PROMPTS,
     ),
     count: int = typer.Option(
-        None, help="Images per prompt, random seeds.", show_default=str(_D.count), rich_help_panel=PROMPTS
+        None,
+        help="Images per prompt, random seeds.",
+        show_default=str(options.DEFAULTS.count),
+        rich_help_panel=options.PROMPTS,
     ),
     prompts_file: Path = typer.Option(
-        None, help="One prompt a line; lines starting with # are comments.", rich_help_panel=PROMPTS
+        None, help="One prompt a line; lines starting with # are comments.", rich_help_panel=options.PROMPTS
     ),
     from_image: Path = typer.Option(
-        None, "--from", help="Re-run what a clear-gen PNG stores; options given win.", rich_help_panel=PROMPTS
+        None,
+        "--from",
+        help="Re-run what a clear-gen PNG stores; options given win.",
+        rich_help_panel=options.PROMPTS,
     ),
     **recipe: Any,
 ) -> None:
@@ -414,10 +127,10 @@ def generate(
 
     # 1. Parse: explicit flags win over --from, which wins over the defaults.
     as_json = recipe.pop("as_json")
-    opts = _generate_options(
+    opts = options.generate_options(
         recipe,
         from_image,
-        prompts=_prompts(prompt, prompts_file) or None,
+        prompts=options.prompt_list(prompt, prompts_file) or None,
         seeds=list(seed or []) or None,
         count=count,
     )
@@ -449,7 +162,9 @@ def _print_plans(plans: list, as_json: bool) -> None:
 
 
 @app.command()
-@_with(_attention, _recipe, _control, _output)
+@options.with_options(
+    options.attention_options, options.recipe_options, options.control_options, options.output_options
+)
 def upscale(
     args: list[str] = typer.Argument(
         ...,
@@ -457,28 +172,35 @@ def upscale(
         metavar="IMAGE... [PROMPT]",
     ),
     prompt: str = typer.Option(
-        None, help="The prompt.", show_default="the picture's metadata, else none", rich_help_panel=PROMPTS
+        None,
+        help="The prompt.",
+        show_default="the picture's metadata, else none",
+        rich_help_panel=options.PROMPTS,
     ),
-    res: int = typer.Option(None, help="Long side of the result in px.", rich_help_panel=SIZE),
+    res: int = typer.Option(None, help="Long side of the result in px.", rich_help_panel=options.SIZE),
     scale: float = typer.Option(
-        None, help="Factor, aspect ratio kept.", show_default="2", rich_help_panel=SIZE
+        None, help="Factor, aspect ratio kept.", show_default="2", rich_help_panel=options.SIZE
     ),
-    width: int = typer.Option(None, help="Width in px (aspect kept if alone).", rich_help_panel=SIZE),
-    height: int = typer.Option(None, help="Height in px (aspect kept if alone).", rich_help_panel=SIZE),
+    width: int = typer.Option(None, help="Width in px (aspect kept if alone).", rich_help_panel=options.SIZE),
+    height: int = typer.Option(
+        None, help="Height in px (aspect kept if alone).", rich_help_panel=options.SIZE
+    ),
     stages: str = typer.Option(
         None,
         help="Long sides after the picture, e.g. 2048,4096.",
         show_default="target",
-        rich_help_panel=SIZE,
+        rich_help_panel=options.SIZE,
     ),
     seed: list[int] = typer.Option(
         None,
         help="Seed; repeat for several results.",
         show_default="random",
         metavar="INT",
-        rich_help_panel=PROMPTS,
+        rich_help_panel=options.PROMPTS,
     ),
-    count: int = typer.Option(None, help="Results per picture, random seeds.", rich_help_panel=PROMPTS),
+    count: int = typer.Option(
+        None, help="Results per picture, random seeds.", rich_help_panel=options.PROMPTS
+    ),
     **recipe: Any,
 ) -> None:
     """Upscale existing pictures to 2K-8K: SDEdit stages with CLEAR, as generate's after its first pass."""
@@ -489,7 +211,7 @@ def upscale(
     # 1. Parse: which arguments are pictures, the prompt, the size, the recipe.
     inputs, text = split_arguments(args, prompt)
     as_json = recipe.pop("as_json")
-    opts = _generate_options(
+    opts = options.generate_options(
         {**recipe, "stages": stages},
         prompts=[text] if text else [],
         seeds=list(seed or []) or None,
@@ -507,7 +229,7 @@ def upscale(
 
 
 @app.command()
-@_with(_size, _recipe, _control)
+@options.with_options(options.size_options, options.recipe_options, options.control_options)
 def compare(
     prompt: str = typer.Argument(..., help="What to draw."),
     variants: str = typer.Option(
@@ -529,7 +251,7 @@ def compare(
     if _torchrun_rank() is not None:
         raise ConfigError("compare runs in one process: launch it without torchrun")
     seeds = [seed] if seed is not None else None
-    opts = _generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
+    opts = options.generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
     names = variants.split(",") if variants is not None else None
     if recipe["dry_run"]:
         _print_plans(C.memory_plans(opts, names), as_json)
@@ -680,89 +402,105 @@ def _controlnets_table(registry, cached: dict) -> Table:
 @app.command()
 def bench(
     what: str = typer.Option(
-        "plan", help="plan (FLOPs, no compute), attention, step or image (a whole one).", rich_help_panel=WHAT
+        "plan",
+        help="plan (FLOPs, no compute), attention, step or image (a whole one).",
+        rich_help_panel=options.WHAT,
     ),
     res: str | None = typer.Option(
         None,
         help="Image sides in px, comma-separated.",
         show_default="1K-8K; 1K on a CPU",
-        rich_help_panel=WHAT,
+        rich_help_panel=options.WHAT,
     ),
     variant: str | None = typer.Option(
         None,
         help="A variant (clear-gen weights): sets r and f.",
         show_default="r8-down4",
-        rich_help_panel=WHAT,
+        rich_help_panel=options.WHAT,
     ),
-    window: int | None = typer.Option(None, help="CLEAR window r, in tokens.", rich_help_panel=WHAT),
+    window: int | None = typer.Option(None, help="CLEAR window r, in tokens.", rich_help_panel=options.WHAT),
     down_factor: int | None = typer.Option(
-        None, help="CLEAR down factor f (1 = none).", show_default="1 with --window", rich_help_panel=WHAT
+        None,
+        help="CLEAR down factor f (1 = none).",
+        show_default="1 with --window",
+        rich_help_panel=options.WHAT,
     ),
     gpus: str | None = typer.Option(
-        None, help="plan: head-parallel traffic at these GPU counts, e.g. 2,4,8.", rich_help_panel=WHAT
+        None,
+        help="plan: head-parallel traffic at these GPU counts, e.g. 2,4,8.",
+        rich_help_panel=options.WHAT,
     ),
-    heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=SHAPE),
-    head_dim: int = typer.Option(128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=SHAPE),
-    layers: int = typer.Option(57, help="Blocks (step, image), 1:2 double:single.", rich_help_panel=SHAPE),
-    text_len: int = typer.Option(512, help="Text tokens.", rich_help_panel=SHAPE),
+    heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=options.SHAPE),
+    head_dim: int = typer.Option(
+        128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=options.SHAPE
+    ),
+    layers: int = typer.Option(
+        57, help="Blocks (step, image), 1:2 double:single.", rich_help_panel=options.SHAPE
+    ),
+    text_len: int = typer.Option(512, help="Text tokens.", rich_help_panel=options.SHAPE),
     vae_channels: int | None = typer.Option(
-        None, help="image: VAE width (8 on a CPU).", show_default="128, FLUX.1's", rich_help_panel=SHAPE
+        None,
+        help="image: VAE width (8 on a CPU).",
+        show_default="128, FLUX.1's",
+        rich_help_panel=options.SHAPE,
     ),
     stages: str | None = typer.Option(
         None,
         help="image: long side of each stage, as generate's.",
         show_default="1024,res",
-        rich_help_panel=WHAT,
+        rich_help_panel=options.WHAT,
     ),
     steps: int | None = typer.Option(
-        None, help="image: steps of every stage.", show_default="20", rich_help_panel=WHAT
+        None, help="image: steps of every stage.", show_default="20", rich_help_panel=options.WHAT
     ),
     compile: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
         help="image: compile the transformer blocks.",
         show_default="off",
-        rich_help_panel=SPEED,
+        rich_help_panel=options.SPEED,
     ),
     cache: str | None = typer.Option(
         None,
         help="image: step caching, none, fbc[:T] or taylorseer[:N].",
         show_default="none",
-        rich_help_panel=SPEED,
+        rich_help_panel=options.SPEED,
     ),
     quantize: str | None = typer.Option(
         None,
         help="image: transformer weights, none, fp8, fp8dq or int8.",
         show_default="none",
-        rich_help_panel=SPEED,
+        rich_help_panel=options.SPEED,
     ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=options.RUN),
     dtype: str | None = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=options.RUN
     ),
-    repeats: int = typer.Option(3, help="Timed calls after a warm-up (median).", rich_help_panel=RUN),
+    repeats: int = typer.Option(3, help="Timed calls after a warm-up (median).", rich_help_panel=options.RUN),
     no_compare_full: bool = typer.Option(
-        False, "--no-compare-full", help="Skip full attention / the stock model.", rich_help_panel=RUN
+        False, "--no-compare-full", help="Skip full attention / the stock model.", rich_help_panel=options.RUN
     ),
-    measure: str = typer.Option("both", help="step: both, clear or full alone.", rich_help_panel=RUN),
+    measure: str = typer.Option("both", help="step: both, clear or full alone.", rich_help_panel=options.RUN),
     max_full_seconds: float | None = typer.Option(
-        None, help="Estimate, not run, full-attention calls slower than this.", rich_help_panel=RUN
+        None, help="Estimate, not run, full-attention calls slower than this.", rich_help_panel=options.RUN
     ),
     time_budget: float | None = typer.Option(
-        None, help="Seconds: estimate full attention that would end later.", rich_help_panel=RUN
+        None, help="Seconds: estimate full attention that would end later.", rich_help_panel=options.RUN
     ),
     json_file: Path | None = typer.Option(
-        None, "--json", help="Write the rows as JSON, as they land.", rich_help_panel=OUTPUT
+        None, "--json", help="Write the rows as JSON, as they land.", rich_help_panel=options.OUTPUT
     ),
     markdown: Path | None = typer.Option(
         None,
         help="Also write the table (with --jsonl: the file's report) as Markdown.",
-        rich_help_panel=OUTPUT,
+        rich_help_panel=options.OUTPUT,
     ),
     jsonl: Path | None = typer.Option(
-        None, help="Append the rows to this JSON-lines file.", rich_help_panel=OUTPUT
+        None, help="Append the rows to this JSON-lines file.", rich_help_panel=options.OUTPUT
     ),
-    label: str | None = typer.Option(None, help="Part name for --jsonl rows.", rich_help_panel=OUTPUT),
+    label: str | None = typer.Option(
+        None, help="Part name for --jsonl rows.", rich_help_panel=options.OUTPUT
+    ),
 ) -> None:
     """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
     from . import bench as B
@@ -776,7 +514,7 @@ def bench(
                 f"--variant {variant} and {given} conflict: give a variant or --window/--down-factor"
             )
         window, down_factor = B.variant(variant)
-    sizes = _ints(res, "--res")
+    sizes = options.ints(res, "--res")
     writes = not _torchrun_rank()  # under torchrun (step: sequence-parallel), rank 0 writes the files
     # 2. Run, saving the rows as they land (a killed run keeps what it measured).
     done: dict[int, dict] = {}
@@ -797,8 +535,8 @@ def bench(
         heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=not no_compare_full,
         max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
         progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"), on_row=on_row,
-        stages=_ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
-        cache=cache, quantize=quantize, gpus=_ints(gpus, "--gpus", "GPU counts, e.g. 2,4,8"),
+        stages=options.ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
+        cache=cache, quantize=quantize, gpus=options.ints(gpus, "--gpus", "GPU counts, e.g. 2,4,8"),
     )  # fmt: skip
     # 3. Print a table per kind of row: as wide as the terminal (or COLUMNS); piped, wide enough not to wrap.
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import OutputError
+from .version import __version__
 
 PREFIX = "clear-gen:"
 PARAMS_KEY = PREFIX + "params"
@@ -32,12 +33,6 @@ PARAMS_KEY = PREFIX + "params"
 # level 3: ~9 s for 115 MiB. Level 3 costs next to nothing over 1 and compresses smooth regions (skies,
 # bokeh) better; above it time grows faster than the file shrinks.
 COMPRESS_LEVEL = 3
-
-
-def _version() -> str:
-    from . import __version__  # lazy: clear_gen/__init__ may import this module
-
-    return __version__
 
 
 def slugify(prompt: str, max_len: int = 48) -> str:
@@ -70,7 +65,7 @@ class ImageRecord:
     stages: list[int] = field(default_factory=list)  # resolution of each stage, e.g. [1024, 4096]
     strength: float | None = None  # img2img strength of the later stages
     timings: dict[str, Any] = field(default_factory=dict)  # JSON-able; clear-gen writes a RunTiming
-    version: str = field(default_factory=_version)  # clear-gen version that made the image
+    version: str = __version__  # clear-gen version that made the image
     extra: dict[str, Any] = field(default_factory=dict)  # ntk_factor, max_sequence_length, negative, ...
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import typer
 from conftest import run_cli as run
 
 from clear_gen import __version__
-from clear_gen.cli import _prompts, app
+from clear_gen.cli import app
+from clear_gen.cli_options import prompt_list
 from clear_gen.registry import load_registry
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: the connection is refused at once, never a real host
@@ -182,8 +184,8 @@ def test_bench_refuses_like_generate(capsys, extra, message):
 def test_prompts_file_skips_comments_and_blank_lines(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# castles, take 2\na castle\n\n  # indented comment\na tower # not a comment\n")
-    assert _prompts(None, prompts) == ["a castle", "a tower # not a comment"]
-    assert _prompts("first", prompts)[0] == "first"
+    assert prompt_list(None, prompts) == ["a castle", "a tower # not a comment"]
+    assert prompt_list("first", prompts)[0] == "first"
 
 
 # ------------------------------------------------------------------------------- help and tables
@@ -216,6 +218,9 @@ def test_generate_help_shows_the_defaults(capsys, monkeypatch):
 
 
 def test_version(capsys):
+    toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    pyproject = toml.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]  # one version, pyproject's
     assert run(["--version"], capsys) == (0, f"{__version__}\n", "")
     assert run(["version"], capsys) == (0, f"{__version__}\n", "")
 
