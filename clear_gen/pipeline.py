@@ -6,17 +6,17 @@ follows CLEAR's reference: a first pass with the original weights and full atten
 linspace(1, 1/steps, steps), static shift, NTK factor 10, proportional attention, VAE tiling).
 At or below 1024 px the default is the original model alone: CLEAR is no faster there.
 
-The latents of each stage are decoded here rather than inside the diffusers call, so that the VAE's
-time is reported apart; `RunTiming` records where every second of an image went.
+Here a run is checked (every argument, picture and weight file, and its memory plan) before anything
+heavy loads, then loaded once and its jobs made one by one (under torchrun, spread over the ranks as
+parallel.py says); render.py makes each image, its stages timed and its PNG saved.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +24,19 @@ import torch
 
 from . import gpus, output, parallel
 from . import quantize as Q
-from .attention import apply_clear, remove_clear, resolve_backend
+from .attention import remove_clear
 from .chunking import chunk_feed_forward
 from .control import (
     ControlSpec,
     check_base,
     check_cached_config,
     check_unchanged,
-    clear_on_controlnet,
     control_record,
     parse_control,
     read_control_image,
-    stage_kwargs,
 )
-from .device import DTYPES, device_name, resolve_dtype
+from .device import resolve_dtype
 from .errors import ClearGenError, ConfigError, DeviceError
-from .geometry import Geometry, image_geometry, needed_pairs
 from .loading import (
     check_transformer_file,
     clear_weights_file,
@@ -56,7 +53,6 @@ from .plan import (
     ClearChoice,
     GenerateOptions,
     Stage,
-    clear_kwargs,
     image_seeds,
     plan_stages,
     plan_upscale,
@@ -64,55 +60,10 @@ from .plan import (
     size_multiple,
     text_tokens,
 )
+from .render import Hooks, ImageResult, Job, Run, make_image
 from .source import Source, UpscaleTarget, check_larger, image_files, load_source
-from .speed import BlockCount, compile_blocks, parse_cache, step_cache
-from .timing import (
-    RunTiming,
-    StageTiming,
-    StepClock,
-    capture_transformer_call,
-    now,
-    record_peak_memory,
-    reset_peak_memory,
-    step_call,
-    time_full_attention,
-    time_step,
-)
-
-
-@dataclass
-class ImageResult:
-    """One saved image: where it is, what made it (as stored in its PNG) and where the time went."""
-
-    path: Path  # absolute
-    record: output.ImageRecord
-    timing: RunTiming
-    stage_paths: list[Path] = field(default_factory=list)  # absolute; --keep-stages
-    job: int | None = None  # under torchrun: the image's place in the run's jobs
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as `clear-gen info --json` prints it, with the paths and the finished timing."""
-        job = {} if self.job is None else {"job": self.job}
-        return {
-            **job,
-            "path": str(self.path),
-            "stage_paths": [str(p) for p in self.stage_paths],
-            **self.record.to_dict(),
-            "timings": self.timing.to_json(),
-        }
-
-
-@dataclass
-class Job:
-    """One image to make: its prompt, seed and stages, and the picture its first stage starts from."""
-
-    prompt: str
-    seed: int
-    stages: list[Stage]
-    first: Any = None  # PIL image (upscale); None: the first stage is text-to-image
-    source: dict[str, Any] | None = None  # the picture's file, sha256 and size, recorded in the PNG
-    control: Any = None  # the ControlNet's picture (PIL), with --controlnet
-
+from .speed import compile_blocks
+from .timing import RunTiming, now
 
 # ---------------------------------------------------------------- generation
 
@@ -129,65 +80,6 @@ def _encode(pipe, prompts: list[str], device, max_len: int, offload: str) -> lis
         pipe.text_encoder_2.to("cpu")
         torch.cuda.empty_cache()
     return out
-
-
-def _run_stage(pipe, img2img, stage: Stage, embeds, image, seed: int, opts: GenerateOptions, clock, control):
-    """One stage's diffusion; returns its packed latents (B, (H/16)(W/16), 64), not yet decoded.
-    `control`: the ControlNet pipelines' own arguments (control.stage_kwargs), or {}."""
-    import numpy as np
-
-    common = dict(
-        **control,
-        prompt_embeds=embeds[0],
-        pooled_prompt_embeds=embeds[1],
-        width=stage.width,
-        height=stage.height,
-        num_inference_steps=stage.steps,
-        guidance_scale=stage.guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        callback_on_step_end=clock,
-        output_type="latent",
-    )
-    if not stage.sdedit:
-        return pipe(**common).images
-    from PIL import Image
-
-    resized = image.resize((stage.width, stage.height), Image.LANCZOS)
-    sigmas = np.linspace(1.0, 1.0 / stage.steps, stage.steps).tolist()
-    return img2img(image=resized, strength=opts.strength, sigmas=sigmas, **common).images
-
-
-def _decode(pipe, latents: torch.Tensor, stage: Stage) -> Any:
-    """Packed latents into a PIL image, as diffusers' Flux pipelines do after their last step."""
-    vae, f = pipe.vae, pipe.vae_scale_factor
-    b, _, c = latents.shape  # (B, (H/16)(W/16), 64): 2 x 2 patches of 16 channels
-    h, w = 2 * (stage.height // (f * 2)), 2 * (stage.width // (f * 2))
-    latents = latents.view(b, h // 2, w // 2, c // 4, 2, 2)  # (B, H/16, W/16, 16, 2, 2)
-    latents = latents.permute(0, 3, 1, 4, 2, 5)  # (B, 16, H/16, 2, W/16, 2)
-    latents = latents.reshape(b, c // 4, h, w)  # (B, 16, H/8, W/8)
-    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-    with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
-    pipe.maybe_free_model_hooks()  # with --offload, the VAE leaves the GPU as after a pipeline call
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
-@dataclass
-class Hooks:
-    """What a caller sees while generating; clear_gen itself prints nothing (the CLI renders these).
-
-    Phases: "load", "encode", "compile" (attention kernels, the first time a size runs in this
-    process; it ends with the stage's first step), "compare" (timing full attention), "decode".
-    """
-
-    note: Callable[[str], None] = lambda text: None  # one line worth telling, e.g. why full attention
-    phase: Callable[[str, str], None] = lambda name, detail: None  # a phase begins
-    phase_done: Callable[[str, float], None] = lambda name, seconds: None
-    stage_start: Callable[[int, int, Stage], None] = lambda i, n, stage: None  # stage i (from 0) of n
-    step: Callable[[int, int, float], None] = lambda done, total, seconds: None  # a step ended
-    saved: Callable[[Path, float], None] = lambda path, seconds: None  # a PNG was written
-    image_done: Callable[[ImageResult], None] = lambda result: None
-    stage_done: Callable[[int, StageTiming], None] = lambda i, timing: None  # stage i, decoded
 
 
 def generate(opts: GenerateOptions, hooks: Hooks | None = None, pipe: Any = None) -> list[ImageResult]:
@@ -445,8 +337,8 @@ def _load_and_generate(
     return results
 
 
-def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> tuple[_Run, dict[str, tuple]]:
-    """The pipeline and CLEAR weights (as _Run) and the embeddings of this rank's prompts (`mine`: its jobs).
+def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> tuple[Run, dict[str, tuple]]:
+    """The pipeline and CLEAR weights (as Run) and the embeddings of this rank's prompts (`mine`: its jobs).
     No collectives in here: it runs inside World.agree, whose own collective follows it on every rank."""
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     quantized = Q.label(opts.quantize, opts.quantize_text, opts.transformer)
@@ -476,9 +368,7 @@ def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> 
         activations = plan.activation_bytes if plan else 0
         state_dict = place_clear_weights(state_dict, pipe.transformer, activations)
         load_s += now(device) - t0
-    run = _Run(
-        pipe, img2img, opts, choice, state_dict, device, hooks, plan, world, shards, (load_s, encode_s)
-    )
+    run = Run(pipe, img2img, opts, choice, state_dict, device, hooks, plan, world, shards, (load_s, encode_s))
     if control is not None:
         run.control, run.control_record = control, control_record(control, control.image)
     return run, embeds
@@ -513,7 +403,7 @@ def _pipeline(opts: GenerateOptions, device, dtype, control: ControlSpec | None)
     return _REUSED[key]
 
 
-def _job(run: _Run, jobs: list[Job], embeds: dict, index: int | None) -> ImageResult | None:
+def _job(run: Run, jobs: list[Job], embeds: dict, index: int | None) -> ImageResult | None:
     """Job `index` (None: this rank has none this round): its image, or None on a rank that does not save it.
 
     The first image a rank makes carries that rank's load and encode times."""
@@ -523,7 +413,7 @@ def _job(run: _Run, jobs: list[Job], embeds: dict, index: int | None) -> ImageRe
     timing = RunTiming(*run.setup_s) if run.made == 0 else RunTiming()
     timing.gpus, timing.parallel = run.world.size, run.world.mode
     try:
-        result = _one_image(run, job, embeds[job.prompt], timing, run.mark)
+        result = make_image(run, job, embeds[job.prompt], timing, run.mark)
     except torch.cuda.OutOfMemoryError as e:
         raise _out_of_memory(run.plan) from e
     run.mark += timing.total_s  # the next image's time starts where this one's ended
@@ -531,248 +421,3 @@ def _job(run: _Run, jobs: list[Job], embeds: dict, index: int | None) -> ImageRe
     if result is not None and run.world.mode != "none":
         result.job = index
     return result
-
-
-def _attention_label(choice: ClearChoice, stage: Stage) -> str:
-    if not stage.clear:
-        return "full"
-    return f"CLEAR r={choice.window}" + (f" f={choice.down_factor}" if choice.down_factor > 1 else "")
-
-
-@dataclass
-class _Run:
-    """What every image of a run shares."""
-
-    pipe: Any  # FluxPipeline
-    img2img: Any  # FluxImg2ImgPipeline sharing pipe's modules; None with one stage
-    opts: GenerateOptions
-    choice: ClearChoice
-    state_dict: dict[str, torch.Tensor] | None
-    device: torch.device
-    hooks: Hooks
-    plan: RunPlan | None  # None: a pipeline built elsewhere (bench --what image), no plan
-    world: parallel.World = field(default_factory=parallel.World)
-    shards: parallel.SequenceShards | None = None  # sequence mode: head-parallel CLEAR over the ranks
-    setup_s: tuple[float, float] = (0.0, 0.0)  # loading and encoding: the rank's first image carries them
-    mark: float = 0.0  # where the next image's wall time begins
-    made: int = 0  # images this rank has made
-    control: ControlSpec | None = None  # --controlnet (pipe and img2img are then diffusers' ControlNet ones)
-    control_record: dict[str, Any] | None = None  # what the PNGs record of it
-
-
-def _one_image(run: _Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult | None:
-    """Every stage of one image (each decoded: the next starts from its image), then its PNG (None on the
-    ranks that do not save it).
-
-    `started`: where this image's wall time begins (the run's start for the first image).
-    """
-    image, stage_paths, save_s, hooks, n = job.first, [], 0.0, run.hooks, len(job.stages)
-    for i, stage in enumerate(job.stages):
-        hooks.stage_start(i, n, stage)
-        latents, stage_timing = _stage(run, stage, emb, image, job.seed, job.control)
-        if i == n - 1 and not run.world.writes:
-            timing.stages.append(stage_timing)
-            timing.total_s = time.perf_counter() - started
-            return None  # sequence mode: rank 0 alone decodes and saves the image
-        hooks.phase("decode", f"{stage.width}x{stage.height}")
-        t0 = now(run.device)
-        image = _decode(run.pipe, latents, stage)
-        stage_timing.decode_s = now(run.device) - t0
-        record_peak_memory(stage_timing, run.device)  # denoising and decoding, not timing full attention
-        hooks.phase_done("decode", stage_timing.decode_s)
-        timing.stages.append(stage_timing)
-        hooks.stage_done(i, stage_timing)
-        if run.opts.keep_stages and i < n - 1 and run.world.writes:
-            record = _record(run, job, job.stages[: i + 1], timing, started)
-            path, seconds = _save(image, record, run)
-            stage_paths.append(path)
-            save_s += seconds
-    record = _record(run, job, job.stages, timing, started)
-    path, seconds = _save(image, record, run)
-    timing.save_s = save_s + seconds
-    timing.total_s = time.perf_counter() - started
-    return ImageResult(path, record, timing, stage_paths)
-
-
-def _stage(run: _Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torch.Tensor, StageTiming]:
-    """One stage's denoising, every step timed: (packed latents, its StageTiming). `picture`: the
-    ControlNet's (with --controlnet)."""
-    transformer, opts, device, hooks = run.pipe.transformer, run.opts, run.device, run.hooks
-    choice = run.choice
-    # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale; the
-    #    ControlNet's blocks too above 1024 px (control.py).
-    kwargs = {**clear_kwargs(opts, choice, stage, run.state_dict), "parallel": run.shards}
-    if stage.clear:
-        apply_clear(transformer, **kwargs)
-    else:
-        remove_clear(transformer)
-    controlnet = run.pipe.controlnet if run.control is not None else None
-    net_kwargs = {**kwargs, "state_dict": None, "down_factor": 1, "parallel": None}  # training-free
-    if controlnet is not None and clear_on_controlnet(stage):
-        apply_clear(controlnet, **net_kwargs)
-    elif controlnet is not None:
-        remove_clear(controlnet)
-    control = stage_kwargs(run.control, picture) if controlnet is not None else {}
-    _vae_tiling(run.pipe.vae, stage)
-    geo = _geometry(stage, choice, emb[0].shape[1]) if stage.clear else None  # emb[0]: (1, T, D)
-    compiling = _first_run(geo, opts.backend, device, transformer.dtype)
-    # 2. Denoise, timing every step (and the GPU memory's high-water mark).
-    if compiling:
-        hooks.phase("compile", f"{stage.width}x{stage.height}")
-    clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
-    reset_peak_memory(device)
-    cache = step_cache(transformer, parse_cache(opts.cache))  # --cache: this stage's denoising only
-    control_call = capture_transformer_call(controlnet) if controlnet is not None else nullcontext({})
-    with capture_transformer_call(transformer) as inputs, control_call as control_inputs:
-        with clock.watching(controlnet if controlnet is not None else transformer), cache as blocks:
-            latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock, control)
-    timing = _timing(stage, choice, clock, geo, blocks)
-    timing.gpus = run.world.size if run.shards is not None and stage.clear else 1  # stock stages: replicated
-    record_peak_memory(timing, device)
-    # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
-    if opts.compare_full and geo is not None:
-        hooks.phase("compare", f"{stage.width}x{stage.height}")
-        t0 = now(device)
-        if timing.step_s is None:
-            timing.step_s = time_step(step_call(transformer, inputs, controlnet, control_inputs), device)
-        fits = run.plan is None or (stage.width, stage.height) not in run.plan.full_step_too_big
-
-        def reapply():
-            apply_clear(transformer, **kwargs)
-            if controlnet is not None and clear_on_controlnet(stage):
-                apply_clear(controlnet, **net_kwargs)
-
-        time_full_attention(
-            transformer, inputs, timing, geo, device, reapply, fits, controlnet, control_inputs
-        )
-        timing.compare_s = now(device) - t0
-        hooks.phase_done("compare", timing.compare_s)
-        reset_peak_memory(device)  # the stage's peak leaves out timing full attention
-    elif not stage.clear:
-        timing.full_step_s = timing.step_s
-    return run.world.share(latents), timing  # sequence mode: rank 0's latents, so the ranks never drift
-
-
-VAE_TILING_ABOVE = 2048  # px: larger stages encode and decode in tiles (the VAE's memory grows with area)
-
-
-def _vae_tiling(vae, stage: Stage) -> None:
-    """Tiles for this stage's VAE encode (img2img) and decode when it is larger than 2048 px."""
-    if max(stage.width, stage.height) > VAE_TILING_ABOVE:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-
-
-_FIRST_RUNS: set[tuple] = set()  # (geometry, device, dtype) whose flex kernels this process has compiled
-
-
-def _first_run(geo: Geometry | None, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """True when this stage compiles attention kernels: flex, at a geometry new to this process."""
-    if geo is None or resolve_backend(backend, device) != "flex":
-        return False
-    key = (geo, str(device), dtype)
-    new = key not in _FIRST_RUNS
-    _FIRST_RUNS.add(key)
-    return new
-
-
-def _on_step(hooks: Hooks, total: int, compiling: bool) -> Callable[[int, float], None]:
-    def on_step(done: int, seconds: float) -> None:
-        if compiling and done == 1:
-            hooks.phase_done("compile", seconds)
-        hooks.step(done, total, seconds)
-
-    return on_step
-
-
-def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
-    return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
-
-
-def _timing(
-    stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None, blocks: BlockCount | None
-) -> StageTiming:
-    steps = clock.durations()
-    timing = StageTiming(
-        width=stage.width,
-        height=stage.height,
-        attention=_attention_label(choice, stage),
-        steps=len(steps),
-        seconds=clock.stamps[-1] - clock.started,
-        step_s=clock.warm_step_seconds(),
-        first_step_s=steps[0],
-    )
-    if geo is not None:  # a CLEAR stage
-        timing.density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
-    if blocks is not None:  # --cache: steps differ by design, so the mean warm step, not the median
-        timing.step_s = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None
-        timing.block_evals, timing.blocks_skipped = blocks.evaluated, blocks.skipped
-    return timing
-
-
-def _save(image, record: output.ImageRecord, run: _Run) -> tuple[Path, float]:
-    """Write the PNG; (its absolute path, seconds)."""
-    t0 = time.perf_counter()
-    path = Path(os.path.abspath(output.save_png(image, output.output_path(run.opts.out, record), record)))
-    seconds = time.perf_counter() - t0
-    run.hooks.saved(path, seconds)
-    return path, seconds
-
-
-def _transformer_source(spec: str | None) -> str | None:
-    """--transformer as the PNG records it: a local file's absolute path, a Hub file as given."""
-    if spec is None or not Path(spec).expanduser().is_file():
-        return spec
-    return os.path.abspath(Path(spec).expanduser())
-
-
-def _record(
-    run: _Run, job: Job, stages: list[Stage], timing: RunTiming, started: float
-) -> output.ImageRecord:
-    """What made the image of `stages` (all, or the first few for a kept stage): `--from` re-makes it.
-
-    Its timings end where its own save begins: no save_s, and total_s up to there.
-    """
-    opts, choice = run.opts, run.choice
-    last, clear = stages[-1], any(s.clear for s in stages)
-    several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
-    cache = parse_cache(opts.cache)
-    extra = {
-        "first_steps": opts.first_steps if several else None,
-        "first_guidance": opts.first_guidance if several else None,
-        "ntk_factor": opts.ntk_factor,
-        "proportional_attention": opts.proportional_attention,
-        "max_sequence_length": opts.max_sequence_length,
-        "clear_weights": os.path.abspath(opts.clear_weights) if clear and opts.clear_weights else None,
-        "dtype": next(name for name, d in DTYPES.items() if d == run.pipe.transformer.dtype),
-        "backend": opts.backend,
-        "device": device_name(run.device),
-        "quantize": None if opts.quantize == "none" else opts.quantize,
-        "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
-        "transformer": _transformer_source(opts.transformer),
-        "source": job.source,  # upscale: the picture the first stage started from
-        "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
-        "control": run.control_record,
-        "compile": True if opts.compile else None,
-        "cache": str(cache) if cache.kind != "none" else None,
-    }
-    model = Path(opts.model).expanduser()
-    return output.ImageRecord(
-        prompt=job.prompt,
-        seed=job.seed,
-        model=os.path.abspath(model) if model.is_dir() else opts.model,
-        variant=choice.label if clear else "none",
-        window=choice.window if clear else None,
-        down_factor=choice.down_factor if clear else None,
-        steps=last.steps,
-        guidance=last.guidance,
-        width=last.width,
-        height=last.height,
-        stages=[max(s.width, s.height) for s in stages],
-        strength=opts.strength if any(s.sdedit for s in stages) else None,
-        timings=replace(
-            timing, stages=timing.stages[: len(stages)], save_s=None, total_s=time.perf_counter() - started
-        ).to_json(),
-        extra={k: v for k, v in extra.items() if v is not None},
-    )

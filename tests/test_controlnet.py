@@ -162,11 +162,11 @@ def test_cli_controlnet_runs_every_stage_is_recorded_and_rerun_by_from(
     from PIL import Image
 
     import clear_gen.control as K
-    import clear_gen.pipeline as P
+    import clear_gen.render as R
 
     monkeypatch.setattr(K, "CLEAR_ABOVE", 64)
-    applied, real = [], P.apply_clear
-    monkeypatch.setattr(P, "apply_clear", lambda model, **kw: (applied.append(type(model).__name__),
+    applied, real = [], R.apply_clear
+    monkeypatch.setattr(R, "apply_clear", lambda model, **kw: (applied.append(type(model).__name__),
                                                                real(model, **kw)))  # fmt: skip
     control = [
         "--controlnet",

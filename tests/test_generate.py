@@ -248,12 +248,12 @@ def test_installed_executable(tiny, tmp_path):
 
 
 def test_out_of_gpu_memory_is_one_line(tiny, tmp_path, capsys, monkeypatch):
-    import clear_gen.pipeline as P
+    import clear_gen.render as R
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(P, "_run_stage", oom)
+    monkeypatch.setattr(R, "_run_stage", oom)
     code, _, err = run(["a", *common(tiny, tmp_path), "--window", "2", "--res", "128"], capsys)
     assert code == 1 and "--offload model" in error_line(err)
     assert images(tmp_path) == []

@@ -177,15 +177,15 @@ def _cli(argv: list[str], stem: str) -> int:
 
 def _spy_decodes(log: list):
     """Keep the latents of every VAE decode (this rank's)."""
-    import clear_gen.pipeline as P
+    import clear_gen.render as R
 
-    real = P._decode
+    real = R._decode
 
     def spy(pipe, latents, stage):
         log.append(latents.detach().cpu().clone())
         return real(pipe, latents, stage)
 
-    P._decode = spy
+    R._decode = spy
 
 
 def _rank_main(env: dict, rank: int, cases: list[dict], out: str) -> None:
@@ -283,18 +283,18 @@ def case_args(model: Path, name: str) -> list[str]:
 def one_process(tiny6, tmp_path_factory):
     """name -> the case run in this process, as a reference: (its JSON row, the latents of each decode);
     each run once per module."""
-    import clear_gen.pipeline as P
+    import clear_gen.render as R
 
     done: dict[str, tuple[dict, list]] = {}
 
     def reference(name: str) -> tuple[dict, list]:
         if name not in done:
-            out, decoded, real = tmp_path_factory.mktemp("reference"), [], P._decode
+            out, decoded, real = tmp_path_factory.mktemp("reference"), [], R._decode
             try:
                 _spy_decodes(decoded)
                 code = _cli([*common(tiny6), *case_args(tiny6, name), "--out", f"{out}/"], str(out / "ref"))
             finally:
-                P._decode = real
+                R._decode = real
             assert code == 0, (out / "ref.err").read_text()
             done[name] = json.loads((out / "ref.out").read_text()), decoded
         return done[name]

@@ -186,9 +186,9 @@ def test_progress_lines_in_a_log(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_one_step_run_reports_compilation_apart_and_a_real_speedup(tiny, tmp_path, capsys, monkeypatch):
-    import clear_gen.pipeline as P
+    import clear_gen.render as R
 
-    monkeypatch.setattr(P, "_FIRST_RUNS", set())  # this process has compiled nothing yet
+    monkeypatch.setattr(R, "_FIRST_RUNS", set())  # this process has compiled nothing yet
     args = ["a", *common(tiny, tmp_path), "--backend", "flex", "--window", "2", "--res", "128"]
     started = time.perf_counter()
     code, out, err = run([*args, "--steps", "1", "--json"], capsys)
