@@ -17,7 +17,6 @@ photo itself for tile, blur, low-quality or upscaler models.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -27,7 +26,8 @@ from typing import Any
 
 from .errors import ConfigError, WeightsError
 from .plan import FIRST_PASS_SIDE, GenerateOptions, Stage
-from .registry import ControlNet, load_registry
+from .registry import ControlNet, load_registry, named
+from .source import Source, load_source
 
 CLEAR_ABOVE = FIRST_PASS_SIDE  # px: the ControlNet's blocks get CLEAR in CLEAR stages with a longer side
 CONFIG_FIELDS = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim",
@@ -124,53 +124,45 @@ def _mode(net: ControlNet, given: str | None) -> int | None:
 # ---------------------------------------------------------------- checks before loading
 
 
-def read_control_image(path: Path, note: Callable[[str], None] = lambda text: None) -> Any:
-    """The control picture as an RGB PIL image, read as upscale reads its pictures (EXIF orientation, 16-bit
-    depth maps scaled to 8 bits, alpha flattened: each conversion told to `note`), or one ConfigError."""
-    from .source import load_source
-
+def read_control_image(path: Path, note: Callable[[str], None] = lambda text: None) -> Source:
+    """The control picture, read as upscale reads its pictures (RGB: EXIF orientation, 16-bit depth maps
+    scaled to 8 bits, alpha flattened, each conversion told to `note`; its sha256), or one ConfigError."""
     try:
         source = load_source(path)
     except ConfigError as e:
         raise ConfigError(f"--control {e}") from e
     for text in source.notes:
         note(f"--control {path.name}: {text}")
-    return source.image
+    return source
 
 
-def check_unchanged(spec: ControlSpec, sha256: str | None, note: Callable[[str], None]) -> None:
-    """--from: say so when the control picture is not the one the image was made with."""
-    if sha256 is None or spec.image is None:
-        return
-    now = hashlib.sha256(spec.image.read_bytes()).hexdigest()
-    if now != sha256:
-        note(f"--control {spec.image.name} changed since the image was made (sha256 {sha256[:12]}... then, "
-             f"{now[:12]}... now): the result will differ")  # fmt: skip
+def check_unchanged(picture: Source, sha256: str | None, note: Callable[[str], None]) -> None:
+    """--from: say so when the control picture is not the one the image was made with (`sha256`)."""
+    if sha256 is not None and picture.sha256 != sha256:
+        note(f"--control {picture.path.name} changed since the image was made (sha256 {sha256[:12]}... then, "
+             f"{picture.sha256[:12]}... now): the result will differ")  # fmt: skip
 
 
-def control_record(spec: ControlSpec, image_path: Path | None) -> dict[str, Any]:
-    """What the PNG records of the ControlNet: `--from` runs it again, the sha256 says which picture."""
+def control_record(spec: ControlSpec, picture: Source | None) -> dict[str, Any]:
+    """What the PNG records of the ControlNet: `--from` runs it again, the sha256 says which picture
+    (`picture`: None when upscale's own picture is the control, recorded as the source)."""
     record: dict[str, Any] = {"controlnet": spec.source, "scale": spec.scale}
     if spec.mode_name is not None:
         record["mode"] = spec.mode_name
-    if image_path is not None:
-        digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
-        record |= {"image": str(image_path.resolve()), "sha256": digest}
+    if picture is not None:
+        record |= {"image": str(picture.path.resolve()), "sha256": picture.sha256}
     return record
 
 
 def check_base(spec: ControlSpec, model: str) -> None:
     """A registry ControlNet trained for another registry base than --model's: one error naming both."""
     registry = load_registry()
-    if not spec.net.base:
-        return
-    bases = {**{b.repo: b.name for b in registry.bases.values()}, **{n: n for n in registry.bases}}
-    base = bases.get(model)
-    if base is not None and base != spec.net.base:
+    base = named(registry.bases, model)
+    if spec.net.base and base is not None and base.name != spec.net.base:
         trained = registry.bases[spec.net.base].repo
         raise ConfigError(
-            f"ControlNet {spec.net.name} is for {trained}, not {registry.bases[base].repo}: "
-            f"use --model {spec.net.base} or a ControlNet made for {base}"
+            f"ControlNet {spec.net.name} is for {trained}, not {base.repo}: "
+            f"use --model {spec.net.base} or a ControlNet made for {base.name}"
         )
 
 

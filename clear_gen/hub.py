@@ -26,6 +26,7 @@ from .registry import (
     Registry,
     Variant,
     load_registry,
+    named,
 )
 
 HUB_URL = "https://huggingface.co"
@@ -326,11 +327,9 @@ def resolve_variant_file(
 def base_for(name_or_repo: str, registry: Registry | None = None) -> Base:
     """A registry base by name, or an ad-hoc one for a raw Hub repo id (diffusers folders, revision main)."""
     registry = registry or load_registry()
-    if name_or_repo in registry.bases:
-        return registry.bases[name_or_repo]
-    known = {b.repo: b for b in registry.bases.values()}
-    if name_or_repo in known:
-        return known[name_or_repo]
+    found = named(registry.bases, name_or_repo)
+    if found is not None:
+        return found
     if _REPO_ID.match(name_or_repo):
         return Base(name_or_repo, name_or_repo, "main", False, DIFFUSERS_PATTERNS, "")
     raise WeightsError(
@@ -505,11 +504,9 @@ def controlnet_for(name_or_repo: str, registry: Registry | None = None) -> Contr
     """A registry ControlNet by name or repo, or an ad-hoc one for a raw Hub repo id (modes unknown: its
     config says whether it is a union model; layers 0: unknown until its config is here)."""
     registry = registry or load_registry()
-    if name_or_repo in registry.controlnets:
-        return registry.controlnets[name_or_repo]
-    known = {c.repo: c for c in registry.controlnets.values()}
-    if name_or_repo in known:
-        return known[name_or_repo]
+    found = named(registry.controlnets, name_or_repo)
+    if found is not None:
+        return found
     if _REPO_ID.match(name_or_repo):
         return ControlNet(name_or_repo, name_or_repo, "main", "", (), 1.0, 0, 0, False, "")
     raise ConfigError(

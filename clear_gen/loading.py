@@ -117,24 +117,24 @@ def load_transformer(opts: GenerateOptions, base: Path, dtype: torch.dtype):
                 local_files_only=True,
             )
     quantization = Q.transformer_config(opts.quantize, dtype)
-    if quantization is None:
-        return None
-    with _load_errors(base / "transformer"):
-        return FluxTransformer2DModel.from_pretrained(
-            base, subfolder="transformer", torch_dtype=dtype, quantization_config=quantization
-        )
+    return _quantized(FluxTransformer2DModel, base, "transformer", dtype, quantization)
 
 
 def load_t5(opts: GenerateOptions, base: Path, dtype: torch.dtype):
     """T5 quantized while it loads (--quantize-text), or None: the pipeline loads the base's."""
-    quantization = Q.text_config(opts.quantize_text, dtype)
-    if quantization is None:
-        return None
     from transformers import T5EncoderModel
 
-    with _load_errors(base / "text_encoder_2"):
-        return T5EncoderModel.from_pretrained(
-            base, subfolder="text_encoder_2", torch_dtype=dtype, quantization_config=quantization
+    quantization = Q.text_config(opts.quantize_text, dtype)
+    return _quantized(T5EncoderModel, base, "text_encoder_2", dtype, quantization)
+
+
+def _quantized(kind, base: Path, subfolder: str, dtype: torch.dtype, quantization):
+    """The base's `subfolder` component as `kind`, quantized while it loads; None without a quantization."""
+    if quantization is None:
+        return None
+    with _load_errors(base / subfolder):
+        return kind.from_pretrained(
+            base, subfolder=subfolder, torch_dtype=dtype, quantization_config=quantization
         )
 
 

@@ -424,7 +424,7 @@ def _controlnet(opts: GenerateOptions) -> tuple[tuple[int, int, int] | None, str
 
     spec = parse_control(opts, own_picture=True)
     if spec is None:
-        return None, 0
+        return None, None
     folder = controlnet_folder(spec, cached_only=True)
     if folder is not None:
         config = json.loads((folder / "config.json").read_text())
@@ -444,17 +444,17 @@ def _attention(
     with CLEAR)."""
     shape = cfg.flux_shape
     linear = linear_flops(shape, text_len, stage.tokens)
-    full = attention_flops(shape, (text_len + stage.tokens) ** 2)
+    all_pairs = (text_len + stage.tokens) ** 2  # full attention's
     extra = (0.0, 0.0)
     if net is not None:
         net_shape = replace(shape, double=net[0], single=net[1])
-        pairs = (text_len + stage.tokens) ** 2
+        pairs = all_pairs
         if clear_on_controlnet(stage):
             net_geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, 1)
             pairs = build_block_lists(net_geo).computed_pairs()
         extra = (linear_flops(net_shape, text_len, stage.tokens), attention_flops(net_shape, pairs))
     if not stage.clear:
-        return "full", 1.0, (linear + extra[0], full + extra[1])
+        return "full", 1.0, (linear + extra[0], attention_flops(shape, all_pairs) + extra[1])
     geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
     density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
     label = f"CLEAR r={choice.window}" + (f" f={choice.down_factor}" if choice.down_factor > 1 else "")

@@ -110,8 +110,9 @@ def _check(opts: GenerateOptions, world: parallel.World, device, hooks: Hooks, p
     seeds = image_seeds(opts.seeds, opts.count)
     control = parse_control(opts)
     picture = read_control_image(control.image, hooks.note) if control is not None else None
-    if control is not None:
-        check_unchanged(control, opts.control_sha256, hooks.note)
+    if picture is not None:
+        check_unchanged(picture, opts.control_sha256, hooks.note)
+    info = control_record(control, picture) if control is not None else None
     world = world.decide(len(prompts) * len(seeds))
     if world.writes:
         probe = output.ImageRecord(prompt=prompts[0], seed=seeds[0], model=opts.model, steps=1, guidance=0.0,
@@ -123,7 +124,8 @@ def _check(opts: GenerateOptions, world: parallel.World, device, hooks: Hooks, p
         plan = None
         if choice.note:
             hooks.note(choice.note)
-    jobs = [Job(prompt, seed, stages, control=picture) for prompt in prompts for seed in seeds]
+    image = picture.image if picture is not None else None
+    jobs = [Job(p, seed, stages, control=image, control_info=info) for p in prompts for seed in seeds]
     return jobs, choice, dtype, opts, plan, world
 
 
@@ -172,6 +174,7 @@ def upscale_jobs(
     sources = _read_sources([Path(p) for p in inputs], hooks)
     control = parse_control(opts, own_picture=True)
     picture = read_control_image(control.image, hooks.note) if control is not None and control.image else None
+    control_info = control_record(control, picture) if control is not None else None
     choice = resolve_clear(replace(opts, width=MAX_SIDE, height=MAX_SIDE))  # the variant, if any
     sized = [(src, *target.size(src.size, size_multiple(choice.down_factor))) for src in sources]
     largest = max(sized, key=lambda s: s[1] * s[2])
@@ -186,8 +189,8 @@ def upscale_jobs(
             if text:
                 hooks.note(f"{src.path.name}: {text}")
         info = {"file": src.path.name, "sha256": src.sha256, "width": src.size[0], "height": src.size[1]}
-        own = src.image if control is not None and picture is None else picture  # the ControlNet's picture
-        jobs += [Job(prompt, seed, stages, src.image, info, own) for seed in seeds]
+        own = (picture.image if picture is not None else src.image) if control is not None else None
+        jobs += [Job(prompt, seed, stages, src.image, info, own, control_info) for seed in seeds]
     return jobs, choice
 
 
@@ -369,8 +372,7 @@ def _load(opts, hooks, jobs, mine, choice, device, dtype, plan, world, pipe) -> 
         state_dict = place_clear_weights(state_dict, pipe.transformer, activations)
         load_s += now(device) - t0
     run = Run(pipe, img2img, opts, choice, state_dict, device, hooks, plan, world, shards, (load_s, encode_s))
-    if control is not None:
-        run.control, run.control_record = control, control_record(control, control.image)
+    run.control = control
     return run, embeds
 
 

@@ -106,6 +106,14 @@ class Registry:
         return self.controlnets[name]
 
 
+def named(entries: dict[str, Any], name_or_repo: str) -> Any:
+    """The entry of `entries` (a Registry's bases, variants or controlnets) with this name, else the one
+    with this Hub repo; None when neither."""
+    if name_or_repo in entries:
+        return entries[name_or_repo]
+    return next((e for e in entries.values() if e.repo == name_or_repo), None)
+
+
 # field -> (type, required); bool is checked before int because bool is an int.
 _VARIANT_FIELDS: dict[str, tuple[type, bool]] = {
     "repo": (str, True),

@@ -92,6 +92,7 @@ class Job:
     first: Any = None  # PIL image (upscale); None: the first stage is text-to-image
     source: dict[str, Any] | None = None  # the picture's file, sha256 and size, recorded in the PNG
     control: Any = None  # the ControlNet's picture (PIL), with --controlnet
+    control_info: dict[str, Any] | None = None  # what the PNG records of the ControlNet (control.py)
 
 
 @dataclass
@@ -112,7 +113,6 @@ class Run:
     mark: float = 0.0  # where the next image's wall time begins
     made: int = 0  # images this rank has made
     control: ControlSpec | None = None  # --controlnet (pipe and img2img are then diffusers' ControlNet ones)
-    control_record: dict[str, Any] | None = None  # what the PNGs record of it
 
 
 def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult | None:
@@ -353,7 +353,7 @@ def _record(run: Run, job: Job, stages: list[Stage], timing: RunTiming, started:
         "transformer": _transformer_source(opts.transformer),
         "source": job.source,  # upscale: the picture the first stage started from
         "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
-        "control": run.control_record,
+        "control": job.control_info,
         "compile": True if opts.compile else None,
         "cache": str(cache) if cache.kind != "none" else None,
     }

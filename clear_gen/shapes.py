@@ -206,17 +206,16 @@ def model_shapes(model: str) -> ModelShapes:
     """The shapes of --model: a local folder, a registry base or its repo, a cached Hub snapshot, else
     FLUX.1-dev's (with a note). Never reads weights, never calls the network."""
     from .hub import base_for, cached_base, local_model
-    from .registry import load_registry
+    from .registry import load_registry, named
 
     local = local_model(model)
     if local is not None:
         return folder_shapes(local)
     registry = load_registry()
-    by_repo = {b.repo: name for name, b in registry.bases.items()}
-    name = model if model in registry.bases else by_repo.get(model)
-    if name is not None:
-        base = registry.bases[name]
-        return shipped_shapes("schnell" if "schnell" in name else "dev", f"{base.repo} (shipped shapes)")
+    base = named(registry.bases, model)
+    if base is not None:
+        kind = "schnell" if "schnell" in base.name else "dev"
+        return shipped_shapes(kind, f"{base.repo} (shipped shapes)")
     cached = cached_base(base_for(model, registry))
     if cached is not None:
         return folder_shapes(cached)

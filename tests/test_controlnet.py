@@ -13,24 +13,15 @@ import pytest
 import torch
 from conftest import run_cli, tiny_inputs, tiny_transformer
 from test_attention import ReferenceProcessor, clear_checkpoint, rel_err
+from tiny_pipeline import tiny_controlnet as controlnet_for_config
 
 import clear_gen
 from clear_gen.geometry import choose_tile, tile_order
 
 
 def tiny_controlnet(transformer, union: bool, seed: int = 7):
-    """A FluxControlNetModel from the tiny transformer, its zero-initialised layers made random."""
-    from diffusers import FluxControlNetModel
-
-    config = {**dict(transformer.config), "num_layers": 1, "num_single_layers": 1}
-    config["num_mode"] = 3 if union else None
-    torch.manual_seed(seed)
-    net = FluxControlNetModel.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
-                p.normal_(0, 0.3)
-    return net
+    """A FluxControlNetModel for the tiny transformer, its zero-initialised layers made random."""
+    return controlnet_for_config(dict(transformer.config), union, seed)
 
 
 def reference_processors(model, sd, text_len, h, w, r, f):
@@ -290,7 +281,7 @@ def test_a_16_bit_depth_map_is_scaled_to_8_bits_not_clipped(tmp_path):
     depth = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # near = bright, 16 bits
     Image.fromarray(depth).save(tmp_path / "depth.png")
     notes = []
-    picture = np.asarray(read_control_image(tmp_path / "depth.png", notes.append))
+    picture = np.asarray(read_control_image(tmp_path / "depth.png", notes.append).image)
     assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
     assert picture[0, 0, 0] == 0 and picture[-1, -1, 0] == 255 and len(np.unique(picture)) > 200
     assert notes == ["--control depth.png: 16-bit converted to 8-bit"]

@@ -120,21 +120,29 @@ def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
     return path / "flux"
 
 
-def save_tiny_controlnet(path: Path, model: Path, union: bool, seed: int = 7, **config) -> Path:
-    """Write a FluxControlNetModel for the tiny pipeline in `model` (its transformer's config, 1 double +
-    1 single block, 3 modes if `union`; `config` overrides, e.g. another joint_attention_dim), its
-    zero-initialised layers made random so that the control changes the image."""
+def tiny_controlnet(transformer_config: dict, union: bool, seed: int = 7, **config):
+    """A FluxControlNetModel for a transformer of this config (1 double + 1 single block, 3 modes if
+    `union`; `config` overrides, e.g. another joint_attention_dim), its zero-initialised layers made
+    random so that the control changes the image."""
     from diffusers import FluxControlNetModel
 
-    base = json.loads((model / "transformer" / "config.json").read_text())
-    keep = ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
-            "in_channels", "guidance_embeds", "axes_dims_rope", "patch_size")  # fmt: skip
-    settings = {k: base[k] for k in keep if k in base} | {"num_layers": 1, "num_single_layers": 1}
+    settings = {
+        **transformer_config,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "num_mode": 3 if union else None,
+    }
     torch.manual_seed(seed)
-    net = FluxControlNetModel(**{**settings, "num_mode": 3 if union else None, **config})
+    net = FluxControlNetModel.from_config({**settings, **config}).eval()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
                 p.normal_(0, 0.3)
-    net.save_pretrained(path)
+    return net
+
+
+def save_tiny_controlnet(path: Path, model: Path, union: bool, seed: int = 7, **config) -> Path:
+    """Write tiny_controlnet for the tiny pipeline in `model` (its transformer's config) into `path`."""
+    base = json.loads((model / "transformer" / "config.json").read_text())
+    tiny_controlnet(base, union, seed, **config).save_pretrained(path)
     return path
