@@ -33,7 +33,8 @@ def test_info_reads_a_record_written_before_the_redesign(name, capsys):
 def test_from_remakes_an_image_written_before_the_redesign(name, tiny, tmp_path, capsys):
     old = FIXTURES / f"{name}.png"
     code, out, err = run_cli(
-        ["--from", str(old), "--model", str(tiny), "--out", str(tmp_path), "--device", "cpu", "--json"], capsys
+        ["--from", str(old), "--model", str(tiny), "--out", str(tmp_path), "--device", "cpu", "--json"],
+        capsys,
     )
     assert code == 0, err
     made = json.loads(out.splitlines()[-1])
