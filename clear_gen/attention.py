@@ -131,9 +131,13 @@ def clear_attention(
     return run(query, key, value, geo, scale)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    check_backend(backend)
     if backend == "auto":
         return "flex" if device.type in ("cuda", "cpu") else "dense"
     return backend

@@ -53,7 +53,7 @@ def variant(name: str) -> tuple[int, int]:
 
 def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geometry:
     """Geometry of a res x res image: (res / 16)^2 image tokens, tiled as the transformer tiles them."""
-    from .plan import check_size  # generate's check: range, multiple, and the nearest valid size
+    from .recipe import check_size  # generate's check: range, multiple, and the nearest valid size
 
     check_size(res, res, 16 * down_factor, square_flag="--res")
     side = res // 16

@@ -24,9 +24,9 @@ from . import quantize as Q
 from .device import device_name, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .pipeline import Hooks, generate
-from .plan import GenerateOptions, plan_stages, resolve_clear
+from .plan import parse
 from .random_flux import VAE_CHANNELS, build_pipeline, check_vae_channels, flux_shape
-from .speed import parse_cache
+from .spec import GenerateOptions, OutputSpec, RunSpec
 from .timing import RunTiming, StageTiming, now
 
 IMAGE_KEYS = (
@@ -70,10 +70,9 @@ def run(
     opts = _options(
         res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache, quantize
     )
-    Q.check_names(opts.quantize, "none", None)
-    Q.check_device(opts.quantize, "none", dev)
     opts = replace(opts, dtype=str(dt).removeprefix("torch."))
-    plan_stages(opts, resolve_clear(opts))
+    spec = parse(opts)
+    Q.check_device(opts.quantize, "none", dev)
     shape = flux_shape(heads, head_dim, layers)
     channels = VAE_CHANNELS if vae_channels is None else vae_channels
     check_vae_channels(channels)
@@ -82,10 +81,10 @@ def run(
         f"{shape.heads} x {shape.head_dim} heads, VAE {channels} channels, tiny text encoders")  # fmt: skip
     pipe = build_pipeline(shape, dev, dt, channels)
     build_s = now(dev) - started
-    base = _base(opts, shape, dev, dt, channels)
+    base = _base(spec, shape, dev, dt, channels)
     rows = _Rows(base, dev, emit, say)
     with tempfile.TemporaryDirectory(prefix="clear-gen-bench-") as out:
-        (result,) = generate(replace(opts, out=out), rows.hooks(), pipe=pipe)
+        (result,) = generate(replace(spec, output=OutputSpec(out)), rows.hooks(), pipe=pipe)
     wall = time.perf_counter() - started
     rows.add(_total_row(base, result.timing, build_s, wall, rows.peaks))
     return rows.rows
@@ -119,19 +118,20 @@ def _options(res, dev, window, down_factor, text_len, stages, steps, compare_ful
         device=str(dev),
         compare_full=compare_full,
         compile=bool(compile),
-        cache=str(parse_cache(cache)),
+        cache=cache or "none",
         quantize=quantize or "none",
     )  # fmt: skip  (quantize: applied to the built pipeline by loading.prepared_pipeline)
 
 
-def _base(opts: GenerateOptions, shape, dev, dt, vae_channels: int) -> dict:
+def _base(spec: RunSpec, shape, dev, dt, vae_channels: int) -> dict:
     import diffusers
 
+    opts = spec.asked
     return {
         "what": "image", "window": opts.window, "down_factor": opts.down_factor,
         "layers": shape.layers, "heads": shape.heads, "head_dim": shape.head_dim,
         "dtype": str(dt).removeprefix("torch."), "device": device_name(dev), "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "compile": opts.compile, "cache": opts.cache,
+        "diffusers": diffusers.__version__, "compile": opts.compile, "cache": str(spec.settings.cache),
         "quantize": opts.quantize,
         "vae_channels": vae_channels, "text_encoders": "tiny random", "text_len": opts.max_sequence_length,
     }  # fmt: skip

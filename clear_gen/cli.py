@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import cli_options as options
+from . import launch
 from .errors import ClearGenError, ConfigError, OutputError, ParallelError
 from .output import describe, record_from_image
 from .version import __version__
@@ -248,7 +249,7 @@ def compare(
     from . import compare as C
 
     # 1. Parse and check every variant before anything loads (--dry-run: plan each, load nothing).
-    if _torchrun_rank() is not None:
+    if launch.rank() is not None:
         raise ConfigError("compare runs in one process: launch it without torchrun")
     seeds = [seed] if seed is not None else None
     opts = options.generate_options(recipe, prompts=[prompt], seeds=seeds, out=out, compare_full=False)
@@ -515,7 +516,7 @@ def bench(
             )
         window, down_factor = B.variant(variant)
     sizes = options.ints(res, "--res")
-    writes = not _torchrun_rank()  # under torchrun (step: sequence-parallel), rank 0 writes the files
+    writes = not launch.rank()  # under torchrun (step: sequence-parallel), rank 0 writes the files
     # 2. Run, saving the rows as they land (a killed run keeps what it measured).
     done: dict[int, dict] = {}
 
@@ -627,11 +628,6 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return argv
 
 
-def _torchrun_rank() -> int | None:
-    """This process's rank when torchrun started it, else None."""
-    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
-
-
 @contextmanager
 def _silenced() -> Iterator[None]:
     """Nothing printed on stdout or stderr (torchrun's ranks other than 0: rank 0 speaks for the job)."""
@@ -647,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("torchao", "torch.utils._pytree"):  # torchao's import: CUDA extensions, torch deprecations
         logging.getLogger(name).setLevel(logging.ERROR)
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
-    quiet = bool(_torchrun_rank())  # torchrun's ranks 1..: they print only a failure of their own
+    quiet = bool(launch.rank())  # torchrun's ranks 1..: they print only a failure of their own
     try:
         # Standalone: Typer prints help and usage errors itself (exit 2); our errors come through.
         with _silenced() if quiet else nullcontext():

@@ -14,7 +14,7 @@ import typer
 
 from .errors import ConfigError
 from .output import record_from_image
-from .plan import GenerateOptions
+from .spec import GenerateOptions
 
 
 def ints(text: str | None, name: str, what: str = "pixel sizes, e.g. 1024,2048,4096") -> list[int] | None:
@@ -279,7 +279,9 @@ def with_options(*groups: Callable) -> Callable:
 def generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:
     """GenerateOptions from the recipe options and a command's own: explicit flags win over --from,
     which wins over the defaults."""
-    from .plan import GenerateOptions, options_from_record
+    from dataclasses import replace
+
+    from .records import options_from_record
 
     recipe = dict(recipe)
     recipe.pop("dry_run", None)  # the command's, not the run's
@@ -307,11 +309,11 @@ def generate_options(recipe: dict[str, Any], from_image: Path | None = None, **o
         opts = GenerateOptions(**{"prompts": [], **given})  # GenerateOptions holds the defaults
     target = max(opts.width, opts.height)
     if direct:
-        opts.stages = [target]
-    elif upscale_from is not None:
-        opts.stages = [upscale_from, target]
-    elif long_sides:
-        opts.stages = long_sides
+        return replace(opts, stages=[target])
+    if upscale_from is not None:
+        return replace(opts, stages=[upscale_from, target])
+    if long_sides:
         if w is None and from_image is None:  # no size given: the last stage is the target
-            opts.width = opts.height = long_sides[-1]
+            return replace(opts, stages=long_sides, width=long_sides[-1], height=long_sides[-1])
+        return replace(opts, stages=long_sides)
     return opts

@@ -3,9 +3,10 @@
 `run(prepare(GenerateOptions(...), ["none", "r8-down4"]))` is what `clear-gen compare` calls. The
 reference is `none` (full attention) when it is listed, else the first variant; every image gets PSNR
 and SSIM to it (scikit-image), and LPIPS when the `lpips` package and its AlexNet weights are already
-on this machine (never downloaded). Each variant is one `pipeline.generate` call, so the pipeline is
-loaded once per variant: generate owns loading, the CLEAR weights' placement and the text encoders'
-moves, and a second path through them only for compare would drift from the first.
+on this machine (never downloaded). Each variant is one `pipeline.generate` call on its own parsed spec,
+all of them through one `LoadedPipelines`, so the pipeline is loaded once: generate owns loading, the
+CLEAR weights' placement and the text encoders' moves, and a second path through them only for compare
+would drift from the first.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from PIL import Image, ImageDraw, ImageFont
 from . import output
 from .errors import ConfigError, OutputError
 from .flops import FluxShape, step_flops
-from .geometry import build_block_lists, image_geometry
+from .geometry import build_block_lists
 from .hub import resolve_base
 from .loading import clear_weights_file
 from .memory import RunPlan, plan_run
-from .pipeline import Hooks, ImageResult, generate, reuse_loaded
-from .plan import ClearChoice, GenerateOptions, plan_stages, resolve_clear, text_tokens
+from .pipeline import Hooks, ImageResult, LoadedPipelines, generate
+from .plan import parse
 from .registry import Registry, load_registry
+from .spec import ClearChoice, GenerateOptions, OutputSpec, RunSpec
 
 GRID_PANEL_SIDE = 2048  # grid panels are scaled down to this long side; the variants' PNGs keep full size
 LPIPS_SIDE = 1024  # LPIPS runs on images scaled down to this long side
@@ -38,10 +40,16 @@ ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet weights, the 
 
 
 @dataclass(frozen=True)
-class Variant:
+class CompareVariant:
+    """One variant of a comparison: its name as given and the run it makes."""
+
     name: str  # as given: a registry name, "none" or a published checkpoint file
-    choice: ClearChoice
+    spec: RunSpec  # its run, parsed
     tag: str  # its part of the PNG's file name
+
+    @property
+    def choice(self) -> ClearChoice:
+        return self.spec.attention
 
     @property
     def short(self) -> str:
@@ -51,8 +59,8 @@ class Variant:
 
 @dataclass
 class ComparePlan:
-    opts: GenerateOptions  # one prompt, one seed; `variant` is set per run
-    variants: list[Variant]
+    opts: GenerateOptions  # one prompt, one seed, as asked (each variant's spec sets its attention)
+    variants: list[CompareVariant]
     reference: int  # index into variants
     out_dir: Path
 
@@ -65,7 +73,7 @@ class ComparePlan:
 class Row:
     """One variant's image, its timing and its similarity to the reference."""
 
-    variant: Variant
+    variant: CompareVariant
     image: ImageResult
     reference: bool = False
     identical: bool = False
@@ -150,7 +158,9 @@ def prepare(opts: GenerateOptions, variants: Sequence[str] | None = None) -> Com
     return plan
 
 
-def _parse(opts: GenerateOptions, variants: Sequence[str] | None) -> tuple[GenerateOptions, list[Variant]]:
+def _parse(
+    opts: GenerateOptions, variants: Sequence[str] | None
+) -> tuple[GenerateOptions, list[CompareVariant]]:
     """One prompt and one seed (picked now when not given), and the variants resolved (a size a -down4
     variant refuses fails now)."""
     prompts = [p.strip() for p in opts.prompts]
@@ -170,10 +180,10 @@ def memory_plans(opts: GenerateOptions, variants: Sequence[str] | None = None) -
     """`compare --dry-run`: each variant's memory and time plan (memory.plan_run); loads and fetches
     nothing."""
     opts, parsed = _parse(opts, variants)
-    return [(v.name, plan_run(replace(opts, variant=v.name))) for v in parsed]
+    return [(v.name, plan_run(v.spec)) for v in parsed]
 
 
-def _variants(opts: GenerateOptions, names: list[str], registry: Registry) -> list[Variant]:
+def _variants(opts: GenerateOptions, names: list[str], registry: Registry) -> list[CompareVariant]:
     """Each name resolved as --variant resolves it, and its stages planned; repeats and singles refused."""
     example = f"none,{registry.default_variant}"
     if not all(names):
@@ -196,11 +206,9 @@ def _variants(opts: GenerateOptions, names: list[str], registry: Registry) -> li
         if key in seen:
             raise ConfigError(f"--variants lists {seen[key]} twice; each variant runs once")
         seen[key] = name
-        vopts = replace(opts, variant=name)
-        choice = resolve_clear(vopts)
-        plan_stages(vopts, choice)
-        tag = output.slugify(path.stem if choice.weights is not None else name)
-        parsed.append(Variant(name, choice, tag))
+        spec = parse(replace(opts, variant=name))
+        tag = output.slugify(path.stem if spec.attention.weights is not None else name)
+        parsed.append(CompareVariant(name, spec, tag))
     return parsed
 
 
@@ -215,7 +223,7 @@ def _out_dir(opts: GenerateOptions) -> Path:
         prompt=opts.prompts[0], seed=opts.seeds[0], model=opts.model, steps=1, guidance=0.0,
         width=opts.width, height=opts.height,
     )  # fmt: skip
-    output.release(output.output_path(f"{directory}/", probe))
+    output.output_path(f"{directory}/", probe)
     return directory
 
 
@@ -240,7 +248,7 @@ def full_attention_cost(plan: ComparePlan) -> FullCost | None:
     if not clear or all(v.name != "none" for v in plan.variants):
         return None
     v, (w, h) = clear[0], (plan.opts.width, plan.opts.height)
-    geo = image_geometry(text_tokens(plan.opts), h // 16, w // 16, v.choice.window, v.choice.down_factor)
+    geo = v.choice.geometry(w, h, v.spec.text_len)
     flops = step_flops(FluxShape(), geo, build_block_lists(geo).computed_pairs())
     linear = flops["linear"]
     return FullCost(w, h, v.short, linear + flops["attn_full"], linear + flops["attn_computed"])
@@ -252,15 +260,15 @@ def full_attention_cost(plan: ComparePlan) -> FullCost | None:
 def run(
     plan: ComparePlan,
     hooks: Hooks | None = None,
-    on_variant: Callable[[int, Variant], None] = lambda i, v: None,
+    on_variant: Callable[[int, CompareVariant], None] = lambda i, v: None,
 ) -> Comparison:
     """Generate each variant's image, score it against the reference and save the grid."""
     # 1. One image per variant: same prompt, seed and recipe.
     rows = []
-    with reuse_loaded():  # one load for every variant
-        for i, v in enumerate(plan.variants):
-            on_variant(i, v)
-            rows.append(_generate(plan, v, hooks))
+    pipelines = LoadedPipelines()  # one load for every variant
+    for i, v in enumerate(plan.variants):
+        on_variant(i, v)
+        rows.append(_generate(plan, v, hooks, pipelines))
     rows[plan.reference].reference = True
     # 2. Similarity to the reference.
     pixels = [_pixels(row.image.path) for row in rows]
@@ -273,10 +281,11 @@ def run(
     return Comparison(plan, rows, save_grid(plan, rows, pixels), note)
 
 
-def _generate(plan: ComparePlan, v: Variant, hooks: Hooks | None) -> Row:
+def _generate(plan: ComparePlan, v: CompareVariant, hooks: Hooks | None, pipelines: LoadedPipelines) -> Row:
     opts = plan.opts
     name = f"{output.slugify(opts.prompts[0])}-{plan.seed}-{opts.width}x{opts.height}-{v.tag}.png"
-    [image] = generate(replace(opts, variant=v.name, out=str(plan.out_dir / name)), hooks)
+    spec = replace(v.spec, output=OutputSpec(str(plan.out_dir / name)))
+    [image] = generate(spec, hooks, pipelines=pipelines)
     return Row(v, image)
 
 

@@ -20,41 +20,26 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, WeightsError
-from .plan import FIRST_PASS_SIDE, GenerateOptions, Stage
 from .registry import ControlNet, load_registry, named
 from .source import Source, load_source
+from .spec import ControlSpec, GenerateOptions, Stage
 
-CLEAR_ABOVE = FIRST_PASS_SIDE  # px: the ControlNet's blocks get CLEAR in CLEAR stages with a longer side
+CLEAR_ABOVE = 1024  # px: the ControlNet's blocks get CLEAR in CLEAR stages with a longer side
 CONFIG_FIELDS = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim",
                  "in_channels")  # fmt: skip  # what a ControlNet shares with the transformer it feeds
 
 
-@dataclass(frozen=True)
-class ControlSpec:
-    """What a run's ControlNet is: its weights, the control picture, the mode and the scale."""
-
-    net: ControlNet  # a registry entry, or an ad-hoc one for a Hub repo or a local folder
-    folder: Path | None  # a local diffusers folder; None: from the Hub (net.repo)
-    image: Path | None  # the control picture; None: upscale's own picture
-    mode: int | None  # a union model's mode id
-    mode_name: str | None  # the mode as given (a registry name, or the id as text)
-    scale: float
-
-    @property
-    def source(self) -> str:
-        """As `--controlnet` takes it and the PNG records it: a registry name, a repo id, a folder."""
-        return str(self.folder) if self.folder is not None else self.net.name
-
-
-def parse_control(opts: GenerateOptions, own_picture: bool = False) -> ControlSpec | None:
+def parse_control(
+    opts: GenerateOptions, own_picture: bool = False, note: Callable[[str], None] = lambda text: None
+) -> ControlSpec | None:
     """The run's ControlNet from --control, --controlnet, --control-mode and --control-scale, checked as far
-    as the arguments allow (the control picture is read by check_control). `own_picture`: upscale, where the
-    picture being upscaled is the control picture unless --control names another."""
+    as the arguments allow, its control picture read (once: its sha256 is what the PNG records and what
+    `--from` compares against). `own_picture`: upscale, where the picture being upscaled is the control
+    picture unless --control names another."""
     given = {
         "--control": opts.control,
         "--control-mode": opts.control_mode,
@@ -85,7 +70,10 @@ def parse_control(opts: GenerateOptions, own_picture: bool = False) -> ControlSp
     scale = net.scale if opts.control_scale is None else opts.control_scale
     if not (math.isfinite(scale) and scale >= 0):
         raise ConfigError(f"--control-scale must be a number >= 0, got {opts.control_scale}")
-    return ControlSpec(net, folder, image, mode, opts.control_mode, scale)
+    picture = read_control_image(image, note) if image is not None else None
+    if picture is not None:
+        check_unchanged(picture, opts.control_sha256, note)
+    return ControlSpec(net, folder, image, mode, opts.control_mode, scale, picture)
 
 
 def _local_folder(spec: str) -> Path | None:
@@ -143,12 +131,13 @@ def check_unchanged(picture: Source, sha256: str | None, note: Callable[[str], N
              f"{picture.sha256[:12]}... now): the result will differ")  # fmt: skip
 
 
-def control_record(spec: ControlSpec, picture: Source | None) -> dict[str, Any]:
+def control_record(spec: ControlSpec) -> dict[str, Any]:
     """What the PNG records of the ControlNet: `--from` runs it again, the sha256 says which picture
-    (`picture`: None when upscale's own picture is the control, recorded as the source)."""
+    (none when upscale's own picture is the control, recorded as the source)."""
     record: dict[str, Any] = {"controlnet": spec.source, "scale": spec.scale}
     if spec.mode_name is not None:
         record["mode"] = spec.mode_name
+    picture = spec.picture
     if picture is not None:
         record |= {"image": str(picture.path.resolve()), "sha256": picture.sha256}
     return record

@@ -27,14 +27,23 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def check_dtype(dtype: str | None) -> None:
+    """A --dtype name: bf16, fp16 or fp32 (or torch's names: bfloat16, ...); None is the device's default."""
+    if dtype is not None and ALIASES.get(dtype, dtype) not in DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """bf16 on CUDA and fp32 elsewhere by default; also takes torch's names (bfloat16, ...)."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = ALIASES.get(dtype, dtype)
-    if name not in DTYPES:
-        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    check_dtype(dtype)
+    return DTYPES[ALIASES.get(dtype, dtype)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16', as --dtype and the PNG record name it."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def device_name(device: torch.device) -> str:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .memory import HEADROOM, RunPlan
 from .pipeline import Hooks, ImageResult
-from .plan import Stage
+from .spec import Stage
 from .timing import RunTiming, StageTiming
 
 PHASES = {

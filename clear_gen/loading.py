@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from . import quantize as Q
-from .control import ControlSpec, controlnet_pipeline, load_controlnet
+from .control import controlnet_pipeline, load_controlnet
 from .errors import WeightsError
-from .lora import load_loras, parse_loras
+from .lora import load_loras
 from .memory import HEADROOM
-from .plan import ClearChoice, GenerateOptions
 from .positions import use_exact_positions
+from .spec import ClearChoice, WeightsSpec
 
 
 def clear_weights_file(choice: ClearChoice, token: str | None) -> Path | None:
@@ -55,21 +55,21 @@ def _quiet_loading() -> Iterator[None]:
         transformers.logging.enable_progress_bar()
 
 
-def load_pipeline(
-    opts: GenerateOptions, device: torch.device, dtype: torch.dtype, control: ControlSpec | None = None
-):
-    """FluxPipeline from a registry base, Hub repo or local directory, placed per --offload; its transformer
-    from a GGUF file or quantized on load (--quantize), T5 quantized on load (--quantize-text). With
-    `control`: FluxControlNetPipeline with the same modules and the ControlNet (in the compute dtype)."""
+def load_pipeline(weights: WeightsSpec, offload: str, device: torch.device, dtype: torch.dtype):
+    """FluxPipeline from a registry base, Hub repo or local directory, placed per the decided `offload`
+    (none, model or sequential); its transformer from a GGUF file or quantized on load (--quantize), T5
+    quantized on load (--quantize-text), its LoRAs. With a ControlNet: FluxControlNetPipeline with the same
+    modules and the ControlNet (in the compute dtype)."""
     from .hub import resolve_base
 
-    path = resolve_base(opts.model, opts.token, transformer_weights=opts.transformer is None)
+    path = resolve_base(weights.model, weights.token, transformer_weights=weights.transformer is None)
+    control = weights.controlnet
     with _quiet_loading():
         from diffusers import FluxPipeline
 
         parts = {
-            "transformer": load_transformer(opts, path, dtype),
-            "text_encoder_2": load_t5(opts, path, dtype),
+            "transformer": load_transformer(weights, path, dtype),
+            "text_encoder_2": load_t5(weights, path, dtype),
         }
         try:
             pipe = FluxPipeline.from_pretrained(
@@ -80,12 +80,12 @@ def load_pipeline(
                 f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
                 f"fetch one with `clear-gen download --base dev`"
             ) from e
-        load_loras(pipe, parse_loras(opts.loras or [], opts.lora_files or []), opts.token)  # before offload
+        load_loras(pipe, weights.loras, weights.token)  # before offload
         if control is not None:  # before offload too: model offload then moves it with the transformer
-            pipe = controlnet_pipeline(pipe, load_controlnet(control, pipe.transformer, dtype, opts.token))
-        if opts.offload in ("none", "auto"):  # auto unresolved (no memory plan: distill, library use): none
+            pipe = controlnet_pipeline(pipe, load_controlnet(control, pipe.transformer, dtype, weights.token))
+        if offload == "none":
             pipe.to(device)
-        elif opts.offload == "model":
+        elif offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.enable_sequential_cpu_offload(device=device)
@@ -96,15 +96,15 @@ def load_pipeline(
     return pipe
 
 
-def load_transformer(opts: GenerateOptions, base: Path, dtype: torch.dtype):
+def load_transformer(weights: WeightsSpec, base: Path, dtype: torch.dtype):
     """The transformer when it is not the base's as stored: a GGUF file (checked against the base's config
     first), or the base's quantized while it loads (--quantize). None: the pipeline loads the base's."""
     from diffusers import FluxTransformer2DModel
 
     from .hub import resolve_transformer_file
 
-    if opts.transformer is not None:
-        file = resolve_transformer_file(opts.transformer, opts.token)
+    if weights.transformer is not None:
+        file = resolve_transformer_file(weights.transformer, weights.token)
         config = FluxTransformer2DModel.load_config(base, subfolder="transformer")
         Q.check_gguf_transformer(file, config)
         with _load_errors(file):
@@ -116,15 +116,15 @@ def load_transformer(opts: GenerateOptions, base: Path, dtype: torch.dtype):
                 torch_dtype=dtype,
                 local_files_only=True,
             )
-    quantization = Q.transformer_config(opts.quantize, dtype)
+    quantization = Q.transformer_config(weights.quantize, dtype)
     return _quantized(FluxTransformer2DModel, base, "transformer", dtype, quantization)
 
 
-def load_t5(opts: GenerateOptions, base: Path, dtype: torch.dtype):
+def load_t5(weights: WeightsSpec, base: Path, dtype: torch.dtype):
     """T5 quantized while it loads (--quantize-text), or None: the pipeline loads the base's."""
     from transformers import T5EncoderModel
 
-    quantization = Q.text_config(opts.quantize_text, dtype)
+    quantization = Q.text_config(weights.quantize_text, dtype)
     return _quantized(T5EncoderModel, base, "text_encoder_2", dtype, quantization)
 
 
@@ -138,7 +138,7 @@ def _quantized(kind, base: Path, subfolder: str, dtype: torch.dtype, quantizatio
         )
 
 
-def check_transformer_file(opts: GenerateOptions) -> None:
+def check_transformer_file(weights: WeightsSpec) -> None:
     """Before anything loads: a GGUF --transformer already on disk (a local file, or cached) is a whole FLUX.1
     transformer, and the base's when the base's config is on disk too. Else it is checked once fetched."""
     import json
@@ -152,13 +152,13 @@ def check_transformer_file(opts: GenerateOptions) -> None:
         without_transformer_weights,
     )
 
-    if opts.transformer is None:
+    if weights.transformer is None:
         return
-    source = transformer_source(opts.transformer)
+    source = transformer_source(weights.transformer)
     file = source if isinstance(source, Path) else cached_file(*source)
     if file is None:
         return
-    base = local_model(opts.model) or cached_base(without_transformer_weights(base_for(opts.model)))
+    base = local_model(weights.model) or cached_base(without_transformer_weights(base_for(weights.model)))
     config = base / "transformer" / "config.json" if base is not None else None
     if config is None or not config.is_file():
         Q.check_gguf_file(file)
@@ -226,14 +226,14 @@ def img2img_pipeline(pipe):
     return img2img
 
 
-def prepared_pipeline(pipe, opts: GenerateOptions):
+def prepared_pipeline(pipe, quantize: str):
     """A pipeline built elsewhere, already on its device (`bench --what image`: random weights), made
     ready as load_pipeline leaves one: no progress bars, exact RoPE positions.
 
     --quantize applies here too (quantize.quantize_built: the same torchao config as load_pipeline's),
     so that a benchmark on random weights measures the same quantized transformer as a run on real ones.
     """
-    Q.quantize_built(pipe.transformer, opts.quantize)
+    Q.quantize_built(pipe.transformer, quantize)
     pipe.set_progress_bar_config(disable=True)
     use_exact_positions(pipe.transformer)
     return pipe

@@ -15,34 +15,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, WeightsError
+from .spec import LoraSpec
 
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo
 _REPO_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.safetensors)$")  # owner/repo/file
 _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "alpha")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA: a local file, or a file in a Hub repo, and the scale its low-rank term is multiplied by."""
-
-    source: str  # an absolute local path, or a Hub repo id
-    file: str | None  # the file in the repo; None for a local file
-    scale: float = 1.0
-
-    @property
-    def spec(self) -> str:
-        """As `--lora` takes it and the PNG records it: PATH:SCALE or owner/repo/file:SCALE."""
-        where = self.source if self.file is None else f"{self.source}/{self.file}"
-        return f"{where}:{self.scale:g}"
-
-    @property
-    def name(self) -> str:
-        return Path(self.file or self.source).stem
 
 
 def parse_loras(loras: Sequence[str], files: Sequence[str] = ()) -> list[LoraSpec]:

@@ -61,12 +61,13 @@ import torch
 
 from . import gpus
 from .attention import ROPE_CHUNK_TOKENS
-from .control import clear_on_controlnet, controlnet_folder, parse_control
-from .device import DTYPES, resolve_device, resolve_dtype
-from .errors import ConfigError, DeviceError
+from .control import clear_on_controlnet, controlnet_folder
+from .device import dtype_name, resolve_device, resolve_dtype
+from .errors import DeviceError
 from .flops import attention_flops, linear_flops
-from .geometry import build_block_lists, image_geometry, needed_pairs
-from .plan import ClearChoice, GenerateOptions, Stage, plan_stages, resolve_clear, size_multiple, text_tokens
+from .geometry import build_block_lists, needed_pairs
+from .quantize import MODES, Target
+from .recipe import scaled_size, size_multiple
 from .shapes import (
     ModelShapes,
     Params,
@@ -77,21 +78,12 @@ from .shapes import (
     model_shapes,
     transformer_params,
 )
+from .spec import ClearChoice, GenerateOptions, RunSpec, Stage
 
 GB = 1e9
 HEADROOM = 0.10  # a plan fits when its peak plus this share is free
 DEFAULT_GPU_GB = 24.0  # what a plan assumes without a GPU (and without --gpu-memory)
 FF_CHUNK_TOKENS = 4096  # tokens per feed-forward slice when chunking
-OFFLOADS = ("auto", "none", "model", "sequential")
-# Bytes per Linear weight and per output row (its scale) of each --quantize mode; none: the dtype's.
-QUANT_BYTES: dict[str, tuple[float, int]] = {
-    "fp8": (1.0, 4),  # torchao Float8WeightOnlyConfig: float8 e4m3 weights, a float32 scale per row
-    "fp8dq": (1.0, 4),  # torchao Float8DynamicActivationFloat8WeightConfig: the same storage
-    "int8": (1.0, 4),  # torchao Int8WeightOnlyConfig: int8 weights, a scale per row
-    "nf4": (0.5 + 4 / 64, 0),  # bitsandbytes NF4: 4 bits a weight, a float32 absmax per 64 weights
-}
-QUANTIZE_MODES = ("none", *QUANT_BYTES)
-TEXT_QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")
 GGUF_BYTES = {  # bytes per weight of GGUF block types (block bytes / block weights)
     "Q8_0": 34 / 32, "Q6_K": 210 / 256, "Q5_K": 176 / 256, "Q5_1": 24 / 32, "Q5_0": 22 / 32,
     "Q4_K": 144 / 256, "Q4_1": 20 / 32, "Q4_0": 18 / 32, "Q3_K": 110 / 256, "Q2_K": 84 / 256,
@@ -113,7 +105,7 @@ def weight_bytes(params: Params, mode: str, e: int) -> int:
     Quantized layers also dequantize one weight at a time: the largest Linear at e bytes is added."""
     if mode == "none":
         return params.total * e
-    per_weight, per_row = QUANT_BYTES[mode]
+    per_weight, per_row = MODES[mode].bytes_per_weight, MODES[mode].bytes_per_row
     return math.ceil(params.linear * per_weight) + params.rows * per_row + (params.other + params.largest) * e
 
 
@@ -249,59 +241,24 @@ class RunPlan:
         return {**data, "time_s": self.time_s, "estimate": True, "stages": [vars(s) for s in self.stages]}
 
 
-def check_plan_options(opts: GenerateOptions) -> None:
-    """Known --quantize, --quantize-text and --offload names, a positive --gpu-memory."""
-    for flag, value, modes in (
-        ("--quantize", opts.quantize, QUANTIZE_MODES),
-        ("--quantize-text", opts.quantize_text, TEXT_QUANTIZE_MODES),
-    ):
-        if value not in modes:
-            raise ConfigError(f"unknown {flag} {value!r}; choose one of {', '.join(modes)}")
-    if opts.offload not in OFFLOADS:
-        raise ConfigError(f"unknown --offload {opts.offload!r}; choose {', '.join(OFFLOADS)}")
-    if opts.gpu_memory is not None and not opts.gpu_memory > 0:
-        raise ConfigError(f"--gpu-memory must be a positive number of GB, got {opts.gpu_memory}")
+def device_problems(spec: RunSpec, gpu: gpus.Gpu | None, cuda_here: bool, offload: str) -> list[str]:
+    """What a real run would refuse on this device (quantize.device_problems): a CPU run's, or the GPU's
+    a plan describes (this machine's, or one a dry run assumes)."""
+    from .quantize import device_problems as problems
 
-
-def device_problems(opts: GenerateOptions, gpu: gpus.Gpu | None, cuda_here: bool) -> list[str]:
-    """What a real run would refuse on this device: fp8 matmuls on an older card, nf4 without CUDA.
-
-    A run on the CPU gets quantize.device_problems' answer (the one a real run raises); a GPU, detected
-    or assumed for a dry run, is judged by the card the plan describes."""
-    import importlib.util
-
-    from .quantize import device_problems as on_device
-
-    gguf = opts.transformer is not None and str(opts.transformer).endswith(".gguf")
+    w = spec.weights
     if gpu is None:
-        return on_device(opts.quantize, opts.quantize_text, torch.device("cpu"), opts.offload, gguf=gguf)
-    problems = []
-    modes = {("--quantize", opts.quantize), ("--quantize-text", opts.quantize_text)}
-    if ("--quantize", "fp8dq") in modes:
-        if gpu is None:
-            problems.append("--quantize fp8dq needs a CUDA GPU with fp8 matmuls; on a CPU use fp8 or int8")
-        elif gpu.capability is not None and gpu.capability < gpus.FP8_CAPABILITY:
-            cc = ".".join(map(str, gpu.capability))
-            problems.append(
-                f"--quantize fp8dq needs fp8 matmuls (compute capability 8.9+), {gpu.name} has {cc}; "
-                "use --quantize fp8 or int8"
-            )
-    for flag, mode in sorted(modes):
-        if mode != "nf4":
-            continue
-        if gpu is None or not cuda_here:
-            where = "this run is on the CPU" if gpu is None else "this machine has none"
-            problems.append(f"{flag} nf4 needs a CUDA GPU ({where}); on a CPU use int8 or fp8")
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(f"{flag} nf4 needs bitsandbytes: pip install bitsandbytes")
-    return problems
+        target = Target("cpu", False, None, cuda_here)
+    else:
+        target = Target(gpu.name, True, gpu.capability, cuda_here)
+    return problems(w.quantize, w.quantize_text, target, offload, gguf=w.gguf)
 
 
 @dataclass(frozen=True)
 class _Run:
     """What every candidate plan of one run shares."""
 
-    opts: GenerateOptions
+    spec: RunSpec
     shapes: ModelShapes
     stages: list[Stage]
     labels: list[str]  # attention per stage
@@ -312,7 +269,7 @@ class _Run:
     multiple: int  # pixels each side is a multiple of
     down_factor: int  # CLEAR's
     clear_bytes: int  # CLEAR's replaced projections at e; 0 without a checkpoint
-    vae_tile: int | None  # None: VAE tiling off
+    vae_tile: int  # px: the VAE's tile side, in stages the recipe tiles
     controlnet: Params | None = None  # --controlnet's parameters
     controlnet_blocks: int = 0  # its blocks: one residual of N x C each
     controlnet_note: str | None = None  # an assumption about it
@@ -326,73 +283,80 @@ class _Run:
 
 
 def plan_run(
-    opts: GenerateOptions,
+    spec: RunSpec | GenerateOptions,
     assume_gpu: bool = True,
     gpu: gpus.Gpu | None = None,
     stages: list[Stage] | None = None,
 ) -> RunPlan:
-    """The memory and time plan of `opts` on this machine's GPU, or, when there is none and `assume_gpu`
-    (a dry run), on a `--gpu-memory` GB one (default 24): loads no weights, calls no network.
+    """The memory and time plan of a run on this machine's GPU, or, when there is none and `assume_gpu`
+    (a dry run), on a `--gpu-memory` GB one (default 24): loads no weights, calls no network. Given
+    GenerateOptions (`--dry-run`, a library call), it parses them first (plan.parse).
 
     `assume_gpu=False` plans the run as `generate` makes it: on the CPU when --device auto finds no GPU.
     `gpu`: plan for this GPU (e.g. `gpus.assumed_gpu(24, torch.bfloat16)`) whatever this machine has.
-    `stages`: the stages that run, when not generate's for opts (an upscale's SDEdit stages).
+    `stages`: the stages that run, when not generate's (an upscale's SDEdit stages).
     """
+    if isinstance(spec, GenerateOptions):
+        from .plan import parse
+
+        spec = parse(spec)
     # 1. What runs: stages, attention, the device and dtype, the model's shapes.
-    check_plan_options(opts)
-    choice = resolve_clear(opts)
-    stages = stages or plan_stages(opts, choice)
+    settings = spec.settings
+    stages = stages or list(spec.stages)
     cuda_here, problems = torch.cuda.is_available(), []
     try:
-        device = resolve_device(opts.device)  # auto: CUDA when there is one
+        device = resolve_device(settings.device)  # auto: CUDA when there is one
     except DeviceError as e:  # --device cuda without one: a dry run plans for a GPU all the same
         if not assume_gpu:
             raise
         device, problems = torch.device("cuda"), [str(e)]
-    on_gpu = device.type == "cuda" or (opts.device == "auto" and assume_gpu)
-    dtype = resolve_dtype(opts.dtype, torch.device("cuda") if on_gpu else device)
+    on_gpu = device.type == "cuda" or (settings.device == "auto" and assume_gpu)
+    dtype = resolve_dtype(settings.dtype, torch.device("cuda") if on_gpu else device)
     if gpu is None and on_gpu:
-        gpu = _target_gpu(opts, device, dtype, cuda_here)
-    run = _prepare(opts, choice, stages, dtype)
+        gpu = _target_gpu(settings.gpu_memory, device, dtype, cuda_here)
+    run = _prepare(spec, stages, dtype)
     # 2. Offload and chunking: the first candidate that fits (only the asked offload unless auto).
     plan = _decide(run, gpu)
-    plan.problems = problems + device_problems(opts, gpu, cuda_here)
-    plan.notes += [n for n in (run.shapes.note, choice.note, run.controlnet_note, run.lora_note) if n]
+    plan.problems = problems + device_problems(spec, gpu, cuda_here, plan.offload)
+    notes = (run.shapes.note, spec.attention.note, run.controlnet_note, run.lora_note)
+    plan.notes += [n for n in notes if n]
     return plan
 
 
-def _target_gpu(opts: GenerateOptions, device: torch.device, dtype: torch.dtype, cuda_here: bool) -> gpus.Gpu:
+def _target_gpu(
+    gpu_memory: float | None, device: torch.device, dtype: torch.dtype, cuda_here: bool
+) -> gpus.Gpu:
     """This machine's GPU (its free memory, or --gpu-memory), else an assumed card of --gpu-memory GB."""
     if not cuda_here:
-        return gpus.assumed_gpu(opts.gpu_memory or DEFAULT_GPU_GB, dtype)
+        return gpus.assumed_gpu(gpu_memory or DEFAULT_GPU_GB, dtype)
     gpu = gpus.detected_gpu(device, dtype)
-    if opts.gpu_memory is not None:
-        gpu = replace(gpu, free_bytes=int(opts.gpu_memory * GB))
+    if gpu_memory is not None:
+        gpu = replace(gpu, free_bytes=int(gpu_memory * GB))
     return gpu
 
 
-def _prepare(opts: GenerateOptions, choice: ClearChoice, stages: list[Stage], dtype: torch.dtype) -> _Run:
+def _prepare(spec: RunSpec, stages: list[Stage], dtype: torch.dtype) -> _Run:
     """Everything the candidates share: the model's shapes, each stage's attention and FLOPs."""
-    shapes = model_shapes(opts.model)
-    text_len = text_tokens(opts)
-    net, net_note = _controlnet(opts)
-    lora_elements, lora_note = _loras(opts)
-    attention = [_attention(choice, text_len, s, shapes.transformer, net) for s in stages]
+    choice = spec.attention
+    shapes = model_shapes(spec.weights.model)
+    net, net_note = _controlnet(spec)
+    lora_elements, lora_note = _loras(spec)
+    attention = [_attention(choice, spec.text_len, s, shapes.transformer, net) for s in stages]
     e = torch.empty(0, dtype=dtype).element_size()
     has_checkpoint = choice.weights is not None or choice.hub_variant is not None
     return _Run(
-        opts=opts,
+        spec=spec,
         shapes=shapes,
         stages=stages,
         labels=[a[0] for a in attention],
         densities=[a[1] for a in attention],
         flops=[a[2] for a in attention],
-        text_len=text_len,
+        text_len=spec.text_len,
         dtype=dtype,
         multiple=size_multiple(choice.down_factor),
         down_factor=choice.down_factor,
         clear_bytes=clear_params(shapes.transformer, choice.down_factor) * e if has_checkpoint else 0,
-        vae_tile=shapes.vae_tile if max(opts.width, opts.height) > 2048 else None,  # as generate tiles
+        vae_tile=shapes.vae_tile,
         controlnet=controlnet_params(shapes.transformer, *net) if net else None,
         controlnet_blocks=net[0] + net[1] if net else 0,
         controlnet_note=net_note,
@@ -401,36 +365,35 @@ def _prepare(opts: GenerateOptions, choice: ClearChoice, stages: list[Stage], dt
     )
 
 
-def _loras(opts: GenerateOptions) -> tuple[int, str | None]:
+def _loras(spec: RunSpec) -> tuple[int, str | None]:
     """(elements of every --lora file here, a note naming those not downloaded yet)."""
     from .hub import cached_file
-    from .lora import parse_loras
 
     elements, missing = 0, []
-    for spec in parse_loras(opts.loras or [], opts.lora_files or []):
-        file = Path(spec.source) if spec.file is None else cached_file(spec.source, spec.file)
+    for lora in spec.weights.loras:
+        file = Path(lora.source) if lora.file is None else cached_file(lora.source, lora.file)
         if file is None:
-            missing.append(spec.spec)
+            missing.append(lora.spec)
             continue
         elements += sum(math.prod(shape) for shape in file_shapes(file).values())
     note = f"LoRA {', '.join(missing)} not downloaded yet: not counted" if missing else None
     return elements, note
 
 
-def _controlnet(opts: GenerateOptions) -> tuple[tuple[int, int, int] | None, str | None]:
+def _controlnet(spec: RunSpec) -> tuple[tuple[int, int, int] | None, str | None]:
     """((num_layers, num_single_layers, num_mode) of --controlnet, a note): from its config.json when it is
     on disk, else the registry's (a repo outside it: union-pro's, said in the note); None without one."""
     import json
 
-    spec = parse_control(opts, own_picture=True)
-    if spec is None:
+    control = spec.weights.controlnet
+    if control is None:
         return None, None
-    folder = controlnet_folder(spec, cached_only=True)
+    folder = controlnet_folder(control, cached_only=True)
     if folder is not None:
         config = json.loads((folder / "config.json").read_text())
         blocks = config.get("num_layers", 2), config.get("num_single_layers", 0)  # diffusers' defaults
         return (*blocks, config.get("num_mode") or 0), None
-    net = spec.net
+    net = control.net
     if not net.num_layers + net.num_single_layers:  # a repo outside the registry, not downloaded yet
         return (5, 10, 10), f"ControlNet {net.repo} is not cached: planned with 5 + 10 blocks (union-pro's)"
     return (net.num_layers, net.num_single_layers, 10 if net.modes else 0), None
@@ -450,16 +413,15 @@ def _attention(
         net_shape = replace(shape, double=net[0], single=net[1])
         pairs = all_pairs
         if clear_on_controlnet(stage):
-            net_geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, 1)
+            net_geo = choice.geometry(stage.width, stage.height, text_len, down_factor=1)
             pairs = build_block_lists(net_geo).computed_pairs()
         extra = (linear_flops(net_shape, text_len, stage.tokens), attention_flops(net_shape, pairs))
     if not stage.clear:
         return "full", 1.0, (linear + extra[0], attention_flops(shape, all_pairs) + extra[1])
-    geo = image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
+    geo = choice.geometry(stage.width, stage.height, text_len)
     density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
-    label = f"CLEAR r={choice.window}" + (f" f={choice.down_factor}" if choice.down_factor > 1 else "")
     attention = attention_flops(shape, build_block_lists(geo).computed_pairs())
-    return label, density, (linear + extra[0], attention + extra[1])
+    return choice.attention_label, density, (linear + extra[0], attention + extra[1])
 
 
 # ---------------------------------------------------------------- deciding
@@ -480,18 +442,20 @@ class _Weights:
 
 
 def _weights(run: _Run, clear_on_gpu: bool) -> tuple[_Weights, str | None]:
-    opts, shapes, e = run.opts, run.shapes, run.e
+    weights, shapes, e = run.spec.weights, run.shapes, run.e
     params = transformer_params(shapes.transformer)
-    gguf = bool(opts.transformer) and str(opts.transformer).lower().endswith(".gguf")
+    gguf = weights.gguf
     transformer, note = (
-        gguf_bytes(opts.transformer, params, e) if gguf else (weight_bytes(params, opts.quantize, e), None)
+        gguf_bytes(weights.transformer, params, e)
+        if gguf
+        else (weight_bytes(params, weights.quantize, e), None)
     )
     lora = run.lora_elements * e
     transformer += lora  # the LoRAs go where the transformer goes
-    quantized = gguf or opts.quantize != "none"
+    quantized = gguf or weights.quantize != "none"
     layer = max(params.largest * e, shapes.t5.other * e)  # a Linear, or T5's token embedding
     clear = run.clear_bytes if (quantized or clear_on_gpu) else 0
-    t5 = weight_bytes(shapes.t5, opts.quantize_text, e)
+    t5 = weight_bytes(shapes.t5, weights.quantize_text, e)
     net = run.controlnet.total * e if run.controlnet else 0
     w = _Weights(transformer, clear, t5, shapes.clip.total * e, shapes.vae * e, layer, net, lora)
     return w, note
@@ -504,9 +468,10 @@ def _stage_memory(
     s, e = run.stages[i], run.e
     act = step_activations(run.text_len, s.tokens, run.shapes.transformer, e, s.clear, chunk, run.down_factor)
     act += run.controlnet_blocks * s.tokens * run.shapes.transformer.hidden * e  # a ControlNet's residuals
-    vae = vae_activations(s.width, s.height, e, run.vae_tile, encode=False)
+    tile = run.vae_tile if s.vae_tiling else None
+    vae = vae_activations(s.width, s.height, e, tile, encode=False)
     if s.sdedit:
-        vae = max(vae, vae_activations(s.width, s.height, e, run.vae_tile, encode=True))
+        vae = max(vae, vae_activations(s.width, s.height, e, tile, encode=True))
     if offload == "sequential":
         denoise_weights = vae_weights = w.layer
     elif offload == "model":  # the transformer (and ControlNet) leave when the VAE runs; the VAE stays
@@ -557,17 +522,17 @@ def _candidate(run: _Run, gpu: gpus.Gpu | None, offload: str, chunk: int | None,
         free_gb=free / GB if free is not None else None,
         rate_tflops=gpu.tflops if gpu else 0.0,
         rate_source=gpu.rate_source if gpu else "",
-        dtype=next(k for k, v in DTYPES.items() if v == run.dtype),
+        dtype=dtype_name(run.dtype),
         model=run.shapes.source,
-        quantize=run.opts.quantize,
-        quantize_text=run.opts.quantize_text,
-        transformer=run.opts.transformer,
+        quantize=run.spec.weights.quantize,
+        quantize_text=run.spec.weights.quantize_text,
+        transformer=run.spec.weights.transformer,
         transformer_gb=w.transformer / GB,
         text_encoders_gb=(w.t5 + w.clip) / GB,
         controlnet_gb=w.controlnet / GB,
         lora_gb=w.lora / GB,
         offload=offload,
-        offload_asked=run.opts.offload,
+        offload_asked=run.spec.settings.offload,
         ff_chunk=chunk,
         clear_on_gpu=w.clear > 0 and offload != "sequential",
         encode_gb=peaks[0] / GB,
@@ -598,7 +563,7 @@ def _decide(run: _Run, gpu: gpus.Gpu | None) -> RunPlan:
         plan = _candidate(run, None, "none", None, clear_on=False)
         plan.reason = "a CPU run: no GPU memory to plan"
         return _timed(run, plan)
-    asked = run.opts.offload
+    asked = run.spec.settings.offload
     rejected = None  # the most frugal plan of the last offload that did not fit
     for offload in ("none", "model", "sequential") if asked == "auto" else (asked,):
         for clear_on in (True, False) if offload == "none" and run.clear_bytes else (False,):
@@ -638,22 +603,17 @@ def _reason(run: _Run, plan: RunPlan, rejected: RunPlan | None) -> str:
 
 def _fits_at(run: _Run, gpu: gpus.Gpu) -> tuple[int, int] | None:
     """The largest size of the same aspect whose last stage fits with sequential offload and chunking."""
-    opts, multiple = run.opts, run.multiple
-    last = run.stages[-1]
-    w0, h0 = opts.width, opts.height
+    multiple, last = run.multiple, run.stages[-1]
+    w0, h0 = last.width, last.height
     lo, hi = 0, max(w0, h0) // multiple  # long side in multiples, lo fits (0: nothing does)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        scale = mid * multiple / max(w0, h0)
-        w, h = (max(multiple, round(s * scale / multiple) * multiple) for s in (w0, h0))
-        stage = replace(last, width=w, height=h)
+        w, h = scaled_size(w0, h0, mid * multiple, multiple)
+        stage = replace(last, width=w, height=h, vae_tiling=run.spec.recipe.vae_tiles(w, h))
         trial = replace(run, stages=[stage])
         plan = _candidate(trial, gpu, "sequential", _chunks(trial, "sequential")[-1], clear_on=False)
         lo, hi = (mid, hi) if plan.fits else (lo, mid)
-    if lo == 0:
-        return None
-    scale = lo * multiple / max(w0, h0)
-    return tuple(max(multiple, round(s * scale / multiple) * multiple) for s in (w0, h0))
+    return scaled_size(w0, h0, lo * multiple, multiple) if lo else None
 
 
 # ---------------------------------------------------------------- time
@@ -665,7 +625,7 @@ def _timed(run: _Run, plan: RunPlan) -> RunPlan:
     rate = plan.rate_tflops * 1e12 if plan.gpu else gpus.probe_tflops(cpu, run.dtype, 512) * 1e12
     w, _ = _weights(run, plan.clear_on_gpu)
     cfg = run.shapes.transformer
-    linear_rate = rate * LINEAR_EFFICIENCY * (FP8_SPEEDUP if run.opts.quantize == "fp8dq" else 1.0)
+    linear_rate = rate * LINEAR_EFFICIENCY * (FP8_SPEEDUP if run.spec.weights.quantize == "fp8dq" else 1.0)
     for stage, label, (linear, attention) in zip(plan.stages, run.labels, run.flops, strict=True):
         kind = "full" if label == "full" else "clear"
         step = linear / linear_rate + attention / (rate * ATTENTION_EFFICIENCY[kind])

@@ -199,8 +199,30 @@ def describe(record: ImageRecord) -> list[tuple[str, str]]:
 
 # ---- file names ---------------------------------------------------------------------------------------
 
-_reserved: set[str] = set()  # absolute paths handed out by output_path and not yet saved or released
-_reserved_lock = threading.Lock()
+
+class Names:
+    """Output names handed out (`output_path`) and not yet saved or released: a run owns one, so that its
+    images never get the same name even when one is named before another is saved (save_png then
+    releases it). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._reserved: set[str] = set()  # absolute paths
+        self._lock = threading.Lock()
+
+    def claim(self, path: Path) -> Path:
+        """The first candidate name that neither exists nor is reserved here, now reserved."""
+        with self._lock:
+            for candidate in _candidates(path):
+                key = os.path.abspath(candidate)
+                if key not in self._reserved and not os.path.lexists(candidate):
+                    self._reserved.add(key)
+                    return candidate
+        raise AssertionError("unreachable")
+
+    def release(self, path: str | Path) -> None:
+        """Give back a name that will not be saved (save_png does this itself)."""
+        with self._lock:
+            self._reserved.discard(os.path.abspath(path))
 
 
 def _candidates(path: Path) -> Iterator[Path]:
@@ -210,23 +232,6 @@ def _candidates(path: Path) -> Iterator[Path]:
     while True:
         yield path.with_name(f"{path.stem}-{n}{path.suffix}")
         n += 1
-
-
-def _claim(path: Path) -> Path:
-    """Reserve and return the first candidate name that neither exists nor is reserved in this process."""
-    with _reserved_lock:
-        for candidate in _candidates(path):
-            key = os.path.abspath(candidate)
-            if key not in _reserved and not os.path.lexists(candidate):
-                _reserved.add(key)
-                return candidate
-    raise AssertionError("unreachable")
-
-
-def release(path: str | Path) -> None:
-    """Give back a name reserved by `output_path` that will not be saved (save_png does this itself)."""
-    with _reserved_lock:
-        _reserved.discard(os.path.abspath(path))
 
 
 def _ensure_dir(directory: Path) -> None:
@@ -251,8 +256,10 @@ def _ensure_dir(directory: Path) -> None:
         )
 
 
-def output_path(out: str | Path | None, record: ImageRecord, index: int | None = None) -> Path:
-    """Where to save `record`'s image, reserved in this process; never the name of an existing file.
+def output_path(
+    out: str | Path | None, record: ImageRecord, index: int | None = None, names: Names | None = None
+) -> Path:
+    """Where to save `record`'s image, reserved in `names` if given; never the name of an existing file.
 
     `out`: None -> the current directory; an existing directory, or a path ending in '/' -> that directory
     (created if needed), named `{slug}-{seed}-{W}x{H}.png`; anything else -> that file, which must end
@@ -273,7 +280,7 @@ def output_path(out: str | Path | None, record: ImageRecord, index: int | None =
     if index is not None:
         name = f"{Path(name).stem}-{index}{Path(name).suffix}"
     _ensure_dir(directory)
-    return _claim(directory / name)
+    return (names or Names()).claim(directory / name)
 
 
 # ---- saving -------------------------------------------------------------------------------------------
@@ -295,7 +302,7 @@ def _open_temp(final: Path) -> tuple[int, Path]:
             ) from None
 
 
-def _publish(tmp: Path, final: Path) -> Path:
+def _publish(tmp: Path, final: Path, names: Names) -> Path:
     """Give the finished temp file its final name, or the next free one; never replaces an existing file."""
     while True:
         try:
@@ -309,17 +316,18 @@ def _publish(tmp: Path, final: Path) -> Path:
             if not os.path.lexists(final):  # filesystem without hard links (FAT, some FUSE): rename
                 os.rename(tmp, final)
                 return final
-        release(final)
-        final = _claim(final)
+        names.release(final)
+        final = names.claim(final)
 
 
-def save_png(image: Image.Image, path: str | Path, record: ImageRecord) -> Path:
+def save_png(image: Image.Image, path: str | Path, record: ImageRecord, names: Names | None = None) -> Path:
     """Write `image` with `record` to `path` (or `path-N.png` if taken meanwhile) atomically; return it.
 
     The PNG is written to a hidden `.part` file in the same directory, fsynced, then hard-linked to its
-    final name, so an interrupted or failed save leaves neither a partial PNG nor the `.part` file.
+    final name, so an interrupted or failed save leaves neither a partial PNG nor the `.part` file. The
+    name is released from `names` (output_path's) whether it was saved or not.
     """
-    path = Path(path)
+    path, names = Path(path), names or Names()
     info = PngImagePlugin.PngInfo()
     for key, value in record.to_text_chunks().items():
         info.add_text(key, value)  # tEXt if latin-1, else iTXt (UTF-8)
@@ -330,7 +338,7 @@ def save_png(image: Image.Image, path: str | Path, record: ImageRecord) -> Path:
             image.save(f, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL)
             f.flush()
             os.fsync(f.fileno())
-        final = _publish(tmp, path)
+        final = _publish(tmp, path, names)
         _fsync_dir(path.parent)
         return final
     except OSError as e:
@@ -338,8 +346,8 @@ def save_png(image: Image.Image, path: str | Path, record: ImageRecord) -> Path:
         raise OutputError(f"cannot save {path} ({e.strerror or e}){hint}") from None
     finally:
         tmp.unlink(missing_ok=True)
-        release(path)
-        release(final)
+        names.release(path)
+        names.release(final)
 
 
 def _fsync_dir(directory: Path) -> None:

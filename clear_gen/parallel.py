@@ -50,6 +50,7 @@ from .device import resolve_device
 from .errors import ClearGenError, ConfigError, ParallelError
 from .flops import FluxShape
 from .geometry import Geometry
+from .launch import launched
 
 MODES = ("auto", "sequence", "data")
 TIMEOUT_ENV = "CLEAR_GEN_DIST_TIMEOUT"  # seconds a rank waits for the others in one collective
@@ -57,11 +58,6 @@ DEFAULT_TIMEOUT_S = 600.0  # torch's own default for NCCL; covers rank 0 decodin
 LAUNCH = "torchrun --nproc-per-node N -m clear_gen PROMPT ..."
 
 T = TypeVar("T")
-
-
-def launched() -> bool:
-    """True in a process that torchrun (or any env:// launcher) started."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 # ---------------------------------------------------------------- the ranks
@@ -171,6 +167,25 @@ class World:
         self.comm(lambda: dist.broadcast(tensor, src=0))
         return tensor
 
+    def mean(self, t: Tensor) -> Tensor:
+        """`t` averaged over the ranks, in place (a training step's losses); `t` itself alone."""
+        if self.size > 1:
+            self.comm(lambda: dist.all_reduce(t))
+            t /= self.size
+        return t
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is True on one (a Ctrl-C on one rank stops them all)."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        self.comm(lambda: dist.all_reduce(t))
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.comm(dist.barrier)
+
     def _all_gather(self, value: Any) -> list:
         out = [None] * self.size
         self.comm(lambda: dist.all_gather_object(out, value))
@@ -211,11 +226,15 @@ def _cause(error: RuntimeError, timeout_s: float) -> str:
 # ---------------------------------------------------------------- joining torchrun's job
 
 
+def check_mode(requested: str) -> None:
+    if requested not in MODES:
+        raise ConfigError(f"unknown --parallel {requested!r}; choose one of {', '.join(MODES)}")
+
+
 def start(requested: str, device: str) -> tuple[World, torch.device]:
     """This process's World and device: World() and --device alone, or under torchrun its rank, with the
     process group joined and the GPU cuda:LOCAL_RANK. The mode stays `requested` until `decide`."""
-    if requested not in MODES:
-        raise ConfigError(f"unknown --parallel {requested!r}; choose one of {', '.join(MODES)}")
+    check_mode(requested)
     if not launched():
         if requested != "auto":
             raise ConfigError(f"--parallel {requested} needs several processes: launch with {LAUNCH}")

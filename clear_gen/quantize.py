@@ -30,27 +30,52 @@ import torch
 
 from .errors import ConfigError, DeviceError, WeightsError
 
-FP8_MATMUL_CAPABILITY = (8, 9)  # Ada (RTX 40xx, L4, L40) and Hopper (H100, H200) have fp8 tensor cores
-
 
 @dataclass(frozen=True)
 class Mode:
+    """One --quantize / --quantize-text mode: the one table of them (the memory plan reads it too)."""
+
     name: str
     package: str  # the import (and pip) name of the library doing it
     cuda_only: bool
-    fp8_matmul: bool  # needs fp8 tensor cores (FP8_MATMUL_CAPABILITY)
+    fp8_matmul: bool  # needs fp8 tensor cores (gpus.FP8_CAPABILITY)
     bytes_per_weight: float  # of a quantized Linear weight, its scales aside (bf16: 2)
+    bytes_per_row: int  # its scale per output row (0: scales counted in bytes_per_weight)
+    text: bool  # also for T5 (--quantize-text)
 
 
 MODES = {
-    "fp8": Mode("fp8", "torchao", cuda_only=False, fp8_matmul=False, bytes_per_weight=1.0),
-    "fp8dq": Mode("fp8dq", "torchao", cuda_only=True, fp8_matmul=True, bytes_per_weight=1.0),
-    "int8": Mode("int8", "torchao", cuda_only=False, fp8_matmul=False, bytes_per_weight=1.0),
-    "nf4": Mode("nf4", "bitsandbytes", cuda_only=True, fp8_matmul=False, bytes_per_weight=0.5),
+    # torchao Float8WeightOnlyConfig: float8 e4m3 weights, a float32 scale per row
+    "fp8": Mode("fp8", "torchao", False, False, 1.0, 4, text=True),
+    # torchao Float8DynamicActivationFloat8WeightConfig: the same storage, fp8 matmuls
+    "fp8dq": Mode("fp8dq", "torchao", True, True, 1.0, 4, text=False),
+    # torchao Int8WeightOnlyConfig: int8 weights, a scale per row
+    "int8": Mode("int8", "torchao", False, False, 1.0, 4, text=True),
+    # bitsandbytes NF4: 4 bits a weight, a float32 absmax per 64 weights
+    "nf4": Mode("nf4", "bitsandbytes", True, False, 0.5 + 4 / 64, 0, text=True),
 }
 TRANSFORMER_MODES = ("none", "fp8", "fp8dq", "int8", "nf4")
-TEXT_MODES = ("none", "int8", "fp8", "nf4")
+TEXT_MODES = ("none", *(name for name in ("int8", "fp8", "nf4") if MODES[name].text))
 CPU_MODES = "int8 or fp8"  # what runs without CUDA
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device a quantization must run on: this machine's, or the GPU a dry run plans for."""
+
+    name: str  # "cpu" or the card's name
+    cuda: bool  # a CUDA GPU
+    capability: tuple[int, int] | None = None  # None: unknown
+    cuda_here: bool = True  # this machine has CUDA (bitsandbytes loads only there)
+
+    @classmethod
+    def of(cls, device: torch.device) -> Target:
+        if device.type != "cuda":
+            return cls(device.type, False, None, torch.cuda.is_available())
+        try:
+            return cls(torch.cuda.get_device_name(device), True, torch.cuda.get_device_capability(device))
+        except (AssertionError, RuntimeError):  # a CPU build of torch: the run fails later, and says so
+            return cls("cuda", True, None)
 
 
 # ---------------------------------------------------------------- checks
@@ -77,23 +102,31 @@ def check_names(quantize: str, quantize_text: str, transformer: str | None) -> N
 
 
 def device_problems(
-    quantize: str, quantize_text: str, device: torch.device, offload: str = "none", gguf: bool = False
+    quantize: str,
+    quantize_text: str,
+    device: torch.device | Target,
+    offload: str = "none",
+    gguf: bool = False,
 ) -> list[str]:
-    """What stops these choices on this device, one line each (empty: nothing). `--dry-run` lists them;
-    a run raises the first (`check_device`)."""
+    """What stops these choices on this device (or the GPU a plan is for), one line each (empty: nothing).
+    `--dry-run` lists them; a run raises the first (`check_device`)."""
+    from .gpus import FP8_CAPABILITY
+
+    target = device if isinstance(device, Target) else Target.of(device)
     problems = []
     for flag, name in (("--quantize", quantize), ("--quantize-text", quantize_text)):
         mode = MODES.get(name)
         if mode is None:
             continue
-        if mode.cuda_only and device.type != "cuda":
-            problems.append(f"{flag} {name} needs a CUDA GPU; on {device.type} use {flag} {CPU_MODES}")
-        elif mode.fp8_matmul and _capability(device) < FP8_MATMUL_CAPABILITY:
-            major, minor = _capability(device)
+        cuda = target.cuda and (target.cuda_here or mode.package != "bitsandbytes")
+        if mode.cuda_only and not cuda:
+            where = target.name if not target.cuda else "this machine (no CUDA)"
+            problems.append(f"{flag} {name} needs a CUDA GPU; on {where} use {flag} {CPU_MODES}")
+        elif mode.fp8_matmul and target.capability is not None and target.capability < FP8_CAPABILITY:
+            major, minor = target.capability
             problems.append(
                 f"{flag} {name} needs fp8 matmuls (compute capability 8.9+: RTX 40xx, L4, H100); "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use {flag} fp8 (same memory) "
-                "or int8"
+                f"{target.name} is {major}.{minor}: use {flag} fp8 (same memory) or int8"
             )
         elif not _importable(mode.package):
             problems.append(f"{flag} {name} needs {mode.package}: pip install {mode.package}")
@@ -114,10 +147,6 @@ def check_device(
     problems = device_problems(quantize, quantize_text, device, offload, gguf)
     if problems:
         raise DeviceError(problems[0])
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 def _importable(package: str) -> bool:

@@ -21,13 +21,13 @@ import torch
 
 from . import output, parallel
 from .attention import apply_clear, remove_clear, resolve_backend
-from .control import ControlSpec, clear_on_controlnet, stage_kwargs
-from .device import DTYPES, device_name
-from .geometry import Geometry, image_geometry, needed_pairs
-from .lora import parse_loras
+from .control import clear_on_controlnet, stage_kwargs
+from .device import device_name, dtype_name
+from .geometry import Geometry, needed_pairs
 from .memory import RunPlan
-from .plan import ClearChoice, GenerateOptions, Stage, clear_kwargs
-from .speed import BlockCount, parse_cache, step_cache
+from .records import image_record
+from .spec import ClearChoice, RunSpec, Stage
+from .speed import BlockCount, step_cache
 from .timing import (
     RunTiming,
     StageTiming,
@@ -99,20 +99,20 @@ class Job:
 class Run:
     """What every image of a run shares."""
 
-    pipe: Any  # FluxPipeline
+    spec: RunSpec
+    pipe: Any  # FluxPipeline (FluxControlNetPipeline with --controlnet)
     img2img: Any  # FluxImg2ImgPipeline sharing pipe's modules; None with one stage
-    opts: GenerateOptions
-    choice: ClearChoice
-    state_dict: dict[str, torch.Tensor] | None
+    state_dict: dict[str, torch.Tensor] | None  # the CLEAR checkpoint, placed
     device: torch.device
     hooks: Hooks
     plan: RunPlan | None  # None: a pipeline built elsewhere (bench --what image), no plan
+    offload: str = "none"  # decided: none | model | sequential
     world: parallel.World = field(default_factory=parallel.World)
     shards: parallel.SequenceShards | None = None  # sequence mode: head-parallel CLEAR over the ranks
     setup_s: tuple[float, float] = (0.0, 0.0)  # loading and encoding: the rank's first image carries them
     mark: float = 0.0  # where the next image's wall time begins
     made: int = 0  # images this rank has made
-    control: ControlSpec | None = None  # --controlnet (pipe and img2img are then diffusers' ControlNet ones)
+    names: output.Names = field(default_factory=output.Names)  # its PNGs' names, reserved until saved
 
 
 def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult | None:
@@ -137,7 +137,7 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
         hooks.phase_done("decode", stage_timing.decode_s)
         timing.stages.append(stage_timing)
         hooks.stage_done(i, stage_timing)
-        if run.opts.keep_stages and i < n - 1 and run.world.writes:
+        if run.spec.output.keep_stages and i < n - 1 and run.world.writes:
             record = _record(run, job, job.stages[: i + 1], timing, started)
             path, seconds = _save(image, record, run)
             stage_paths.append(path)
@@ -149,43 +149,56 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
     return ImageResult(path, record, timing, stage_paths)
 
 
+def clear_kwargs(choice: ClearChoice, stage: Stage, state_dict, backend: str) -> dict:
+    """apply_clear's arguments for a CLEAR stage: the attention chosen, the stage's NTK and scale."""
+    return dict(
+        window=choice.window,
+        down_factor=choice.down_factor,
+        state_dict=state_dict,
+        proportional_attention=stage.proportional,
+        ntk_factor=stage.ntk_factor,
+        backend=backend,
+    )
+
+
 def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torch.Tensor, StageTiming]:
     """One stage's denoising, every step timed: (packed latents, its StageTiming). `picture`: the
     ControlNet's (with --controlnet)."""
-    transformer, opts, device, hooks = run.pipe.transformer, run.opts, run.device, run.hooks
-    choice = run.choice
+    transformer, spec, device, hooks = run.pipe.transformer, run.spec, run.device, run.hooks
+    choice, settings = spec.attention, spec.settings
     # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale; the
     #    ControlNet's blocks too above 1024 px (control.py).
-    kwargs = {**clear_kwargs(opts, choice, stage, run.state_dict), "parallel": run.shards}
+    kwargs = {**clear_kwargs(choice, stage, run.state_dict, settings.backend), "parallel": run.shards}
     if stage.clear:
         apply_clear(transformer, **kwargs)
     else:
         remove_clear(transformer)
-    controlnet = run.pipe.controlnet if run.control is not None else None
+    control_spec = spec.weights.controlnet
+    controlnet = run.pipe.controlnet if control_spec is not None else None
     net_kwargs = {**kwargs, "state_dict": None, "down_factor": 1, "parallel": None}  # training-free
     if controlnet is not None and clear_on_controlnet(stage):
         apply_clear(controlnet, **net_kwargs)
     elif controlnet is not None:
         remove_clear(controlnet)
-    control = stage_kwargs(run.control, picture) if controlnet is not None else {}
+    control = stage_kwargs(control_spec, picture) if controlnet is not None else {}
     _vae_tiling(run.pipe.vae, stage)
-    geo = _geometry(stage, choice, emb[0].shape[1]) if stage.clear else None  # emb[0]: (1, T, D)
-    compiling = _first_run(geo, opts.backend, device, transformer.dtype)
+    geo = choice.geometry(stage.width, stage.height, emb[0].shape[1]) if stage.clear else None  # (1, T, D)
+    compiling = _first_run(geo, settings.backend, device, transformer.dtype)
     # 2. Denoise, timing every step (and the GPU memory's high-water mark).
     if compiling:
         hooks.phase("compile", f"{stage.width}x{stage.height}")
     clock = StepClock(device, _on_step(hooks, stage.denoising_steps, compiling))
     reset_peak_memory(device)
-    cache = step_cache(transformer, parse_cache(opts.cache))  # --cache: this stage's denoising only
+    cache = step_cache(transformer, settings.cache)  # --cache: this stage's denoising only
     control_call = capture_transformer_call(controlnet) if controlnet is not None else nullcontext({})
     with capture_transformer_call(transformer) as inputs, control_call as control_inputs:
         with clock.watching(controlnet if controlnet is not None else transformer), cache as blocks:
-            latents = _run_stage(run.pipe, run.img2img, stage, emb, image, seed, opts, clock, control)
+            latents = _run_stage(run, stage, emb, image, seed, clock, control)
     timing = _timing(stage, choice, clock, geo, blocks)
     timing.gpus = run.world.size if run.shards is not None and stage.clear else 1  # stock stages: replicated
     record_peak_memory(timing, device)
     # 3. Full attention at this size, warm (and a warm CLEAR step when the stage had only one).
-    if opts.compare_full and geo is not None:
+    if settings.compare_full and geo is not None:
         hooks.phase("compare", f"{stage.width}x{stage.height}")
         t0 = now(device)
         if timing.step_s is None:
@@ -208,11 +221,9 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     return run.world.share(latents), timing  # sequence mode: rank 0's latents, so the ranks never drift
 
 
-def _run_stage(pipe, img2img, stage: Stage, embeds, image, seed: int, opts: GenerateOptions, clock, control):
+def _run_stage(run: Run, stage: Stage, embeds, image, seed: int, clock, control):
     """One stage's diffusion; returns its packed latents (B, (H/16)(W/16), 64), not yet decoded.
     `control`: the ControlNet pipelines' own arguments (control.stage_kwargs), or {}."""
-    import numpy as np
-
     common = dict(
         **control,
         prompt_embeds=embeds[0],
@@ -226,12 +237,12 @@ def _run_stage(pipe, img2img, stage: Stage, embeds, image, seed: int, opts: Gene
         output_type="latent",
     )
     if not stage.sdedit:
-        return pipe(**common).images
+        return run.pipe(**common).images
     from PIL import Image
 
     resized = image.resize((stage.width, stage.height), Image.LANCZOS)
-    sigmas = np.linspace(1.0, 1.0 / stage.steps, stage.steps).tolist()
-    return img2img(image=resized, strength=opts.strength, sigmas=sigmas, **common).images
+    sigmas = run.spec.recipe.sigmas(stage.steps)
+    return run.img2img(image=resized, strength=stage.strength, sigmas=sigmas, **common).images
 
 
 def _decode(pipe, latents: torch.Tensor, stage: Stage) -> Any:
@@ -249,12 +260,9 @@ def _decode(pipe, latents: torch.Tensor, stage: Stage) -> Any:
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-VAE_TILING_ABOVE = 2048  # px: larger stages encode and decode in tiles (the VAE's memory grows with area)
-
-
 def _vae_tiling(vae, stage: Stage) -> None:
-    """Tiles for this stage's VAE encode (img2img) and decode when it is larger than 2048 px."""
-    if max(stage.width, stage.height) > VAE_TILING_ABOVE:
+    """Tiles for this stage's VAE encode (img2img) and decode when the recipe says so (above 2048 px)."""
+    if stage.vae_tiling:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
@@ -282,16 +290,6 @@ def _on_step(hooks: Hooks, total: int, compiling: bool) -> Callable[[int, float]
     return on_step
 
 
-def _geometry(stage: Stage, choice: ClearChoice, text_len: int) -> Geometry:
-    return image_geometry(text_len, stage.height // 16, stage.width // 16, choice.window, choice.down_factor)
-
-
-def _attention_label(choice: ClearChoice, stage: Stage) -> str:
-    if not stage.clear:
-        return "full"
-    return f"CLEAR r={choice.window}" + (f" f={choice.down_factor}" if choice.down_factor > 1 else "")
-
-
 def _timing(
     stage: Stage, choice: ClearChoice, clock: StepClock, geo: Geometry | None, blocks: BlockCount | None
 ) -> StageTiming:
@@ -299,7 +297,7 @@ def _timing(
     timing = StageTiming(
         width=stage.width,
         height=stage.height,
-        attention=_attention_label(choice, stage),
+        attention=choice.attention_label if stage.clear else "full",
         steps=len(steps),
         seconds=clock.stamps[-1] - clock.started,
         step_s=clock.warm_step_seconds(),
@@ -316,17 +314,11 @@ def _timing(
 def _save(image, record: output.ImageRecord, run: Run) -> tuple[Path, float]:
     """Write the PNG; (its absolute path, seconds)."""
     t0 = time.perf_counter()
-    path = Path(os.path.abspath(output.save_png(image, output.output_path(run.opts.out, record), record)))
+    path = output.output_path(run.spec.output.out, record, names=run.names)
+    path = Path(os.path.abspath(output.save_png(image, path, record, run.names)))
     seconds = time.perf_counter() - t0
     run.hooks.saved(path, seconds)
     return path, seconds
-
-
-def _transformer_source(spec: str | None) -> str | None:
-    """--transformer as the PNG records it: a local file's absolute path, a Hub file as given."""
-    if spec is None or not Path(spec).expanduser().is_file():
-        return spec
-    return os.path.abspath(Path(spec).expanduser())
 
 
 def _record(run: Run, job: Job, stages: list[Stage], timing: RunTiming, started: float) -> output.ImageRecord:
@@ -334,45 +326,8 @@ def _record(run: Run, job: Job, stages: list[Stage], timing: RunTiming, started:
 
     Its timings end where its own save begins: no save_s, and total_s up to there.
     """
-    opts, choice = run.opts, run.choice
-    last, clear = stages[-1], any(s.clear for s in stages)
-    several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
-    cache = parse_cache(opts.cache)
-    extra = {
-        "first_steps": opts.first_steps if several else None,
-        "first_guidance": opts.first_guidance if several else None,
-        "ntk_factor": opts.ntk_factor,
-        "proportional_attention": opts.proportional_attention,
-        "max_sequence_length": opts.max_sequence_length,
-        "clear_weights": os.path.abspath(opts.clear_weights) if clear and opts.clear_weights else None,
-        "dtype": next(name for name, d in DTYPES.items() if d == run.pipe.transformer.dtype),
-        "backend": opts.backend,
-        "device": device_name(run.device),
-        "quantize": None if opts.quantize == "none" else opts.quantize,
-        "quantize_text": None if opts.quantize_text == "none" else opts.quantize_text,
-        "transformer": _transformer_source(opts.transformer),
-        "source": job.source,  # upscale: the picture the first stage started from
-        "loras": [s.spec for s in parse_loras(opts.loras or [], opts.lora_files or [])] or None,
-        "control": job.control_info,
-        "compile": True if opts.compile else None,
-        "cache": str(cache) if cache.kind != "none" else None,
-    }
-    model = Path(opts.model).expanduser()
-    return output.ImageRecord(
-        prompt=job.prompt,
-        seed=job.seed,
-        model=os.path.abspath(model) if model.is_dir() else opts.model,
-        variant=choice.label if clear else "none",
-        window=choice.window if clear else None,
-        down_factor=choice.down_factor if clear else None,
-        steps=last.steps,
-        guidance=last.guidance,
-        width=last.width,
-        height=last.height,
-        stages=[max(s.width, s.height) for s in stages],
-        strength=opts.strength if any(s.sdedit for s in stages) else None,
-        timings=replace(
-            timing, stages=timing.stages[: len(stages)], save_s=None, total_s=time.perf_counter() - started
-        ).to_json(),
-        extra={k: v for k, v in extra.items() if v is not None},
-    )
+    timings = replace(
+        timing, stages=timing.stages[: len(stages)], save_s=None, total_s=time.perf_counter() - started
+    ).to_json()
+    dtype = dtype_name(run.pipe.transformer.dtype)
+    return image_record(run.spec, job, stages, timings, dtype, device_name(run.device))

@@ -60,6 +60,12 @@ class TransformerConfig:
         return self.attention_head_dim * self.num_attention_heads
 
     @property
+    def text_len(self) -> int:
+        """T5 tokens the model was trained with: 512, or 256 for the guidance-free (timestep-distilled)
+        schnell, as BFL's reference code sets them; the config tells them apart, not the name."""
+        return 512 if self.guidance_embeds else 256
+
+    @property
     def flux_shape(self) -> FluxShape:
         return FluxShape.from_config(self)
 
@@ -77,6 +83,10 @@ class ModelShapes:
     vae_tile: int  # px: the VAE's sample_size, its tile side when tiling
     source: str  # where the shapes come from, for the plan's header
     note: str | None = None  # an assumption worth telling
+
+    @property
+    def text_len(self) -> int:
+        return self.transformer.text_len
 
 
 def _linears(cfg: TransformerConfig) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .plan import MAX_SIDE, MIN_SIDE
+from .recipe import MAX_SIDE, MIN_SIDE, check_size, round_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -224,8 +224,6 @@ def target_size(
 ) -> tuple[int, int, str | None]:
     """(width, height, note): --res (long side) or --scale keep the source's aspect ratio, rounded to
     `multiple` px (the note says so); --width/--height are taken as given (checked by the plan)."""
-    from .plan import check_size
-
     given = [name for name, v in (("--res", res), ("--scale", scale), ("--width/--height", width or height))
              if v is not None]  # fmt: skip
     if len(given) > 1:
@@ -241,7 +239,7 @@ def target_size(
         raise ConfigError(f"--scale must be positive, got {scale:g}")
     factor = res / max(sw, sh) if res is not None else (scale if scale is not None else 2.0)
     exact = (sw * factor, sh * factor)
-    w, h = (max(multiple, round(s / multiple) * multiple) for s in exact)
+    w, h = round_size(*exact, multiple)
     if max(w, h) > MAX_SIDE:
         raise ConfigError(f"{sw}x{sh} x {factor:g} = {w}x{h} is beyond {MAX_SIDE} px; use a smaller --res")
     note = None

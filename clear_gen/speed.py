@@ -30,24 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .spec import CacheChoice
 
 CACHES = ("none", "fbc", "taylorseer")
 FBC_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
 TAYLORSEER_INTERVAL = 5  # diffusers' TaylorSeerCacheConfig default: one full step in 5
 _COUNT_HOOK = "clear_gen_block_count"
-
-
-@dataclass(frozen=True)
-class CacheChoice:
-    """A parsed --cache: none, fbc with its threshold, or taylorseer with its interval."""
-
-    kind: str = "none"
-    value: float | None = None  # fbc: threshold; taylorseer: steps between full steps
-
-    def __str__(self) -> str:
-        if self.kind == "none":
-            return "none"
-        return f"{self.kind}:{self.value:g}"
 
 
 def parse_cache(spec: str | None) -> CacheChoice:

@@ -15,7 +15,7 @@ import torch
 from clear_gen import gpus
 from clear_gen.display import duration
 from clear_gen.memory import plan_run
-from clear_gen.plan import GenerateOptions
+from clear_gen.spec import GenerateOptions
 
 SIZES = (1024, 2048, 4096, 8192)
 MODES = ("none", "fp8", "nf4")  # --quantize, with bf16 compute

@@ -138,7 +138,8 @@ def test_a_bad_model_folder_is_the_culprit_not_the_clear_weights(tmp_path, capsy
         (["--variant", "none", "--window", "4"], "--variant none and --window 4 conflict"),
         (["--variant", "r16", "--down-factor", "4"], "--variant r16 and --down-factor 4 conflict"),
         (["--down-factor", "4"], "--down-factor 4 needs --window"),
-        (["--window", "0"], "--window and --down-factor must be at least 1"),
+        (["--window", "0"], "--window must be a positive integer, got 0"),
+        (["--window", "2", "--down-factor", "0"], "--down-factor must be a positive integer, got 0"),
         (["--window", "2", "--down-factor", "3", "--res", "128"], "not a multiple of 192; try --width 192"),
         (["--proportional-attention", "maybe"], "--proportional-attention takes on, off or auto"),
     ],
@@ -152,13 +153,14 @@ def test_bad_values_and_conflicts_are_refused_in_one_line(tmp_path, capsys, extr
 
 def test_from_with_another_attention_replaces_the_recorded_one():
     from clear_gen.output import ImageRecord
-    from clear_gen.plan import options_from_record, resolve_clear
+    from clear_gen.plan import parse
+    from clear_gen.records import options_from_record
 
     common = dict(prompt="a", seed=1, model="dev", steps=2, guidance=3.5, width=128, height=128)
     custom = ImageRecord(**common, variant="custom", window=2, down_factor=1)
     opts = options_from_record(custom, variant="r16")  # `--from custom.png --variant r16`
     assert (opts.variant, opts.window, opts.down_factor) == ("r16", None, None)
-    assert resolve_clear(opts).window == 16
+    assert parse(opts).attention.window == 16
     registry = ImageRecord(**common, variant="r8-down4", window=8, down_factor=4)
     opts = options_from_record(registry, window=3)  # `--from r8-down4.png --window 3`
     assert (opts.variant, opts.window, opts.down_factor) == (None, 3, None)

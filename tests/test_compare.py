@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from clear_gen import compare
 from clear_gen.output import ImageRecord
-from clear_gen.plan import GenerateOptions
+from clear_gen.spec import GenerateOptions
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 

@@ -252,7 +252,7 @@ def test_cli_bad_controlnet_input_is_one_line(tiny, nets, tmp_path, capsys, extr
 
 def test_from_with_another_controlnet_replaces_the_record_s_as_a_whole():
     from clear_gen.output import ImageRecord
-    from clear_gen.plan import options_from_record
+    from clear_gen.records import options_from_record
 
     control = {"controlnet": "union-pro", "mode": "tile", "scale": 0.4, "image": "/a.png", "sha256": "0" * 64}
     record = ImageRecord(prompt="a", seed=1, model="dev", steps=2, guidance=1.0, width=64, height=64,

@@ -284,11 +284,12 @@ def test_bare_command_and_bad_flags_print_usage_not_tracebacks(capsys):
 
 
 def test_variant_given_as_a_local_published_file(tiny, tmp_path, capsys):
-    from clear_gen.plan import GenerateOptions, resolve_clear
+    from clear_gen.plan import parse
+    from clear_gen.spec import GenerateOptions
 
     published = tmp_path / "clear_local_16_down_4.safetensors"
     published.write_bytes(b"")
-    choice = resolve_clear(GenerateOptions(prompts=["a"], variant=str(published)))
+    choice = parse(GenerateOptions(prompts=["a"], variant=str(published))).attention
     assert (choice.label, choice.window, choice.down_factor, choice.weights) == (
         "r16-down4",
         16,

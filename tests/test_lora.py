@@ -14,7 +14,8 @@ from test_attention import ReferenceProcessor, clear_checkpoint, rel_err
 
 import clear_gen
 from clear_gen.errors import ConfigError, WeightsError
-from clear_gen.lora import LoraSpec, check_flux_lora, parse_loras
+from clear_gen.lora import check_flux_lora, parse_loras
+from clear_gen.spec import LoraSpec
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
 TARGETS += ["proj_mlp", "proj_out"]  # the single blocks' feed-forward and output

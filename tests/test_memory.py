@@ -24,9 +24,9 @@ from clear_gen import gpus, memory
 from clear_gen.chunking import chunk_feed_forward, chunk_tokens
 from clear_gen.errors import ConfigError
 from clear_gen.memory import plan_run, step_activations, vae_activations, weight_bytes
-from clear_gen.plan import GenerateOptions
 from clear_gen.positions import Grid
 from clear_gen.shapes import TransformerConfig, clear_params, model_shapes, transformer_params
+from clear_gen.spec import GenerateOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = TransformerConfig()  # FLUX.1-dev's transformer config (shapes.toml)
@@ -311,9 +311,9 @@ def test_device_problems_are_reported_not_raised(fake_gpu):
     assert "int8 or fp8" in plan.problems[0]
     fake_gpu(24, "NVIDIA GeForce RTX 3090", (8, 6))
     plan = plan_run(opts(quantize="fp8dq"))
-    assert plan.problems == [
-        "--quantize fp8dq needs fp8 matmuls (compute capability 8.9+), NVIDIA GeForce RTX 3090 has 8.6; "
-        "use --quantize fp8 or int8"
+    assert plan.problems == [  # the one device check, quantize.device_problems, on the planned card
+        "--quantize fp8dq needs fp8 matmuls (compute capability 8.9+: RTX 40xx, L4, H100); "
+        "NVIDIA GeForce RTX 3090 is 8.6: use --quantize fp8 (same memory) or int8"
     ]
 
 
@@ -482,16 +482,21 @@ def test_controlnet_parameters_are_diffusers_own(blocks, num_mode):
     assert (params.total, params.linear, params.rows) == counts(net)
 
 
-def test_a_controlnet_adds_its_weights_and_its_residuals_to_every_stage():
+def test_a_controlnet_adds_its_weights_and_its_residuals_to_every_stage(tmp_path):
     """union-pro from the registry (5 + 10 blocks, not downloaded): its weights at 2 bytes each, and 15
     residuals of N x C bf16 elements in every stage's activations."""
+    from PIL import Image
+
     from clear_gen.registry import load_registry
     from clear_gen.shapes import controlnet_params
 
     net = load_registry().controlnet("union-pro")
     kw = dict(width=4096, height=4096, offload="none", gpu_memory=500, dtype="bf16")
     plain = plan_run(opts(**kw))
-    control = plan_run(opts(**kw, controlnet="union-pro", control_mode="tile"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
+    control = plan_run(
+        opts(**kw, controlnet="union-pro", control_mode="tile", control=str(tmp_path / "edges.png"))
+    )
     weights = controlnet_params(DEV, net.num_layers, net.num_single_layers, 10).total * 2
     assert control.controlnet_gb * 1e9 == pytest.approx(weights, abs=1) and plain.controlnet_gb == 0
     for a, b in zip(plain.stages, control.stages, strict=True):

@@ -82,7 +82,6 @@ def test_default_is_current_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(tmp_path)
     path = output_path(None, make_record())
     assert path.resolve() == tmp_path / "a-castle-on-a-hill-at-dawn-7-64x48.png"
-    output.release(path)
 
 
 def test_directory_and_trailing_slash(tmp_path: Path) -> None:
@@ -93,14 +92,11 @@ def test_directory_and_trailing_slash(tmp_path: Path) -> None:
     assert new.parent.is_dir()
     indexed = output_path(tmp_path / "shot.png", make_record(), index=2)
     assert indexed == tmp_path / "shot-2.png"
-    for p in (path, new, indexed):
-        output.release(p)
 
 
 def test_explicit_file(tmp_path: Path) -> None:
     path = output_path(tmp_path / "deep" / "castle.PNG", make_record())
     assert path == tmp_path / "deep" / "castle.PNG"
-    output.release(path)
     with pytest.raises(OutputError, match=r"\.png"):
         output_path(tmp_path / "castle.jpg", make_record())
 
@@ -116,13 +112,13 @@ def test_collisions_never_overwrite(tmp_path: Path) -> None:
 
 
 def test_reserved_names_are_not_handed_out_twice(tmp_path: Path) -> None:
-    a = output_path(tmp_path, make_record())
-    b = output_path(tmp_path, make_record())
+    names = output.Names()  # a run's: its images are named before they are saved
+    a = output_path(tmp_path, make_record(), names=names)
+    b = output_path(tmp_path, make_record(), names=names)
     assert a != b and b.name.endswith("-1.png")
-    output.release(a)
-    assert output_path(tmp_path, make_record()) == a  # released names are free again
-    for p in (a, b):
-        output.release(p)
+    names.release(a)
+    assert output_path(tmp_path, make_record(), names=names) == a  # released names are free again
+    assert output_path(tmp_path, make_record()) == a  # another run's names are not this run's
 
 
 def test_name_taken_between_output_path_and_save(tmp_path: Path) -> None:
@@ -228,12 +224,12 @@ class Interrupting:
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
 def test_failed_save_leaves_nothing(tmp_path: Path, exc: BaseException) -> None:
     record = make_record()
-    path = output_path(tmp_path, record)
+    names = output.Names()
+    path = output_path(tmp_path, record, names=names)
     with pytest.raises(KeyboardInterrupt if isinstance(exc, KeyboardInterrupt) else OutputError):
-        save_png(Interrupting(exc), path, record)  # type: ignore[arg-type]
+        save_png(Interrupting(exc), path, record, names)  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []  # neither the final name nor the .part file
-    assert output_path(tmp_path, record) == path  # and the name was released
-    output.release(path)
+    assert output_path(tmp_path, record, names=names) == path  # and the name was released
 
 
 def test_temp_file_is_hidden_part_beside_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,8 @@ from test_generate import common, run
 import clear_gen.display as D
 from clear_gen.output import ImageRecord
 from clear_gen.pipeline import ImageResult
-from clear_gen.plan import GenerateOptions, Stage, resolve_clear
+from clear_gen.plan import parse
+from clear_gen.spec import GenerateOptions, Stage
 from clear_gen.timing import RunTiming, StageTiming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_a_terminal_gets_bars_for_every_phase_and_stdout_stays_json(capsys):
     ],
 )
 def test_clear_runs_by_default_only_above_1024_px(size, given, label):
-    choice = resolve_clear(GenerateOptions(prompts=["a"], width=size, height=size // 2, **given))
+    choice = parse(GenerateOptions(prompts=["a"], width=size, height=size // 2, **given)).attention
     assert choice.label == label
     assert (choice.note is not None) == (label == "none")
     if choice.note:

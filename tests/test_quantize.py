@@ -22,7 +22,8 @@ from clear_gen.attention import expected_checkpoint
 from clear_gen.errors import ClearGenError, WeightsError
 from clear_gen.loading import load_pipeline, load_transformer
 from clear_gen.output import ImageRecord
-from clear_gen.plan import GenerateOptions, options_from_record
+from clear_gen.records import options_from_record
+from clear_gen.spec import WeightsSpec
 
 PROJECTIONS = [
     "transformer_blocks.0.attn.to_q",
@@ -94,7 +95,7 @@ def base_gguf(tmp_path_factory) -> Path:
 
 
 def quantized(base: Path, dtype: torch.dtype, **opts):
-    return load_transformer(GenerateOptions(prompts=[], **opts), base, dtype)
+    return load_transformer(WeightsSpec("dev", **opts), base, dtype)
 
 
 # ---------------------------------------------------------------- CLEAR on quantized transformers
@@ -367,8 +368,8 @@ def saved(out: Path) -> ImageRecord:
 
 @pytest.mark.slow
 def test_load_pipeline_quantizes_the_transformer_and_t5(tiny):
-    opts = GenerateOptions(prompts=["x"], model=str(tiny), quantize="int8", quantize_text="fp8")
-    pipe = load_pipeline(opts, torch.device("cpu"), torch.bfloat16)
+    weights = WeightsSpec(str(tiny), quantize="int8", quantize_text="fp8")
+    pipe = load_pipeline(weights, "none", torch.device("cpu"), torch.bfloat16)
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
     t5_q = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight
     assert type(t5_q).__name__ == "Float8Tensor"

@@ -5,7 +5,6 @@ Errors are ClearGenErrors: cli.main turns each into one red line and exit code 1
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import launch
 from ..errors import ConfigError
 
 app = typer.Typer(
@@ -162,7 +162,7 @@ def train(
         device=device, dtype=dtype, backend=backend, token=token,
     )  # fmt: skip
     # 2. Train, one bar for the steps with the three losses (rank 0 of a torchrun launch shows it).
-    err.quiet = os.environ.get("RANK", "0") != "0"
+    err.quiet = bool(launch.rank())  # torchrun's ranks 1..: rank 0 shows the progress
     with _progress() as bar:
         task = bar.add_task("loading the base", total=None)
         last = [0.0]

@@ -207,7 +207,9 @@ def make_data(
 ) -> DataSummary:
     """Fill opts.out with the teacher's samples (module docstring); only the missing ones are made."""
     from ..device import resolve_device, resolve_dtype
-    from ..plan import GenerateOptions, check_size, text_tokens
+    from ..plan import text_length
+    from ..recipe import check_size
+    from ..spec import GenerateOptions
 
     # 1. Check everything before loading the teacher.
     check_size(opts.res, opts.res, 16, "--res")
@@ -222,7 +224,7 @@ def make_data(
     out = Path(opts.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    text_len = text_tokens(
+    text_len = text_length(
         GenerateOptions([], model=opts.model, max_sequence_length=opts.max_sequence_length)
     )
     if not 1 <= text_len <= 512:
@@ -281,10 +283,10 @@ def _load_teacher(opts: DataOptions, device: torch.device, dtype: torch.dtype):
     """The base as `clear-gen generate` loads it: stock attention, exact RoPE positions."""
     from ..hub import check_run_weights
     from ..loading import load_pipeline
-    from ..plan import GenerateOptions
+    from ..spec import WeightsSpec
 
     check_run_weights(opts.model, None)
-    return load_pipeline(GenerateOptions(prompts=[], model=opts.model, token=opts.token), device, dtype)
+    return load_pipeline(WeightsSpec(opts.model, opts.token), "none", device, dtype)
 
 
 def _encode(pipe, prompt: str, device: torch.device, text_len: int) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import torch
 
 from ..attention import apply_clear, expected_checkpoint, original_attention
 from ..errors import ConfigError, DeviceError
+from ..parallel import World, start
 from . import checkpoint as C
 from .data import Samples, base_id
 from .losses import DEFAULT_WEIGHTS, attention_layers, captured_attention, distill_loss, noised
@@ -114,10 +114,10 @@ class TrainResult:
 
 def check_geometry(res: int, window: int, down_factor: int) -> None:
     """A window and down factor that CLEAR can train at res: a token grid divisible by f, r inside it."""
-    from ..plan import check_size, size_multiple
+    from ..plan import check_window
+    from ..recipe import check_size, size_multiple
 
-    if window < 1 or down_factor < 1:
-        raise ConfigError(f"--window and --down-factor must be at least 1, got {window} and {down_factor}")
+    check_window(window, down_factor)
     check_size(res, res, size_multiple(down_factor), "--res")
     side = res // 16
     if window >= side * math.sqrt(2):
@@ -165,50 +165,6 @@ def check_options(opts: TrainOptions) -> None:
 
 
 # ---------------------------------------------------------------- devices and processes
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        return t
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is True on one."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def setup_dist(device: str) -> Dist:
-    """Rank and device from torchrun's environment (NCCL on CUDA, gloo on the CPU); one process otherwise."""
-    from ..device import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=resolve_device(device))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = resolve_device(device).type == "cuda"
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, dev)
 
 
 def resolve_train_backend(backend: str, device: torch.device) -> str:
@@ -300,7 +256,8 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float | None):
 @dataclass
 class _Run:
     opts: TrainOptions
-    dist: Dist
+    world: World  # this process's place in a torchrun launch (parallel.py); World() alone
+    device: torch.device
     pipe: Any  # FluxPipeline: transformer (CLEAR student), VAE, scheduler
     samples: Samples
     params: list[torch.nn.Parameter]  # the model's trainable parameters
@@ -335,15 +292,15 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None)
     # 1. Everything that needs no model: options, processes, data, the resume file.
     opts.out = Path(opts.out).expanduser()
     check_options(opts)
-    dist = setup_dist(opts.device)
-    dtype = resolve_dtype(opts.dtype, dist.device)
-    backend = resolve_train_backend(opts.backend, dist.device)
+    world, device = start("auto", opts.device)  # torchrun: DDP over its ranks, NCCL on CUDA, gloo on CPUs
+    dtype = resolve_dtype(opts.dtype, device)
+    backend = resolve_train_backend(opts.backend, device)
     base = base_id(opts.model)
     samples = Samples(Path(opts.data), base, opts.res)
     identity = C.RunIdentity(base, opts.res, opts.window, opts.down_factor, opts.optimizer)
     resumed = C.load_resume(Path(opts.resume).expanduser(), identity) if opts.resume else None
-    accumulate = opts.accumulate or max(1, RECIPE_BATCH // (opts.batch * dist.world))
-    if resumed and resumed["extra"] != _extra(opts, accumulate, dist):
+    accumulate = opts.accumulate or max(1, RECIPE_BATCH // (opts.batch * world.size))
+    if resumed and resumed["extra"] != _extra(opts, accumulate, world):
         hooks.note(
             f"resumed with other settings than {resumed['extra']}: training goes on, but not exactly as the "
             "first run would have"
@@ -353,8 +310,8 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None)
     # 2. The base, the student and its optimiser.
     hooks.phase("load")
     try:
-        pipe = pipe or load_base(opts.model, opts.token, dist.device, dtype)
-        run = _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate)
+        pipe = pipe or load_base(opts.model, opts.token, device, dtype)
+        run = _prepare(opts, world, device, pipe, backend, samples, identity, resumed, accumulate)
         return _train(run, resumed["step"] if resumed else 0, hooks)
     except torch.cuda.OutOfMemoryError as e:
         raise DeviceError(
@@ -363,25 +320,23 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None)
         ) from e
 
 
-def _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate) -> _Run:
+def _prepare(opts, world, device, pipe, backend, samples, identity, resumed, accumulate) -> _Run:
     transformer, dtype = pipe.transformer, pipe.transformer.dtype
     params = make_student(transformer, opts, backend, resumed["weights"] if resumed else None)
     keys = trainable_keys(transformer, opts.down_factor)
     masters = None
     if opts.fp32_master and dtype != torch.float32:
         source = resumed["weights"] if resumed else dict(zip(keys, params, strict=True))
-        masters = [
-            torch.nn.Parameter(source[k].detach().to(dist.device, torch.float32).clone()) for k in keys
-        ]
+        masters = [torch.nn.Parameter(source[k].detach().to(device, torch.float32).clone()) for k in keys]
     optimizer = make_optimizer(opts.optimizer, masters or params, opts.lr)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         C.restore_rng(resumed)
     ddp = None
-    if dist.world > 1:
+    if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        ids = [device.index] if device.type == "cuda" else None
         ddp = DistributedDataParallel(transformer, device_ids=ids)
     out = opts.out
     log = (
@@ -391,15 +346,15 @@ def _prepare(opts, dist, pipe, backend, samples, identity, resumed, accumulate) 
     )
     layers = attention_layers(len(transformer.single_transformer_blocks))
     return _Run(
-        opts, dist, pipe, samples, params, masters, optimizer, ddp, layers, accumulate, identity, keys,
-        (out, C.resume_path(out), log),
+        opts, world, device, pipe, samples, params, masters, optimizer, ddp, layers, accumulate, identity,
+        keys, (out, C.resume_path(out), log),
     )  # fmt: skip
 
 
 def _train(run: _Run, first: int, hooks: TrainHooks) -> TrainResult:
-    opts, dist = run.opts, run.dist
+    opts, world = run.opts, run.world
     out, resume, log = run.paths
-    if dist.rank == 0:
+    if world.rank == 0:
         _trim_log(log, first)
     hooks.start(first, opts.steps)
     step, result = first, None
@@ -407,13 +362,13 @@ def _train(run: _Run, first: int, hooks: TrainHooks) -> TrainResult:
         for step in range(first + 1, opts.steps + 1):
             record = _step(run, step - 1)
             hooks.step(record)
-            stop, last = dist.any(run.stop), step == opts.steps
+            stop, last = world.any(run.stop, run.device), step == opts.steps
             if stop or last or step % opts.save_every == 0:
                 _save(run, step, hooks)
             if not stop and (last or (opts.validate_every and step % opts.validate_every == 0)):
                 result = _validate(run, step, hooks)
                 record |= {"validation": result} if result else {}
-            if dist.rank == 0:
+            if world.rank == 0:
                 _append(log, record)
             if stop:
                 return TrainResult(out, resume, log, step, interrupted=True)
@@ -457,7 +412,7 @@ def _draws(run: _Run, step: int, micro: int) -> list[int]:
     """Global draw numbers of this rank's micro-batch: draw g is sample perm_epoch[g % n] with generator
     seed (seed, g), so one process with batch 2 and two with batch 1 train on the same draws."""
     b = run.opts.batch
-    first = ((step * run.accumulate + micro) * run.dist.world + run.dist.rank) * b
+    first = ((step * run.accumulate + micro) * run.world.size + run.world.rank) * b
     return list(range(first, first + b))
 
 
@@ -475,7 +430,7 @@ def _step(run: _Run, step: int) -> dict:
     """One optimiser step over `accumulate` micro-batches; its log line."""
     started = time.perf_counter()
     opts, transformer, model = run.opts, run.transformer, run.ddp or run.transformer
-    device, dtype = run.dist.device, transformer.dtype
+    device, dtype = run.device, transformer.dtype
     guidance = opts.guidance if transformer.config.guidance_embeds else None
     totals = torch.zeros(len(LOSSES), device=device)
     for micro in range(run.accumulate):
@@ -497,7 +452,7 @@ def _step(run: _Run, step: int) -> dict:
         totals += torch.stack([losses[k].detach() for k in LOSSES])
         del a_teacher, a_student, v_teacher, v_student
     grad_norm, lr = _optimizer_step(run)
-    values = run.dist.mean(totals / run.accumulate).tolist()
+    values = run.world.mean(totals / run.accumulate).tolist()
     record = {"step": step + 1, **dict(zip(LOSSES, values, strict=True))}
     return record | {"grad_norm": grad_norm, "lr": lr, "seconds": round(time.perf_counter() - started, 4)}
 
@@ -525,30 +480,30 @@ def _optimizer_step(run: _Run) -> tuple[float, float]:
 
 def _save(run: _Run, step: int, hooks: TrainHooks) -> None:
     """The weights in the published format and the resume file (rank 0; the others wait)."""
-    if run.dist.rank == 0 and run.opts.save:
+    if run.world.rank == 0 and run.opts.save:
         out, resume, _ = run.paths
         weights = run.weights()
         C.save_weights(out, weights, run.identity, step)
-        extra = _extra(run.opts, run.accumulate, run.dist)
+        extra = _extra(run.opts, run.accumulate, run.world)
         C.save_resume(resume, run.identity, step, weights, run.optimizer, extra)
         hooks.saved(resume)
-    run.dist.barrier()
+    run.world.barrier()
 
 
-def _extra(opts: TrainOptions, accumulate: int, dist: Dist) -> dict:
+def _extra(opts: TrainOptions, accumulate: int, world: World) -> dict:
     """What else decides a run's draws and steps: a resume with others is a different run."""
-    return {"seed": opts.seed, "batch": opts.batch, "accumulate": accumulate, "world": dist.world}
+    return {"seed": opts.seed, "batch": opts.batch, "accumulate": accumulate, "world": world.size}
 
 
 def _validate(run: _Run, step: int, hooks: TrainHooks) -> dict | None:
     from .validate import validate
 
     result = None
-    if run.dist.rank == 0 and run.opts.validate_steps > 0 and run.samples.validation_files:
+    if run.world.rank == 0 and run.opts.validate_steps > 0 and run.samples.validation_files:
         hooks.phase("validate")
         result = validate(run.pipe, run.samples, run.opts, step, run.paths[0])
         hooks.validated(result)
-    run.dist.barrier()
+    run.world.barrier()
     return result
 
 
