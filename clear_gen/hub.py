@@ -8,6 +8,7 @@ Every huggingface_hub failure leaves here as one `WeightsError` that says what t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -31,9 +32,8 @@ from .registry import (
 
 HUB_URL = "https://huggingface.co"
 PROBE_TIMEOUT_S = 5.0  # "can we reach the Hub": one request, no retries (huggingface_hub's own take ~25 s)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+)$")  # owner/repo/path/in/repo.gguf
-_verified: set[tuple[str, int, int, str]] = set()  # (blob path, size, mtime_ns, sha256) hashed this process
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo
+HUB_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+)$")  # owner/repo/path/in/repo.gguf
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,16 @@ def _retry_notes() -> Iterator[None]:
 # -------------------------------------------------------------------------------------------- checking
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+def _sha256(path: Path) -> str:
+    """The file's sha256, hashed once per file version (path, size and mtime) in this process."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -212,16 +219,12 @@ def verify_file(path: Path, v: Variant) -> None:
     """Check the size, then the sha256, where weights.toml pins them; a bad file is deleted from the cache."""
     if v.sha256 is None and v.size is None:
         return
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, v.sha256 or "")
-    if key in _verified:
-        return
-    if v.size is not None and stat.st_size != v.size:
-        problem = f"is {stat.st_size} bytes, weights.toml says {v.size}"
+    size = path.stat().st_size
+    if v.size is not None and size != v.size:
+        problem = f"is {size} bytes, weights.toml says {v.size}"
     elif v.sha256 is not None and (digest := _sha256(path)) != v.sha256:
         problem = f"has sha256 {digest}, weights.toml says {v.sha256}"
     else:
-        _verified.add(key)
         return
     _evict(path)
     raise WeightsError(
@@ -330,7 +333,7 @@ def base_for(name_or_repo: str, registry: Registry | None = None) -> Base:
     found = named(registry.bases, name_or_repo)
     if found is not None:
         return found
-    if _REPO_ID.match(name_or_repo):
+    if REPO_ID.match(name_or_repo):
         return Base(name_or_repo, name_or_repo, "main", False, DIFFUSERS_PATTERNS, "")
     raise WeightsError(
         f"{name_or_repo!r} is not a local folder, a base ({', '.join(registry.bases)}) nor a Hub repo id"
@@ -340,7 +343,7 @@ def base_for(name_or_repo: str, registry: Registry | None = None) -> Base:
 def local_model(model: str) -> Path | None:
     """The folder `model` names when it is a local path (it exists, or it is written like one), else None."""
     path = Path(model).expanduser()
-    written_like_a_path = model.startswith((".", "/", "~")) or (os.sep in model and not _REPO_ID.match(model))
+    written_like_a_path = model.startswith((".", "/", "~")) or (os.sep in model and not REPO_ID.match(model))
     return path if path.exists() or written_like_a_path else None
 
 
@@ -458,7 +461,7 @@ def transformer_source(spec: str) -> Path | tuple[str, str]:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    match = _HUB_FILE.match(spec)
+    match = HUB_FILE.match(spec)
     if match is None or spec.startswith((".", "/", "~")) or path.parent.is_dir():
         raise WeightsError(f"--transformer {spec}: no such file (nor a Hub owner/repo/file.gguf)")
     return match.group(1), match.group(2)
@@ -507,7 +510,7 @@ def controlnet_for(name_or_repo: str, registry: Registry | None = None) -> Contr
     found = named(registry.controlnets, name_or_repo)
     if found is not None:
         return found
-    if _REPO_ID.match(name_or_repo):
+    if REPO_ID.match(name_or_repo):
         return ControlNet(name_or_repo, name_or_repo, "main", "", (), 1.0, 0, 0, False, "")
     raise ConfigError(
         f"--controlnet {name_or_repo}: not a local folder, a registry ControlNet "

@@ -13,16 +13,14 @@ peft wraps every transformer clear-gen loads: plain, torchao's (--quantize int8,
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError, WeightsError
+from .hub import HUB_FILE, REPO_ID
 from .spec import LoraSpec
 
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo
-_REPO_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/([\w./-]+\.safetensors)$")  # owner/repo/file
 _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "alpha")
 
 
@@ -35,9 +33,13 @@ def parse_loras(loras: Sequence[str], files: Sequence[str] = ()) -> list[LoraSpe
         path = Path(where).expanduser()
         if path.is_file():
             specs.append(LoraSpec(str(path.resolve()), None, scale))
-        elif (match := _REPO_FILE.match(where)) and not where.startswith((".", "/", "~")):
+        elif (
+            (match := HUB_FILE.match(where))
+            and where.endswith(".safetensors")
+            and not where.startswith((".", "/", "~"))
+        ):
             specs.append(LoraSpec(match.group(1), match.group(2), scale))
-        elif _REPO.match(where) and not path.exists():
+        elif REPO_ID.match(where) and not path.exists():
             specs.append(LoraSpec(where, pending.pop(0) if pending else DEFAULT_FILE, scale))
         else:
             raise ConfigError(

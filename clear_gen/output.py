@@ -54,7 +54,7 @@ class ImageRecord:
 
     prompt: str
     seed: int
-    model: str  # registry name, e.g. "flux-dev"
+    model: str  # --model: a registry base name ("dev"), a Hub repo id or a local folder
     variant: str | None = None  # CLEAR checkpoint variant; None = no CLEAR
     window: int | None = None  # CLEAR radius r, in latent tokens
     down_factor: int | None = None  # CLEAR pooled-key factor f

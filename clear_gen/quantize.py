@@ -311,13 +311,13 @@ def diffusers_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[i
     return {k: tuple(v.shape) for k, v in convert_flux_transformer_checkpoint_to_diffusers(meta).items()}
 
 
-def model_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+def parameter_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the FluxTransformer2DModel a config describes (built on 'meta')."""
-    return dict(_model_shapes(json.dumps(dict(config), sort_keys=True)))
+    return dict(_parameter_shapes(json.dumps(dict(config), sort_keys=True)))
 
 
 @functools.lru_cache(maxsize=4)
-def _model_shapes(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _parameter_shapes(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with quiet_imports():
         from diffusers import FluxTransformer2DModel
     with torch.device("meta"):
@@ -338,7 +338,7 @@ def check_transformer_shapes(what: str, shapes: Mapping[str, tuple[int, ...]], c
         found = diffusers_shapes(shapes)
     except (KeyError, RuntimeError) as e:  # a tensor the mapping pops is absent, or splits do not add up
         raise WeightsError(f"{what} is not a whole FLUX.1 transformer ({e!s:.80}); download it again") from e
-    expected = model_shapes(config)
+    expected = parameter_shapes(config)
     missing = sorted(expected.keys() - found.keys())
     wrong = sorted(k for k in expected.keys() & found.keys() if found[k] != expected[k])
     if missing:
