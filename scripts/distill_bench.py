@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from clear_gen.device import device_name, resolve_device
+from clear_gen.core.device import device_name, resolve_device
 from clear_gen.distill import TrainOptions, train
 from clear_gen.distill.cost import step_cost
 from clear_gen.distill.data import Manifest, claim_folder, sample_path, save_tensors
 from clear_gen.distill.train import TrainHooks
-from clear_gen.random_flux import build_transformer, flux_shape
+from clear_gen.models.flux1.random import build_transformer, flux_shape
 
 VAE_CONFIG = types.SimpleNamespace(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE
 

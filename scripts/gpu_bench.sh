@@ -31,7 +31,7 @@ ROWS="$OUT/rows.jsonl" MD="$OUT/bench.md" LOG="$OUT/bench.log"
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-report() { $PY clear_gen/bench_report.py "$ROWS" "$MD" "clear-gen GPU bench (scripts/gpu_bench.sh)" || true; }
+report() { $PY clear_gen/bench/report.py "$ROWS" "$MD" "clear-gen GPU bench (scripts/gpu_bench.sh)" || true; }
 status() { printf '{"part": "%s", "status": "%s"}\n' "$1" "$2" >>"$ROWS"; report; }
 
 # 0. diffusers from .whl/ when the machine lacks it (the device tool's recipe: a --target folder).

@@ -17,10 +17,10 @@ import argparse
 import torch
 
 from clear_gen.attention import apply_clear
-from clear_gen.chunking import chunk_feed_forward
-from clear_gen.memory import FF_CHUNK_TOKENS, step_activations, weight_bytes
-from clear_gen.random_flux import build_transformer, flux_shape, step_inputs
-from clear_gen.shapes import TransformerConfig, transformer_params
+from clear_gen.models.flux1.chunking import chunk_feed_forward
+from clear_gen.models.flux1.random import build_transformer, flux_shape, step_inputs
+from clear_gen.models.flux1.shapes import TransformerConfig, transformer_params
+from clear_gen.plan.memory import FF_CHUNK_TOKENS, step_activations, weight_bytes
 
 TEXT = 512
 

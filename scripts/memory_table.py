@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/memory_table.py
 
-Every figure comes from clear_gen.memory (the plan `clear-gen generate --dry-run` prints) for the
+Every figure comes from clear_gen.plan.memory (the plan `clear-gen generate --dry-run` prints) for the
 default recipe (a 1024 px first pass with full attention, then CLEAR r8-down4 at the target) on an
 assumed 24 GB card with an RTX 4090's rate, whatever GPU this machine has. tests/test_memory.py checks
 that docs/memory.md holds exactly this output.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from clear_gen import gpus
-from clear_gen.display import duration
-from clear_gen.memory import plan_run
-from clear_gen.spec import GenerateOptions
+from clear_gen.cli.display import duration
+from clear_gen.plan import gpus
+from clear_gen.plan.memory import plan_run
+from clear_gen.plan.spec import GenerateOptions
 
 SIZES = (1024, 2048, 4096, 8192)
 MODES = ("none", "fp8", "nf4")  # --quantize, with bf16 compute

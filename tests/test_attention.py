@@ -16,9 +16,11 @@ from conftest import tiny_inputs, tiny_transformer
 from diffusers.models.embeddings import apply_rotary_emb
 
 import clear_gen
-from clear_gen.attention import ClearAttnProcessor, clear_attention, expected_checkpoint
+from clear_gen.attention.backends import clear_attention
+from clear_gen.attention.processor import ClearAttnProcessor
+from clear_gen.attention.weights import expected_checkpoint
+from clear_gen.core.geometry import Geometry
 from clear_gen.errors import CheckpointError, ConfigError
-from clear_gen.geometry import Geometry
 
 
 class ReferenceProcessor:
@@ -312,7 +314,7 @@ def test_img_ids_that_are_not_a_grid_are_refused():
 def test_dense_backend_refuses_large_sequences():
     geo = Geometry(512, 128, 128, 8)  # 2048 px: 16896 tokens
     q = torch.zeros(1, 1, 1, 8)
-    with pytest.raises(ConfigError, match="too large; use backend='flex'"):
+    with pytest.raises(ConfigError, match="too large; use --backend flex"):
         clear_attention(q, q, q, geo, 1.0, backend="dense")
 
 
@@ -328,7 +330,7 @@ def test_positional_call_and_tuple_output():
 
 
 def test_flex_recompile_limit_is_an_error_not_a_silent_uncompiled_run(monkeypatch):
-    import clear_gen.attention as A
+    import clear_gen.attention.backends as A
 
     def call(side: int):
         geo = Geometry(3, side, side, 2)
@@ -364,7 +366,8 @@ def test_checkpoint_on_the_models_device_and_dtype_is_swapped_in_not_copied(tran
 
 
 def test_full_attention_step_is_measured_once_per_size(transformer):
-    from clear_gen.timing import StageTiming, capture_transformer_call, time_full_attention
+    from clear_gen.files.record import StageTiming
+    from clear_gen.run.measure import capture_transformer_call, time_full_attention
 
     geo = Geometry(5, 8, 8, 2)
     clear_gen.apply_clear(transformer, window=2)
@@ -386,7 +389,8 @@ def test_full_attention_step_with_a_controlnet_runs_both_with_stock_attention(tr
     from test_controlnet import tiny_controlnet
 
     from clear_gen.attention import clear_config
-    from clear_gen.timing import StageTiming, capture_transformer_call, time_full_attention
+    from clear_gen.files.record import StageTiming
+    from clear_gen.run.measure import capture_transformer_call, time_full_attention
 
     net = tiny_controlnet(transformer, union=False)
     inputs = tiny_inputs(1, 5, 8, 8)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clear_gen import bench as B
-from clear_gen import bench_image as BI
-from clear_gen import bench_report as R
-from clear_gen import flops as FL
-from clear_gen import geometry as G
-from clear_gen import random_flux as RF
-from clear_gen.cli import app, main
+from clear_gen.bench import image as BI
+from clear_gen.bench import report as R
+from clear_gen.bench import suite as B
+from clear_gen.cli.app import app, main
+from clear_gen.core import flops as FL
+from clear_gen.core import geometry as G
 from clear_gen.errors import ClearGenError, ConfigError
+from clear_gen.models.flux1 import random as RF
 
 GEO_8K = G.Geometry(512, 512, 512, 8)
 
@@ -146,7 +146,7 @@ def test_step_at_8k_in_bf16_with_tiny_dims():
 
 @pytest.mark.parametrize("f", [1, 2])
 def test_image_rows_block_mask_is_the_image_rows_of_clear(f):
-    from clear_gen.attention import clear_attention, compiled_flex
+    from clear_gen.attention.backends import clear_attention, compiled_flex
 
     geo = G.Geometry(128, 16, 24, 3, f)
     q, k, v = B._qkv(geo, 2, 16, torch.device("cpu"), torch.float32)

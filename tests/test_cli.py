@@ -16,9 +16,9 @@ import typer
 from conftest import run_cli as run
 
 from clear_gen import __version__
-from clear_gen.cli import app
-from clear_gen.cli_options import prompt_list
-from clear_gen.registry import load_registry
+from clear_gen.cli.app import app
+from clear_gen.cli.options import prompt_list
+from clear_gen.weights.registry import load_registry
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: the connection is refused at once, never a real host
 
@@ -152,9 +152,9 @@ def test_bad_values_and_conflicts_are_refused_in_one_line(tmp_path, capsys, extr
 
 
 def test_from_with_another_attention_replaces_the_recorded_one():
-    from clear_gen.output import ImageRecord
-    from clear_gen.plan import parse
-    from clear_gen.records import options_from_record
+    from clear_gen.files.record import ImageRecord
+    from clear_gen.plan.parse import parse
+    from clear_gen.plan.records import options_from_record
 
     common = dict(prompt="a", seed=1, model="dev", steps=2, guidance=3.5, width=128, height=128)
     custom = ImageRecord(**common, variant="custom", window=2, down_factor=1)

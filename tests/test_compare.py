@@ -17,9 +17,9 @@ from conftest import run_cli as run
 from PIL import Image
 from safetensors.torch import save_file
 
-from clear_gen import compare
-from clear_gen.output import ImageRecord
-from clear_gen.spec import GenerateOptions
+from clear_gen.files.record import ImageRecord
+from clear_gen.plan.spec import GenerateOptions
+from clear_gen.run import compare
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -31,7 +31,7 @@ def checkpoints(tiny, tmp_path_factory) -> tuple[Path, Path]:
     """The same random CLEAR checkpoint for the tiny model, in two folders under the published name."""
     from diffusers import FluxTransformer2DModel
 
-    from clear_gen.attention import expected_checkpoint
+    from clear_gen.attention.weights import expected_checkpoint
 
     model = FluxTransformer2DModel.from_pretrained(tiny / "transformer")
     g = torch.Generator().manual_seed(3)
@@ -118,7 +118,7 @@ def test_compare_runs_what_generate_runs(tiny, checkpoints, tmp_path, capsys, mo
     """Same prompt, seed and recipe: each compare image is the one `generate --variant` makes, though
     compare loads the pipeline once (the CLEAR variant first: full attention then runs on the pipeline
     CLEAR was applied to and removed from)."""
-    import clear_gen.pipeline as P
+    import clear_gen.run.generate as P
 
     loads, real = [], P.load_pipeline
     monkeypatch.setattr(P, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))

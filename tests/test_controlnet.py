@@ -16,7 +16,7 @@ from test_attention import ReferenceProcessor, clear_checkpoint, rel_err
 from tiny_pipeline import tiny_controlnet as controlnet_for_config
 
 import clear_gen
-from clear_gen.geometry import choose_tile, tile_order
+from clear_gen.core.geometry import choose_tile, tile_order
 
 
 def tiny_controlnet(transformer, union: bool, seed: int = 7):
@@ -150,12 +150,14 @@ def test_cli_controlnet_runs_every_stage_is_recorded_and_rerun_by_from(
 ):
     """bf16, a stock first pass then a CLEAR stage; the ControlNet gets CLEAR in the CLEAR stage (its
     threshold lowered from 1024 px to 64 for the tiny sizes)."""
+    from dataclasses import replace
+
     from PIL import Image
 
-    import clear_gen.control as K
-    import clear_gen.render as R
+    import clear_gen.run.render as R
+    from clear_gen.plan.recipe import RECIPES
 
-    monkeypatch.setattr(K, "CLEAR_ABOVE", 64)
+    monkeypatch.setitem(RECIPES, "clear", replace(RECIPES["clear"], controlnet_clear_above=64))
     applied, real = [], R.apply_clear
     monkeypatch.setattr(R, "apply_clear", lambda model, **kw: (applied.append(type(model).__name__),
                                                                real(model, **kw)))  # fmt: skip
@@ -251,8 +253,8 @@ def test_cli_bad_controlnet_input_is_one_line(tiny, nets, tmp_path, capsys, extr
 
 
 def test_from_with_another_controlnet_replaces_the_record_s_as_a_whole():
-    from clear_gen.output import ImageRecord
-    from clear_gen.records import options_from_record
+    from clear_gen.files.record import ImageRecord
+    from clear_gen.plan.records import options_from_record
 
     control = {"controlnet": "union-pro", "mode": "tile", "scale": 0.4, "image": "/a.png", "sha256": "0" * 64}
     record = ImageRecord(prompt="a", seed=1, model="dev", steps=2, guidance=1.0, width=64, height=64,
@@ -276,7 +278,7 @@ def test_from_with_another_controlnet_replaces_the_record_s_as_a_whole():
 def test_a_16_bit_depth_map_is_scaled_to_8_bits_not_clipped(tmp_path):
     from PIL import Image
 
-    from clear_gen.control import read_control_image
+    from clear_gen.weights.control import read_control_image
 
     depth = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # near = bright, 16 bits
     Image.fromarray(depth).save(tmp_path / "depth.png")

@@ -20,18 +20,23 @@ from conftest import run_cli as run
 from conftest import tiny_inputs, tiny_transformer
 from safetensors.torch import load_file
 
-from clear_gen.attention import (
-    apply_clear,
-    clear_attention,
-    expected_checkpoint,
-    original_attention,
-    pool_keys,
+from clear_gen.attention import apply_clear, original_attention
+from clear_gen.attention.backends import clear_attention
+from clear_gen.attention.processor import pool_keys
+from clear_gen.attention.weights import expected_checkpoint
+from clear_gen.core.geometry import (
+    Geometry,
+    block_mask,
+    image_geometry,
+    inverse_order,
+    make_mask_mod,
+    tile_order,
 )
 from clear_gen.distill import DataOptions, TrainOptions, make_data, train
 from clear_gen.distill.data import Samples, base_id
-from clear_gen.distill.losses import attention_layers, noised, pack, sigmas
+from clear_gen.distill.losses import attention_layers, noised, sigmas
 from clear_gen.distill.train import TrainHooks
-from clear_gen.geometry import Geometry, block_mask, image_geometry, inverse_order, make_mask_mod, tile_order
+from clear_gen.models.flux1 import pack_latents as pack
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -134,8 +139,8 @@ def test_make_data_from_images_with_prompt_files(tiny, tmp_path):
 
 
 def test_cost_model_counts_the_published_key_set():
+    from clear_gen.core.flops import FluxShape
     from clear_gen.distill.cost import step_cost, trainable_parameters
-    from clear_gen.flops import FluxShape
 
     model = tiny_transformer()
     for f in (1, 2):

@@ -17,7 +17,7 @@ from conftest import run_cli as run
 from PIL import Image
 from safetensors.torch import save_file
 
-from clear_gen.output import ImageRecord
+from clear_gen.files.record import ImageRecord
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("offline_hub")]
 
@@ -27,7 +27,7 @@ def clear_file(tiny, tmp_path_factory) -> Path:
     """A CLEAR checkpoint (r = 2, f = 1) for the tiny model, in the published key format."""
     from diffusers import FluxTransformer2DModel
 
-    from clear_gen.attention import expected_checkpoint
+    from clear_gen.attention.weights import expected_checkpoint
 
     model = FluxTransformer2DModel.from_pretrained(tiny / "transformer")
     g = torch.Generator().manual_seed(3)
@@ -248,7 +248,7 @@ def test_installed_executable(tiny, tmp_path):
 
 
 def test_out_of_gpu_memory_is_one_line(tiny, tmp_path, capsys, monkeypatch):
-    import clear_gen.render as R
+    import clear_gen.run.render as R
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -267,9 +267,9 @@ def test_base_missing_offline_names_the_download(tmp_path, capsys):
 
 
 def test_full_attention_is_estimated_when_too_slow_to_measure(tiny, tmp_path, capsys, monkeypatch):
-    import clear_gen.timing
+    import clear_gen.run.measure
 
-    monkeypatch.setattr(clear_gen.timing, "FULL_MEASURE_BUDGET_S", 0.0)
+    monkeypatch.setattr(clear_gen.run.measure, "FULL_MEASURE_BUDGET_S", 0.0)
     code, out, err = run(["a", *common(tiny, tmp_path), "--window", "2", "--res", "128", "--json"], capsys)
     assert code == 0, err
     stage = json.loads(out)["timings"]["stages"][0]
@@ -284,8 +284,8 @@ def test_bare_command_and_bad_flags_print_usage_not_tracebacks(capsys):
 
 
 def test_variant_given_as_a_local_published_file(tiny, tmp_path, capsys):
-    from clear_gen.plan import parse
-    from clear_gen.spec import GenerateOptions
+    from clear_gen.plan.parse import parse
+    from clear_gen.plan.spec import GenerateOptions
 
     published = tmp_path / "clear_local_16_down_4.safetensors"
     published.write_bytes(b"")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from clear_gen.geometry import (
+from clear_gen.core.geometry import (
     BLOCK,
     Geometry,
     attention_scale,

@@ -14,8 +14,8 @@ from test_attention import ReferenceProcessor, clear_checkpoint, rel_err
 
 import clear_gen
 from clear_gen.errors import ConfigError, WeightsError
-from clear_gen.lora import check_flux_lora, parse_loras
-from clear_gen.spec import LoraSpec
+from clear_gen.weights.lora import check_flux_lora, parse_loras
+from clear_gen.weights.spec import LoraSpec
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
 TARGETS += ["proj_mlp", "proj_out"]  # the single blocks' feed-forward and output
@@ -105,12 +105,12 @@ def test_two_loras_with_scales_under_training_free_clear():
 
 def test_sequential_like_swap_keeps_lora_wrapper(monkeypatch):
     """A projection swapped whole (quantized or offloaded) is swapped under the LoRA, not instead of it."""
-    from clear_gen import attention
+    from clear_gen.attention import weights
 
     base = tiny_transformer()
     model = copy.deepcopy(base)
     add_lora(model, "a", seed=3)
-    monkeypatch.setattr(attention, "_swapped_whole", lambda module: True)
+    monkeypatch.setattr(weights, "_swapped_whole", lambda module: True)
     original = model.transformer_blocks[0].attn.to_q.base_layer
     sd = clear_checkpoint(base, 1)
     clear_gen.apply_clear(model, window=3, state_dict=sd, backend="dense")

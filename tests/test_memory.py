@@ -20,13 +20,16 @@ from conftest import tiny_inputs, tiny_transformer
 from live_bytes import LiveBytes, flash_like_clear, flash_like_sdpa
 
 import clear_gen.attention as A
-from clear_gen import gpus, memory
-from clear_gen.chunking import chunk_feed_forward, chunk_tokens
+from clear_gen.attention import processor
+from clear_gen.core.positions import Grid, GridCache
 from clear_gen.errors import ConfigError
-from clear_gen.memory import plan_run, step_activations, vae_activations, weight_bytes
-from clear_gen.positions import Grid
-from clear_gen.shapes import TransformerConfig, clear_params, model_shapes, transformer_params
-from clear_gen.spec import GenerateOptions
+from clear_gen.models.flux1.activations import vae_activations
+from clear_gen.models.flux1.chunking import chunk_feed_forward, chunk_tokens
+from clear_gen.models.flux1.shapes import TransformerConfig, clear_params, transformer_params
+from clear_gen.plan import gpus, memory
+from clear_gen.plan.memory import plan_run, step_activations, weight_bytes
+from clear_gen.plan.spec import GenerateOptions
+from clear_gen.weights.shapes import model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = TransformerConfig()  # FLUX.1-dev's transformer config (shapes.toml)
@@ -126,8 +129,8 @@ def test_gguf_file_here_counts_its_size(tmp_path):
 def live_peak(monkeypatch, side: int, clear: tuple[int, int] | None, chunk: int | None, dtype) -> int:
     """Peak live bytes of one forward pass of a full-width FLUX (1 double + 1 single block) on 'meta'."""
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", flash_like_sdpa)
-    monkeypatch.setattr(A, "clear_attention", flash_like_clear)
-    monkeypatch.setattr(A.GridCache, "__call__", lambda self, ids: Grid(side, side))
+    monkeypatch.setattr(processor, "clear_attention", flash_like_clear)
+    monkeypatch.setattr(GridCache, "__call__", lambda self, ids: Grid(side, side))
     model = torch.nn.Module.to(meta_flux(num_layers=1, num_single_layers=1), dtype)
     if clear:
         A.apply_clear(model, window=clear[0], down_factor=clear[1], backend="dense")
@@ -226,7 +229,7 @@ def test_clear_norm_and_rope_in_slices_give_identical_outputs(monkeypatch):
     A.apply_clear(model, window=3, down_factor=2, backend="dense")
     with torch.no_grad():
         whole = model(**inputs, return_dict=False)[0]
-        monkeypatch.setattr(A, "ROPE_CHUNK_TOKENS", 50)  # text and image in several slices each
+        monkeypatch.setattr(processor, "ROPE_CHUNK_TOKENS", 50)  # text and image in several slices each
         sliced = model(**inputs, return_dict=False)[0]
     assert torch.equal(sliced, whole)
 
@@ -345,17 +348,17 @@ def nothing_loads(monkeypatch):
     """Every way weights come in fails the test."""
     import huggingface_hub
 
-    import clear_gen.hub
-    import clear_gen.loading
+    import clear_gen.weights.hub
+    import clear_gen.weights.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run loaded or fetched weights")
 
     for module, name in (
-        (clear_gen.loading, "load_pipeline"),
-        (clear_gen.loading, "load_clear_weights"),
-        (clear_gen.hub, "fetch_base"),
-        (clear_gen.hub, "fetch_variant"),
+        (clear_gen.weights.loading, "load_pipeline"),
+        (clear_gen.weights.loading, "load_clear_weights"),
+        (clear_gen.weights.hub, "fetch_base"),
+        (clear_gen.weights.hub, "fetch_variant"),
         (huggingface_hub, "snapshot_download"),
         (huggingface_hub, "hf_hub_download"),
     ):
@@ -424,8 +427,8 @@ def test_the_docs_table_is_the_scripts_output():
 def test_timing_table_shows_measured_peaks_only_when_there_are_some():
     from rich.console import Console
 
-    from clear_gen.display import timing_table
-    from clear_gen.timing import RunTiming, StageTiming
+    from clear_gen.cli.display import timing_table
+    from clear_gen.files.record import RunTiming, StageTiming
 
     def text(stage: StageTiming) -> str:
         console = Console(width=200, record=True)
@@ -472,7 +475,7 @@ def test_full_attention_comparison_is_estimated_when_its_step_would_not_fit():
 def test_controlnet_parameters_are_diffusers_own(blocks, num_mode):
     from diffusers import FluxControlNetModel
 
-    from clear_gen.shapes import controlnet_params
+    from clear_gen.models.flux1.shapes import controlnet_params
 
     with torch.device("meta"):
         net = FluxControlNetModel(
@@ -487,8 +490,8 @@ def test_a_controlnet_adds_its_weights_and_its_residuals_to_every_stage(tmp_path
     residuals of N x C bf16 elements in every stage's activations."""
     from PIL import Image
 
-    from clear_gen.registry import load_registry
-    from clear_gen.shapes import controlnet_params
+    from clear_gen.models.flux1.shapes import controlnet_params
+    from clear_gen.weights.registry import load_registry
 
     net = load_registry().controlnet("union-pro")
     kw = dict(width=4096, height=4096, offload="none", gpu_memory=500, dtype="bf16")

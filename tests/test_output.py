@@ -13,10 +13,11 @@ import pytest
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
-from clear_gen import output
-from clear_gen.cli import app, main
+from clear_gen.cli.app import app, main
 from clear_gen.errors import OutputError
-from clear_gen.output import ImageRecord, describe, output_path, record_from_image, save_png, slugify
+from clear_gen.files import output
+from clear_gen.files.output import output_path, save_png, slugify
+from clear_gen.files.record import PARAMS_KEY, ImageRecord, describe, record_from_image
 
 
 def make_record(**overrides) -> ImageRecord:
@@ -201,7 +202,7 @@ def test_per_field_chunks_suffice_and_unknown_keys_go_to_extra(tmp_path: Path) -
     record = make_record(variant=None, prompt="null")
     info = PngImagePlugin.PngInfo()
     for key, value in record.to_text_chunks().items():
-        if key != output.PARAMS_KEY:
+        if key != PARAMS_KEY:
             info.add_text(key, value)
     info.add_text("clear-gen:future_field", "42")
     small_image().save(tmp_path / "x.png", pnginfo=info)

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from tiny_pipeline import save_tiny_controlnet, save_tiny_flux
 
-from clear_gen import parallel as PL
+from clear_gen.core.flops import FluxShape
+from clear_gen.core.geometry import image_geometry
 from clear_gen.errors import ConfigError, WeightsError
-from clear_gen.flops import FluxShape
-from clear_gen.geometry import image_geometry
+from clear_gen.run import world as PL
 
 DEADLINE_S = 120  # a launch that takes longer has hung (each takes seconds)
 
@@ -106,7 +106,7 @@ def test_communication_model_by_hand():
 
 
 def test_bench_plan_gpus_rows():
-    from clear_gen import bench
+    from clear_gen.bench import suite as bench
 
     rows = bench.run("plan", [1024], window=8, down_factor=4, gpus=[2, 5])
     comm = [r for r in rows if r["what"] == "comm"]
@@ -118,7 +118,7 @@ def test_bench_plan_gpus_rows():
 
 
 def test_compare_is_refused_under_torchrun(monkeypatch, capsys):
-    from clear_gen.cli import main
+    from clear_gen.cli.app import main
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -140,7 +140,12 @@ def ranks_context():
     """Processes forked from a server that imported clear-gen and diffusers' FLUX pipelines, nothing more."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(
-        ["test_parallel", "clear_gen.cli", "clear_gen.loading", "diffusers.pipelines.flux.pipeline_flux"]
+        [
+            "test_parallel",
+            "clear_gen.cli.app",
+            "clear_gen.weights.loading",
+            "diffusers.pipelines.flux.pipeline_flux",
+        ]
     )
     return ctx
 
@@ -161,7 +166,7 @@ def torchrun_env(rank: int, size: int, port: int) -> dict[str, str]:
 
 def _cli(argv: list[str], stem: str) -> int:
     """clear-gen's CLI with stdout and stderr in stem.out / stem.err (line-buffered): its exit code."""
-    from clear_gen.cli import main
+    from clear_gen.cli.app import main
 
     saved = sys.stdout, sys.stderr
     with open(f"{stem}.out", "w", buffering=1) as out, open(f"{stem}.err", "w", buffering=1) as err:
@@ -177,7 +182,7 @@ def _cli(argv: list[str], stem: str) -> int:
 
 def _spy_decodes(log: list):
     """Keep the latents of every VAE decode (this rank's)."""
-    import clear_gen.render as R
+    import clear_gen.run.render as R
 
     real = R._decode
 
@@ -190,7 +195,7 @@ def _spy_decodes(log: list):
 
 def _rank_main(env: dict, rank: int, cases: list[dict], out: str) -> None:
     """A forked rank: torchrun's environment, then each case's CLI run; codes and latents into `out`."""
-    import clear_gen.pipeline as P
+    import clear_gen.run.generate as P
 
     os.environ.update(env)
     decoded: list = []
@@ -283,7 +288,7 @@ def case_args(model: Path, name: str) -> list[str]:
 def one_process(tiny6, tmp_path_factory):
     """name -> the case run in this process, as a reference: (its JSON row, the latents of each decode);
     each run once per module."""
-    import clear_gen.render as R
+    import clear_gen.run.render as R
 
     done: dict[str, tuple[dict, list]] = {}
 

@@ -11,8 +11,9 @@ import torch
 from conftest import grid_ids, tiny_transformer
 
 import clear_gen
+from clear_gen.core.positions import find_grid
 from clear_gen.errors import ConfigError
-from clear_gen.positions import find_grid, use_exact_positions
+from clear_gen.models.flux1 import use_exact_positions
 
 
 def tile_order_by_hand(h: int, w: int, th: int = 8, tw: int = 16) -> torch.Tensor:

@@ -17,12 +17,11 @@ from PIL import Image
 from rich.console import Console
 from test_generate import common, run
 
-import clear_gen.display as D
-from clear_gen.output import ImageRecord
-from clear_gen.pipeline import ImageResult
-from clear_gen.plan import parse
-from clear_gen.spec import GenerateOptions, Stage
-from clear_gen.timing import RunTiming, StageTiming
+import clear_gen.cli.display as D
+from clear_gen.files.record import ImageRecord, RunTiming, StageTiming
+from clear_gen.plan.parse import parse
+from clear_gen.plan.spec import GenerateOptions, Stage
+from clear_gen.run.generate import ImageResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +154,7 @@ def test_progress_lines_in_a_log(tiny, tmp_path):
     """A real process with stderr a pipe: lines as the work goes, stdout pure JSON."""
     args = [*common(tiny, tmp_path), "--backend", "flex", "--window", "2", "--res", "128", "--seed", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    code = "from clear_gen.cli import main; main()"
+    code = "from clear_gen.cli.app import main; main()"
     done = subprocess.run(
         [sys.executable, "-c", code, "a small house", *args, "--json"],
         capture_output=True,
@@ -187,9 +186,9 @@ def test_progress_lines_in_a_log(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_one_step_run_reports_compilation_apart_and_a_real_speedup(tiny, tmp_path, capsys, monkeypatch):
-    import clear_gen.render as R
+    from clear_gen.attention.backends import BACKENDS
 
-    monkeypatch.setattr(R, "_FIRST_RUNS", set())  # this process has compiled nothing yet
+    monkeypatch.setattr(BACKENDS["flex"], "seen", set())  # this process has compiled nothing yet
     args = ["a", *common(tiny, tmp_path), "--backend", "flex", "--window", "2", "--res", "128"]
     started = time.perf_counter()
     code, out, err = run([*args, "--steps", "1", "--json"], capsys)

@@ -17,13 +17,14 @@ from conftest import tiny_inputs, tiny_transformer
 from tiny_pipeline import save_tiny_flux
 
 import clear_gen
-from clear_gen import quantize as Q
-from clear_gen.attention import expected_checkpoint
+from clear_gen.attention.weights import expected_checkpoint
 from clear_gen.errors import ClearGenError, WeightsError
-from clear_gen.loading import load_pipeline, load_transformer
-from clear_gen.output import ImageRecord
-from clear_gen.records import options_from_record
-from clear_gen.spec import WeightsSpec
+from clear_gen.files.record import ImageRecord
+from clear_gen.plan.records import options_from_record
+from clear_gen.weights import gguf as GG
+from clear_gen.weights import quantize as Q
+from clear_gen.weights.loading import load_pipeline, load_transformer
+from clear_gen.weights.spec import WeightsSpec
 
 PROJECTIONS = [
     "transformer_blocks.0.attn.to_q",
@@ -229,31 +230,31 @@ FLUX_DEV_CONFIG = dict(
 
 def test_community_gguf_names_map_onto_flux_dev_by_name_and_shape():
     bfl = flux_dev_bfl_shapes()
-    mapped = Q.diffusers_shapes(bfl)
-    assert mapped == Q.model_shapes(FLUX_DEV_CONFIG)  # every parameter, each in its shape
+    mapped = GG.diffusers_shapes(bfl)
+    assert mapped == GG.parameter_shapes(FLUX_DEV_CONFIG)  # every parameter, each in its shape
     assert mapped["transformer_blocks.0.attn.to_q.weight"] == (3072, 3072)  # qkv split in three
     assert mapped["single_transformer_blocks.0.proj_mlp.weight"] == (12288, 3072)  # linear1 split
     prefixed = {f"model.diffusion_model.{k}": v for k, v in bfl.items()}
-    Q.check_transformer_shapes(
+    GG.check_transformer_shapes(
         "flux1-dev-Q8_0.gguf", prefixed, FLUX_DEV_CONFIG
     )  # the full checkpoint's names
 
 
 def test_community_gguf_that_does_not_fit_the_base_is_one_line():
     with pytest.raises(WeightsError, match=r"lacks 4 tensors .*guidance_embedder.* needs --model dev"):
-        Q.check_transformer_shapes("schnell.gguf", flux_dev_bfl_shapes(guidance=False), FLUX_DEV_CONFIG)
+        GG.check_transformer_shapes("schnell.gguf", flux_dev_bfl_shapes(guidance=False), FLUX_DEV_CONFIG)
     cut = {k: v for k, v in flux_dev_bfl_shapes().items() if k != "double_blocks.3.img_attn.proj.weight"}
     with pytest.raises(WeightsError, match=r"cut.gguf is not a whole FLUX.1 transformer .*double_blocks.3"):
-        Q.check_transformer_shapes("cut.gguf", cut, FLUX_DEV_CONFIG)
+        GG.check_transformer_shapes("cut.gguf", cut, FLUX_DEV_CONFIG)
     wide = {**flux_dev_bfl_shapes(), "img_in.weight": (3072, 128)}
     with pytest.raises(
         WeightsError, match=r"x_embedder.weight is \(3072, 128\), the base wants \(3072, 64\)"
     ):
-        Q.check_transformer_shapes("wide.gguf", wide, FLUX_DEV_CONFIG)
+        GG.check_transformer_shapes("wide.gguf", wide, FLUX_DEV_CONFIG)
 
 
 def test_gguf_header_gives_names_types_and_torch_order_shapes(base_gguf):
-    tensors = Q.gguf_tensors(base_gguf)
+    tensors = GG.gguf_tensors(base_gguf)
     model = tiny_transformer()
     assert {k: shape for k, (_, shape) in tensors.items()} == {
         k: tuple(v.shape) for k, v in model.state_dict().items()
@@ -265,13 +266,13 @@ def test_truncated_or_foreign_gguf_is_refused_in_one_line(base_gguf, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(base_gguf.read_bytes()[: base_gguf.stat().st_size // 2])
     with pytest.raises(WeightsError, match=r"cut.gguf is not a readable GGUF file, truncated or not GGUF"):
-        Q.check_gguf_file(cut)
+        GG.check_gguf_file(cut)
     (tmp_path / "text.gguf").write_text("hello")
     with pytest.raises(WeightsError, match=r"not a readable GGUF file"):
-        Q.check_gguf_file(tmp_path / "text.gguf")
+        GG.check_gguf_file(tmp_path / "text.gguf")
     llama = write_gguf(torch.nn.Linear(32, 8), tmp_path / "llama.gguf", names=lambda k: f"blk.0.attn_q.{k}")
     with pytest.raises(WeightsError, match=r"llama.gguf is not a FLUX.1 transformer \(its tensors: blk.0"):
-        Q.check_gguf_file(llama)
+        GG.check_gguf_file(llama)
 
 
 # ---------------------------------------------------------------- checks
@@ -423,8 +424,8 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("loaded weights although the run was refused")
 
-    monkeypatch.setattr("clear_gen.pipeline.load_pipeline", refuse)
-    monkeypatch.setattr("clear_gen.pipeline.load_clear_weights", refuse)
+    monkeypatch.setattr("clear_gen.run.generate.load_pipeline", refuse)
+    monkeypatch.setattr("clear_gen.run.generate.load_clear_weights", refuse)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""clear_gen.source: what `clear-gen upscale` reads, the prompt it finds, and the size it aims for."""
+"""clear_gen.files.source: what `clear-gen upscale` reads, the prompt it finds, and the size it aims for."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from clear_gen.errors import ConfigError
-from clear_gen.output import ImageRecord, save_png
-from clear_gen.source import (
+from clear_gen.files.output import save_png
+from clear_gen.files.record import ImageRecord
+from clear_gen.files.source import (
     check_larger,
     image_files,
     load_source,

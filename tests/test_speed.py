@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import run_cli, tiny_inputs, tiny_transformer
 
-from clear_gen import speed as S
 from clear_gen.attention import apply_clear, remove_clear
 from clear_gen.errors import ConfigError
-from clear_gen.output import ImageRecord
-from clear_gen.positions import use_exact_positions
+from clear_gen.files.record import ImageRecord
+from clear_gen.models.flux1 import use_exact_positions
+from clear_gen.plan.spec import parse_cache
+from clear_gen.run import speed as S
 
 CLEAR = dict(window=3, down_factor=2, backend="flex")
 
@@ -30,7 +31,7 @@ def outputs(model, calls: list[dict]) -> list[torch.Tensor]:
 
 
 def cached(model, spec: str, calls: list[dict]) -> tuple[list[torch.Tensor], S.BlockCount]:
-    with torch.no_grad(), S.step_cache(model, S.parse_cache(spec)) as count:
+    with torch.no_grad(), S.step_cache(model, parse_cache(spec)) as count:
         return outputs(model, calls), count
 
 
@@ -47,9 +48,9 @@ def untouched(model) -> bool:
      ("taylorseer:3", "taylorseer", 3.0), (None, "none", None)],
 )  # fmt: skip
 def test_cache_specs(spec, kind, value):
-    choice = S.parse_cache(spec)
+    choice = parse_cache(spec)
     assert (choice.kind, choice.value) == (kind, value)
-    assert S.parse_cache(str(choice)) == choice  # what a PNG records reads back the same
+    assert parse_cache(str(choice)) == choice  # what a PNG records reads back the same
 
 
 @pytest.mark.parametrize(
@@ -57,14 +58,14 @@ def test_cache_specs(spec, kind, value):
 )
 def test_bad_cache_specs_are_one_line_errors(spec):
     with pytest.raises(ConfigError, match="--cache"):
-        S.parse_cache(spec)
+        parse_cache(spec)
 
 
 def test_cache_none_installs_nothing_and_changes_nothing():
     model = tiny_transformer(layers=2, single_layers=2)
     calls = steps()
     before = outputs(model, calls)
-    with torch.no_grad(), S.step_cache(model, S.parse_cache("none")) as count:
+    with torch.no_grad(), S.step_cache(model, parse_cache("none")) as count:
         assert count is None and untouched(model)
         during = outputs(model, calls)
     assert all(torch.equal(a, b) for a, b in zip(before, during, strict=True))

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli as run
 from PIL import Image
 
-from clear_gen.output import ImageRecord
+from clear_gen.files.record import ImageRecord
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("offline_hub")]
 

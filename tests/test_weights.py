@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from clear_gen import hub
 from clear_gen.errors import ConfigError, WeightsError
-from clear_gen.registry import PACKAGED_REGISTRY, Variant, load_registry
+from clear_gen.weights import hub
+from clear_gen.weights.registry import PACKAGED_REGISTRY, Variant, load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -584,7 +584,7 @@ def test_a_retry_loop_is_said_on_stderr(fake_hub, no_backoff, capsys):
 def cli(*args: str) -> subprocess.CompletedProcess:
     """`clear-gen ARGS` in a fresh interpreter, with this test's HF_* environment."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    code = "from clear_gen.cli import main; main()"
+    code = "from clear_gen.cli.app import main; main()"
     return subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60
     )

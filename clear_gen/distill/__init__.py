@@ -2,19 +2,11 @@
 
 `make_data(DataOptions(...))` caches what the teacher makes (data.py); `train(TrainOptions(...))` distils
 the student (train.py) with the recipe's loss (losses.py), saving weights in the published format and
-resume files (checkpoint.py), and validating against the teacher (validate.py). Imported on first use:
-the command line's help loads no torch.
+resume files (checkpoint.py), and validating against the teacher (validate.py). May import everything
+but `bench` and `cli` (whose `distill` commands call it).
 """
 
-from __future__ import annotations
+from .data import DataOptions, make_data
+from .train import TrainOptions, train
 
-import importlib
-
-_PUBLIC = {"DataOptions": ".data", "make_data": ".data", "TrainOptions": ".train", "train": ".train"}
-__all__ = list(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'clear_gen.distill' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+__all__ = ["DataOptions", "TrainOptions", "make_data", "train"]

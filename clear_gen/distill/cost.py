@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import flops as FL
-from ..geometry import build_block_lists, image_geometry
+from ..core import flops as FL
+from ..core.geometry import build_block_lists, image_geometry
 
 ATTENTION_BACKWARD = 2.5  # attention backward FLOPs / forward FLOPs (FlashAttention-style)
 ACTIVATION_TOKENS_X_HIDDEN = 120  # live activations at the peak, in units of tokens x hidden (bf16)

@@ -86,8 +86,8 @@ class DataSummary:
 
 def base_id(model: str) -> str:
     """One name per base: a registry name as its Hub repo, a local folder as its absolute path."""
-    from ..hub import local_model
-    from ..registry import load_registry
+    from ..weights.hub import local_model
+    from ..weights.registry import load_registry
 
     local = local_model(model)
     if local is not None:
@@ -178,7 +178,7 @@ def plan_jobs(opts: DataOptions) -> tuple[list[Job], list[str]]:
         prompts = read_prompts(opts.prompts_file, "--prompts-file")
         count = opts.count or len(prompts)
         return [Job(i, prompts[i % len(prompts)], opts.seed + i) for i in range(count)], []
-    from ..source import IMAGE_SUFFIXES
+    from ..files.source import IMAGE_SUFFIXES
 
     if not opts.images.is_dir():
         raise ConfigError(f"--images {opts.images}: not a folder")
@@ -206,10 +206,10 @@ def make_data(
     note: Callable[[str], None] = lambda text: None,
 ) -> DataSummary:
     """Fill opts.out with the teacher's samples (module docstring); only the missing ones are made."""
-    from ..device import resolve_device, resolve_dtype
-    from ..plan import text_length
-    from ..recipe import check_size
-    from ..spec import GenerateOptions
+    from ..core.device import resolve_device, resolve_dtype
+    from ..core.sizes import check_size
+    from ..plan.parse import text_length
+    from ..plan.spec import GenerateOptions
 
     # 1. Check everything before loading the teacher.
     check_size(opts.res, opts.res, 16, "--res")
@@ -281,9 +281,9 @@ def claim_folder(out: Path, manifest: Manifest) -> None:
 
 def _load_teacher(opts: DataOptions, device: torch.device, dtype: torch.dtype):
     """The base as `clear-gen generate` loads it: stock attention, exact RoPE positions."""
-    from ..hub import check_run_weights
-    from ..loading import load_pipeline
-    from ..spec import WeightsSpec
+    from ..weights.hub import check_run_weights
+    from ..weights.loading import load_pipeline
+    from ..weights.spec import WeightsSpec
 
     check_run_weights(opts.model, None)
     return load_pipeline(WeightsSpec(opts.model, opts.token), "none", device, dtype)
@@ -309,7 +309,7 @@ def _sample(pipe, job: Job, opts: DataOptions, device: torch.device, text_len: i
             generator=torch.Generator("cpu").manual_seed(job.seed),
         ).images[0]
     else:
-        from ..source import load_source
+        from ..files.source import load_source
 
         image = load_source(job.image).image
     mean, std = posterior(pipe, image, opts.res)

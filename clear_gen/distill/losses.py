@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..positions import Grid, exact_ids
+from .. import models
+from ..core.positions import Grid, exact_ids
+from ..models.flux1 import pack_latents
 from .data import Batch
 
 DEFAULT_WEIGHTS = (1.0, 0.5, 0.5)  # fm, pred, attn
@@ -38,14 +40,6 @@ def sigmas(u: Tensor) -> Tensor:
     so sigma is uniform on {0.001, ..., 1}, no shift."""
     index = torch.floor(u * 1000).clamp(max=999)
     return (1000 - index) / 1000
-
-
-def pack(latents: Tensor) -> Tensor:
-    """VAE latents into FLUX tokens: (B, C, h, w) -> (B, (h/2)(w/2), 4C), 2 x 2 patches row-major."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2)  # (B, C, h/2, 2, w/2, 2)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 @dataclass
@@ -71,8 +65,8 @@ def noised(batch: Batch, vae_config, guidance: float | None, generators: list[to
     ]
     posterior, noise, u = (torch.stack(d).to(device, torch.float32) for d in zip(*draws, strict=True))
     x0 = batch.mean.float() + batch.std.float() * posterior  # (B, 16, h, w)
-    x0 = pack((x0 - vae_config.shift_factor) * vae_config.scaling_factor)  # (B, N, 64)
-    eps = pack(noise)
+    x0 = pack_latents((x0 - vae_config.shift_factor) * vae_config.scaling_factor)  # (B, N, 64)
+    eps = pack_latents(noise)
     sigma = sigmas(u.view(b))  # (B,)
     x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * eps
     text_len = batch.prompt_embeds.shape[1]
@@ -106,7 +100,7 @@ def captured_attention(transformer, layers: list[int], tiled: bool) -> Iterator[
 
         return capture
 
-    blocks = transformer.single_transformer_blocks
+    blocks = models.of(transformer).single_blocks(transformer)
     handles = [blocks[i].attn.register_forward_hook(hook(i)) for i in layers]
     try:
         yield captured

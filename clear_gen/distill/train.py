@@ -37,9 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attention import apply_clear, expected_checkpoint, original_attention
+from .. import models
+from ..attention import apply_clear, original_attention
+from ..attention.weights import expected_checkpoint
 from ..errors import ConfigError, DeviceError
-from ..parallel import World, start
+from ..run.world import World, start
 from . import checkpoint as C
 from .data import Samples, base_id
 from .losses import DEFAULT_WEIGHTS, attention_layers, captured_attention, distill_loss, noised
@@ -114,10 +116,10 @@ class TrainResult:
 
 def check_geometry(res: int, window: int, down_factor: int) -> None:
     """A window and down factor that CLEAR can train at res: a token grid divisible by f, r inside it."""
-    from ..plan import check_window
-    from ..recipe import check_size, size_multiple
+    from ..attention import check_window
+    from ..core.sizes import check_size, size_multiple
 
-    check_window(window, down_factor)
+    check_window(window, down_factor, flags=True)
     check_size(res, res, size_multiple(down_factor), "--res")
     side = res // 16
     if window >= side * math.sqrt(2):
@@ -168,14 +170,10 @@ def check_options(opts: TrainOptions) -> None:
 
 
 def resolve_train_backend(backend: str, device: torch.device) -> str:
-    """flex on CUDA, dense on the CPU: FlexAttention has no backward pass on the CPU."""
-    from ..attention import resolve_backend
+    """The backend that can train on this device (backends.choose: flex on CUDA, dense on the CPU)."""
+    from ..attention.backends import choose
 
-    if backend == "auto":
-        return "flex" if device.type == "cuda" else "dense"
-    if resolve_backend(backend, device) == "flex" and device.type == "cpu":
-        raise ConfigError("FlexAttention has no backward pass on the CPU: train there with --backend dense")
-    return backend
+    return choose(backend, device, training=True).name
 
 
 # ---------------------------------------------------------------- the student
@@ -184,24 +182,23 @@ def resolve_train_backend(backend: str, device: torch.device) -> str:
 def load_base(model: str, token: str | None, device: torch.device, dtype: torch.dtype):
     """The base's transformer, VAE and scheduler (no text encoders: the data holds the embeddings), as a
     FluxPipeline that validation renders with."""
-    from diffusers import FluxPipeline
-
-    from ..hub import check_run_weights, resolve_base
-    from ..loading import _quiet_loading
-    from ..positions import use_exact_positions
+    from ..plan.parse import model_family
+    from ..weights.hub import check_run_weights, resolve_base
+    from ..weights.loading import _quiet_loading
 
     check_run_weights(model, None)
     path = resolve_base(model, token)
+    family = models.family(model_family(model))
     none = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     with _quiet_loading():
         try:
-            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, **none)
+            pipe = family.pipeline_class().from_pretrained(path, torch_dtype=dtype, **none)
         except (OSError, ValueError) as e:
             first = str(e).splitlines()[0][:160]
             raise ConfigError(f"{path} is not a complete FLUX.1 diffusers folder ({first})") from e
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    use_exact_positions(pipe.transformer)
+    family.use_exact_positions(pipe.transformer)
     return pipe
 
 
@@ -216,7 +213,7 @@ def make_student(
     """CLEAR on the transformer with its own trainable projections (the base's kept for the teacher); its
     trainable parameters in trainable_keys order. weights: a resumed student's, else the base's."""
     f, keys = opts.down_factor, trainable_keys(transformer, opts.down_factor)
-    like = transformer.x_embedder.weight
+    like = torch.empty(0, dtype=transformer.dtype, device=models.of(transformer).compute_device(transformer))
     if weights is None:
         init = torch.full((1, 1, 1, f, 1, f, 1), 1.0 / f**2)  # the recipe's initial pooling: a plain mean
         weights = {k: init if k.endswith("spatial_weight") else transformer.get_parameter(k) for k in keys}
@@ -286,7 +283,7 @@ def train(opts: TrainOptions, hooks: TrainHooks | None = None, pipe: Any = None)
 
     pipe: the base already loaded (its transformer, and its VAE's config), instead of loading opts.model;
     for benchmarks on random weights (scripts/distill_bench.py)."""
-    from ..device import resolve_dtype
+    from ..core.device import resolve_dtype
 
     hooks = hooks or TrainHooks()
     # 1. Everything that needs no model: options, processes, data, the resume file.
@@ -344,7 +341,7 @@ def _prepare(opts, world, device, pipe, backend, samples, identity, resumed, acc
         if opts.log
         else out.with_name(out.name.removesuffix(".safetensors") + ".log.jsonl")
     )
-    layers = attention_layers(len(transformer.single_transformer_blocks))
+    layers = attention_layers(len(models.of(transformer).single_blocks(transformer)))
     return _Run(
         opts, world, device, pipe, samples, params, masters, optimizer, ddp, layers, accumulate, identity,
         keys, (out, C.resume_path(out), log),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..attention import original_attention
-from ..compare import grid_image, similarity
+from ..run.compare import grid_image, similarity
 from .data import Samples
 
 

@@ -1,0 +1,428 @@
+"""`clear-gen bench`: CLEAR versus full attention on random weights, so it runs with no download.
+
+Three measurements, one row (a dict) per resolution:
+- plan: no compute; tokens, mask densities, block-mask build time, FLOPs and the speedup they bound;
+- attention: the attention op alone, CLEAR (FlexAttention) versus full SDPA, plus a check of CLEAR
+  against the dense reference;
+- step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock;
+  under torchrun the CLEAR step is the sequence-parallel one (parallel.py), checked against one GPU's.
+`plan --gpus P` adds, per resolution and GPU count, sequence mode's communication per GPU next to its
+compute, priced at NVLink, PCIe and network speeds, and the halo layout's on paper (parallel.py).
+Timing follows nanoGPT's bench: warm up (first call, compilation included, reported apart),
+synchronise, median of repeats, device named in every row.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..core import flops as FL
+from ..core import geometry as G
+from ..core.clock import samples, timed, timeit
+from ..core.device import device_name, resolve_device, resolve_dtype
+from ..errors import ConfigError
+from ..models.flux1 import use_exact_positions
+from ..models.flux1.random import build_transformer, flux_shape, step_inputs
+from ..run import world as PL
+
+WHATS = ("plan", "attention", "step", "image")
+CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
+ROW_KEYS = (
+    "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
+    "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device",
+)  # fmt: skip
+
+Progress = Callable[[str], None] | None
+
+
+# ---------------------------------------------------------------- small pieces
+
+
+def variant(name: str) -> tuple[int, int]:
+    """(window, down_factor) of a weights.toml variant such as 'r8' or 'r8-down4'."""
+    from ..weights.registry import load_registry
+
+    v = load_registry().variant(name)
+    return v.window, v.down_factor
+
+
+def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geometry:
+    """Geometry of a res x res image: (res / 16)^2 image tokens, tiled as the transformer tiles them."""
+    from ..core.sizes import check_size  # generate's check: range, multiple, and the nearest valid size
+
+    check_size(res, res, 16 * down_factor, square_flag="--res")
+    side = res // 16
+    return G.image_geometry(text_len, side, side, window, down_factor)
+
+
+def row_major(geo: G.Geometry) -> G.Geometry:
+    """The same attention with image tokens row-major (the reference layout): one tile = one grid row."""
+    return G.Geometry(geo.text_len, geo.height, geo.width, geo.window, geo.down_factor, (1, geo.width))
+
+
+def _base_row(what: str, res: int, geo: G.Geometry, lists: G.BlockLists, dev: str) -> dict:
+    size = geo.q_len * geo.kv_len
+    return {
+        "what": what,
+        "res": res,
+        "window": geo.window,
+        "down_factor": geo.down_factor,
+        "tokens": geo.q_len,
+        "exact_density": G.needed_pairs(geo) / size,
+        "computed_density": lists.computed_pairs() / size,
+        "full_ms": None,
+        "clear_ms": None,
+        "speedup": None,
+        "peak_mem_mb": None,
+        "device": dev,
+        "torch": torch.__version__,
+    }
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.FluxShape) -> dict:
+    """Densities, block-mask build time, FLOPs per step and the speedup bound; no attention computed."""
+    geo = geometry(res, window, down_factor, text_len)
+    uncached = lambda: G.block_mask.__wrapped__(geo, "cpu")  # noqa: E731
+    build = samples(uncached, torch.device("cpu"), 6)[1:]  # ms, after one warm-up
+    lists = G.build_block_lists(geo)
+    needed = G.needed_pairs(geo)
+    flops = FL.step_flops(shape, geo, lists.computed_pairs())
+    row = _base_row("plan", res, geo, lists, device_name(torch.device("cpu")))
+    row.update(
+        computed_over_needed=lists.computed_pairs() / needed,
+        rowmajor_over_needed=G.build_block_lists(row_major(geo)).computed_pairs() / needed,
+        mask_build_ms=statistics.median(build),
+        mask_build_min_ms=min(build),  # on a shared machine the best run is the intrinsic cost
+        linear_pflop=flops["linear"] / 1e15,
+        attn_full_pflop=flops["attn_full"] / 1e15,
+        attn_exact_pflop=flops["attn_exact"] / 1e15,
+        attn_computed_pflop=flops["attn_computed"] / 1e15,
+        speedup_bound=FL.speedup_bound(flops),
+        layers=shape.layers,
+    )
+    return row
+
+
+def comm_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.FluxShape, gpus: int) -> dict:
+    """Per GPU and step at `gpus` GPUs: compute, head-parallel bytes and their time on each link (None when
+    the heads do not split), and the halo layout's bytes on paper. Compute time at parallel.ASSUMED_FLOPS."""
+    geo = geometry(res, window, down_factor, text_len)
+    flops = FL.step_flops(shape, geo, _computed(geo))
+    compute = (flops["linear"] + flops["attn_computed"]) / gpus
+    a2a = PL.head_parallel_bytes(shape, geo, gpus) if shape.heads % gpus == 0 else None
+    halo = PL.halo_bytes(shape, geo, gpus)
+    row = {
+        "what": "comm", "res": res, "window": window, "down_factor": down_factor, "tokens": geo.q_len,
+        "gpus": gpus, "heads": shape.heads, "layers": shape.layers, "pflop_per_gpu": compute / 1e15,
+        "compute_s": compute / PL.ASSUMED_FLOPS, "assumed_tflops": PL.ASSUMED_FLOPS / 1e12,
+        "a2a_gb": None if a2a is None else a2a / 1e9, "halo_gb": halo / 1e9,
+    }  # fmt: skip
+    for link, rate in PL.LINKS.items():
+        row[f"a2a_s {link}"] = None if a2a is None else a2a / rate
+    row["halo_s 400 Gb/s"] = halo / PL.LINKS["400 Gb/s"]
+    return row
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _qkv(geo: G.Geometry, heads: int, head_dim: int, device, dtype, seed: int = 0):
+    """Random q (1, H, q_len, D) and k, v (1, H, kv_len, D), with the strides the model passes:
+    (B, L, H, D) transposed, so that the op reuses the model's compiled kernel."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda n: torch.randn(1, n, heads, head_dim, generator=g, device=device, dtype=dtype)  # noqa: E731
+    return rand(geo.q_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2)
+
+
+def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype) -> dict:
+    """CLEAR (flex, in dtype) against the dense masked SDPA reference in float32 on the same inputs."""
+    from ..attention.backends import clear_attention
+
+    q, k, v = _qkv(geo, heads, head_dim, device, dtype, seed=1)
+    scale = head_dim**-0.5
+    out = clear_attention(q, k, v, geo, scale, "flex").float()
+    ref = clear_attention(q.float(), k.float(), v.float(), geo, scale, "dense")
+    err = (out - ref).abs().max().item()
+    return {"check_res": geo.height * 16, "check_max_err": err, "check_ok": err <= CHECK_ATOL[dtype]}
+
+
+def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len: int) -> G.Geometry:
+    """The smallest asked-for size if the dense reference fits it, else 1024 px or less."""
+    from ..attention.backends import DENSE_MAX_ELEMENTS
+
+    for r in (min(res), 1024, 512, 256):
+        geo = geometry(r, window, down_factor, text_len)
+        if geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS:
+            return geo
+    raise ConfigError(f"text length {text_len} is too long for the dense reference check")
+
+
+def attention_row(
+    res: int, window: int, down_factor: int, text_len: int, heads: int, head_dim: int,
+    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard,
+) -> dict:  # fmt: skip
+    """CLEAR attention (flex) versus full SDPA over the text + image tokens, heads x head_dim."""
+    import torch.nn.functional as F
+
+    from ..attention.backends import clear_attention
+
+    geo = geometry(res, window, down_factor, text_len)
+    q, k, v = _qkv(geo, heads, head_dim, device, dtype)
+    scale = head_dim**-0.5
+    clear = lambda: clear_attention(q, k, v, geo, scale, "flex")  # noqa: E731
+    clear_ms, first_ms, peak = timed(clear, device, repeats)
+    row = _base_row("attention", res, geo, G.build_block_lists(geo), device_name(device))
+    row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+    kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
+    full = lambda: F.scaled_dot_product_attention(q, kq, vq, scale=scale)  # noqa: E731
+    flops = 4.0 * FL.full_pairs(geo) * heads * head_dim
+    row.update(guard.measure(full, flops, clear_ms, FL.full_pairs(geo) / _computed(geo), device, repeats))
+    row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
+    row.update(heads=heads, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."))
+    if geo.text_len % G.BLOCK == 0:
+        row.update(text_split(q, k, v, geo, scale, device, repeats))
+    return row
+
+
+def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int) -> dict:
+    """What the text query rows cost: they visit every key block (~2,052 at 8K) where an image row
+    visits ~13, so a few thread blocks may run long after the rest. Times the image rows alone (their
+    rows of the block mask) and the text rows alone (SDPA over text and image keys): if their sum is
+    well under the one-kernel time, a separate pass for the text rows is worth it."""
+    import torch.nn.functional as F
+
+    from ..attention.backends import compiled_flex
+
+    t, n = geo.text_len, geo.q_len
+    mask = G.image_rows_block_mask(geo, str(device))
+    image = lambda: compiled_flex(q[:, :, t:], k, v, mask, scale)  # noqa: E731
+    text = lambda: F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :n], v[:, :, :n], scale=scale)  # noqa: E731
+    image_ms, _ = timeit(image, device, repeats)
+    text_ms, _ = timeit(text, device, repeats)
+    return {"image_rows_ms": image_ms, "text_rows_ms": text_ms}
+
+
+def _computed(geo: G.Geometry) -> int:
+    return G.build_block_lists(geo).computed_pairs()
+
+
+class FullGuard:
+    """Skips full-attention runs estimated to take over `max_seconds` per call, or to overrun the
+    `deadline` (a time.monotonic() value), and says so.
+
+    The estimate is FLOPs at the rate of the last measured full run, or failing that the CLEAR time
+    times the FLOP ratio (same rate assumed). A skipped run gets the estimate, marked `full_estimated`.
+    """
+
+    def __init__(self, enabled: bool, max_seconds: float | None, deadline: float | None = None):
+        self.enabled, self.max_seconds, self.deadline = enabled, max_seconds, deadline
+        self.rate = None  # FLOP per ms of the last measured full run
+
+    def measure(self, fn, flops: float, clear_ms: float | None, ratio: float, device, repeats: int) -> dict:
+        """With no rate and no CLEAR time to estimate from, the run is measured."""
+        if not self.enabled:
+            return {"full_ms": None, "full_estimated": False}
+        est_ms = flops / self.rate if self.rate else (clear_ms or 0.0) * ratio
+        limit_ms = math.inf if self.max_seconds is None else self.max_seconds * 1e3
+        if self.deadline is not None:
+            limit_ms = min(limit_ms, (self.deadline - time.monotonic()) * 1e3)
+        if est_ms > limit_ms:
+            return {"full_ms": est_ms, "full_estimated": True}
+        reps = repeats if est_ms * (1 + repeats) <= limit_ms else 0  # too slow to repeat: one call
+        full_ms, _, peak = timed(fn, device, reps)
+        self.rate = flops / full_ms
+        return {"full_ms": full_ms, "full_estimated": False, "full_repeats": reps, "full_peak_mem_mb": peak}
+
+
+# ---------------------------------------------------------------- step
+
+
+def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) -> dict:
+    """Whole-step CLEAR with FlexAttention against the dense-mask backend: relative L2 error. With
+    `shards` (under torchrun), the sequence-parallel flex step against this GPU's own flex step."""
+    from ..attention import apply_clear
+
+    outs = []
+    runs = (("flex", None), ("flex", shards)) if shards is not None else (("dense", None), ("flex", None))
+    for backend, parallel in runs:
+        apply_clear(model, window=window, down_factor=down_factor, backend=backend, parallel=parallel)
+        outs.append(model(**inputs)[0].float())
+    err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    tol = 1e-3 if inputs["hidden_states"].dtype == torch.float32 else 5e-2
+    return {"check_rel_err": err, "check_ok": bool(math.isfinite(err) and err <= tol)}
+
+
+MEASURES = ("both", "clear", "full")
+
+
+def step_row(
+    res: int, window: int, down_factor: int, text_len: int, model, shape: FL.FluxShape,
+    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard, check: bool,
+    measure: str = "both", emit: Callable[[dict], None] = lambda row: None, shards=None,
+) -> dict:  # fmt: skip
+    """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
+    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. `shards`
+    (under torchrun): CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU whole."""
+    from ..attention import apply_clear, remove_clear
+
+    geo = geometry(res, window, down_factor, text_len)
+    inputs = step_inputs(model, res, text_len, device, dtype)
+    step = lambda: model(**inputs)  # noqa: E731
+    flops = FL.step_flops(shape, geo, _computed(geo))
+    row = _base_row("step", res, geo, G.build_block_lists(geo), device_name(device))
+    row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim, text_len=text_len)
+    row.update(dtype=str(dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
+    gpus = 1 if shards is None else shards.world.size
+    row.update(gpus=gpus, parallel="none" if shards is None else "sequence")
+    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
+    if measure != "full":
+        apply_clear(model, window=window, down_factor=down_factor, backend="flex", parallel=shards)
+        clear_ms, first_ms, peak = timed(step, device, repeats)
+        row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+        if check:
+            row.update(check_res=res, **check_step(model, inputs, window, down_factor, shards))
+        remove_clear(model)
+        emit(row)
+    # 2. Stock attention, unless the guard estimates it too slow.
+    if measure != "clear":
+        full_flops = flops["linear"] + flops["attn_full"]
+        gpu_ms = None if row["clear_ms"] is None else row["clear_ms"] * gpus  # one GPU's: from GPU-seconds
+        row.update(guard.measure(step, full_flops, gpu_ms, FL.speedup_bound(flops), device, repeats))
+        row["speedup"] = row["full_ms"] / row["clear_ms"] if row["full_ms"] and row["clear_ms"] else None
+    return row
+
+
+# ---------------------------------------------------------------- the one entry point
+
+
+ALL_SIZES = (1024, 2048, 4096, 8192)
+CPU_SIZES = (1024,)  # a full-size attention op or step at 1K takes seconds on a CPU; 8K takes hours
+
+
+def run(
+    what: str = "plan",
+    res: Sequence[int] | None = None,
+    window: int | None = None,
+    down_factor: int | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    repeats: int = 3,
+    heads: int = 24,
+    head_dim: int = 128,
+    layers: int = 57,
+    text_len: int = 512,
+    compare_full: bool = True,
+    max_full_seconds: float | None = None,
+    time_budget: float | None = None,
+    measure: str = "both",
+    progress: Progress = None,
+    on_row: Callable[[dict], None] | None = None,
+    gpus: Sequence[int] | None = None,
+    **image,
+) -> list[dict]:
+    """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands
+    (a step row twice: once CLEAR is measured, again with full attention). `gpus` (plan): a
+    communication row per resolution and GPU count too.
+
+    No window: the registry's default variant (r8-down4), as `clear-gen generate` runs. No res: 1K-8K,
+    or 1K alone for measurements on a CPU. `measure` (step): both, clear or full. Full-attention runs
+    estimated (FLOP model) to take over `max_full_seconds` per call, or to end after `time_budget`
+    seconds from now, are skipped and reported as estimates (`full_estimated`). `what="image"`: one image
+    through generate (bench_image.run; `image`: its stages, steps, vae_channels, compile and cache).
+    """
+    image = {k: v for k, v in image.items() if v is not None}
+    if what == "image":
+        from .image import run as run_image
+
+        shape = dict(heads=heads, head_dim=head_dim, layers=layers, text_len=text_len)
+        return run_image(res, window, down_factor, device, dtype, **shape, compare_full=compare_full,
+                         progress=progress, on_row=on_row, **image)  # fmt: skip
+    if image:
+        raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    say = progress or (lambda _msg: None)
+    emit = on_row or (lambda _row: None)
+    # 1. Validate everything before any work.
+    if what not in WHATS:
+        raise ConfigError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
+    if measure not in MEASURES:
+        raise ConfigError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    if window is None:  # the default variant's window, and its down factor unless one is given
+        window, default_f = variant(default_variant())
+        down_factor = default_f if down_factor is None else down_factor
+    down_factor = down_factor or 1
+    if window < 1 or down_factor < 1 or repeats < 0 or heads < 1 or head_dim < 1:
+        raise ConfigError("window, down factor, heads and head dim must be positive, repeats >= 0")
+    if gpus and (what != "plan" or min(gpus) < 1):
+        raise ConfigError("--gpus takes GPU counts of 1 or more, with --what plan (torchrun runs the step)")
+    world, dev = _world(what, device)
+    if res is None:
+        res = CPU_SIZES if dev.type == "cpu" and what != "plan" else ALL_SIZES
+        say(f"sizes {', '.join(map(str, res))} px (--res to choose)")
+    if not res:
+        raise ConfigError("no resolution given")
+    for r in res:
+        geometry(r, window, down_factor, text_len)
+    dt = resolve_dtype(dtype, dev)
+    shape = flux_shape(heads, head_dim, layers)
+    guard = FullGuard(compare_full or measure == "full", max_full_seconds, deadline)
+    wf = (window, down_factor, text_len)
+    rows = []
+    # 2. One row per resolution; correctness checks in the same run, after the timings (so that the
+    #    first timed call carries the compilation).
+    with torch.inference_mode():
+        model = build_transformer(shape, dev, dt) if what == "step" else None
+        if model is not None:
+            use_exact_positions(model)  # stock and CLEAR steps see the same, exact positions
+        shards = None if world is None else PL.SequenceShards(world, heads)
+        for r in res:
+            say(f"{what} {r} px, r = {window}, f = {down_factor} on {device_name(dev)}")
+            if what == "plan":
+                row = plan_row(r, *wf, shape)
+            elif what == "attention":
+                row = attention_row(r, *wf, heads, head_dim, dev, dt, repeats, guard)
+            else:
+                geo = geometry(r, *wf)
+                small = geo.q_len * geo.kv_len <= _dense_max() or shards is not None  # dense or one-GPU check
+                check = r == min(res) and small and measure != "full"
+                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check, measure, emit, shards)
+            rows.append(row)
+            emit(row)
+            for p in gpus or []:
+                rows.append(comm_row(r, *wf, shape, p))
+                emit(rows[-1])
+        if what == "attention":
+            check = check_attention(_check_geometry(res, *wf), heads, head_dim, dev, dt)
+            say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
+            for row in rows:
+                row.update(check)
+                emit(row)
+    return rows
+
+
+def _world(what: str, device: str) -> tuple[PL.World | None, torch.device]:
+    """(parallel.World, device) for a step under torchrun (rank, process group, cuda:LOCAL_RANK), else
+    (None, the device)."""
+    if what == "step" and PL.launched():
+        return PL.start("sequence", device)
+    return None, resolve_device(device)
+
+
+def default_variant() -> str:
+    from ..weights.registry import load_registry
+
+    return load_registry().default_variant
+
+
+def _dense_max() -> int:
+    from ..attention.backends import DENSE_MAX_ELEMENTS
+
+    return DENSE_MAX_ELEMENTS

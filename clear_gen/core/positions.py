@@ -1,0 +1,74 @@
+"""Exact RoPE positions for the image tokens, whatever dtype the pipeline built `img_ids` in.
+
+diffusers' Flux pipelines build `img_ids` = [0, row, col] in the prompt's dtype. bf16 holds integers
+exactly only up to 256, so above 4096 px (256 tokens a side) rows and columns are rounded: at 8192 px
+column 511 reads 512, and 2-4 neighbouring tokens share a position. The model means integer positions,
+so clear-gen recovers the grid from the rounded ids (row 0's length: rows 0 and 1 are exact in any
+dtype) and feeds RoPE the exact integers in float32, with CLEAR and with stock attention alike
+(models.flux1.use_exact_positions), so that a CLEAR-versus-full comparison changes only the attention.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The row-major image grid that img_ids describe: h x w tokens starting at (y0, x0)."""
+
+    height: int
+    width: int
+    y0: int = 0
+    x0: int = 0
+
+
+def exact_ids(grid: Grid, device: torch.device | str = "cpu") -> Tensor:
+    """(h * w, 3) float32 [0, row, col] of a row-major grid, exact for any size below 2^24."""
+    return _exact_ids(grid, str(device))
+
+
+@lru_cache(maxsize=8)
+def _exact_ids(grid: Grid, device: str) -> Tensor:
+    ys = torch.arange(grid.height, device=device).view(-1, 1).expand(-1, grid.width) + grid.y0  # (h, w)
+    xs = torch.arange(grid.width, device=device).view(1, -1).expand(grid.height, -1) + grid.x0
+    return torch.stack([torch.zeros_like(ys), ys, xs], dim=-1).view(-1, 3).float()  # (N, 3)
+
+
+def find_grid(img_ids: Tensor) -> Grid:
+    """The grid whose ids, rounded to img_ids' dtype, are img_ids; refuse anything else.
+
+    The width is the length of row 0 (rows 0 and 1 are exact in every dtype), the height N / width.
+    One copy to the CPU: callers cache the answer per ids tensor (`GridCache`).
+    """
+    ids = img_ids.detach().to("cpu")
+    n = ids.shape[0]
+    rows = ids[:, 1]
+    width = int((rows != rows[0]).nonzero()[0, 0]) if bool((rows != rows[0]).any()) else n
+    y0, x0 = int(ids[0, 1]), int(ids[0, 2])
+    grid = Grid(n // width, width, y0, x0)
+    if grid.height * width != n or not torch.equal(exact_ids(grid).to(ids.dtype), ids):
+        raise ConfigError("CLEAR needs img_ids of one row-major image grid (as FluxPipeline makes)")
+    return grid
+
+
+class GridCache:
+    """find_grid, once per ids tensor: a pipeline passes the same img_ids at every step, and reading
+    them back from the GPU would synchronise it each time."""
+
+    def __init__(self):
+        self._ref, self._version, self._grid = None, -1, None
+
+    def __call__(self, img_ids: Tensor) -> Grid:
+        version = None if img_ids.is_inference() else img_ids._version  # inference tensors keep none
+        if self._ref is None or self._ref() is not img_ids or self._version != version:
+            self._grid = find_grid(img_ids)
+            self._ref, self._version = weakref.ref(img_ids), version
+        return self._grid

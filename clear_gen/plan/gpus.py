@@ -1,0 +1,114 @@
+"""GPUs as a plan sees them: memory, compute capability and matmul rate, of this machine's GPU or of a
+common card from a table.
+
+A plan made where there is a GPU measures its matmul rate (`probe_tflops`: a few large matmuls in the
+run's dtype); without one it takes a card from `CARDS` (its data-sheet dense tensor rate times
+`TABLE_ACHIEVED`), and every time it prints is labelled an estimate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+TABLE_ACHIEVED = 0.7  # share of a data sheet's dense tensor rate that large bf16 matmuls reach in practice
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU model: data-sheet figures, dense (no sparsity), FP32 accumulation."""
+
+    name: str
+    pattern: str  # regex on torch.cuda.get_device_name()
+    memory_gb: float
+    tflops: float  # bf16 / fp16 tensor cores
+    tflops_fp32: float  # plain float32 (torch does not use TF32 for matmuls by default)
+    capability: tuple[int, int]
+
+
+# Data-sheet rates (TFLOP/s). The first card of each memory size is the one a plan without a GPU assumes.
+CARDS = (
+    Card("H200", r"H200", 141, 989, 67, (9, 0)),
+    Card("H100", r"H100", 80, 989, 67, (9, 0)),
+    Card("A100", r"A100", 80, 312, 19.5, (8, 0)),
+    Card("L40S", r"L40S", 48, 362, 91.6, (8, 9)),
+    Card("RTX 6000 Ada", r"RTX 6000 Ada", 48, 364, 91.1, (8, 9)),
+    Card("RTX A6000", r"A6000", 48, 155, 38.7, (8, 6)),
+    Card("L40", r"L40\b", 48, 181, 90.5, (8, 9)),
+    Card("A40", r"A40\b", 48, 150, 37.4, (8, 6)),
+    Card("RTX 5090", r"5090", 32, 209, 105, (12, 0)),
+    Card("RTX 4090", r"4090", 24, 165, 82.6, (8, 9)),
+    Card("RTX 3090", r"3090", 24, 71, 35.6, (8, 6)),
+    Card("L4", r"\bL4\b", 24, 121, 30.3, (8, 9)),
+    Card("A10G", r"A10G", 24, 70, 31.2, (8, 6)),
+    Card("A10", r"\bA10\b", 24, 125, 31.2, (8, 6)),
+    Card("RTX 4080", r"4080", 16, 97.5, 48.7, (8, 9)),
+)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """The GPU a plan is for."""
+
+    name: str
+    free_bytes: int  # memory the run may use
+    capability: tuple[int, int] | None  # None: unknown (a card assumed by memory size alone)
+    tflops: float  # achievable matmul rate in the run's dtype
+    rate_source: str  # how tflops was found, for the plan's labels
+    detected: bool  # this machine's GPU (else a card from the table)
+
+
+def card_named(name: str) -> Card | None:
+    """The table's card whose pattern is in a device name ('NVIDIA GeForce RTX 4090' -> RTX 4090)."""
+    return next((c for c in CARDS if re.search(c.pattern, name)), None)
+
+
+def card_for_memory(gb: float) -> Card:
+    """The table's card closest in memory (the first of its size): what a plan without a GPU assumes."""
+    return min(CARDS, key=lambda c: abs(c.memory_gb - gb))
+
+
+def table_tflops(card: Card, dtype: torch.dtype) -> float:
+    peak = card.tflops_fp32 if dtype == torch.float32 else card.tflops
+    return peak * TABLE_ACHIEVED
+
+
+def probe_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Achieved TFLOP/s of n x n x n matmuls on the device (one warm-up, the median of `repeats`)."""
+    from ..core.clock import samples
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = sorted(samples(lambda: a @ b, device, repeats + 1)[1:])
+    return 2 * n**3 / (times[len(times) // 2] / 1e3) / 1e12
+
+
+def detected_gpu(device: torch.device, dtype: torch.dtype, probe: bool = True) -> Gpu:
+    """This machine's CUDA GPU: free memory now, its capability and its measured (or table) matmul rate."""
+    free, _ = torch.cuda.mem_get_info(device)
+    name = torch.cuda.get_device_name(device)
+    capability = torch.cuda.get_device_capability(device)
+    if probe:
+        rate, source = probe_tflops(device, dtype), "measured by a matmul probe"
+    else:
+        card = card_named(name)
+        rate = table_tflops(card, dtype) if card else 100.0
+        source = f"table: {card.name}" if card else "unknown card: 100 TFLOP/s assumed"
+    return Gpu(name, free, capability, rate, source, detected=True)
+
+
+def assumed_gpu(gb: float, dtype: torch.dtype) -> Gpu:
+    """A card with `gb` GB free (no GPU here): the table's card of that memory size gives the rate."""
+    card = card_for_memory(gb)
+    source = f"table: {card.name}, {card.tflops:g} TFLOP/s peak x {TABLE_ACHIEVED}"
+    return Gpu(f"a {gb:g} GB GPU", int(gb * 1e9), card.capability, table_tflops(card, dtype), source, False)
+
+
+def limit_memory(device: torch.device, gb: float) -> None:
+    """Hold this process to `gb` GB of the GPU (--gpu-memory on a GPU): a larger card rehearses a smaller
+    one, and the plan's promise is kept. Nothing when gb is at least the card's memory."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gb * 1e9 < total:
+        torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)

@@ -1,0 +1,293 @@
+"""Parsing a run, once, before anything heavy loads: `parse(GenerateOptions) -> RunSpec`.
+
+Every user error that can be found from the arguments alone is raised here, by the one parser of each
+option (attention, sizes, numbers, quantization, LoRAs, ControlNet, cache, offload, device names), so
+nothing below validates them again. The stages of each image come from the run's recipe (recipe.py).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from ..attention import check_window
+from ..attention.choice import ClearChoice
+from ..core.sizes import MAX_SIDE, MIN_SIDE, check_size, scaled_size, size_multiple
+from ..errors import ConfigError
+from ..weights.spec import WeightsSpec
+from .recipe import Recipe, recipe
+from .spec import GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
+
+MAX_COUNT = (
+    10_000  # --count: images of one run (each job is made lazily, but a typo should not run for weeks)
+)
+OFFLOADS = ("auto", "none", "model", "sequential")
+
+
+def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) -> RunSpec:
+    """`opts` checked and resolved into a RunSpec (see spec.py). `upscale`: the pictures give the size
+    and the prompt may be empty; the attention then stays as chosen, and the stages are the pictures'
+    (`upscale_stages`). `note` hears what the user should know (a control picture converted, ...)."""
+    from ..weights import control, lora
+
+    prompts = _prompts(opts, upscale)
+    the_recipe = recipe(opts.recipe)
+    _check_numbers(opts)
+    attention = clear_choice(opts.variant, opts.window, opts.down_factor, opts.clear_weights)
+    weights = WeightsSpec(
+        model=opts.model,
+        token=opts.token,
+        quantize=opts.quantize,
+        quantize_text=opts.quantize_text,
+        transformer=opts.transformer,
+        loras=tuple(lora.parse_loras(opts.loras or [], opts.lora_files or [])),
+        controlnet=control.parse_control(opts, own_picture=upscale, note=note),
+        family=model_family(opts.model),
+    )
+    _check_weights(weights)
+    settings = _settings(opts, parse_cache(opts.cache))
+    spec = RunSpec(
+        asked=opts,
+        prompts=prompts,
+        seeds=tuple(image_seeds(opts.seeds, opts.count)),
+        recipe=the_recipe,
+        attention=attention,
+        weights=weights,
+        settings=settings,
+        output=OutputSpec(opts.out, opts.keep_stages),
+        text_len=text_length(opts),
+    )
+    if upscale:
+        return spec
+    attention = at_size(attention, opts.width, opts.height, the_recipe)
+    return replace(spec, attention=attention, stages=generate_stages(spec, attention))
+
+
+def _prompts(opts: GenerateOptions, upscale: bool) -> tuple[str, ...]:
+    prompts = tuple(p.strip() for p in opts.prompts)
+    if upscale:
+        return prompts[:1] if prompts and prompts[0] else ()
+    if not prompts or not all(prompts):
+        raise ConfigError("the prompt is empty: give a PROMPT or a --prompts-file with one prompt a line")
+    return prompts
+
+
+def _check_numbers(opts: GenerateOptions) -> None:
+    """Numbers that need no model to check."""
+    if not 0 < opts.strength <= 1:
+        raise ConfigError(f"--strength must be in (0, 1], got {opts.strength}")
+    ranges = {  # option: (lowest, highest or None); an unset option (None: the recipe's default) passes
+        "steps": (1, None),
+        "first_steps": (1, None),
+        "max_sequence_length": (1, 512),  # T5's limit in FluxPipeline
+        "guidance": (0, None),
+        "first_guidance": (0, None),
+    }
+    for name, (low, high) in ranges.items():
+        value = getattr(opts, name)
+        if value is not None and not (low <= value and (high is None or value <= high)):  # NaN fails too
+            limits = f"at least {low}" if high is None else f"{low}-{high}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
+    if opts.ntk_factor is not None and not opts.ntk_factor > 0:
+        raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
+
+
+def _check_weights(weights: WeightsSpec) -> None:
+    from ..weights.quantize import check_names  # imports torch: not at the CLI's start
+
+    check_names(weights.quantize, weights.quantize_text, weights.transformer)
+
+
+def _settings(opts: GenerateOptions, cache) -> Settings:
+    """--device, --dtype, --offload, --gpu-memory, --parallel and --backend: known names and numbers."""
+    from ..attention.backends import check_backend
+    from ..core.device import check_dtype
+    from ..core.launch import check_mode
+
+    if opts.offload not in OFFLOADS:
+        raise ConfigError(
+            f"unknown --offload {opts.offload!r}; choose {', '.join(OFFLOADS[:-1])} or {OFFLOADS[-1]}"
+        )
+    if opts.offload in ("model", "sequential"):
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--offload {opts.offload} needs accelerate: pip install accelerate") from None
+    if opts.gpu_memory is not None and not opts.gpu_memory > 0:
+        raise ConfigError(f"--gpu-memory must be a positive number of GB, got {opts.gpu_memory}")
+    check_dtype(opts.dtype)
+    check_mode(opts.parallel)
+    check_backend(opts.backend)
+    return Settings(
+        device=opts.device,
+        dtype=opts.dtype,
+        offload=opts.offload,
+        gpu_memory=opts.gpu_memory,
+        parallel=opts.parallel,
+        compile=opts.compile,
+        cache=cache,
+        backend=opts.backend,
+        compare_full=opts.compare_full,
+    )
+
+
+def model_family(model: str) -> str:
+    """The family (models/) of --model: a registry base's, else FLUX.1's."""
+    from ..models import DEFAULT
+    from ..weights.registry import load_registry, named
+
+    base = named(load_registry().bases, model)
+    return base.family if base is not None else DEFAULT
+
+
+def text_length(opts: GenerateOptions) -> int:
+    """T5 tokens of the prompt: --max-sequence-length, else the model's own (its config says which)."""
+    if opts.max_sequence_length is not None:
+        return opts.max_sequence_length
+    from ..weights.shapes import model_shapes
+
+    return model_shapes(opts.model).text_len
+
+
+def image_seeds(seeds: list[int] | None, count: int) -> list[int]:
+    if count < 1:
+        raise ConfigError(f"--count must be at least 1, got {count}")
+    if count > MAX_COUNT:
+        raise ConfigError(f"--count {count} is more than {MAX_COUNT} images; run several batches")
+    if seeds:
+        if count not in (1, len(seeds)):
+            raise ConfigError("give either --seed (once per image) or --count, not both")
+        bad = [s for s in seeds if not 0 <= s < 2**64]
+        if bad:
+            raise ConfigError(f"--seed must be in 0 .. 2^64 - 1, got {bad[0]}")
+        return list(seeds)
+    return [random.randrange(2**32) for _ in range(count)]
+
+
+# ---------------------------------------------------------------- attention
+
+
+def clear_choice(
+    variant: str | None, window: int | None, down_factor: int | None, weights: str | None = None
+) -> ClearChoice:
+    """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched later).
+    With neither: the registry's default variant, `chosen` False (full attention at or below 1024 px:
+    `at_size`)."""
+    from pathlib import Path
+
+    from ..weights.registry import load_registry
+
+    custom = {"--window": window, "--down-factor": down_factor, "--clear-weights": weights}
+    given = [f"{flag} {value}" for flag, value in custom.items() if value is not None]
+    if given and variant is not None:
+        raise ConfigError(
+            f"--variant {variant} and {given[0]} conflict: give a variant or a custom "
+            "--window [--down-factor] [--clear-weights], not both"
+        )
+    if given:
+        if window is None:
+            raise ConfigError(
+                f"{given[0]} needs --window (and --down-factor if the weights are down-sampled)"
+            )
+        check_window(window, down_factor, flags=True)
+        path = Path(weights).expanduser() if weights else None
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--clear-weights {path}: no such file")
+        return ClearChoice("custom", window, down_factor or 1, path)
+    if variant == "none":
+        return ClearChoice("none", None)
+    registry = load_registry()
+    local = Path(variant or "").expanduser()
+    if variant and local.is_file():  # a downloaded checkpoint: its published file name says r and f
+        known = {v.filename: v for v in registry.variants.values()}
+        if local.name not in known:
+            raise ConfigError(
+                f"--variant {local}: not a published CLEAR file name; use --clear-weights with --window"
+            )
+        v = known[local.name]
+        return ClearChoice(v.name, v.window, v.down_factor, local)
+    found = registry.variant(variant or registry.default_variant)
+    return ClearChoice(found.name, found.window, found.down_factor, chosen=variant is not None)
+
+
+def at_size(choice: ClearChoice, width: int, height: int, the_recipe: Recipe) -> ClearChoice:
+    """The attention at this target: the default variant becomes full attention at or below the first
+    pass's side, where CLEAR is no faster (and only approximates the original model)."""
+    if choice.chosen or the_recipe.high_res(width, height):
+        return choice
+    side = the_recipe.first_pass_side
+    note = (
+        f"{width}x{height}: the original weights with full attention, as CLEAR is no faster "
+        f"at or below {side} px (--variant or --window forces CLEAR)"
+    )
+    return ClearChoice("none", None, note=note)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def asked_long_sides(stages: list[int] | None, width: int, height: int, the_recipe: Recipe) -> list[int]:
+    """--stages checked (in range, growing), else the recipe's."""
+    if stages:
+        if not all(MIN_SIDE <= side <= MAX_SIDE for side in stages):
+            got = ",".join(map(str, stages))
+            raise ConfigError(f"each stage's long side must be {MIN_SIDE}-{MAX_SIDE} px, got {got}")
+        if any(b <= a for a, b in zip(stages, stages[1:], strict=False)):
+            raise ConfigError(f"--stages must grow: got {','.join(map(str, stages))}")
+        return list(stages)
+    return the_recipe.long_sides(width, height)
+
+
+def generate_stages(spec: RunSpec, choice: ClearChoice) -> tuple[Stage, ...]:
+    """The stages of one generated image: a text-to-image first pass, then SDEdit stages."""
+    opts, the_recipe = spec.asked, spec.recipe
+    sizes = _checked_sizes(opts.width, opts.height, opts.stages, choice, the_recipe)
+    if len(sizes) == 1:
+        guidance = the_recipe.direct_guidance if opts.guidance is None else opts.guidance
+        return (_stage(spec, *sizes[0], choice.window is not None, opts.steps, guidance, False, 1.0),)
+    first = _stage(spec, *sizes[0], False, opts.first_steps, opts.first_guidance, False, 1.0)
+    return (first, *sdedit_stages(spec, choice, sizes[1:]))
+
+
+def upscale_stages(spec: RunSpec, choice: ClearChoice, width: int, height: int) -> tuple[Stage, ...]:
+    """The stages of an upscale to width x height: every one an SDEdit stage, the first from the given
+    picture (which is not a stage); the asked stages list the long sides after it."""
+    long_sides = spec.asked.stages or [max(width, height)]
+    return sdedit_stages(spec, choice, _checked_sizes(width, height, long_sides, choice, spec.recipe))
+
+
+def sdedit_stages(spec: RunSpec, choice: ClearChoice, sizes: list[tuple[int, int]]) -> tuple[Stage, ...]:
+    """img2img stages, each from the previous image: CLEAR (when chosen) with the recipe's defaults."""
+    opts = spec.asked
+    guidance = spec.recipe.sdedit_guidance if opts.guidance is None else opts.guidance
+    clear = choice.window is not None
+    return tuple(_stage(spec, w, h, clear, opts.steps, guidance, True, opts.strength) for w, h in sizes)
+
+
+def _stage(spec: RunSpec, w: int, h: int, clear: bool, steps: int, guidance: float, sdedit: bool, strength):
+    """A Stage with the recipe's knobs decided for its size (the asked ones win)."""
+    opts, the_recipe = spec.asked, spec.recipe
+    high_res = the_recipe.high_res(w, h)
+    ntk = opts.ntk_factor if opts.ntk_factor is not None else (the_recipe.high_res_ntk if high_res else 1.0)
+    asked_prop = opts.proportional_attention
+    proportional = asked_prop if asked_prop is not None else (high_res and the_recipe.proportional_above)
+    net_clear = clear and max(w, h) > the_recipe.controlnet_clear_above
+    tiles = the_recipe.vae_tiles(w, h)
+    return Stage(w, h, clear, steps, guidance, sdedit, strength, ntk, proportional, tiles, net_clear)
+
+
+def _checked_sizes(
+    width: int, height: int, long_sides: list[int] | None, choice: ClearChoice, the_recipe: Recipe
+) -> list[tuple[int, int]]:
+    """(w, h) of each stage at these long sides, every number checked: the last is the target."""
+    long_sides = asked_long_sides(long_sides, width, height, the_recipe)
+    multiple = size_multiple(choice.down_factor)
+    check_size(width, height, multiple)
+    if long_sides[-1] != max(width, height):
+        raise ConfigError(
+            f"the last stage ({long_sides[-1]} px) must be the target's long side ({max(width, height)} px)"
+        )
+    sizes = [scaled_size(width, height, side, multiple) for side in long_sides[:-1]] + [(width, height)]
+    for w, h in sizes:
+        check_size(w, h, multiple)
+    return sizes

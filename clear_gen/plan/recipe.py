@@ -1,0 +1,79 @@
+"""Sampler recipes: how an image's stages are sized and run, as a registry of named recipes.
+
+A recipe says everything about the sampling that is not the model or the attention: the first pass (its
+side, steps and guidance), each further stage's img2img (steps, guidance, strength, sigmas, static shift),
+the RoPE and softmax-scale changes above the first pass's side, when the VAE tiles, and how stage sizes
+round. `clear` is CLEAR's reference high-resolution recipe (CLEAR_FACTS.md): a 1024 px first pass with
+the original model and full attention, then SDEdit stages with CLEAR. A new recipe is one more entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One named sampler recipe; every number a run does not override comes from here."""
+
+    name: str
+    description: str
+    first_pass_side: int  # long side of the full-attention first pass; at or below it, one pass alone
+    first_steps: int  # the first pass's steps
+    first_guidance: float
+    steps: int  # each further (SDEdit) stage's steps, and a direct pass's
+    sdedit_guidance: float  # guidance of the SDEdit stages
+    direct_guidance: float  # guidance of a one-stage text-to-image run at the target
+    strength: float  # SDEdit: the part of the schedule that runs
+    high_res_ntk: float  # RoPE NTK factor above first_pass_side (1 at or below)
+    proportional_above: bool  # proportional attention above first_pass_side
+    vae_tiling_above: int  # px: larger stages encode and decode in tiles
+    controlnet_clear_above: int  # px: a ControlNet's blocks get training-free CLEAR in larger CLEAR stages
+    static_shift: bool  # img2img stages without dynamic shifting (the scheduler's fixed shift)
+
+    def high_res(self, width: int, height: int) -> bool:
+        """Above the first pass's side: NTK scaling and proportional attention apply, CLEAR pays."""
+        return max(width, height) > self.first_pass_side
+
+    def vae_tiles(self, width: int, height: int) -> bool:
+        return max(width, height) > self.vae_tiling_above
+
+    def sigmas(self, steps: int) -> list[float]:
+        """An SDEdit stage's sigmas before the scheduler's shift: linspace(1, 1/steps, steps)."""
+        import numpy as np
+
+        return np.linspace(1.0, 1.0 / steps, steps).tolist()
+
+    def long_sides(self, width: int, height: int) -> list[int]:
+        """The stages' long sides when none are given: the first pass, then the target (or the target)."""
+        long_side = max(width, height)
+        return [self.first_pass_side, long_side] if long_side > self.first_pass_side else [long_side]
+
+
+RECIPES: dict[str, Recipe] = {
+    "clear": Recipe(
+        name="clear",
+        description="CLEAR's reference: a 1024 px first pass with full attention, then SDEdit with CLEAR",
+        first_pass_side=1024,
+        first_steps=20,
+        first_guidance=3.5,
+        steps=20,
+        sdedit_guidance=7.5,
+        direct_guidance=3.5,
+        strength=0.7,
+        high_res_ntk=10.0,
+        proportional_above=True,
+        vae_tiling_above=2048,
+        controlnet_clear_above=1024,
+        static_shift=True,
+    ),
+}
+DEFAULT_RECIPE = "clear"
+
+
+def recipe(name: str = DEFAULT_RECIPE) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return RECIPES[name]

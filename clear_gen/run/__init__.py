@@ -1,0 +1,4 @@
+"""Generation: the job runner (`generate`: generate and upscale), one image's stages (`render`), measuring
+steps and full attention (`measure`), speed options (`speed`), compare, and the one torchrun world
+(`world`) that generate, bench and distill share. May import everything below it: `core`, `models`,
+`attention`, `files`, `weights`, `plan`."""

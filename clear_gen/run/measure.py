@@ -1,0 +1,178 @@
+"""Measuring a run: its steps as they run (StepClock), its peak GPU memory, and full attention at the same
+size (one warm stock step, or the FLOP model); what is measured goes into files.record's RunTiming."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from .. import models
+from ..attention import remove_clear
+from ..core.clock import samples, timeit
+from ..core.device import synchronize
+from ..core.flops import speedup_bound, step_flops
+from ..core.geometry import Geometry, build_block_lists
+from ..files.record import StageTiming
+
+FULL_MEASURE_BUDGET_S = 60.0  # measure full attention when a warm + timed step costs less than this
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new GPU memory high-water mark (CUDA; nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def record_peak_memory(timing: StageTiming, device: torch.device) -> None:
+    """Raise the stage's peak figures to the high-water marks since the last reset (CUDA; None elsewhere:
+    torch keeps no count on the CPU)."""
+    if device.type != "cuda":
+        return
+    allocated = torch.cuda.max_memory_allocated(device) / 1e9
+    reserved = torch.cuda.max_memory_reserved(device) / 1e9
+    timing.peak_allocated_gb = max(timing.peak_allocated_gb or 0.0, allocated)
+    timing.peak_reserved_gb = max(timing.peak_reserved_gb or 0.0, reserved)
+
+
+class StepClock:
+    """Times a stage's denoising steps: from the transformer's first call, then at each step's end.
+
+    Use it as the pipeline's `callback_on_step_end` inside `with clock.watching(transformer):`.
+    `on_step(done, seconds)` is called after each step with the seconds of that step.
+    """
+
+    def __init__(self, device: torch.device, on_step: Callable[[int, float], None] | None = None):
+        self.device, self.on_step = device, on_step
+        self.started = time.perf_counter()  # the stage's start
+        self.stamps: list[float] = []  # [first transformer call, end of step 1, end of step 2, ...]
+
+    @contextmanager
+    def watching(self, transformer) -> Iterator[None]:
+        def first_call(module, args, kwargs):
+            if not self.stamps:
+                synchronize(self.device)
+                self.stamps.append(time.perf_counter())
+
+        handle = transformer.register_forward_pre_hook(first_call, with_kwargs=True, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def __call__(self, pipe, step: int, timestep, kwargs: dict) -> dict:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        if self.on_step:
+            self.on_step(len(self.stamps) - 1, self.stamps[-1] - self.stamps[-2])
+        return kwargs
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+    def warm_step_seconds(self) -> float | None:
+        """Median of the steps after the first (which holds compilation); None with one step."""
+        d = self.durations()[1:]
+        return sorted(d)[len(d) // 2] if d else None
+
+
+def step_call(transformer, inputs: dict, controlnet=None, control_inputs: dict | None = None) -> Callable:
+    """One denoising step's model calls with the inputs of their last calls: the ControlNet's, when there
+    is one (its residuals then feed the transformer, as in diffusers' ControlNet pipelines), then the
+    transformer's."""
+
+    def call():
+        if controlnet is None:
+            return transformer(**inputs)
+        blocks, singles = controlnet(**{**control_inputs, "return_dict": False})
+        residuals = {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles}
+        return transformer(**{**inputs, **residuals})
+
+    return call
+
+
+def time_step(step: Callable, device: torch.device) -> float:
+    """Seconds of one more (warm) step (step_call) with the inputs of the last."""
+    with torch.no_grad():
+        return samples(step, device, 1)[0] / 1e3
+
+
+@contextmanager
+def capture_transformer_call(transformer) -> Iterator[dict]:
+    """Keep the last call's inputs, seen before any CLEAR hook changes them."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen.clear()
+        seen.update(kwargs)
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+_FULL_STEP_S: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> {key: seconds}
+
+
+def _full_step_key(inputs: dict, geo: Geometry, device, controlnet) -> tuple:
+    """What a stock step's time depends on: sizes, batch, dtype, device and whether a ControlNet runs in
+    it (not CLEAR's window)."""
+    hidden = inputs["hidden_states"]
+    return geo.text_len, geo.height, geo.width, hidden.shape[0], hidden.dtype, str(device), controlnet is None
+
+
+def time_full_attention(
+    transformer,
+    inputs: dict,
+    timing: StageTiming,
+    geo: Geometry,
+    device,
+    reapply,
+    fits: bool = True,
+    controlnet=None,
+    control_inputs: dict | None = None,
+) -> None:
+    """timing.full_step_s: one warm step with stock attention when that is cheap (and `fits`: the memory
+    plan says its activations fit), else the FLOP model. With a ControlNet (its last call's inputs in
+    `control_inputs`) the step is the ControlNet's call and the transformer's, both with stock attention,
+    as the stage's steps were both of them with CLEAR.
+
+    A measured time is kept per transformer and size, so a batch of images measures it once. The
+    estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
+    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate; a ControlNet's
+    blocks are counted as more transformer blocks. Either is one GPU's: in sequence mode the stock step
+    runs whole on each GPU, and the estimate starts from the CLEAR step's GPU-seconds (step_s x gpus, as
+    if the step scaled perfectly).
+    """
+    cache = _FULL_STEP_S.setdefault(transformer, {})
+    key = _full_step_key(inputs, geo, device, controlnet) if inputs else None
+    if key in cache:
+        timing.full_step_s = cache[key]
+        return
+    computed = build_block_lists(geo).computed_pairs()
+    gpu_seconds = timing.step_s * timing.gpus
+    family = models.of(transformer)
+    shape = family.flop_shape(transformer.config)
+    if controlnet is not None:
+        net = family.flop_shape(controlnet.config)
+        shape = replace(shape, double=shape.double + net.double, single=shape.single + net.single)
+    estimate = gpu_seconds * speedup_bound(step_flops(shape, geo, computed))
+    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits or (controlnet and not control_inputs):
+        timing.full_step_s, timing.full_estimated = estimate, True
+        return
+    remove_clear(transformer)
+    if controlnet is not None:
+        remove_clear(controlnet)
+    try:
+        with torch.no_grad():  # one warm-up, one timed
+            step = step_call(transformer, inputs, controlnet, control_inputs)
+            median_ms, _ = timeit(step, device, repeats=1)
+        timing.full_step_s = cache[key] = median_ms / 1e3
+    finally:
+        reapply()
