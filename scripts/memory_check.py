@@ -5,8 +5,8 @@
     PYTHONPATH=. python scripts/memory_check.py --res 8192 --chunk 0            # without chunking
 
 One row per size and chunking: the transformer's weights on the GPU (torch.cuda.memory_allocated after
-building it) against memory.weight_bytes, and a step's activations (max_memory_allocated over a warm
-call, less what was allocated before it) against memory.step_activations. Needs CUDA for the measured
+building it) against footprint.weight_bytes, and a step's activations (max_memory_allocated over a warm
+call, less what was allocated before it) against footprint.step_activations. Needs CUDA for the measured
 columns; on a CPU (with a small --layers) it prints the plan's figures alone.
 """
 
@@ -20,7 +20,8 @@ from clear_gen.attention import apply_clear
 from clear_gen.models.flux1.chunking import chunk_feed_forward
 from clear_gen.models.flux1.random import build_transformer, flux_shape, step_inputs
 from clear_gen.models.flux1.shapes import TransformerConfig, transformer_params
-from clear_gen.plan.memory import FF_CHUNK_TOKENS, step_activations, weight_bytes
+from clear_gen.plan.footprint import step_activations, weight_bytes
+from clear_gen.plan.offload import FF_CHUNK_TOKENS
 
 TEXT = 512
 

@@ -72,7 +72,7 @@ def offline_hub(tmp_path, monkeypatch):
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """clear-gen in this process: (exit code, stdout, stderr)."""
-    from clear_gen.cli.app import main
+    from clear_gen.cli import main
 
     try:
         main(args)

@@ -367,7 +367,7 @@ def test_checkpoint_on_the_models_device_and_dtype_is_swapped_in_not_copied(tran
 
 def test_full_attention_step_is_measured_once_per_size(transformer):
     from clear_gen.files.record import StageTiming
-    from clear_gen.run.measure import capture_transformer_call, time_full_attention
+    from clear_gen.run.measure import StepCall, StockSteps, capture_transformer_call
 
     geo = Geometry(5, 8, 8, 2)
     clear_gen.apply_clear(transformer, window=2)
@@ -376,9 +376,9 @@ def test_full_attention_step_is_measured_once_per_size(transformer):
     calls = []
     transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
     reapply = lambda: clear_gen.apply_clear(transformer, window=2)  # noqa: E731
-    timings = [StageTiming(128, 128, "CLEAR r=2", 2, 1.0, 0.01) for _ in range(2)]
+    timings, stock = [StageTiming(128, 128, "CLEAR r=2", 2, 1.0, 0.01) for _ in range(2)], StockSteps()
     for timing in timings:
-        time_full_attention(transformer, inputs, timing, geo, torch.device("cpu"), reapply)
+        stock.time(StepCall(transformer, inputs), timing, geo, torch.device("cpu"), reapply)
     assert len(calls) == 2  # one warm-up and one timed stock step, for the first image only
     assert timings[0].full_step_s == timings[1].full_step_s > 0 and not timings[1].full_estimated
 
@@ -390,7 +390,7 @@ def test_full_attention_step_with_a_controlnet_runs_both_with_stock_attention(tr
 
     from clear_gen.attention import clear_config
     from clear_gen.files.record import StageTiming
-    from clear_gen.run.measure import capture_transformer_call, time_full_attention
+    from clear_gen.run.measure import StepCall, StockSteps, capture_transformer_call
 
     net = tiny_controlnet(transformer, union=False)
     inputs = tiny_inputs(1, 5, 8, 8)
@@ -415,8 +415,8 @@ def test_full_attention_step_with_a_controlnet_runs_both_with_stock_attention(tr
         clear_gen.apply_clear(net, window=2)
 
     timing = StageTiming(128, 128, "CLEAR r=2", 2, 1.0, 0.01)
-    time_full_attention(transformer, seen, timing, Geometry(5, 8, 8, 2), torch.device("cpu"), reapply,
-                        controlnet=net, control_inputs=net_seen)  # fmt: skip
+    step = StepCall(transformer, seen, net, net_seen)
+    StockSteps().time(step, timing, Geometry(5, 8, 8, 2), torch.device("cpu"), reapply)
     assert calls == [("FluxControlNetModel", None), ("FluxTransformer2DModel", None)] * 2  # warm-up, timed
     assert timing.full_step_s > 0 and not timing.full_estimated
     assert clear_config(net) is not None and clear_config(transformer) is not None  # CLEAR again

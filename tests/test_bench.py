@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from clear_gen.bench import image as BI
 from clear_gen.bench import report as R
 from clear_gen.bench import suite as B
-from clear_gen.cli.app import app, main
+from clear_gen.cli import app, main
 from clear_gen.core import flops as FL
 from clear_gen.core import geometry as G
 from clear_gen.errors import ClearGenError, ConfigError

@@ -6,7 +6,9 @@ case ends before (the tiny-pipeline runs are in test_generate.py), and no test r
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import typer
 from conftest import run_cli as run
 
 from clear_gen import __version__
-from clear_gen.cli.app import app
+from clear_gen.cli import app
 from clear_gen.cli.options import prompt_list
 from clear_gen.weights.registry import load_registry
 
@@ -243,3 +245,27 @@ def test_weights_table_fits_80_columns(capsys, monkeypatch):
     assert code == 0, err
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
     assert "CLEAR variants (Huage001/CLEAR)" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        None,
+        ["--help"],
+        ["--version"],
+        ["weights"],
+        ["info", str(Path(__file__).parent / "fixtures" / "v0.1-castle-256x192.png")],
+    ],
+)
+def test_import_help_version_weights_and_info_load_no_torch(args, tmp_path):
+    """`import clear_gen` and the commands that compute nothing start fast: neither torch nor diffusers."""
+    run = (
+        ""
+        if args is None
+        else f"from clear_gen.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+    )
+    code = f"import sys\nimport clear_gen\n{run}print(sorted({{'torch', 'diffusers'}} & set(sys.modules)))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

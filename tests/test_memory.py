@@ -26,8 +26,9 @@ from clear_gen.errors import ConfigError
 from clear_gen.models.flux1.activations import vae_activations
 from clear_gen.models.flux1.chunking import chunk_feed_forward, chunk_tokens
 from clear_gen.models.flux1.shapes import TransformerConfig, clear_params, transformer_params
-from clear_gen.plan import gpus, memory
-from clear_gen.plan.memory import plan_run, step_activations, weight_bytes
+from clear_gen.plan import footprint, gpus
+from clear_gen.plan.footprint import step_activations, weight_bytes
+from clear_gen.plan.memory import plan_run
 from clear_gen.plan.spec import GenerateOptions
 from clear_gen.weights.shapes import model_shapes
 
@@ -110,16 +111,16 @@ def test_clear_checkpoint_size_is_what_apply_clear_expects():
 
 def test_gguf_bytes_from_the_file_or_its_type():
     params = transformer_params(DEV)
-    q4, note = memory.gguf_bytes("city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf", params, 2)
+    q4, note = footprint.gguf_bytes("city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf", params, 2)
     assert note is None and q4 == math.ceil(params.linear * 144 / 256) + 2 * (params.other + params.largest)
-    q8, note = memory.gguf_bytes("flux.gguf", params, 2)
+    q8, note = footprint.gguf_bytes("flux.gguf", params, 2)
     assert "Q8_0 assumed" in note and q8 > q4
 
 
 def test_gguf_file_here_counts_its_size(tmp_path):
     path = tmp_path / "flux1-dev-Q4_0.gguf"
     path.write_bytes(b"\0" * 1000)
-    got, note = memory.gguf_bytes(str(path), transformer_params(DEV), 2)
+    got, note = footprint.gguf_bytes(str(path), transformer_params(DEV), 2)
     assert note is None and got == 1000 + 2 * 6 * C * C
 
 
@@ -277,7 +278,7 @@ def test_stage_weights_are_exact_with_everything_on_the_gpu():
     assert plan.offload == "none" and plan.fits
     assert plan.stages[0].weights_gb * 1e9 == pytest.approx((11_901_408_320 + 83_819_683) * 2, abs=1)
     assert plan.encode_gb * 1e9 == pytest.approx(
-        (11_901_408_320 + 83_819_683 + 4_762_310_656 + 123_060_480) * 2 + memory.TEXT_ACTIVATIONS, abs=1
+        (11_901_408_320 + 83_819_683 + 4_762_310_656 + 123_060_480) * 2 + footprint.TEXT_ACTIVATIONS, abs=1
     )
 
 

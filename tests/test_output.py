@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
-from clear_gen.cli.app import app, main
+from clear_gen.cli import app, main
 from clear_gen.errors import OutputError
 from clear_gen.files import output
 from clear_gen.files.output import output_path, save_png, slugify

@@ -118,7 +118,7 @@ def test_bench_plan_gpus_rows():
 
 
 def test_compare_is_refused_under_torchrun(monkeypatch, capsys):
-    from clear_gen.cli.app import main
+    from clear_gen.cli import main
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -166,7 +166,7 @@ def torchrun_env(rank: int, size: int, port: int) -> dict[str, str]:
 
 def _cli(argv: list[str], stem: str) -> int:
     """clear-gen's CLI with stdout and stderr in stem.out / stem.err (line-buffered): its exit code."""
-    from clear_gen.cli.app import main
+    from clear_gen.cli import main
 
     saved = sys.stdout, sys.stderr
     with open(f"{stem}.out", "w", buffering=1) as out, open(f"{stem}.err", "w", buffering=1) as err:

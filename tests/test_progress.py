@@ -154,7 +154,7 @@ def test_progress_lines_in_a_log(tiny, tmp_path):
     """A real process with stderr a pipe: lines as the work goes, stdout pure JSON."""
     args = [*common(tiny, tmp_path), "--backend", "flex", "--window", "2", "--res", "128", "--seed", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    code = "from clear_gen.cli.app import main; main()"
+    code = "from clear_gen.cli import main; main()"
     done = subprocess.run(
         [sys.executable, "-c", code, "a small house", *args, "--json"],
         capture_output=True,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clear_gen.errors import ConfigError, WeightsError
-from clear_gen.weights import hub
+from clear_gen.weights import download, hub, hub_errors
 from clear_gen.weights.registry import PACKAGED_REGISTRY, Variant, load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,14 +324,14 @@ def test_malformed_registry_names_file_and_problem(tmp_path, text, problem):
 
 def test_plan_download_defaults():
     reg = load_registry()
-    assert hub.plan_download([], False, None, False, reg) == (["r8-down4"], ["dev"])
-    assert hub.plan_download(["r8", "r16", "r8"], False, None, True, reg) == (["r8", "r16"], [])
-    assert hub.plan_download([], False, "schnell", False, reg) == ([], ["schnell"])
-    assert hub.plan_download([], True, None, False, reg) == (list(reg.variants), ["dev"])
+    assert download.plan_download([], False, None, False, reg) == (["r8-down4"], ["dev"])
+    assert download.plan_download(["r8", "r16", "r8"], False, None, True, reg) == (["r8", "r16"], [])
+    assert download.plan_download([], False, "schnell", False, reg) == ([], ["schnell"])
+    assert download.plan_download([], True, None, False, reg) == (list(reg.variants), ["dev"])
     with pytest.raises(ConfigError, match="r8-down4"):
-        hub.plan_download(["nope"], False, None, False, reg)
+        download.plan_download(["nope"], False, None, False, reg)
     with pytest.raises(ConfigError, match="contradict"):
-        hub.plan_download([], False, "dev", True, reg)
+        download.plan_download([], False, "dev", True, reg)
 
 
 # ------------------------------------------------------------------------------------------ resolver
@@ -362,10 +362,10 @@ def test_variant_lands_in_cache_and_loads(tmp_path, fake_hub):
 def test_second_run_transfers_nothing(fake_hub):
     fake_hub.add(CLEAR_REPO, DEFAULT_FILE, safetensors_bytes())
     serve_dev_base(fake_hub)
-    first = hub.download(["r8-down4"], "dev", progress=False)
+    first = download.download(["r8-down4"], "dev", progress=False)
     fake_hub.requests.clear()
     fake_hub.body_bytes = 0
-    second = hub.download(["r8-down4"], "dev", progress=False)
+    second = download.download(["r8-down4"], "dev", progress=False)
     assert second == first
     assert fake_hub.body_bytes == 0 and fake_hub.gets() == []
 
@@ -410,13 +410,13 @@ def test_a_run_with_a_gguf_transformer_needs_no_base_transformer_weights(fake_hu
     hub.resolve_transformer_file(spec)
     fake_hub.requests.clear()
     set_offline(monkeypatch)
-    hub.check_run_weights("dev", None, transformer=spec)  # base (minus weights) and GGUF cached: no error
+    download.check_run_weights("dev", None, transformer=spec)  # base (no weights) and GGUF cached: no error
     assert fake_hub.requests == []
     with pytest.raises(WeightsError) as e:
-        hub.check_run_weights("dev", None, transformer=f"{GGUF_REPO}/flux1-dev-Q4_0.gguf")
+        download.check_run_weights("dev", None, transformer=f"{GGUF_REPO}/flux1-dev-Q4_0.gguf")
     assert str(e.value).endswith(f"run `hf download {GGUF_REPO} flux1-dev-Q4_0.gguf`")
     with pytest.raises(WeightsError) as e:  # one line and one command for all that is missing
-        hub.check_run_weights("schnell", None, transformer="x/y/z.gguf")
+        download.check_run_weights("schnell", None, transformer="x/y/z.gguf")
     assert "base schnell (black-forest-labs/FLUX.1-schnell) and transformer x/y/z.gguf;" in str(e.value)
     assert str(e.value).endswith("run `clear-gen download --base schnell && hf download x/y z.gguf`")
 
@@ -509,10 +509,10 @@ def test_offline_without_cache_gives_the_command(fake_hub, monkeypatch):
 def test_unreachable_hub_is_explained():
     import httpx2
 
-    t = hub.Target("variant r8", CLEAR_REPO, "main", False, "clear-gen download r8 --no-base")
-    msg = str(hub.hub_error(httpx2.ConnectError("refused"), t))
+    t = hub_errors.Target("variant r8", CLEAR_REPO, "main", False, "clear-gen download r8 --no-base")
+    msg = str(hub_errors.hub_error(httpx2.ConnectError("refused"), t))
     assert "unreachable" in msg and "clear-gen download r8 --no-base" in msg
-    assert hub.hub_error(KeyError("x"), t) is None
+    assert hub_errors.hub_error(KeyError("x"), t) is None
 
 
 def test_download_command_fetches_exactly_what_is_missing():
@@ -524,7 +524,7 @@ def test_download_command_fetches_exactly_what_is_missing():
     assert hub.download_command([r8], [schnell]) == "clear-gen download r8-down4 --base schnell"
     assert hub.download_command([r8, r16], [dev]) == "clear-gen download r8-down4 r16"
     # `download VARIANT --base B` fetches the variant and that base, not the one the variant implies
-    assert hub.plan_download(["r8-down4"], False, "schnell", False, reg) == (["r8-down4"], ["schnell"])
+    assert download.plan_download(["r8-down4"], False, "schnell", False, reg) == (["r8-down4"], ["schnell"])
 
 
 @pytest.fixture
@@ -539,31 +539,31 @@ def no_backoff(monkeypatch) -> list[float]:
 
 def test_unreachable_hub_fails_fast_naming_every_missing_piece(no_backoff):
     with pytest.raises(WeightsError) as e:
-        hub.download(["r8-down4"], "dev", progress=False)
+        download.download(["r8-down4"], "dev", progress=False)
     msg = str(e.value)
     assert f"base dev ({DEV_REPO})" in msg and f"variant r8-down4 ({CLEAR_REPO}/{DEFAULT_FILE})" in msg
     assert f"the Hub ({NOWHERE}) is unreachable" in msg and "run `clear-gen download r8-down4` once" in msg
     assert no_backoff == []  # one probe, no retry loop
     with pytest.raises(WeightsError, match=r"variants r8, r16 \(Huage001/CLEAR\)"):
-        hub.download(["r8", "r16"], [], progress=False)
+        download.download(["r8", "r16"], [], progress=False)
 
 
 def test_run_check_passes_with_everything_cached_and_no_network(fake_hub, monkeypatch):
     fake_hub.add(CLEAR_REPO, DEFAULT_FILE, safetensors_bytes())
     serve_dev_base(fake_hub)
-    hub.download(["r8-down4"], "dev", progress=False)
+    download.download(["r8-down4"], "dev", progress=False)
     fake_hub.requests.clear()
     monkeypatch.setenv("HF_ENDPOINT", NOWHERE)
     _reload_hf()
-    hub.check_run_weights("dev", "r8-down4")  # all cached: no probe, no error
-    hub.check_run_weights(DEV_REPO, None)
+    download.check_run_weights("dev", "r8-down4")  # all cached: no probe, no error
+    download.check_run_weights(DEV_REPO, None)
     assert fake_hub.requests == []
     with pytest.raises(WeightsError, match=r"variant r16 .*run `clear-gen download r16 --no-base`"):
-        hub.check_run_weights("dev", "r16")
+        download.check_run_weights("dev", "r16")
 
 
 def test_run_check_with_a_reachable_hub_leaves_the_fetching_to_the_run(fake_hub):
-    hub.check_run_weights("dev", "r8-down4")  # missing, but the Hub answers: the run downloads them
+    download.check_run_weights("dev", "r8-down4")  # missing, but the Hub answers: the run downloads them
     assert [m for m, p, _ in fake_hub.requests] == ["HEAD"]  # the probe, nothing fetched yet
 
 
@@ -584,7 +584,7 @@ def test_a_retry_loop_is_said_on_stderr(fake_hub, no_backoff, capsys):
 def cli(*args: str) -> subprocess.CompletedProcess:
     """`clear-gen ARGS` in a fresh interpreter, with this test's HF_* environment."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    code = "from clear_gen.cli.app import main; main()"
+    code = "from clear_gen.cli import main; main()"
     return subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -661,10 +661,10 @@ def test_malformed_controlnet_entries_are_named(tmp_path, text, problem):
 
 def test_plan_download_of_controlnets_alone_fetches_no_variant_or_base():
     reg = load_registry()
-    assert hub.plan_download([], False, None, False, reg, ["upscaler"]) == ([], [])
-    assert hub.plan_download(["r8"], False, None, False, reg, ["upscaler"]) == (["r8"], ["dev"])
+    assert download.plan_download([], False, None, False, reg, ["upscaler"]) == ([], [])
+    assert download.plan_download(["r8"], False, None, False, reg, ["upscaler"]) == (["r8"], ["dev"])
     with pytest.raises(ConfigError, match="--controlnet nope: not a local folder, a registry ControlNet"):
-        hub.plan_download([], False, None, False, reg, ["nope"])
+        download.plan_download([], False, None, False, reg, ["nope"])
 
 
 def test_cli_download_controlnet_then_a_run_finds_it_offline(fake_hub, monkeypatch):
@@ -684,10 +684,10 @@ def test_cli_download_controlnet_then_a_run_finds_it_offline(fake_hub, monkeypat
     net = load_registry().controlnet("upscaler")
     assert hub.cached_controlnet(net) is not None
     with pytest.raises(WeightsError) as e:  # the base is missing; the ControlNet is not
-        hub.check_run_weights("dev", None, controlnet=net)
+        download.check_run_weights("dev", None, controlnet=net)
     assert "base dev" in str(e.value) and "ControlNet" not in str(e.value)
     with pytest.raises(WeightsError) as e:  # one line and one command for all that is missing
-        hub.check_run_weights("dev", "r16", controlnet=load_registry().controlnet("depth"))
+        download.check_run_weights("dev", "r16", controlnet=load_registry().controlnet("depth"))
     assert "base dev (black-forest-labs/FLUX.1-dev) and ControlNet depth (Shakker-Labs/" in str(e.value)
     assert str(e.value).endswith("run `clear-gen download r16 --controlnet depth`")
     assert fake_hub.requests == []

@@ -3,7 +3,8 @@
 On a terminal, rich bars for every phase (loading, encoding, compiling, each stage's steps, timing full
 attention, decoding); anywhere else (a log file, CI, nohup) plain lines: each phase as it begins,
 each stage's first and last step and about one step every 5 s between, each PNG saved. The library
-prints nothing: this renders `pipeline.Hooks`.
+prints nothing: this renders `run.render.Hooks`. Torch-free (`clear-gen info` prints a timing table
+without loading torch): the library's types are imported where a run needs them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -18,9 +20,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..files.record import RunTiming, StageTiming
-from ..plan.memory import HEADROOM, RunPlan
-from ..plan.spec import Stage
-from ..run.generate import Hooks, ImageResult
+
+if TYPE_CHECKING:
+    from ..plan.footprint import RunPlan
+    from ..plan.spec import Stage
+    from ..run.render import Hooks, ImageResult
 
 PHASES = {
     "load": "loading {}",
@@ -173,6 +177,8 @@ class GenerateDisplay:
         self.view.close()
 
     def hooks(self) -> Hooks:
+        from ..run.render import Hooks
+
         v = self.view
         return Hooks(
             note=lambda text: v.print(f"note: {text}"),
@@ -362,7 +368,7 @@ def plan_lines(plan: RunPlan) -> list[str]:
             f"ControlNet: {plan.controlnet_gb:.1f} GB of weights; its residuals count in the activations"
         )
     if plan.fits:
-        lines.append(f"[green]fits[/green] (peak + {HEADROOM:.0%} within {plan.free_gb:.1f} GB free)")
+        lines.append(f"[green]fits[/green] (peak + {plan.headroom:.0%} within {plan.free_gb:.1f} GB free)")
     elif plan.fits_any:
         lines.append("[yellow]does not fit as asked[/yellow]: --offload auto or sequential fits")
     else:

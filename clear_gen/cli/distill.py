@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..core import launch
 from ..errors import ConfigError
+from . import options
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -101,8 +103,7 @@ def _weights(text: str) -> tuple[float, float, float]:
     return values
 
 
-@app.command()
-def train(
+def _train_data(
     data: Path = typer.Option(..., help="A make-data folder.", rich_help_panel=DATA),
     out: Path = typer.Option(
         ..., "--out", "-o", help="The CLEAR weights, FILE.safetensors.", rich_help_panel=DATA
@@ -111,6 +112,11 @@ def train(
     down_factor: int = typer.Option(1, help="Down factor f (1 = none).", rich_help_panel=TRAIN),
     model: str = typer.Option("dev", help="The base the data was made from.", rich_help_panel=DATA),
     res: int = typer.Option(1024, help="Square side in px, as the data.", rich_help_panel=DATA),
+) -> None:
+    """What train distils: the data, the weights to write, the window (only its signature is used)."""
+
+
+def _train_optimiser(
     steps: int = typer.Option(10_000, help="Optimiser steps in all.", rich_help_panel=TRAIN),
     batch: int = typer.Option(1, help="Samples per GPU and micro-batch.", rich_help_panel=TRAIN),
     accumulate: int = typer.Option(
@@ -122,6 +128,11 @@ def train(
     optimizer: str = typer.Option("prodigy", help="prodigy, adamw or adamw8bit.", rich_help_panel=TRAIN),
     loss_weights: str = typer.Option("1,0.5,0.5", help="FM,PRED,ATTN loss weights.", rich_help_panel=TRAIN),
     seed: int = typer.Option(0, help="Data order and noise.", rich_help_panel=TRAIN),
+) -> None:
+    """The optimisation (only its signature is used)."""
+
+
+def _train_saving(
     save_every: int = typer.Option(
         500, help="Save weights and resume file every N steps.", rich_help_panel=RUN
     ),
@@ -139,6 +150,11 @@ def train(
     no_fp32_master: bool = typer.Option(
         False, "--no-fp32-master", help="Update bf16 weights directly.", rich_help_panel=RUN
     ),
+) -> None:
+    """Saving, validating, resuming and memory (only its signature is used)."""
+
+
+def _train_device(
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
@@ -148,49 +164,27 @@ def train(
         None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=RUN
     ),
 ) -> None:
+    """Where it runs (only its signature is used)."""
+
+
+@app.command()
+@options.with_options(_train_data, _train_optimiser, _train_saving, _train_device)
+def train(**given: Any) -> None:
     """Distil CLEAR weights from the base (teacher: full attention) into its CLEAR twin (student)."""
-    from ..distill.train import TrainHooks, TrainOptions
+    from ..distill.train import TrainOptions
     from ..distill.train import train as run
     from .display import duration
 
     # 1. Parse.
-    opts = TrainOptions(
-        data=data, out=out, window=window, down_factor=down_factor, model=model, res=res, steps=steps,
-        batch=batch, accumulate=accumulate, lr=lr, optimizer=optimizer, loss_weights=_weights(loss_weights),
-        seed=seed, save_every=save_every, validate_every=validate_every, validate_steps=validate_steps,
-        resume=resume, log=log, gradient_checkpointing=not no_checkpointing, fp32_master=not no_fp32_master,
-        device=device, dtype=dtype, backend=backend, token=token,
-    )  # fmt: skip
+    given["loss_weights"] = _weights(given["loss_weights"])
+    given["gradient_checkpointing"] = not given.pop("no_checkpointing")
+    given["fp32_master"] = not given.pop("no_fp32_master")
+    opts = TrainOptions(**given)
     # 2. Train, one bar for the steps with the three losses (rank 0 of a torchrun launch shows it).
     err.quiet = bool(launch.rank())  # torchrun's ranks 1..: rank 0 shows the progress
     with _progress() as bar:
-        task = bar.add_task("loading the base", total=None)
-        last = [0.0]
-
-        def step(record: dict) -> None:
-            losses = (
-                f"fm {record['loss_fm']:.4g}  pred {record['loss_pred']:.4g}  attn {record['loss_attn']:.4g}"
-            )
-            bar.update(task, completed=record["step"], description=losses)
-            if not err.is_terminal and time.monotonic() - last[0] > LINE_EVERY_S:
-                last[0] = time.monotonic()
-                err.print(f"step {record['step']}/{steps}: {losses}, {record['seconds']:.2f} s", markup=False)
-
-        def validated(result: dict) -> None:
-            psnr = "identical" if result["psnr"] is None else f"PSNR {result['psnr']:.2f} dB"
-            err.print(f"validation: {psnr}, SSIM {result['ssim']:.4f}: {escape(result['path'])}")
-
-        hooks = TrainHooks(
-            note=lambda text: err.print(f"[dim]{escape(text)}[/dim]"),
-            phase=lambda name: bar.update(
-                task, description="validating" if name == "validate" else "loading"
-            ),
-            start=lambda first, total: bar.update(task, completed=first, total=total, description="training"),
-            step=step,
-            validated=validated,
-        )
         started = time.monotonic()
-        result = run(opts, hooks)
+        result = run(opts, _train_hooks(bar, opts.steps))
     # 3. Where everything is.
     if result.interrupted:
         err.print(
@@ -199,5 +193,32 @@ def train(
         )
         raise typer.Exit(130)
     err.print(f"{result.step} steps in {duration(time.monotonic() - started)}: {escape(str(result.out))}")
-    f = f" --down-factor {down_factor}" if down_factor > 1 else ""
-    err.print(f'use it: clear-gen "..." --window {window}{f} --clear-weights {escape(str(result.out))}')
+    f = f" --down-factor {opts.down_factor}" if opts.down_factor > 1 else ""
+    err.print(f'use it: clear-gen "..." --window {opts.window}{f} --clear-weights {escape(str(result.out))}')
+
+
+def _train_hooks(bar: Progress, steps: int):
+    """TrainHooks that drive one bar (the losses in its description), or lines when not a terminal."""
+    from ..distill.train import TrainHooks
+
+    task = bar.add_task("loading the base", total=None)
+    last = [0.0]
+
+    def step(record: dict) -> None:
+        losses = f"fm {record['loss_fm']:.4g}  pred {record['loss_pred']:.4g}  attn {record['loss_attn']:.4g}"
+        bar.update(task, completed=record["step"], description=losses)
+        if not err.is_terminal and time.monotonic() - last[0] > LINE_EVERY_S:
+            last[0] = time.monotonic()
+            err.print(f"step {record['step']}/{steps}: {losses}, {record['seconds']:.2f} s", markup=False)
+
+    def validated(result: dict) -> None:
+        psnr = "identical" if result["psnr"] is None else f"PSNR {result['psnr']:.2f} dB"
+        err.print(f"validation: {psnr}, SSIM {result['ssim']:.4f}: {escape(result['path'])}")
+
+    return TrainHooks(
+        note=lambda text: err.print(f"[dim]{escape(text)}[/dim]"),
+        phase=lambda name: bar.update(task, description="validating" if name == "validate" else "loading"),
+        start=lambda first, total: bar.update(task, completed=first, total=total, description="training"),
+        step=step,
+        validated=validated,
+    )

@@ -87,7 +87,7 @@ def size_options(
     """Generate's size options, shared with compare (only its signature is used)."""
 
 
-def recipe_options(
+def model_options(
     model: str = typer.Option(
         None,
         help="Base (dev, schnell), Hub repo id or local folder.",
@@ -111,6 +111,11 @@ def recipe_options(
     lora_file: list[str] = typer.Option(
         None, help="File of a --lora owner/repo holding several, in order; repeatable.", rich_help_panel=MODEL
     ),
+) -> None:
+    """The base, its transformer, LoRAs and the attention kernel (only its signature is used)."""
+
+
+def sampling_options(
     steps: int = typer.Option(
         None, help="Steps of each CLEAR stage.", show_default=str(DEFAULTS.steps), rich_help_panel=RECIPE
     ),
@@ -138,6 +143,11 @@ def recipe_options(
     max_sequence_length: int = typer.Option(
         None, help="T5 tokens, up to 512.", show_default="512; 256 schnell", rich_help_panel=RECIPE
     ),
+) -> None:
+    """The recipe's numbers: steps, guidance, strength, RoPE and scale (only its signature is used)."""
+
+
+def run_options(
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
@@ -163,6 +173,11 @@ def recipe_options(
     quantize_text: str = typer.Option(
         None, help="T5 weights: none, int8, fp8 or nf4.", show_default="none", rich_help_panel=RUN
     ),
+) -> None:
+    """Where and how a run computes: device, dtype, memory, quantization (only its signature is used)."""
+
+
+def speed_options(
     compile: bool = typer.Option(
         None,
         "--compile/--no-compile",
@@ -182,7 +197,11 @@ def recipe_options(
         rich_help_panel=RUN,
     ),
 ) -> None:
-    """The recipe's options, shared by every command that generates (only its signature is used)."""
+    """Compilation, step caching and torchrun's mode (only its signature is used)."""
+
+
+# What every command that generates takes besides its size, attention, ControlNet and output options.
+recipe_options = (model_options, sampling_options, run_options, speed_options)
 
 
 def attention_options(
@@ -262,14 +281,15 @@ def output_options(
     """Where images go and what is printed: generate's and upscale's (only its signature is used)."""
 
 
-def with_options(*groups: Callable) -> Callable:
-    """Append the options of `groups` (size_options, attention_options, ...) to a command's own; Typer
-    passes them in as keyword arguments (**recipe)."""
+def with_options(*groups: Callable | tuple[Callable, ...]) -> Callable:
+    """Append the options of `groups` (size_options, attention_options, ..., or tuples of them) to a
+    command's own; Typer passes them in as keyword arguments (**recipe)."""
+    flat = [g for group in groups for g in (group if isinstance(group, tuple) else (group,))]
 
     def decorate(command: Callable) -> Callable:
         sig = inspect.signature(command, eval_str=True)
         own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        shared = [p for g in groups for p in inspect.signature(g, eval_str=True).parameters.values()]
+        shared = [p for g in flat for p in inspect.signature(g, eval_str=True).parameters.values()]
         command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
         return command
 

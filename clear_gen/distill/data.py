@@ -281,7 +281,7 @@ def claim_folder(out: Path, manifest: Manifest) -> None:
 
 def _load_teacher(opts: DataOptions, device: torch.device, dtype: torch.dtype):
     """The base as `clear-gen generate` loads it: stock attention, exact RoPE positions."""
-    from ..weights.hub import check_run_weights
+    from ..weights.download import check_run_weights
     from ..weights.loading import load_pipeline
     from ..weights.spec import WeightsSpec
 

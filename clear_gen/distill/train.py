@@ -21,9 +21,6 @@ gloo on the CPU); each rank draws its own micro-batches, rank 0 logs, saves and 
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
 import math
 import signal
@@ -38,21 +35,22 @@ import numpy as np
 import torch
 
 from .. import models
-from ..attention import apply_clear, original_attention
-from ..attention.weights import expected_checkpoint
+from ..attention import original_attention
 from ..errors import ConfigError, DeviceError
 from ..run.world import World, start
 from . import checkpoint as C
 from .data import Samples, base_id
 from .losses import DEFAULT_WEIGHTS, attention_layers, captured_attention, distill_loss, noised
+from .student import (
+    check_optimizer,
+    load_base,
+    make_optimizer,
+    make_student,
+    resolve_train_backend,
+    trainable_keys,
+)
 
-OPTIMIZERS = {  # name: (package to import, pip name, default learning rate)
-    "prodigy": ("prodigyopt", "prodigyopt", 1.0),  # the recipe's; lr 1.0 = Prodigy's own estimate
-    "adamw": ("torch", "torch", 1e-5),
-    "adamw8bit": ("bitsandbytes", "bitsandbytes", 1e-5),
-}
 RECIPE_BATCH = 32  # the recipe's effective batch: 2 per GPU x 4 GPUs x 4 accumulation
-WEIGHT_DECAY = 1e-4
 GRAD_CLIP = 1.0
 LOSSES = ("loss", "loss_fm", "loss_pred", "loss_attn")
 
@@ -129,14 +127,6 @@ def check_geometry(res: int, window: int, down_factor: int) -> None:
         )
 
 
-def check_optimizer(name: str) -> None:
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    module, pip, _ = OPTIMIZERS[name]
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"--optimizer {name} needs the {pip} package: pip install {pip}")
-
-
 def check_options(opts: TrainOptions) -> None:
     check_geometry(opts.res, opts.window, opts.down_factor)
     check_optimizer(opts.optimizer)
@@ -169,82 +159,7 @@ def check_options(opts: TrainOptions) -> None:
 # ---------------------------------------------------------------- devices and processes
 
 
-def resolve_train_backend(backend: str, device: torch.device) -> str:
-    """The backend that can train on this device (backends.choose: flex on CUDA, dense on the CPU)."""
-    from ..attention.backends import choose
-
-    return choose(backend, device, training=True).name
-
-
 # ---------------------------------------------------------------- the student
-
-
-def load_base(model: str, token: str | None, device: torch.device, dtype: torch.dtype):
-    """The base's transformer, VAE and scheduler (no text encoders: the data holds the embeddings), as a
-    FluxPipeline that validation renders with."""
-    from ..plan.parse import model_family
-    from ..weights.hub import check_run_weights, resolve_base
-    from ..weights.loading import _quiet_loading
-
-    check_run_weights(model, None)
-    path = resolve_base(model, token)
-    family = models.family(model_family(model))
-    none = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
-    with _quiet_loading():
-        try:
-            pipe = family.pipeline_class().from_pretrained(path, torch_dtype=dtype, **none)
-        except (OSError, ValueError) as e:
-            first = str(e).splitlines()[0][:160]
-            raise ConfigError(f"{path} is not a complete FLUX.1 diffusers folder ({first})") from e
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    family.use_exact_positions(pipe.transformer)
-    return pipe
-
-
-def trainable_keys(transformer, down_factor: int) -> list[str]:
-    """The published key set, in a fixed order (the optimiser's parameter order)."""
-    return sorted(expected_checkpoint(transformer, down_factor))
-
-
-def make_student(
-    transformer, opts: TrainOptions, backend: str, weights: dict | None
-) -> list[torch.nn.Parameter]:
-    """CLEAR on the transformer with its own trainable projections (the base's kept for the teacher); its
-    trainable parameters in trainable_keys order. weights: a resumed student's, else the base's."""
-    f, keys = opts.down_factor, trainable_keys(transformer, opts.down_factor)
-    like = torch.empty(0, dtype=transformer.dtype, device=models.of(transformer).compute_device(transformer))
-    if weights is None:
-        init = torch.full((1, 1, 1, f, 1, f, 1), 1.0 / f**2)  # the recipe's initial pooling: a plain mean
-        weights = {k: init if k.endswith("spatial_weight") else transformer.get_parameter(k) for k in keys}
-    state = {k: v.detach().to(like.device, like.dtype).clone() for k, v in weights.items()}  # own storage
-    apply_clear(transformer, window=opts.window, down_factor=f, state_dict=state, backend=backend)
-    transformer.requires_grad_(False)
-    params = [transformer.get_parameter(k) for k in keys]
-    for p in params:
-        p.requires_grad_(True)
-    if opts.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    return params
-
-
-def make_optimizer(name: str, params: list[torch.Tensor], lr: float | None):
-    """A maintained optimiser from its package, with the recipe's betas and decoupled weight decay."""
-    lr = OPTIMIZERS[name][2] if lr is None else lr
-    betas = (0.9, 0.999)
-    if name == "prodigy":
-        from prodigyopt import Prodigy
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
-            return Prodigy(
-                params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY, decouple=True,
-                use_bias_correction=True, safeguard_warmup=True,
-            )  # fmt: skip
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY)
 
 
 # ---------------------------------------------------------------- one run

@@ -11,12 +11,11 @@ import random
 from dataclasses import replace
 
 from ..attention import check_window
-from ..attention.choice import ClearChoice
 from ..core.sizes import MAX_SIDE, MIN_SIDE, check_size, scaled_size, size_multiple
 from ..errors import ConfigError
 from ..weights.spec import WeightsSpec
 from .recipe import Recipe, recipe
-from .spec import GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
+from .spec import ClearChoice, GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
 
 MAX_COUNT = (
     10_000  # --count: images of one run (each job is made lazily, but a typo should not run for weeks)

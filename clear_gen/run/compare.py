@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..attention.choice import ClearChoice
 from ..core.flops import FluxShape, step_flops
 from ..core.geometry import build_block_lists
 from ..errors import ConfigError, OutputError
 from ..files import output
 from ..files.record import ImageRecord, record_from_image
-from ..plan.memory import RunPlan, plan_run
+from ..plan.footprint import RunPlan
+from ..plan.memory import plan_run
 from ..plan.parse import parse
-from ..plan.spec import GenerateOptions, OutputSpec, RunSpec
+from ..plan.spec import ClearChoice, GenerateOptions, OutputSpec, RunSpec
 from ..weights.hub import resolve_base
 from ..weights.loading import clear_weights_file
 from ..weights.registry import Registry, load_registry
@@ -156,7 +156,7 @@ def prepare(opts: GenerateOptions, variants: Sequence[str] | None = None) -> Com
     # 2. Every piece the variants need, from the cache or the Hub: a missing one fails before any runs.
     resolve_base(opts.model, opts.token)
     for v in parsed:
-        clear_weights_file(v.choice, opts.token)
+        clear_weights_file(v.choice.hub_variant, v.choice.weights, opts.token)
     return plan
 
 

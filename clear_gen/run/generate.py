@@ -30,7 +30,8 @@ from ..files.record import ImageRecord, RunTiming
 from ..files.source import Source, UpscaleTarget, check_larger, image_files, load_source
 from ..models.flux1.chunking import chunk_feed_forward
 from ..plan import gpus
-from ..plan.memory import HEADROOM, RunPlan, plan_run
+from ..plan.footprint import HEADROOM, RunPlan
+from ..plan.memory import plan_run
 from ..plan.parse import at_size, parse, upscale_stages
 from ..plan.spec import GenerateOptions, RunSpec
 from ..weights import quantize as Q
@@ -45,6 +46,7 @@ from ..weights.loading import (
 )
 from ..weights.spec import WeightsSpec
 from . import world as parallel
+from .measure import StockSteps
 from .render import Hooks, ImageResult, Job, Run, make_image
 from .speed import compile_blocks
 
@@ -65,16 +67,17 @@ class Prepared:
 class LoadedPipelines:
     """Pipelines kept loaded for several runs: a run given one loads through it, and a later run with the
     same weights, device, dtype and offload gets the pipeline loaded before instead of reading it from disk
-    again (`compare` loads once for all its variants). Every run leaves a pipeline as loaded: CLEAR
-    removed, its weights restored. Let it go to free them."""
+    again (`compare` loads once for all its variants), and the full-attention steps timed on it. Every run
+    leaves a pipeline as loaded: CLEAR removed, its weights restored. Let it go to free them."""
 
     def __init__(self) -> None:
-        self._loaded: dict[tuple, Any] = {}
+        self._loaded: dict[tuple, tuple[Any, StockSteps]] = {}
 
     def get(self, weights: WeightsSpec, device: torch.device, dtype: torch.dtype, offload: str):
+        """(pipeline, its StockSteps)."""
         key = (weights, str(device), dtype, offload)
         if key not in self._loaded:
-            self._loaded[key] = load_pipeline(weights, offload, device, dtype)
+            self._loaded[key] = load_pipeline(weights, offload, device, dtype), StockSteps()
         return self._loaded[key]
 
 
@@ -213,7 +216,7 @@ def _prepare(spec: RunSpec, device, hooks: Hooks, stages=None) -> tuple[RunPlan,
     """Before loading: the memory plan (offload decided, what cannot fit refused; `stages`: what it plans
     for, if not generate's), the device can run the quantization, every weight file is there or
     fetchable. Returns the plan and the decided offload."""
-    from ..weights.hub import check_run_weights
+    from ..weights.download import check_run_weights
 
     plan = _memory_plan(spec, device, hooks, stages)  # offload, chunking; refuses what cannot fit
     weights = spec.weights
@@ -355,12 +358,13 @@ def _load(
     choice, weights = spec.attention, spec.weights
     hooks.phase("load", _load_label(spec))
     t0 = now(device)
-    file = clear_weights_file(choice, weights.token)
+    file = clear_weights_file(choice.hub_variant, choice.weights, weights.token)
     state_dict = load_clear_weights(file) if file is not None else None
+    stock_steps = StockSteps()
     if pipe is not None:
         pipe = prepared_pipeline(pipe, weights.quantize)
     elif pipelines is not None:
-        pipe = pipelines.get(weights, device, dtype, offload)
+        pipe, stock_steps = pipelines.get(weights, device, dtype, offload)
     else:
         pipe = load_pipeline(weights, offload, device, dtype)
     chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's slices (None: whole)
@@ -386,6 +390,7 @@ def _load(
     run = Run(
         spec, pipe, img2img, state_dict, device, hooks, plan, offload, world, shards, (load_s, encode_s)
     )
+    run.stock_steps = stock_steps
     return run, embeds
 
 

@@ -4,10 +4,9 @@ size (one warm stock step, or the FLOP model); what is measured goes into files.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,23 +79,32 @@ class StepClock:
         return sorted(d)[len(d) // 2] if d else None
 
 
-def step_call(transformer, inputs: dict, controlnet=None, control_inputs: dict | None = None) -> Callable:
-    """One denoising step's model calls with the inputs of their last calls: the ControlNet's, when there
-    is one (its residuals then feed the transformer, as in diffusers' ControlNet pipelines), then the
-    transformer's."""
+@dataclass
+class StepCall:
+    """One denoising step's model calls with the inputs of their last calls (capture_transformer_call):
+    the ControlNet's, when there is one (its residuals then feed the transformer, as in diffusers'
+    ControlNet pipelines), then the transformer's."""
 
-    def call():
-        if controlnet is None:
-            return transformer(**inputs)
-        blocks, singles = controlnet(**{**control_inputs, "return_dict": False})
-        residuals = {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles}
-        return transformer(**{**inputs, **residuals})
+    transformer: torch.nn.Module
+    inputs: dict
+    controlnet: torch.nn.Module | None = None
+    control_inputs: dict | None = None
 
-    return call
+    def __call__(self):
+        if self.controlnet is None:
+            return self.transformer(**self.inputs)
+        outputs = self.controlnet(**{**self.control_inputs, "return_dict": False})
+        residuals = dict(zip(models.of(self.transformer).RESIDUALS, outputs, strict=True))
+        return self.transformer(**{**self.inputs, **residuals})
+
+    @property
+    def complete(self) -> bool:
+        """Both calls were seen (a stage that never ran a step has nothing to repeat)."""
+        return bool(self.inputs) and (self.controlnet is None or bool(self.control_inputs))
 
 
-def time_step(step: Callable, device: torch.device) -> float:
-    """Seconds of one more (warm) step (step_call) with the inputs of the last."""
+def time_step(step: StepCall, device: torch.device) -> float:
+    """Seconds of one more (warm) step with the inputs of the last."""
     with torch.no_grad():
         return samples(step, device, 1)[0] / 1e3
 
@@ -117,62 +125,65 @@ def capture_transformer_call(transformer) -> Iterator[dict]:
         handle.remove()
 
 
-_FULL_STEP_S: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> {key: seconds}
+class StockSteps:
+    """Full attention's warm step at each size, measured once: a run keeps one, and LoadedPipelines one
+    per pipeline, so that a batch of images (and compare's variants) measure each size once. The key is
+    what a stock step's time depends on: sizes, batch, dtype, device, whether a ControlNet runs in it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple, float] = {}
+
+    def time(
+        self, step: StepCall, timing: StageTiming, geo: Geometry, device, reapply, fits: bool = True
+    ) -> None:
+        """timing.full_step_s: one warm step with stock attention when that is cheap (and `fits`: the memory
+        plan says its activations fit), else the FLOP model. With a ControlNet the step is the ControlNet's
+        call and the transformer's, both with stock attention, as the stage's steps were both of them with
+        CLEAR; `reapply` puts CLEAR back after.
+
+        The estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
+        (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate; a ControlNet's
+        blocks are counted as more transformer blocks. Either is one GPU's: in sequence mode the stock step
+        runs whole on each GPU, and the estimate starts from the CLEAR step's GPU-seconds (step_s x gpus,
+        as if the step scaled perfectly).
+        """
+        key = _stock_key(step, geo, device) if step.inputs else None
+        if key in self.seconds:
+            timing.full_step_s = self.seconds[key]
+            return
+        estimate = timing.step_s * timing.gpus * speedup_bound(_step_flops(step, geo))
+        if 2 * estimate > FULL_MEASURE_BUDGET_S or not step.complete or not fits:
+            timing.full_step_s, timing.full_estimated = estimate, True
+            return
+        remove_clear(step.transformer)
+        if step.controlnet is not None:
+            remove_clear(step.controlnet)
+        try:
+            with torch.no_grad():  # one warm-up, one timed
+                median_ms, _ = timeit(step, device, repeats=1)
+            timing.full_step_s = self.seconds[key] = median_ms / 1e3
+        finally:
+            reapply()
 
 
-def _full_step_key(inputs: dict, geo: Geometry, device, controlnet) -> tuple:
-    """What a stock step's time depends on: sizes, batch, dtype, device and whether a ControlNet runs in
-    it (not CLEAR's window)."""
-    hidden = inputs["hidden_states"]
-    return geo.text_len, geo.height, geo.width, hidden.shape[0], hidden.dtype, str(device), controlnet is None
+def _stock_key(step: StepCall, geo: Geometry, device) -> tuple:
+    hidden = step.inputs["hidden_states"]
+    return (
+        geo.text_len,
+        geo.height,
+        geo.width,
+        hidden.shape[0],
+        hidden.dtype,
+        str(device),
+        step.controlnet is None,
+    )
 
 
-def time_full_attention(
-    transformer,
-    inputs: dict,
-    timing: StageTiming,
-    geo: Geometry,
-    device,
-    reapply,
-    fits: bool = True,
-    controlnet=None,
-    control_inputs: dict | None = None,
-) -> None:
-    """timing.full_step_s: one warm step with stock attention when that is cheap (and `fits`: the memory
-    plan says its activations fit), else the FLOP model. With a ControlNet (its last call's inputs in
-    `control_inputs`) the step is the ControlNet's call and the transformer's, both with stock attention,
-    as the stage's steps were both of them with CLEAR.
-
-    A measured time is kept per transformer and size, so a batch of images measures it once. The
-    estimate scales the measured CLEAR step by the FLOP ratio (linear + full attention) /
-    (linear + computed CLEAR attention), so it assumes both run at the same FLOP rate; a ControlNet's
-    blocks are counted as more transformer blocks. Either is one GPU's: in sequence mode the stock step
-    runs whole on each GPU, and the estimate starts from the CLEAR step's GPU-seconds (step_s x gpus, as
-    if the step scaled perfectly).
-    """
-    cache = _FULL_STEP_S.setdefault(transformer, {})
-    key = _full_step_key(inputs, geo, device, controlnet) if inputs else None
-    if key in cache:
-        timing.full_step_s = cache[key]
-        return
-    computed = build_block_lists(geo).computed_pairs()
-    gpu_seconds = timing.step_s * timing.gpus
-    family = models.of(transformer)
-    shape = family.flop_shape(transformer.config)
-    if controlnet is not None:
-        net = family.flop_shape(controlnet.config)
+def _step_flops(step: StepCall, geo: Geometry) -> dict[str, float]:
+    """The FLOP model of the step's calls at this geometry (a ControlNet's blocks as more blocks)."""
+    family = models.of(step.transformer)
+    shape = family.flop_shape(step.transformer.config)
+    if step.controlnet is not None:
+        net = family.flop_shape(step.controlnet.config)
         shape = replace(shape, double=shape.double + net.double, single=shape.single + net.single)
-    estimate = gpu_seconds * speedup_bound(step_flops(shape, geo, computed))
-    if 2 * estimate > FULL_MEASURE_BUDGET_S or not inputs or not fits or (controlnet and not control_inputs):
-        timing.full_step_s, timing.full_estimated = estimate, True
-        return
-    remove_clear(transformer)
-    if controlnet is not None:
-        remove_clear(controlnet)
-    try:
-        with torch.no_grad():  # one warm-up, one timed
-            step = step_call(transformer, inputs, controlnet, control_inputs)
-            median_ms, _ = timeit(step, device, repeats=1)
-        timing.full_step_s = cache[key] = median_ms / 1e3
-    finally:
-        reapply()
+    return step_flops(shape, geo, build_block_lists(geo).computed_pairs())

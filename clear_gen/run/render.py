@@ -22,24 +22,23 @@ import torch
 from .. import models
 from ..attention import apply_clear, remove_clear
 from ..attention.backends import choose
-from ..attention.choice import ClearChoice
 from ..core.clock import now
 from ..core.device import device_name, dtype_name
 from ..core.geometry import Geometry, needed_pairs
 from ..files import output
 from ..files.record import ImageRecord, RunTiming, StageTiming
-from ..plan.memory import RunPlan
+from ..plan.footprint import RunPlan
 from ..plan.records import image_record
-from ..plan.spec import RunSpec, Stage
+from ..plan.spec import ClearChoice, RunSpec, Stage
 from ..weights.spec import ControlSpec
 from . import world as parallel
 from .measure import (
+    StepCall,
     StepClock,
+    StockSteps,
     capture_transformer_call,
     record_peak_memory,
     reset_peak_memory,
-    step_call,
-    time_full_attention,
     time_step,
 )
 from .speed import BlockCount, step_cache
@@ -116,6 +115,7 @@ class Run:
     mark: float = 0.0  # where the next image's wall time begins
     made: int = 0  # images this rank has made
     names: output.Names = field(default_factory=output.Names)  # its PNGs' names, reserved until saved
+    stock_steps: StockSteps = field(default_factory=StockSteps)  # full attention's step, timed once a size
 
 
 def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> ImageResult | None:
@@ -204,8 +204,9 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     if settings.compare_full and geo is not None:
         hooks.phase("compare", f"{stage.width}x{stage.height}")
         t0 = now(device)
+        step = StepCall(transformer, inputs, controlnet, control_inputs)
         if timing.step_s is None:
-            timing.step_s = time_step(step_call(transformer, inputs, controlnet, control_inputs), device)
+            timing.step_s = time_step(step, device)
         fits = run.plan is None or (stage.width, stage.height) not in run.plan.full_step_too_big
 
         def reapply():
@@ -213,9 +214,7 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
             if controlnet is not None and stage.controlnet_clear:
                 apply_clear(controlnet, **net_kwargs)
 
-        time_full_attention(
-            transformer, inputs, timing, geo, device, reapply, fits, controlnet, control_inputs
-        )
+        run.stock_steps.time(step, timing, geo, device, reapply, fits)
         timing.compare_s = now(device) - t0
         hooks.phase_done("compare", timing.compare_s)
         reset_peak_memory(device)  # the stage's peak leaves out timing full attention

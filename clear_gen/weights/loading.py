@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..attention.choice import ClearChoice
 from ..errors import WeightsError
 from . import gguf
 from . import quantize as Q
@@ -23,13 +22,11 @@ from .lora import load_loras
 from .spec import WeightsSpec
 
 
-def clear_weights_file(choice: ClearChoice, token: str | None) -> Path | None:
-    """The checkpoint of a registry variant (from the cache or the Hub), a custom file, or None."""
+def clear_weights_file(hub_variant: str | None, local: Path | None, token: str | None) -> Path | None:
+    """A CLEAR checkpoint: a local file, a registry variant's (from the cache or the Hub), or None."""
     from .hub import resolve_variant_file
 
-    if choice.weights is not None or choice.label in ("custom", "none"):
-        return choice.weights
-    return resolve_variant_file(choice.label, token)
+    return local if hub_variant is None else resolve_variant_file(hub_variant, token)
 
 
 @contextmanager
