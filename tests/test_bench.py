@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from clear_gen.bench import image as BI
 from clear_gen.bench import report as R
+from clear_gen.bench import run as bench_run
 from clear_gen.bench import suite as B
 from clear_gen.cli import app, main
 from clear_gen.core import flops as FL
@@ -52,7 +53,7 @@ def test_row_major_geometry_is_row_major():
 
 @pytest.mark.parametrize("window, ours_max, row_major", [(8, 1.8, 4.8), (16, 1.65, 6.0)])
 def test_plan_8k_meets_density_targets(window, ours_max, row_major):
-    (row,) = B.run("plan", res=[8192], window=window)
+    (row,) = bench_run("plan", res=[8192], window=window)
     assert set(B.ROW_KEYS) <= row.keys() and row["tokens"] == 512 * 512 + 512
     assert row["computed_over_needed"] <= ours_max
     assert row["rowmajor_over_needed"] == pytest.approx(row_major, abs=0.1)
@@ -65,7 +66,7 @@ def test_plan_8k_meets_density_targets(window, ours_max, row_major):
 
 @pytest.mark.slow  # compiles FlexAttention
 def test_attention_runs_and_checks_against_dense():
-    rows = B.run("attention", res=[256, 512], heads=2, head_dim=32, repeats=1, device="cpu")
+    rows = bench_run("attention", res=[256, 512], heads=2, head_dim=32, repeats=1, device="cpu")
     assert [r["res"] for r in rows] == [256, 512]
     for row in rows:
         assert set(B.ROW_KEYS) <= row.keys()
@@ -77,7 +78,7 @@ def test_attention_runs_and_checks_against_dense():
 
 @pytest.mark.slow  # compiles FlexAttention
 def test_step_runs_with_a_tiny_flux():
-    (row,) = B.run("step", res=[256], heads=2, head_dim=32, layers=2, repeats=1, device="cpu")
+    (row,) = bench_run("step", res=[256], heads=2, head_dim=32, layers=2, repeats=1, device="cpu")
     assert set(B.ROW_KEYS) <= row.keys() and row["layers"] == 2
     assert row["check_ok"] and row["check_res"] == 256  # flex vs dense over the whole step
     assert row["clear_ms"] > 0 and row["full_ms"] > 0 and not row["full_estimated"]
@@ -86,18 +87,18 @@ def test_step_runs_with_a_tiny_flux():
 @pytest.mark.slow  # compiles FlexAttention
 def test_step_guard_estimates_instead_of_running_full():
     kw = dict(heads=2, head_dim=32, layers=2, repeats=1, device="cpu", down_factor=4)
-    (row,) = B.run("step", res=[256], max_full_seconds=1e-9, **kw)
+    (row,) = bench_run("step", res=[256], max_full_seconds=1e-9, **kw)
     assert row["full_estimated"] and row["full_ms"] > 0 and row["check_ok"]
-    (row,) = B.run("step", res=[256], compare_full=False, **kw)
+    (row,) = bench_run("step", res=[256], compare_full=False, **kw)
     assert row["full_ms"] is None and row["speedup"] is None
 
 
 def test_bad_arguments_are_config_errors():
     for kw in ({"what": "nope"}, {"res": [1000]}, {"dtype": "int8"}, {"res": [256], "down_factor": 3}):
         with pytest.raises(ConfigError):
-            B.run(**{"what": "plan", **kw})
+            bench_run(**{"what": "plan", **kw})
     with pytest.raises(ConfigError):
-        B.variant("r7")
+        bench_run("plan", variant="r7")
 
 
 # ---------------------------------------------------------------- CLI
@@ -122,9 +123,9 @@ def test_cli_bench_user_error_is_one_line(capsys):
 
 
 def test_bench_defaults_to_generates_variant_and_refuses_a_conflict(capsys):
-    (row,) = B.run("plan", res=[1024])
+    (row,) = bench_run("plan", res=[1024])
     assert (row["window"], row["down_factor"]) == (8, 4)  # r8-down4, as clear-gen generate
-    (row,) = B.run("plan", res=[1024], window=16)
+    (row,) = bench_run("plan", res=[1024], window=16)
     assert (row["window"], row["down_factor"]) == (16, 1)
     with pytest.raises(SystemExit) as e:
         main(["bench", "--variant", "r8", "--window", "4"])
@@ -139,7 +140,7 @@ def test_full_size_model_that_cannot_fit_is_refused(monkeypatch):
 
 @pytest.mark.slow  # compiles FlexAttention at a real 8K grid
 def test_step_at_8k_in_bf16_with_tiny_dims():
-    rows = B.run("step", res=[8192], dtype="bf16", device="cpu", heads=2, head_dim=32, layers=1,
+    rows = bench_run("step", res=[8192], dtype="bf16", device="cpu", heads=2, head_dim=32, layers=1,
                  compare_full=False, repeats=0)  # fmt: skip
     assert rows[0]["tokens"] == 512 * 512 + 512 and rows[0]["clear_ms"] > 0 and rows[0]["dtype"] == "bfloat16"
 
@@ -158,7 +159,7 @@ def test_image_rows_block_mask_is_the_image_rows_of_clear(f):
 
 def test_report_keeps_the_latest_row_and_every_part_status(tmp_path):
     rows, md = tmp_path / "rows.jsonl", tmp_path / "bench.md"
-    (plan,) = B.run("plan", res=[1024], window=8)
+    (plan,) = bench_run("plan", res=[1024], window=8)
     R.append(rows, {"part": "a", "status": "running"})
     R.append(rows, {**plan, "part": "a", "mask_build_ms": 111.0})
     R.append(rows, {**plan, "part": "a", "mask_build_ms": 222.0})  # the same row again: replaces it
@@ -214,7 +215,7 @@ def test_image_rows_have_every_field_and_add_up_to_the_wall_time():
     import time
 
     t0 = time.perf_counter()
-    rows = B.run("image", res=[256], stages=[128, 256], **TINY_IMAGE)
+    rows = bench_run("image", res=[256], stages=[128, 256], **TINY_IMAGE)
     wall = time.perf_counter() - t0
     assert [r["stage"] for r in rows] == [1, 2, "all"]
     for row in rows:
@@ -288,7 +289,7 @@ def test_report_fills_an_image_stage_from_a_measured_full_step():
 
 @pytest.mark.slow  # a whole (tiny) image
 def test_bench_image_quantizes_the_built_transformer_as_loading_would():
-    rows = B.run("image", res=[128], quantize="int8", compare_full=False, **TINY_IMAGE)
+    rows = bench_run("image", res=[128], quantize="int8", compare_full=False, **TINY_IMAGE)
     assert all(r["quantize"] == "int8" for r in rows) and rows[-1]["stage"] == "all"
     with pytest.raises(ClearGenError, match="nf4"):  # on a CPU: CUDA only; on a GPU: only while loading
-        B.run("image", res=[128], quantize="nf4", **TINY_IMAGE)
+        bench_run("image", res=[128], quantize="nf4", **TINY_IMAGE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -398,9 +399,9 @@ def test_bad_inputs_are_one_line_errors(tiny, data, tmp_path, capsys, monkeypatc
         "clear_gen.distill.train"
     )  # the module (the package's `train` is the function)
 
-    real = T.importlib.util.find_spec
+    real = importlib.util.find_spec
     missing = lambda name: None if name == "prodigyopt" else real(name)  # noqa: E731
-    monkeypatch.setattr(T.importlib.util, "find_spec", missing)
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
     code, _, err = run(train_args(tiny, data, tmp_path / "x.safetensors"), capsys)
     assert code == 1 and "pip install prodigyopt" in err
     monkeypatch.undo()

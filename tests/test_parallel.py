@@ -106,7 +106,7 @@ def test_communication_model_by_hand():
 
 
 def test_bench_plan_gpus_rows():
-    from clear_gen.bench import suite as bench
+    from clear_gen import bench
 
     rows = bench.run("plan", [1024], window=8, down_factor=4, gpus=[2, 5])
     comm = [r for r in rows if r["what"] == "comm"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -29,6 +29,7 @@ from ..plan.parse import parse
 from ..plan.spec import GenerateOptions, OutputSpec, RunSpec
 from ..run.generate import Hooks, generate
 from ..weights import quantize as Q
+from .spec import BenchSpec
 
 IMAGE_KEYS = (
     "what", "stage", "res", "steps", "step_s", "compile_s", "decode_s", "total_s", "full_step_s",
@@ -38,89 +39,60 @@ PROMPT = "a lighthouse on a cliff at dawn"  # what the tiny random text encoders
 GPU_RES, CPU_RES = 8192, 1024  # the target without --res
 
 
-def run(
-    res: Sequence[int] | None = None,
-    window: int | None = None,
-    down_factor: int | None = None,
-    device: str = "auto",
-    dtype: str | None = None,
-    heads: int = 24,
-    head_dim: int = 128,
-    layers: int = 57,
-    text_len: int = 512,
-    compare_full: bool = True,
-    progress: Callable[[str], None] | None = None,
-    on_row: Callable[[dict], None] | None = None,
-    stages: list[int] | None = None,
-    steps: int | None = None,
-    vae_channels: int | None = None,
-    compile: bool | None = None,
-    cache: str | None = None,
-    quantize: str | None = None,
-) -> list[dict]:
+def run(spec: BenchSpec, progress: Callable[[str], None] | None = None, on_row=None) -> list[dict]:
     """Rows of one image at `res` (one size: the target) made by generate on random weights; see the
     module docstring. `steps`: every stage's (default 20, as generate); `stages`: long sides, as
-    generate's --stages. No window: the default variant (r8-down4), CLEAR at every size (generate's
-    SDEdit stages use it; its first pass, full attention, stays)."""
-    say = progress or (lambda _msg: None)
-    emit = on_row or (lambda _row: None)
+    generate's --stages. CLEAR (the spec's window) at every size: generate's SDEdit stages use it; its
+    first pass, full attention, stays."""
+    say, emit, o = progress or (lambda _msg: None), on_row or (lambda _row: None), spec.asked
     started = time.perf_counter()
     # 1. Everything generate would refuse, refused now, before gigabytes of weights are made.
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    opts = _options(
-        res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache, quantize
-    )
-    opts = replace(opts, dtype=str(dt).removeprefix("torch."))
-    spec = parse(opts)
-    Q.check_device(opts.quantize, "none", dev)
-    shape = flux_shape(heads, head_dim, layers)
-    channels = VAE_CHANNELS if vae_channels is None else vae_channels
+    dev = resolve_device(o.device)
+    dt = resolve_dtype(o.dtype, dev)
+    run_spec = parse(_options(spec, dev, dt))
+    Q.check_device(run_spec.weights.quantize, "none", dev)
+    shape = flux_shape(o.heads, o.head_dim, o.layers)
+    channels = VAE_CHANNELS if o.vae_channels is None else o.vae_channels
     check_vae_channels(channels)
     # 2. The random pipeline, then generate on it.
     say(f"building FLUX.1-dev-shaped random weights on {device_name(dev)}: {shape.layers} layers, "
         f"{shape.heads} x {shape.head_dim} heads, VAE {channels} channels, tiny text encoders")  # fmt: skip
     pipe = build_pipeline(shape, dev, dt, channels)
     build_s = now(dev) - started
-    base = _base(spec, shape, dev, dt, channels)
+    base = _base(run_spec, shape, dev, dt, channels)
     rows = _Rows(base, dev, emit, say)
     with tempfile.TemporaryDirectory(prefix="clear-gen-bench-") as out:
-        (result,) = generate(replace(spec, output=OutputSpec(out)), rows.hooks(), pipe=pipe)
+        (result,) = generate(replace(run_spec, output=OutputSpec(out)), rows.hooks(), pipe=pipe)
     wall = time.perf_counter() - started
     rows.add(_total_row(base, result.timing, build_s, wall, rows.peaks))
     return rows.rows
 
 
-def _options(res, dev, window, down_factor, text_len, stages, steps, compare_full, compile, cache, quantize):
+def _options(spec: BenchSpec, dev: torch.device, dtype: torch.dtype) -> GenerateOptions:
     """GenerateOptions of the benchmarked image: a custom CLEAR window (no checkpoint to fetch)."""
-    from ..weights.registry import load_registry
-
-    if res is not None and len(res) != 1:
+    o = spec.asked
+    if o.res is not None and len(o.res) != 1:
         raise ConfigError("--what image makes one image: give one --res (the target; --stages for the rest)")
-    target = res[0] if res else (CPU_RES if dev.type == "cpu" else GPU_RES)
-    if window is None:
-        registry = load_registry()
-        default = registry.variant(registry.default_variant)
-        window, default_f = default.window, default.down_factor
-        down_factor = default_f if down_factor is None else down_factor
-    steps = 20 if steps is None else steps
+    target = o.res[0] if o.res else (CPU_RES if dev.type == "cpu" else GPU_RES)
+    steps = 20 if o.steps is None else o.steps
     return GenerateOptions(
         prompts=[PROMPT],
         width=target,
         height=target,
         model="random",
-        window=window,
-        down_factor=down_factor or 1,
-        stages=stages,
+        window=spec.window,
+        down_factor=spec.down_factor,
+        stages=list(o.stages) if o.stages else None,
         steps=steps,
         first_steps=steps,
         seeds=[0],
-        max_sequence_length=text_len,
+        max_sequence_length=o.text_len,
         device=str(dev),
-        compare_full=compare_full,
-        compile=bool(compile),
-        cache=cache or "none",
-        quantize=quantize or "none",
+        dtype=str(dtype).removeprefix("torch."),
+        compare_full=o.compare_full,
+        compile=bool(o.compile),
+        cache=o.cache or "none",
+        quantize=o.quantize or "none",
     )  # fmt: skip  (quantize: applied to the built pipeline by loading.prepared_pipeline)
 
 

@@ -18,19 +18,22 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from ..attention.backends import DENSE_MAX_ELEMENTS
 from ..core import flops as FL
 from ..core import geometry as G
 from ..core.clock import samples, timed, timeit
 from ..core.device import device_name, resolve_device, resolve_dtype
+from ..core.launch import launched
 from ..errors import ConfigError
 from ..models.flux1 import use_exact_positions
 from ..models.flux1.random import build_transformer, flux_shape, step_inputs
 from ..run import world as PL
+from .spec import BenchSpec
 
-WHATS = ("plan", "attention", "step", "image")
 CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
 ROW_KEYS = (
     "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
@@ -41,14 +44,6 @@ Progress = Callable[[str], None] | None
 
 
 # ---------------------------------------------------------------- small pieces
-
-
-def variant(name: str) -> tuple[int, int]:
-    """(window, down_factor) of a weights.toml variant such as 'r8' or 'r8-down4'."""
-    from ..weights.registry import load_registry
-
-    v = load_registry().variant(name)
-    return v.window, v.down_factor
 
 
 def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geometry:
@@ -156,8 +151,6 @@ def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype) -
 
 def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len: int) -> G.Geometry:
     """The smallest asked-for size if the dense reference fits it, else 1024 px or less."""
-    from ..attention.backends import DENSE_MAX_ELEMENTS
-
     for r in (min(res), 1024, 512, 256):
         geo = geometry(r, window, down_factor, text_len)
         if geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS:
@@ -260,42 +253,38 @@ def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) 
     return {"check_rel_err": err, "check_ok": bool(math.isfinite(err) and err <= tol)}
 
 
-MEASURES = ("both", "clear", "full")
-
-
-def step_row(
-    res: int, window: int, down_factor: int, text_len: int, model, shape: FL.FluxShape,
-    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard, check: bool,
-    measure: str = "both", emit: Callable[[dict], None] = lambda row: None, shards=None,
-) -> dict:  # fmt: skip
+def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callable[[dict], None]) -> dict:
     """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
-    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. `shards`
-    (under torchrun): CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU whole."""
+    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. Under
+    torchrun (`bench.shards`) CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU
+    whole."""
     from ..attention import apply_clear, remove_clear
 
-    geo = geometry(res, window, down_factor, text_len)
-    inputs = step_inputs(model, res, text_len, device, dtype)
+    o, model, device, shape, shards = spec.asked, bench.model, bench.device, bench.shape, bench.shards
+    window, down_factor = spec.window, spec.down_factor
+    geo = geometry(res, window, down_factor, o.text_len)
+    inputs = step_inputs(model, res, o.text_len, device, bench.dtype)
     step = lambda: model(**inputs)  # noqa: E731
     flops = FL.step_flops(shape, geo, _computed(geo))
     row = _base_row("step", res, geo, G.build_block_lists(geo), device_name(device))
-    row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim, text_len=text_len)
-    row.update(dtype=str(dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
+    row.update(layers=shape.layers, heads=shape.heads, head_dim=shape.head_dim, text_len=o.text_len)
+    row.update(dtype=str(bench.dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
     gpus = 1 if shards is None else shards.world.size
     row.update(gpus=gpus, parallel="none" if shards is None else "sequence")
     # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
-    if measure != "full":
+    if o.measure != "full":
         apply_clear(model, window=window, down_factor=down_factor, backend="flex", parallel=shards)
-        clear_ms, first_ms, peak = timed(step, device, repeats)
+        clear_ms, first_ms, peak = timed(step, device, o.repeats)
         row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
         if check:
             row.update(check_res=res, **check_step(model, inputs, window, down_factor, shards))
         remove_clear(model)
         emit(row)
     # 2. Stock attention, unless the guard estimates it too slow.
-    if measure != "clear":
+    if o.measure != "clear":
         full_flops = flops["linear"] + flops["attn_full"]
         gpu_ms = None if row["clear_ms"] is None else row["clear_ms"] * gpus  # one GPU's: from GPU-seconds
-        row.update(guard.measure(step, full_flops, gpu_ms, FL.speedup_bound(flops), device, repeats))
+        row.update(bench.guard.measure(step, full_flops, gpu_ms, FL.speedup_bound(flops), device, o.repeats))
         row["speedup"] = row["full_ms"] / row["clear_ms"] if row["full_ms"] and row["clear_ms"] else None
     return row
 
@@ -308,121 +297,89 @@ CPU_SIZES = (1024,)  # a full-size attention op or step at 1K takes seconds on a
 
 
 def run(
-    what: str = "plan",
-    res: Sequence[int] | None = None,
-    window: int | None = None,
-    down_factor: int | None = None,
-    device: str = "auto",
-    dtype: str | None = None,
-    repeats: int = 3,
-    heads: int = 24,
-    head_dim: int = 128,
-    layers: int = 57,
-    text_len: int = 512,
-    compare_full: bool = True,
-    max_full_seconds: float | None = None,
-    time_budget: float | None = None,
-    measure: str = "both",
-    progress: Progress = None,
-    on_row: Callable[[dict], None] | None = None,
-    gpus: Sequence[int] | None = None,
-    **image,
-) -> list[dict]:
+    spec: BenchSpec, progress: Progress = None, on_row: Callable[[dict], None] | None = None
+) -> list[dict]:  # noqa: E501
     """Benchmark rows, one per resolution (see module docstring). `on_row` sees each row as it lands
     (a step row twice: once CLEAR is measured, again with full attention). `gpus` (plan): a
     communication row per resolution and GPU count too.
 
-    No window: the registry's default variant (r8-down4), as `clear-gen generate` runs. No res: 1K-8K,
-    or 1K alone for measurements on a CPU. `measure` (step): both, clear or full. Full-attention runs
-    estimated (FLOP model) to take over `max_full_seconds` per call, or to end after `time_budget`
-    seconds from now, are skipped and reported as estimates (`full_estimated`). `what="image"`: one image
-    through generate (bench_image.run; `image`: its stages, steps, vae_channels, compile and cache).
+    No res: 1K-8K, or 1K alone for measurements on a CPU. `measure` (step): both, clear or full.
+    Full-attention runs estimated (FLOP model) to take over `max_full_seconds` per call, or to end after
+    `time_budget` seconds from now, are skipped and reported as estimates (`full_estimated`).
     """
-    image = {k: v for k, v in image.items() if v is not None}
-    if what == "image":
-        from .image import run as run_image
-
-        shape = dict(heads=heads, head_dim=head_dim, layers=layers, text_len=text_len)
-        return run_image(res, window, down_factor, device, dtype, **shape, compare_full=compare_full,
-                         progress=progress, on_row=on_row, **image)  # fmt: skip
-    if image:
-        raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
-    deadline = None if time_budget is None else time.monotonic() + time_budget
-    say = progress or (lambda _msg: None)
-    emit = on_row or (lambda _row: None)
-    # 1. Validate everything before any work.
-    if what not in WHATS:
-        raise ConfigError(f"unknown benchmark {what!r}; choose one of {', '.join(WHATS)}")
-    if measure not in MEASURES:
-        raise ConfigError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
-    if window is None:  # the default variant's window, and its down factor unless one is given
-        window, default_f = variant(default_variant())
-        down_factor = default_f if down_factor is None else down_factor
-    down_factor = down_factor or 1
-    if window < 1 or down_factor < 1 or repeats < 0 or heads < 1 or head_dim < 1:
-        raise ConfigError("window, down factor, heads and head dim must be positive, repeats >= 0")
-    if gpus and (what != "plan" or min(gpus) < 1):
-        raise ConfigError("--gpus takes GPU counts of 1 or more, with --what plan (torchrun runs the step)")
-    world, dev = _world(what, device)
-    if res is None:
-        res = CPU_SIZES if dev.type == "cpu" and what != "plan" else ALL_SIZES
-        say(f"sizes {', '.join(map(str, res))} px (--res to choose)")
-    if not res:
-        raise ConfigError("no resolution given")
-    for r in res:
-        geometry(r, window, down_factor, text_len)
-    dt = resolve_dtype(dtype, dev)
-    shape = flux_shape(heads, head_dim, layers)
-    guard = FullGuard(compare_full or measure == "full", max_full_seconds, deadline)
-    wf = (window, down_factor, text_len)
-    rows = []
-    # 2. One row per resolution; correctness checks in the same run, after the timings (so that the
-    #    first timed call carries the compilation).
-    with torch.inference_mode():
-        model = build_transformer(shape, dev, dt) if what == "step" else None
+    o, say, emit = spec.asked, progress or (lambda _msg: None), on_row or (lambda _row: None)
+    world, dev = _world(o.what, o.device)
+    sizes = _sizes(spec, dev, say)
+    dt = resolve_dtype(o.dtype, dev)
+    shape = flux_shape(o.heads, o.head_dim, o.layers)
+    deadline = None if o.time_budget is None else time.monotonic() + o.time_budget
+    guard = FullGuard(o.compare_full or o.measure == "full", o.max_full_seconds, deadline)
+    # Rows in order; correctness checks in the same run, after the timings (so that the first timed call
+    # carries the compilation). no_grad, as generate runs: the same compiled kernels.
+    with torch.no_grad():
+        model = build_transformer(shape, dev, dt) if o.what == "step" else None
         if model is not None:
             use_exact_positions(model)  # stock and CLEAR steps see the same, exact positions
-        shards = None if world is None else PL.SequenceShards(world, heads)
-        for r in res:
-            say(f"{what} {r} px, r = {window}, f = {down_factor} on {device_name(dev)}")
-            if what == "plan":
-                row = plan_row(r, *wf, shape)
-            elif what == "attention":
-                row = attention_row(r, *wf, heads, head_dim, dev, dt, repeats, guard)
-            else:
-                geo = geometry(r, *wf)
-                small = geo.q_len * geo.kv_len <= _dense_max() or shards is not None  # dense or one-GPU check
-                check = r == min(res) and small and measure != "full"
-                row = step_row(r, *wf, model, shape, dev, dt, repeats, guard, check, measure, emit, shards)
-            rows.append(row)
+        shards = None if world is None else PL.SequenceShards(world, o.heads)
+        return _rows(spec, sizes, Bench(dev, dt, shape, guard, model, shards), say, emit)
+
+
+@dataclass
+class Bench:
+    """What every row of a run measures on: the device, dtype, model shape, full-attention guard, the
+    random transformer (step) and torchrun's shards (a step under torchrun)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: FL.FluxShape
+    guard: FullGuard
+    model: torch.nn.Module | None = None
+    shards: object | None = None
+
+
+def _sizes(spec: BenchSpec, dev: torch.device, say) -> tuple[int, ...]:
+    """The asked sizes (each checked), else 1K-8K, or 1K alone for a measurement on a CPU."""
+    o = spec.asked
+    sizes = o.res
+    if sizes is None:
+        sizes = CPU_SIZES if dev.type == "cpu" and o.what != "plan" else ALL_SIZES
+        say(f"sizes {', '.join(map(str, sizes))} px (--res to choose)")
+    for r in sizes:
+        geometry(r, spec.window, spec.down_factor, o.text_len)
+    return sizes
+
+
+def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
+    """One row per size (and per GPU count with --gpus), each emitted as it lands; the attention check."""
+    o, wf, dev = spec.asked, (spec.window, spec.down_factor, spec.asked.text_len), bench.device
+    rows = []
+    for r in sizes:
+        say(f"{o.what} {r} px, r = {spec.window}, f = {spec.down_factor} on {device_name(dev)}")
+        if o.what == "plan":
+            row = plan_row(r, *wf, bench.shape)
+        elif o.what == "attention":
+            row = attention_row(r, *wf, o.heads, o.head_dim, dev, bench.dtype, o.repeats, bench.guard)
+        else:
+            geo = geometry(r, *wf)
+            small = geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS or bench.shards is not None  # dense or 1 GPU
+            row = step_row(r, spec, bench, r == min(sizes) and small and o.measure != "full", emit)
+        rows.append(row)
+        emit(row)
+        for p in o.gpus:
+            rows.append(comm_row(r, *wf, bench.shape, p))
+            emit(rows[-1])
+    if o.what == "attention":
+        check = check_attention(_check_geometry(sizes, *wf), o.heads, o.head_dim, dev, bench.dtype)
+        say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
+        for row in rows:
+            row.update(check)
             emit(row)
-            for p in gpus or []:
-                rows.append(comm_row(r, *wf, shape, p))
-                emit(rows[-1])
-        if what == "attention":
-            check = check_attention(_check_geometry(res, *wf), heads, head_dim, dev, dt)
-            say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
-            for row in rows:
-                row.update(check)
-                emit(row)
     return rows
 
 
 def _world(what: str, device: str) -> tuple[PL.World | None, torch.device]:
     """(parallel.World, device) for a step under torchrun (rank, process group, cuda:LOCAL_RANK), else
     (None, the device)."""
-    if what == "step" and PL.launched():
+    if what == "step" and launched():
         return PL.start("sequence", device)
     return None, resolve_device(device)
-
-
-def default_variant() -> str:
-    from ..weights.registry import load_registry
-
-    return load_registry().default_variant
-
-
-def _dense_max() -> int:
-    from ..attention.backends import DENSE_MAX_ELEMENTS
-
-    return DENSE_MAX_ELEMENTS

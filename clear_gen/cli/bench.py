@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -15,13 +16,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..core import launch
-from ..errors import ConfigError, OutputError
+from ..errors import OutputError
 from . import options
 from .app import app, err
 
 
-@app.command()
-def bench(
+def _what_options(
     what: str = typer.Option(
         "plan",
         help="plan (FLOPs, no compute), attention, step or image (a whole one).",
@@ -51,6 +51,11 @@ def bench(
         help="plan: head-parallel traffic at these GPU counts, e.g. 2,4,8.",
         rich_help_panel=options.WHAT,
     ),
+) -> None:
+    """What to measure, at which sizes and with which attention (only its signature is used)."""
+
+
+def _shape_options(
     heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=options.SHAPE),
     head_dim: int = typer.Option(
         128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=options.SHAPE
@@ -65,6 +70,11 @@ def bench(
         show_default="128, FLUX.1's",
         rich_help_panel=options.SHAPE,
     ),
+) -> None:
+    """The random model's shape (only its signature is used)."""
+
+
+def _image_options(
     stages: str | None = typer.Option(
         None,
         help="image: long side of each stage, as generate's.",
@@ -93,6 +103,11 @@ def bench(
         show_default="none",
         rich_help_panel=options.SPEED,
     ),
+) -> None:
+    """--what image's recipe and speed options (only its signature is used)."""
+
+
+def _run_options(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=options.RUN),
     dtype: str | None = typer.Option(
         None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=options.RUN
@@ -108,6 +123,11 @@ def bench(
     time_budget: float | None = typer.Option(
         None, help="Seconds: estimate full attention that would end later.", rich_help_panel=options.RUN
     ),
+) -> None:
+    """Where it runs and how full attention is measured (only its signature is used)."""
+
+
+def _output_options(
     json_file: Path | None = typer.Option(
         None, "--json", help="Write the rows as JSON, as they land.", rich_help_panel=options.OUTPUT
     ),
@@ -123,49 +143,61 @@ def bench(
         None, help="Part name for --jsonl rows.", rich_help_panel=options.OUTPUT
     ),
 ) -> None:
-    """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
-    from ..bench import report as R
-    from ..bench import suite as B
+    """Where the rows go (only its signature is used)."""
 
-    # 1. Parse: a variant, or a window (and down factor), or the registry's default variant.
-    if variant is not None:
-        if window is not None or down_factor is not None:
-            given = f"--window {window}" if window is not None else f"--down-factor {down_factor}"
-            raise ConfigError(
-                f"--variant {variant} and {given} conflict: give a variant or --window/--down-factor"
-            )
-        window, down_factor = B.variant(variant)
-    sizes = options.ints(res, "--res")
+
+@app.command()
+@options.with_options(_what_options, _shape_options, _image_options, _run_options, _output_options)
+def bench(**given: Any) -> None:
+    """CLEAR versus full attention on random FLUX.1-dev-shaped weights: no download needed."""
+    from .. import bench as B
+    from ..bench import report as R
+
+    # 1. Parse what the library parses (bench.spec) from the flags' texts.
+    out = {name: given.pop(name) for name in ("json_file", "markdown", "jsonl", "label")}
+    given["res"] = options.ints(given["res"], "--res")
+    given["stages"] = options.ints(given["stages"], "--stages")
+    given["gpus"] = options.ints(given["gpus"], "--gpus", "GPU counts, e.g. 2,4,8")
+    given["compare_full"] = not given.pop("no_compare_full")
     writes = not launch.rank()  # under torchrun (step: sequence-parallel), rank 0 writes the files
     # 2. Run, saving the rows as they land (a killed run keeps what it measured).
-    done: dict[int, dict] = {}
-
-    def on_row(row: dict) -> None:
-        if not writes:
-            return
-        done[id(row)] = row
-        if json_file:
-            _write_json(json_file, list(done.values()))
-        if jsonl:
-            R.append(jsonl, {**row, "part": label})
-            if markdown:
-                R.write(jsonl, markdown, f"clear-gen bench on {row['device']}")
-
-    rows = B.run(
-        what, sizes, window=window, down_factor=down_factor, device=device, dtype=dtype, repeats=repeats,
-        heads=heads, head_dim=head_dim, layers=layers, text_len=text_len, compare_full=not no_compare_full,
-        max_full_seconds=max_full_seconds, time_budget=time_budget, measure=measure,
-        progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"), on_row=on_row,
-        stages=options.ints(stages, "--stages"), steps=steps, vae_channels=vae_channels, compile=compile,
-        cache=cache, quantize=quantize, gpus=options.ints(gpus, "--gpus", "GPU counts, e.g. 2,4,8"),
-    )  # fmt: skip
+    progress = lambda msg: err.print(f"[dim]{escape(msg)}[/dim]")  # noqa: E731
+    rows = B.run(progress=progress, on_row=_RowWriter(writes, **out), **given)
     # 3. Print a table per kind of row: as wide as the terminal (or COLUMNS); piped, wide enough not to wrap.
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
     kinds = [[r for r in rows if r["what"] == what] for what in dict.fromkeys(r["what"] for r in rows)]
     for part in kinds:
         console.print(_fit(_with_legend(R.table(part)), console.width))
-    if markdown and not jsonl and writes:
-        _write(markdown, "\n".join(R.table_markdown(part) for part in kinds))
+    if out["markdown"] and not out["jsonl"] and writes:
+        _write(out["markdown"], "\n".join(R.table_markdown(part) for part in kinds))
+
+
+class _RowWriter:
+    """Each row as it lands into --json (the whole list, rewritten), --jsonl (appended, with the part's
+    --label) and, with --jsonl, --markdown (the whole file's report); nothing on torchrun's ranks 1..."""
+
+    def __init__(self, writes: bool, json_file, markdown, jsonl, label) -> None:
+        self.writes, self.json_file, self.markdown, self.jsonl, self.label = (
+            writes,
+            json_file,
+            markdown,
+            jsonl,
+            label,
+        )
+        self.done: dict[int, dict] = {}
+
+    def __call__(self, row: dict) -> None:
+        from ..bench import report as R
+
+        if not self.writes:
+            return
+        self.done[id(row)] = row
+        if self.json_file:
+            _write_json(self.json_file, list(self.done.values()))
+        if self.jsonl:
+            R.append(self.jsonl, {**row, "part": self.label})
+            if self.markdown:
+                R.write(self.jsonl, self.markdown, f"clear-gen bench on {row['device']}")
 
 
 # Terse bench headers, explained under the table; BENCHMARKS.md has the long form.

@@ -1,0 +1,103 @@
+"""What `clear-gen bench` is asked (`BenchOptions`, as given: flags or a library call's keywords) and what
+it will measure (`BenchSpec`), parsed once by `parse_bench`: every name and number checked, the window and
+down factor resolved (a variant, a window, or the registry's default variant), before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..errors import ConfigError
+
+WHATS = ("plan", "attention", "step", "image")
+MEASURES = ("both", "clear", "full")
+IMAGE_ONLY = ("stages", "steps", "vae_channels", "compile", "cache", "quantize")  # --what image's options
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything `clear-gen bench` takes, as given; None: the default."""
+
+    what: str = "plan"  # plan | attention | step | image
+    res: tuple[int, ...] | None = None  # sides in px; None: 1K-8K (1K alone for measurements on a CPU)
+    variant: str | None = None  # a registry variant: sets the window and down factor
+    window: int | None = None  # instead of a variant
+    down_factor: int | None = None  # with --window (1), or over the default variant's
+    heads: int = 24  # the model's shape: FLUX.1-dev's by default
+    head_dim: int = 128
+    layers: int = 57  # blocks, 1 : 2 double : single
+    text_len: int = 512
+    device: str = "auto"
+    dtype: str | None = None
+    repeats: int = 3  # timed calls after a warm-up (median)
+    compare_full: bool = True  # full attention / the stock model too
+    measure: str = "both"  # step: both, clear or full
+    max_full_seconds: float | None = None  # estimate, not run, full-attention calls slower than this
+    time_budget: float | None = None  # estimate full attention that would end later than this from now
+    gpus: tuple[int, ...] = ()  # plan: head-parallel traffic at these GPU counts
+    stages: tuple[int, ...] | None = None  # image: long side of each stage, as generate's
+    steps: int | None = None  # image: every stage's steps (20)
+    vae_channels: int | None = None  # image: the VAE's width (128, FLUX.1's)
+    compile: bool | None = None  # image: compile the transformer blocks
+    cache: str | None = None  # image: step caching
+    quantize: str | None = None  # image: the transformer's weights
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """A benchmark, checked: what every measurement reads (the asked options beside the decided ones)."""
+
+    asked: BenchOptions
+    window: int  # decided: the variant's, the given one or the default variant's
+    down_factor: int
+    image: dict = field(default_factory=dict)  # --what image's options that were given
+
+
+def parse_bench(opts: BenchOptions) -> BenchSpec:
+    """`opts` checked and its attention resolved, before anything is built; one ConfigError otherwise."""
+    if opts.what not in WHATS:
+        raise ConfigError(f"unknown benchmark {opts.what!r}; choose one of {', '.join(WHATS)}")
+    if opts.measure not in MEASURES:
+        raise ConfigError(f"unknown measure {opts.measure!r}; choose one of {', '.join(MEASURES)}")
+    if opts.repeats < 0 or opts.heads < 1 or opts.head_dim < 1:
+        raise ConfigError("heads and head dim must be positive, repeats >= 0")
+    if opts.gpus and (opts.what != "plan" or min(opts.gpus) < 1):
+        raise ConfigError("--gpus takes GPU counts of 1 or more, with --what plan (torchrun runs the step)")
+    if opts.res is not None and not opts.res:
+        raise ConfigError("no resolution given")
+    image = {name: getattr(opts, name) for name in IMAGE_ONLY if getattr(opts, name) is not None}
+    if image and opts.what != "image":
+        raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
+    window, down_factor = _attention(opts)
+    return BenchSpec(opts, window, down_factor, image)
+
+
+def _attention(opts: BenchOptions) -> tuple[int, int]:
+    """(window, down factor): a variant's, a given window's, or the default variant's (its down factor
+    replaced by a given one)."""
+    from ..attention import check_window
+    from ..plan.parse import clear_choice
+    from ..weights.registry import load_registry
+
+    if opts.variant is not None:
+        choice = clear_choice(opts.variant, opts.window, opts.down_factor)  # a conflict is refused here
+        if choice.window is None:
+            raise ConfigError("bench measures CLEAR: give a CLEAR variant, not none")
+        return choice.window, choice.down_factor
+    check_window(opts.window, opts.down_factor, flags=True)
+    if opts.window is not None:
+        return opts.window, opts.down_factor or 1
+    registry = load_registry()
+    default = registry.variant(registry.default_variant)
+    return default.window, default.down_factor if opts.down_factor is None else opts.down_factor
+
+
+def bench_options(what: str = "plan", **given) -> BenchOptions:
+    """BenchOptions from keywords (the library's `bench.run(what, res=[...], ...)`); unknown names refused."""
+    names = {f.name for f in fields(BenchOptions)}
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(given.keys() - names)
+    if unknown:
+        raise ConfigError(f"unknown bench option {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+    sequences = {k: tuple(v) for k, v in given.items() if k in ("res", "gpus", "stages")}
+    return BenchOptions(what=what, **{**given, **sequences})
