@@ -146,7 +146,7 @@ class RunPlan:
         )
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in vars(self).items() if k != "stages"}
+        data = {k: v for k, v in vars(self).items() if k not in ("stages", "headroom")}
         return {**data, "time_s": self.time_s, "estimate": True, "stages": [vars(s) for s in self.stages]}
 
 
