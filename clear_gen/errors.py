@@ -25,5 +25,9 @@ class OutputError(ClearGenError):
     """The output cannot be written."""
 
 
+class ComputeError(ClearGenError):
+    """A computation that went wrong (NaN or inf): the message says where, and nothing is saved."""
+
+
 class ParallelError(ClearGenError):
     """One rank of a torchrun job failed on its own, or lost contact with the others: that rank prints it."""

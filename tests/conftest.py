@@ -70,6 +70,15 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
 
 
+@pytest.fixture
+def roomy_cpu(monkeypatch):
+    """A CPU with memory for real FLUX.1 in fp32: a CPU run of it is otherwise refused by its memory plan
+    before the checks after it (the weights on disk or the Hub) are reached."""
+    from clear_gen.plan import gpus
+
+    monkeypatch.setattr(gpus, "available_memory", lambda: 10**12)
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """clear-gen in this process: (exit code, stdout, stderr)."""
     from clear_gen.cli import main

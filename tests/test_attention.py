@@ -420,3 +420,51 @@ def test_full_attention_step_with_a_controlnet_runs_both_with_stock_attention(tr
     assert calls == [("FluxControlNetModel", None), ("FluxTransformer2DModel", None)] * 2  # warm-up, timed
     assert timing.full_step_s > 0 and not timing.full_estimated
     assert clear_config(net) is not None and clear_config(transformer) is not None  # CLEAR again
+
+
+# Sequences shorter than one 128-token block, as the tests that issue 24 saw fail (the 9 x 13 case above;
+# test_quantize's 8 x 8 grid with 8 text tokens in bf16) and with down-sampled keys (q_len != kv_len).
+# batch, text_len, h, w, r, f, dtype
+FRESH_CACHE_CASES = [
+    (1, 3, 9, 13, 2, 1, "float32"),
+    (1, 8, 8, 8, 2, 1, "bfloat16"),
+    (2, 5, 8, 8, 2, 2, "float32"),
+]
+
+
+def fresh_cache_child() -> None:
+    """Run by test_flex_in_a_fresh_inductor_cache_matches_the_reference in a new process: one line per case,
+    `<case> <relative error>`."""
+    for batch, text_len, h, w, r, f, name in FRESH_CACHE_CASES:
+        dtype = getattr(torch, name)
+        model = tiny_transformer().to(dtype)
+        sd = {k: v.to(dtype) for k, v in clear_checkpoint(model, f).items()}
+        inputs = tiny_inputs(batch, text_len, h, w, dtype=dtype)
+        expected = reference_output(model, sd, inputs, text_len, h, w, r, f, False, 1.0)
+        clear_gen.apply_clear(model, window=r, down_factor=f, state_dict=sd, backend="flex")
+        with torch.no_grad():
+            got = model(**inputs).sample
+        print(f"T{text_len}-{h}x{w}-r{r}-f{f}-{name} {rel_err(got, expected)}", flush=True)
+
+
+@pytest.mark.slow  # compiles FlexAttention three times in a new process
+def test_flex_in_a_fresh_inductor_cache_matches_the_reference(tmp_path):
+    """Issue 24: the compiled CPU kernel was reported to give NaN or wrong values below one 128-token block
+    when the inductor cache is fresh (and to be right with a warm one, so that an earlier run's cache hides
+    it). Here every kernel is compiled in an empty TORCHINDUCTOR_CACHE_DIR, in a process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = os.environ | {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "PYTHONPATH": os.pathsep.join([tests, *sys.path]),
+    }
+    command = [sys.executable, "-c", "import test_attention; test_attention.fresh_cache_child()"]
+    done = subprocess.run(command, env=env, cwd=tests, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = dict(line.split() for line in done.stdout.splitlines())
+    assert len(errors) == len(FRESH_CACHE_CASES), done.stdout
+    for case, err in errors.items():
+        assert float(err) < (2e-2 if case.endswith("bfloat16") else 1e-5), (case, err)  # NaN fails too

@@ -75,7 +75,9 @@ def model_folder(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------- what a run needs
 
 
-def test_nothing_cached_and_hub_unreachable_names_both_pieces_and_one_command(tmp_path, capsys, no_backoff):
+def test_nothing_cached_and_hub_unreachable_names_both_pieces_and_one_command(
+    tmp_path, capsys, no_backoff, roomy_cpu
+):
     started = time.monotonic()
     code, _, err = run(["a castle", "--res", "2048", "--out", f"{tmp_path}/out/"], capsys)  # CLEAR's size
     elapsed = time.monotonic() - started
@@ -88,24 +90,24 @@ def test_nothing_cached_and_hub_unreachable_names_both_pieces_and_one_command(tm
     assert not list(tmp_path.glob("out/*.png"))
 
 
-def test_only_the_variant_missing_offline(tmp_path, capsys, monkeypatch):
+def test_only_the_variant_missing_offline(tmp_path, capsys, monkeypatch, roomy_cpu):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = str(model_folder(tmp_path))
-    code, _, err = run(["a", "--res", "128", "--model", model, "--variant", "r16"], capsys)
+    code, _, err = run(["a", "--res", "512", "--model", model, "--variant", "r16"], capsys)
     line = one_error_line(code, err)
     assert "variant r16 (Huage001/CLEAR/clear_local_16.safetensors)" in line and "base dev" not in line
     assert "HF_HUB_OFFLINE=1 is set: unset HF_HUB_OFFLINE and run `clear-gen download r16 --no-base`" in line
 
 
-def test_only_the_base_missing_for_full_attention(capsys, no_backoff):
+def test_only_the_base_missing_for_full_attention(capsys, no_backoff, roomy_cpu):
     code, _, err = run(["a", "--res", "128", "--model", "schnell", "--variant", "none"], capsys)
     line = one_error_line(code, err)
     assert "base schnell (black-forest-labs/FLUX.1-schnell)" in line and "variant" not in line
     assert "run `clear-gen download --base schnell` once online" in line and no_backoff == []
 
 
-def test_a_variant_for_another_base_names_that_base(capsys):
-    code, _, err = run(["a", "--res", "128", "--model", "schnell", "--variant", "r16"], capsys)
+def test_a_variant_for_another_base_names_that_base(capsys, roomy_cpu):
+    code, _, err = run(["a", "--res", "512", "--model", "schnell", "--variant", "r16"], capsys)
     assert "run `clear-gen download r16 --base schnell`" in one_error_line(code, err)
 
 
@@ -142,7 +144,7 @@ def test_a_bad_model_folder_is_the_culprit_not_the_clear_weights(tmp_path, capsy
         (["--down-factor", "4"], "--down-factor 4 needs --window"),
         (["--window", "0"], "--window must be a positive integer, got 0"),
         (["--window", "2", "--down-factor", "0"], "--down-factor must be a positive integer, got 0"),
-        (["--window", "2", "--down-factor", "3", "--res", "128"], "not a multiple of 192; try --width 192"),
+        (["--window", "2", "--down-factor", "3", "--res", "128"], "not a multiple of 192; try --res 192"),
         (["--proportional-attention", "maybe"], "--proportional-attention takes on, off or auto"),
     ],
 )
@@ -216,9 +218,9 @@ def test_generate_help_shows_the_defaults(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # one line per option
     code, out, _ = run(["generate", "--help"], capsys)
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ --")}
-    assert "[default: (1024)]" in lines["--res"] and "[default: (dev)]" in lines["--model"]
-    assert f"[default: ({load_registry().default_variant}; none <= 1024 px)]" in lines["--variant"]
-    assert "[default: (20)]" in lines["--steps"] and "comments" in lines["--prompts-file"]
+    assert "[default: 1024]" in lines["--res"] and "[default: dev]" in lines["--model"]
+    assert f"[default: {load_registry().default_variant}; none <= 1024 px]" in lines["--variant"]
+    assert "[default: 20]" in lines["--steps"] and "comments" in lines["--prompts-file"]
 
 
 def test_version(capsys):
@@ -245,6 +247,15 @@ def test_weights_table_fits_80_columns(capsys, monkeypatch):
     assert code == 0, err
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
     assert "CLEAR variants (Huage001/CLEAR)" in out
+    from clear_gen.weights.registry import load_registry
+
+    registry = load_registry()  # every name, file and repo id whole on one line (they were split mid-word)
+    ids = [v.filename for v in registry.variants.values()] + [b.repo for b in registry.bases.values()]
+    ids += [c.repo for c in registry.controlnets.values()] + list(registry.variants)
+    lines = out.splitlines()
+    assert all(any(i in line for line in lines) for i in ids), [
+        i for i in ids if not any(i in x for x in lines)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -176,9 +176,9 @@ def test_full_attention_variant_none(tiny, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--res", "1000", "--window", "2"], "not a multiple of 16; try --width 1008 --height 1008"),
-        (["--res", "1000"], "not a multiple of 16; try --width 1008 --height 1008"),  # full attention
-        (["--res", "1000", "--variant", "r8-down4"], "not a multiple of 64; try --width 1024 --height 1024"),
+        (["--res", "1000", "--window", "2"], "not a multiple of 16; try --res 1008"),
+        (["--res", "1000"], "not a multiple of 16; try --res 1008"),  # full attention
+        (["--res", "1000", "--variant", "r8-down4"], "not a multiple of 64; try --res 1024"),
         (["--res", "160", "--window", "2", "--down-factor", "4"], "160x160 is not a multiple of 64"),
         (["--res", "48"], "out of range"),
         (["--res", "128", "--variant", "r7"], "r8-down4"),
@@ -242,9 +242,7 @@ def test_installed_executable(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert Path(json.loads(done.stdout)["path"]).exists()
     bad = subprocess.run([exe, "a", "--res", "100"], capture_output=True, text=True, env=env, timeout=300)
-    assert (
-        bad.returncode == 1 and "try --width 96 --height 96" in bad.stderr and "Traceback" not in bad.stderr
-    )
+    assert bad.returncode == 1 and "try --res 96" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_out_of_gpu_memory_is_one_line(tiny, tmp_path, capsys, monkeypatch):
@@ -259,7 +257,7 @@ def test_out_of_gpu_memory_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     assert images(tmp_path) == []
 
 
-def test_base_missing_offline_names_the_download(tmp_path, capsys):
+def test_base_missing_offline_names_the_download(tmp_path, capsys, roomy_cpu):
     code, _, err = run(
         ["a castle", "--model", "dev", "--window", "2", "--res", "128", "--out", f"{tmp_path}/"], capsys
     )
@@ -284,11 +282,15 @@ def test_bare_command_and_bad_flags_print_usage_not_tracebacks(capsys):
 
 
 def test_variant_given_as_a_local_published_file(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
     from clear_gen.plan.parse import parse
     from clear_gen.plan.spec import GenerateOptions
 
+    tensors = {"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)}
+    tensors["transformer_blocks.0.attn.processor.spatial_weight"] = torch.zeros(1, 1, 1, 4, 1, 4, 1)
     published = tmp_path / "clear_local_16_down_4.safetensors"
-    published.write_bytes(b"")
+    save_file(tensors, str(published))
     choice = parse(GenerateOptions(prompts=["a"], variant=str(published))).attention
     assert (choice.label, choice.window, choice.down_factor, choice.weights) == (
         "r16-down4",
@@ -297,9 +299,9 @@ def test_variant_given_as_a_local_published_file(tiny, tmp_path, capsys):
         published,
     )
     other = tmp_path / "mine.safetensors"
-    other.write_bytes(b"")
+    save_file(tensors, str(other))  # no window in its metadata
     code, _, err = run(["a", "--model", str(tiny), "--variant", str(other), "--res", "128"], capsys)
-    assert code == 1 and "--clear-weights with --window" in err
+    assert code == 1 and f"use --window R --down-factor 4 --clear-weights {other}" in err
 
 
 MODES = {

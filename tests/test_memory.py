@@ -327,7 +327,8 @@ def test_unknown_modes_are_config_errors():
             plan_run(opts(**bad))
 
 
-def test_a_cpu_run_plans_no_gpu():
+def test_a_cpu_run_plans_no_gpu(monkeypatch):
+    monkeypatch.setattr(gpus, "available_memory", lambda: 512 * 2**30)  # room for fp32 FLUX.1-dev
     plan = plan_run(opts(device="cpu", width=512, height=512))
     assert not plan.gpu and plan.fits and plan.offload == "none" and plan.dtype == "fp32"
     assert plan.rate_tflops > 0 and plan.stages[0].time_s > 0

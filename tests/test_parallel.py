@@ -186,9 +186,9 @@ def _spy_decodes(log: list):
 
     real = R._decode
 
-    def spy(pipe, latents, stage):
+    def spy(run, latents, stage, what):
         log.append(latents.detach().cpu().clone())
-        return real(pipe, latents, stage)
+        return real(run, latents, stage, what)
 
     R._decode = spy
 

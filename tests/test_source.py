@@ -75,14 +75,16 @@ def test_alpha_16_bit_and_palette_are_converted(tmp_path):
     source = load_source(tmp_path / "deep.png")
     assert source.notes == ["16-bit converted to 8-bit"] and np.asarray(source.image).min() >= 254
     gradient().convert("P").save(tmp_path / "palette.png")
-    assert load_source(tmp_path / "palette.png").image.mode == "RGB"
+    source = load_source(tmp_path / "palette.png")
+    assert source.image.mode == "RGB" and source.notes == ["palette converted to RGB"]  # said, as promised
 
 
 def test_exif_orientation_is_honoured(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     gradient(40, 24).save(tmp_path / "rotated.jpg", exif=exif)
-    assert load_source(tmp_path / "rotated.jpg").size == (24, 40)
+    source = load_source(tmp_path / "rotated.jpg")
+    assert source.size == (24, 40) and source.notes == ["EXIF orientation 6 applied (24x40 upright)"]
 
 
 def test_bad_files_are_one_line_errors(tmp_path):

@@ -100,6 +100,9 @@ def test_a_folder_gives_one_result_and_one_json_line_per_picture(tiny, tmp_path,
     rows = [json.loads(line) for line in out.splitlines()]
     assert sorted(r["extra"]["source"]["file"] for r in rows) == ["a.png", "b.jpg", "c.webp"]
     assert len({r["path"] for r in rows}) == 3 and len(list((tmp_path / "out").glob("*.png"))) == 3
+    for r in rows:  # named after the picture, not "image-1-...", "image-1-...-1"
+        stem = Path(r["extra"]["source"]["file"]).stem
+        assert Path(r["path"]).name == f"{stem}-{r['seed']}-{r['width']}x{r['height']}.png"
     assert "skipped: " in err and "broken.png" in err
 
 

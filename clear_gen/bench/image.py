@@ -24,7 +24,7 @@ from ..core.clock import now
 from ..core.device import device_name, resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..files.record import RunTiming, StageTiming
-from ..models.flux1.random import VAE_CHANNELS, build_pipeline, check_vae_channels, flux_shape
+from ..models.flux1.random import build_pipeline, check_vae_channels, flux_shape
 from ..plan.parse import parse
 from ..plan.spec import GenerateOptions, OutputSpec, RunSpec
 from ..run.generate import Hooks, generate
@@ -51,8 +51,8 @@ def run(spec: BenchSpec, progress: Callable[[str], None] | None = None, on_row=N
     dt = resolve_dtype(o.dtype, dev)
     run_spec = parse(_options(spec, dev, dt))
     Q.check_device(run_spec.weights.quantize, "none", dev)
-    shape = flux_shape(o.heads, o.head_dim, o.layers)
-    channels = VAE_CHANNELS if o.vae_channels is None else o.vae_channels
+    shape = flux_shape(spec.heads, spec.head_dim, o.layers)
+    channels = spec.vae_channels
     check_vae_channels(channels)
     # 2. The random pipeline, then generate on it.
     say(f"building FLUX.1-dev-shaped random weights on {device_name(dev)}: {shape.layers} layers, "

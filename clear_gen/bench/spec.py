@@ -23,8 +23,8 @@ class BenchOptions:
     variant: str | None = None  # a registry variant: sets the window and down factor
     window: int | None = None  # instead of a variant
     down_factor: int | None = None  # with --window (1), or over the default variant's
-    heads: int = 24  # the model's shape: FLUX.1-dev's by default
-    head_dim: int = 128
+    heads: int | None = None  # the model's shape: FLUX.1-dev's (24 x 128), 2 x 64 for a measurement on a CPU
+    head_dim: int | None = None
     layers: int = 57  # blocks, 1 : 2 double : single
     text_len: int = 512
     device: str = "auto"
@@ -37,7 +37,7 @@ class BenchOptions:
     gpus: tuple[int, ...] = ()  # plan: head-parallel traffic at these GPU counts
     stages: tuple[int, ...] | None = None  # image: long side of each stage, as generate's
     steps: int | None = None  # image: every stage's steps (20)
-    vae_channels: int | None = None  # image: the VAE's width (128, FLUX.1's)
+    vae_channels: int | None = None  # image: the VAE's width (128, FLUX.1's; 8 on a CPU)
     compile: bool | None = None  # image: compile the transformer blocks
     cache: str | None = None  # image: step caching
     quantize: str | None = None  # image: the transformer's weights
@@ -50,6 +50,9 @@ class BenchSpec:
     asked: BenchOptions
     window: int  # decided: the variant's, the given one or the default variant's
     down_factor: int
+    heads: int  # decided: the given ones, else FLUX.1-dev's, or the CPU's (CPU_SHAPE) for a measurement there
+    head_dim: int
+    vae_channels: int  # --what image's VAE width
     image: dict = field(default_factory=dict)  # --what image's options that were given
 
 
@@ -59,7 +62,7 @@ def parse_bench(opts: BenchOptions) -> BenchSpec:
         raise ConfigError(f"unknown benchmark {opts.what!r}; choose one of {', '.join(WHATS)}")
     if opts.measure not in MEASURES:
         raise ConfigError(f"unknown measure {opts.measure!r}; choose one of {', '.join(MEASURES)}")
-    if opts.repeats < 0 or opts.heads < 1 or opts.head_dim < 1:
+    if opts.repeats < 0 or min(opts.heads or 1, opts.head_dim or 1) < 1:
         raise ConfigError("heads and head dim must be positive, repeats >= 0")
     if opts.gpus and (opts.what != "plan" or min(opts.gpus) < 1):
         raise ConfigError("--gpus takes GPU counts of 1 or more, with --what plan (torchrun runs the step)")
@@ -69,7 +72,23 @@ def parse_bench(opts: BenchOptions) -> BenchSpec:
     if image and opts.what != "image":
         raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
     window, down_factor = _attention(opts)
-    return BenchSpec(opts, window, down_factor, image)
+    heads, head_dim, vae_channels = _shape(opts)
+    return BenchSpec(opts, window, down_factor, heads, head_dim, vae_channels, image)
+
+
+GPU_SHAPE = (24, 128, 128)  # heads, head dim, VAE channels: FLUX.1-dev's
+CPU_SHAPE = (2, 64, 8)  # a measurement on a CPU: seconds, not hours
+
+
+def _shape(opts: BenchOptions) -> tuple[int, int, int]:
+    """(heads, head dim, VAE channels): the given ones, else FLUX.1-dev's, or CPU_SHAPE's when the run
+    measures on a CPU (a plan measures nothing: FLUX.1-dev's)."""
+    from ..core.device import resolve_device
+
+    on_cpu = opts.what != "plan" and resolve_device(opts.device).type == "cpu"
+    default = CPU_SHAPE if on_cpu else GPU_SHAPE
+    given = (opts.heads, opts.head_dim, opts.vae_channels)
+    return tuple(d if g is None else g for g, d in zip(given, default, strict=True))
 
 
 def _attention(opts: BenchOptions) -> tuple[int, int]:

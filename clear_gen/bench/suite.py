@@ -50,7 +50,7 @@ def geometry(res: int, window: int, down_factor: int, text_len: int) -> G.Geomet
     """Geometry of a res x res image: (res / 16)^2 image tokens, tiled as the transformer tiles them."""
     from ..core.sizes import check_size  # generate's check: range, multiple, and the nearest valid size
 
-    check_size(res, res, 16 * down_factor, square_flag="--res")
+    check_size(res, res, 16 * down_factor)
     side = res // 16
     return G.image_geometry(text_len, side, side, window, down_factor)
 
@@ -311,7 +311,7 @@ def run(
     world, dev = _world(o.what, o.device)
     sizes = _sizes(spec, dev, say)
     dt = resolve_dtype(o.dtype, dev)
-    shape = flux_shape(o.heads, o.head_dim, o.layers)
+    shape = flux_shape(spec.heads, spec.head_dim, o.layers)
     deadline = None if o.time_budget is None else time.monotonic() + o.time_budget
     guard = FullGuard(o.compare_full or o.measure == "full", o.max_full_seconds, deadline)
     # Rows in order; correctness checks in the same run, after the timings (so that the first timed call
@@ -320,7 +320,7 @@ def run(
         model = build_transformer(shape, dev, dt) if o.what == "step" else None
         if model is not None:
             use_exact_positions(model)  # stock and CLEAR steps see the same, exact positions
-        shards = None if world is None else PL.SequenceShards(world, o.heads)
+        shards = None if world is None else PL.SequenceShards(world, spec.heads)
         return _rows(spec, sizes, Bench(dev, dt, shape, guard, model, shards), say, emit)
 
 
@@ -358,7 +358,7 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
         if o.what == "plan":
             row = plan_row(r, *wf, bench.shape)
         elif o.what == "attention":
-            row = attention_row(r, *wf, o.heads, o.head_dim, dev, bench.dtype, o.repeats, bench.guard)
+            row = attention_row(r, *wf, spec.heads, spec.head_dim, dev, bench.dtype, o.repeats, bench.guard)
         else:
             geo = geometry(r, *wf)
             small = geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS or bench.shards is not None  # dense or 1 GPU
@@ -369,7 +369,7 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
             rows.append(comm_row(r, *wf, bench.shape, p))
             emit(rows[-1])
     if o.what == "attention":
-        check = check_attention(_check_geometry(sizes, *wf), o.heads, o.head_dim, dev, bench.dtype)
+        check = check_attention(_check_geometry(sizes, *wf), spec.heads, spec.head_dim, dev, bench.dtype)
         say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
         for row in rows:
             row.update(check)

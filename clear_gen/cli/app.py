@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..core import launch
-from ..errors import ClearGenError, ParallelError
+from ..errors import ClearGenError, ConfigError, ParallelError
 from ..files.record import describe, record_from_image
 from ..version import __version__
 
@@ -103,17 +104,43 @@ _register_commands()
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
-    """`clear-gen "a castle" --res 2048` means `clear-gen generate "a castle" --res 2048`."""
+    """`clear-gen "a castle" --res 2048` means `clear-gen generate "a castle" --res 2048`, and
+    `clear-gen -- weight` a one-word prompt. A first word a typo away from a command (`weight`, `upscal`) is
+    refused rather than generated from: the run would load FLUX.1 for a mistyped command."""
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
     commands |= {g.name for g in app.registered_groups}
     if (
-        argv
-        and argv[0] not in commands
-        and argv[0] not in ("--help", "-h", "--version")
-        and "generate" in commands
+        not argv
+        or argv[0] in commands
+        or argv[0] in ("--help", "-h", "--version")
+        or "generate" not in commands
     ):
-        return ["generate", *argv]
-    return argv
+        return argv
+    if argv[0] == "--":
+        return ["generate", *argv[1:]]
+    first = argv[0]
+    near = sorted((_typos(first, c), c) for c in commands if not first.startswith("-") and " " not in first)
+    if near and near[0][0] <= TYPOS:
+        raise ConfigError(
+            f"no such command {first!r}; did you mean {near[0][1]!r}? "
+            f"(quote a one-word prompt: clear-gen -- {first})"
+        )
+    return ["generate", *argv]
+
+
+TYPOS = 2  # a first word this many edits from a command is taken for a mistyped command
+
+
+def _typos(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) from a to b, case-insensitive."""
+    a, b = a.lower(), b.lower()
+    d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
 
 
 @contextmanager
@@ -123,6 +150,24 @@ def _silenced() -> Iterator[None]:
         yield
 
 
+def _tidy_help(command):
+    """Help that reads the same on every Typer: a flag shows no `<bool>` type, and a default described in
+    words shows as `[default: random]`, not Typer's `[default: (random)]`. (Typer vendors click: its
+    classes are recognised by what they have.)"""
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        if hasattr(cmd, "commands") and cmd is not command:
+            _tidy_help(cmd)
+        for param in [*cmd.params, cmd.get_help_option(cmd.context_class(cmd))]:
+            if not hasattr(param, "is_flag"):  # an argument, or no help option
+                continue
+            if param.is_flag:
+                param.metavar = ""
+            if isinstance(param.show_default, str):
+                param.help = f"{param.help or ''} \\[default: {param.show_default}]".strip()
+                param.show_default = False
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     # Library chatter (import-time notes, retried-request warnings) is not for our users: errors only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -130,12 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     for name in ("torchao", "torch.utils._pytree"):  # torchao's import: CUDA extensions, torch deprecations
         logging.getLogger(name).setLevel(logging.ERROR)
-    argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    # diffusers' own deprecations (its ControlNet imports FluxPosEmbed from the old place): not the user's
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed", category=FutureWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
     quiet = bool(launch.rank())  # torchrun's ranks 1..: they print only a failure of their own
     try:
+        argv = _with_default_command(argv)
         # Standalone: Typer prints help and usage errors itself (exit 2); our errors come through.
         with _silenced() if quiet else nullcontext():
-            app(args=argv, prog_name="clear-gen", standalone_mode=True)
+            _tidy_help(typer.main.get_command(app))(args=argv, prog_name="clear-gen", standalone_mode=True)
     except ParallelError as e:  # one rank's own failure, or lost contact: the rank that saw it says so
         err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.stdout.flush()
@@ -145,8 +193,32 @@ def main(argv: list[str] | None = None) -> None:
         # escape: a path like a[1].png is not markup; soft_wrap: one line even when longer than the terminal
         if not quiet:
             err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        _remove_empty_created()
         sys.exit(1)
-    except KeyboardInterrupt:
-        if not quiet:
-            err.print("[yellow]interrupted[/yellow]")
+    except KeyboardInterrupt:  # outside Typer (it turns one inside a command into _interrupted's exit)
+        _say_interrupted(quiet)
         sys.exit(130)
+    except SystemExit as e:
+        if _interrupted(e):
+            _say_interrupted(quiet)
+        raise
+
+
+def _interrupted(e: SystemExit) -> bool:
+    """Typer turns Ctrl-C in a command into a silent exit 130: an Exit caused by the KeyboardInterrupt."""
+    cause = e.__context__.__cause__ if e.__context__ is not None else None
+    return e.code == 130 and isinstance(cause, KeyboardInterrupt)
+
+
+def _say_interrupted(quiet: bool) -> None:
+    """Ctrl-C: one line (what was saved stays saved), and no empty --out folder left behind."""
+    if not quiet:
+        err.print("[yellow]interrupted[/yellow]: the images saved so far are kept")
+    _remove_empty_created()
+
+
+def _remove_empty_created() -> None:
+    """The --out folders this run created and left empty, removed (output.py; loaded only if it ran)."""
+    output = sys.modules.get("clear_gen.files.output")
+    if output is not None:
+        output.remove_empty_created()

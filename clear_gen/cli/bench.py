@@ -56,9 +56,11 @@ def _what_options(
 
 
 def _shape_options(
-    heads: int = typer.Option(24, help="Attention heads (2 on a CPU).", rich_help_panel=options.SHAPE),
-    head_dim: int = typer.Option(
-        128, help="Head dimension (64 or 32 on a CPU).", rich_help_panel=options.SHAPE
+    heads: int | None = typer.Option(
+        None, help="Attention heads.", show_default="24; 2 measuring on a CPU", rich_help_panel=options.SHAPE
+    ),
+    head_dim: int | None = typer.Option(
+        None, help="Head dimension.", show_default="128; 64 measuring on a CPU", rich_help_panel=options.SHAPE
     ),
     layers: int = typer.Option(
         57, help="Blocks (step, image), 1:2 double:single.", rich_help_panel=options.SHAPE
@@ -66,8 +68,8 @@ def _shape_options(
     text_len: int = typer.Option(512, help="Text tokens.", rich_help_panel=options.SHAPE),
     vae_channels: int | None = typer.Option(
         None,
-        help="image: VAE width (8 on a CPU).",
-        show_default="128, FLUX.1's",
+        help="image: VAE width.",
+        show_default="128, FLUX.1's; 8 on a CPU",
         rich_help_panel=options.SHAPE,
     ),
 ) -> None:

@@ -323,7 +323,8 @@ PLAN_COLUMNS = (
 
 def plan_table(plan: RunPlan, label: str = "") -> Table:
     """A run's memory plan, one row per stage (memory.py); every figure an estimate."""
-    where = f"{plan.device}, {plan.free_gb:.1f} GB free" if plan.gpu else "the CPU"
+    gpu, on_gpu = ("GPU ", "on the GPU ") if plan.gpu else ("", "")
+    where = f"{plan.device if plan.gpu else 'the CPU'}, {plan.free_gb:.1f} GB free"
     quantized = f", --quantize {plan.quantize}" if plan.quantize != "none" else ""
     quantized += f", --quantize-text {plan.quantize_text}" if plan.quantize_text != "none" else ""
     title = (
@@ -332,7 +333,7 @@ def plan_table(plan: RunPlan, label: str = "") -> Table:
     table = Table(
         title=escape(title),
         title_justify="left",
-        caption="GB: estimated GPU memory (weights on the GPU while denoising, one step's activations, the "
+        caption=f"GB: estimated {gpu}memory (weights {on_gpu}while denoising, one step's activations, the "
         "VAE's); time: estimated denoising",
         caption_justify="left",
         box=box.SIMPLE_HEAD,
@@ -351,10 +352,8 @@ def plan_lines(plan: RunPlan) -> list[str]:
     """The decision, the peak (before and after feed-forward chunking), the time, whether it fits, and
     any device problem or assumption, one line each (rich markup)."""
     lines = [escape(plan.offload_line())]
-    rate = f"{plan.rate_tflops:.0f} TFLOP/s, {plan.rate_source}"
+    rate = f"{plan.rate_tflops:.3g} TFLOP/s, {plan.rate_source}"
     time_line = f"time: ~{duration(plan.time_s)} of denoising (estimate: FLOP model at {escape(rate)})"
-    if not plan.gpu:
-        return [*lines, time_line] + [f"[yellow]problem:[/yellow] {escape(p)}" for p in plan.problems]
     unchunked = plan.ff_chunk and plan.unchunked_peak_gb > plan.peak_gb
     chunking = f" ({plan.unchunked_peak_gb:.1f} GB without feed-forward chunking)" if unchunked else ""
     lines += [

@@ -78,18 +78,21 @@ def generate(
 
 
 def _print_plans(plans: list, as_json: bool) -> None:
-    """--dry-run: each (label, RunPlan) as a table and its decision lines, or one JSON object a line."""
+    """--dry-run: each (label, RunPlan) as a table and its decision lines, or one JSON object a line. Exits
+    1 when a run would be refused (it cannot fit, or a device problem), as the run itself would."""
     if as_json:
         for label, plan in plans:
             print(json.dumps({**({"variant": label} if label else {}), **plan.to_json()}), flush=True)
-        return
-    from .display import plan_lines, plan_table
+    else:
+        from .display import plan_lines, plan_table
 
-    console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
-    for label, plan in plans:
-        console.print(plan_table(plan, label))
-        for line in plan_lines(plan):
-            console.print(line, soft_wrap=True)
+        console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+        for label, plan in plans:
+            console.print(plan_table(plan, label))
+            for line in plan_lines(plan):
+                console.print(line, soft_wrap=True)
+    if any(plan.problems or not plan.fits_any for _, plan in plans):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import typer
 
 from ..errors import ConfigError
 from ..files.record import record_from_image
+from ..files.text import prompt_lines
 from ..plan.spec import GenerateOptions
 
 
@@ -37,13 +38,10 @@ def dimensions(res: int | None, width: int | None, height: int | None) -> tuple[
 
 
 def prompt_list(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    """PROMPT, then every prompt of --prompts-file (both together: PROMPT comes first)."""
     if prompts_file is None:
         return [prompt] if prompt is not None else []
-    try:
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from e
-    from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    from_file = prompt_lines(prompts_file, f"--prompts-file {prompts_file}")
     return ([prompt] if prompt else []) + from_file
 
 
@@ -69,8 +67,12 @@ def size_options(
         show_default=str(DEFAULTS.width),
         rich_help_panel=SIZE,
     ),
-    width: int = typer.Option(None, help="Width in px (with --height).", rich_help_panel=SIZE),
-    height: int = typer.Option(None, help="Height in px (with --width).", rich_help_panel=SIZE),
+    width: int = typer.Option(
+        None, help="Width in px (with --height; alone: a square).", rich_help_panel=SIZE
+    ),
+    height: int = typer.Option(
+        None, help="Height in px (with --width; alone: a square).", rich_help_panel=SIZE
+    ),
     stages: str = typer.Option(
         None,
         help="Long side of each stage, e.g. 1024,2048,4096.",
@@ -328,6 +330,12 @@ def generate_options(recipe: dict[str, Any], from_image: Path | None = None, **o
     else:
         opts = GenerateOptions(**{"prompts": [], **given})  # GenerateOptions holds the defaults
     target = max(opts.width, opts.height)
+    if upscale_from is not None and upscale_from >= target:
+        raise ConfigError(
+            f"--upscale-from {upscale_from} must be smaller than the target's long side ({target} px)"
+        )
+    if from_image is not None and w is not None and not (long_sides or upscale_from or direct):
+        opts = replace(opts, stages=None)  # a size given over --from: its stages are the recipe's again
     if direct:
         return replace(opts, stages=[target])
     if upscale_from is not None:

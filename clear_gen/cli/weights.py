@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from .app import app
 
@@ -23,6 +25,33 @@ def _human_size(n: int) -> str:
     raise AssertionError
 
 
+DESCRIPTION_MIN = 24  # the description column's narrowest useful width
+
+
+def _print_listing(console: Console, title: str, names: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A registry listing whose last column is a description: a table when every other column fits on one
+    line beside it, else (a narrow terminal) two lines an entry. Either way a name, file or repo id is never
+    cut in two."""
+    widths = [
+        max(len(Text.from_markup(v).plain) for v in (name, *(r[i] for r in rows)))
+        for i, name in enumerate(names)
+    ]
+    if sum(widths[:-1]) + DESCRIPTION_MIN + 3 * len(names) + 1 <= console.width:
+        table = Table(title=title, title_justify="left")
+        for name in names[:-1]:
+            table.add_column(name, no_wrap=True)
+        table.add_column(names[-1], overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    console.print(Text(title, style="italic"))
+    for first, *fields, description in rows:
+        pairs = "  ".join(f"{name} {value}" for name, value in zip(names[1:-1], fields, strict=True))
+        console.print(Padding(f"[bold]{first}[/bold]  {pairs}", (0, 0, 0, 2)))
+        console.print(Padding(description, (0, 0, 0, 6)))
+
+
 def _weights_table(rows: list[Fetched], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("name", "kind", "source", "size", "path"):
@@ -35,7 +64,9 @@ def _weights_table(rows: list[Fetched], title: str) -> Table:
 
 @app.command()
 def download(
-    variants: list[str] = typer.Argument(None, help="Variant names (default: the default variant)."),
+    variants: list[str] = typer.Argument(
+        None, help="Variant names (default: the default variant).", metavar="VARIANT..."
+    ),
     all_variants: bool = typer.Option(False, "--all", help="Every variant in weights.toml."),
     base: str = typer.Option(None, "--base", help="Base name (dev, schnell) or Hub repo id."),
     no_base: bool = typer.Option(False, "--no-base", help="Only the CLEAR checkpoints."),
@@ -44,8 +75,9 @@ def download(
     ),
     token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
 ) -> None:
-    """Download CLEAR weights and their FLUX.1 base (and ControlNets) into the Hugging Face cache; re-runs
-    transfer nothing."""
+    """Download CLEAR weights and their FLUX.1 base (and ControlNets) into the Hugging Face cache.
+
+    Re-runs transfer nothing."""
     from ..weights.download import download as fetch
     from ..weights.download import plan_download
     from ..weights.registry import load_registry
@@ -66,38 +98,32 @@ def weights() -> None:
     cached = {(r.kind, r.name): r for r in status(registry)}
     repos = {v.repo for v in registry.variants.values()}
     one_repo = repos.pop() if len(repos) == 1 else None  # then named once, in the title
-    table = Table(
-        title=f"CLEAR variants ({one_repo})" if one_repo else "CLEAR variants", title_justify="left"
-    )
-    for column in ("name", "r", "f", "base", "file", "cached", "description"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for v in registry.variants.values():
         row = cached[("variant", v.name)]
         name = f"{v.name} (default)" if v.name == registry.default_variant else v.name
         where = _human_size(row.size) if row.path else "[dim]no[/dim]"
         file = v.filename if one_repo else f"{v.repo}/{v.filename}"
-        table.add_row(name, str(v.window), str(v.down_factor), v.base, file, where, v.description)
-    bases = Table(title="Bases", title_justify="left")
-    for column in ("name", "repo", "gated", "cached", "description"):
-        bases.add_column(column, overflow="fold")
+        rows.append((name, str(v.window), str(v.down_factor), v.base, file, where, v.description))
+    console = Console()
+    title = f"CLEAR variants ({one_repo})" if one_repo else "CLEAR variants"
+    _print_listing(console, title, ("name", "r", "f", "base", "file", "cached", "description"), rows)
+    rows = []
     for b in registry.bases.values():
         row = cached[("base", b.name)]
         where = _human_size(row.size) if row.path else "[dim]no[/dim]"
-        bases.add_row(b.name, b.repo, "yes" if b.gated else "no", where, b.description)
-    console = Console()
-    console.print(table)
-    console.print(bases)
+        rows.append((b.name, b.repo, "yes" if b.gated else "no", where, b.description))
+    _print_listing(console, "Bases", ("name", "repo", "gated", "cached", "description"), rows)
     if registry.controlnets:
-        console.print(_controlnets_table(registry, cached))
+        _controlnets(console, registry, cached)
 
 
-def _controlnets_table(registry, cached: dict) -> Table:
-    table = Table(title="ControlNets (--controlnet NAME)", title_justify="left")
-    for column in ("name", "repo", "modes", "scale", "base", "cached", "description"):
-        table.add_column(column, overflow="fold")
+def _controlnets(console: Console, registry, cached: dict) -> None:
+    rows = []
     for c in registry.controlnets.values():
         row = cached[("controlnet", c.name)]
         where = _human_size(row.size) if row.path else "[dim]no[/dim]"
         modes = ", ".join(c.modes) or "-"
-        table.add_row(c.name, c.repo, modes, f"{c.scale:g}", c.base, where, c.description)
-    return table
+        rows.append((c.name, c.repo, modes, f"{c.scale:g}", c.base, where, c.description))
+    columns = ("name", "repo", "modes", "scale", "base", "cached", "description")
+    _print_listing(console, "ControlNets (--controlnet NAME)", columns, rows)

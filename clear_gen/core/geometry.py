@@ -58,8 +58,15 @@ def choose_tile(height: int, width: int) -> tuple[int, int]:
     return DEFAULT_TILE
 
 
+def full_window(height: int, width: int) -> int:
+    """The smallest window whose circle holds every pair of an h x w grid: full attention over the image."""
+    return math.isqrt((height - 1) ** 2 + (width - 1) ** 2) + 1
+
+
 def image_geometry(text_len: int, height: int, width: int, window: int, down_factor: int = 1) -> Geometry:
-    """The geometry a CLEAR transformer runs for this grid: the tile comes from `choose_tile`."""
+    """The geometry a CLEAR transformer runs for this grid: the tile comes from `choose_tile`; a window
+    wider than the grid is the same mask as `full_window`'s, and is made that (one geometry, one kernel)."""
+    window = min(window, full_window(height, width))
     return Geometry(text_len, height, width, window, down_factor, choose_tile(height, width))
 
 
@@ -141,15 +148,16 @@ def dense_mask(geo: Geometry, device: torch.device | str = "cpu") -> torch.Tenso
 
 
 def needed_pairs(geo: Geometry) -> int:
-    """Exact count of True entries of the mask, in O(r^2): the work an ideal kernel would do."""
+    """Exact count of True entries of the mask, in O(min(r, h)): the work an ideal kernel would do.
+
+    Per row offset dy, the columns |dx| <= k with dx^2 < r^2 - dy^2 pair (h - |dy|) (w - |dx|) tokens:
+    summed over dx that is (h - |dy|) (w (2k + 1) - k (k + 1))."""
     h, w, r = geo.height, geo.width, geo.window
     T, N, M = geo.text_len, geo.image_len, geo.down_len
-    window_pairs = sum(
-        max(h - abs(dy), 0) * max(w - abs(dx), 0)
-        for dy in range(-r + 1, r)
-        for dx in range(-r + 1, r)
-        if dy * dy + dx * dx < r * r
-    )
+    window_pairs = 0
+    for dy in range(-min(r, h) + 1, min(r, h)):
+        k = min(math.isqrt(r * r - dy * dy - 1), w - 1)  # the largest |dx| inside the circle
+        window_pairs += (h - abs(dy)) * (w * (2 * k + 1) - k * (k + 1))
     return T * (T + N) + N * (T + M) + window_pairs
 
 

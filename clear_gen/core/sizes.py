@@ -17,10 +17,9 @@ def size_multiple(down_factor: int) -> int:
     return TOKEN_PX * math.lcm(4, down_factor) if down_factor > 1 else TOKEN_PX
 
 
-def check_size(width: int, height: int, multiple: int, square_flag: str | None = None) -> None:
-    """Sides in range and multiples of 16 (64 for down-sampled variants); else propose the nearest.
-
-    `square_flag` names the option that gave a square size (bench's `--res`): the hint then uses it."""
+def check_size(width: int, height: int, multiple: int, square_flag: str = "--res") -> None:
+    """Sides in range and multiples of 16 (64 for down-sampled variants); else propose the nearest:
+    `square_flag` (the option that sets both sides) for a square size."""
     for side in (width, height):
         if not MIN_SIDE <= side <= MAX_SIDE:
             raise ConfigError(
@@ -28,7 +27,7 @@ def check_size(width: int, height: int, multiple: int, square_flag: str | None =
             )
     if width % multiple or height % multiple:
         w, h = (max(multiple, int(s / multiple + 0.5) * multiple) for s in (width, height))
-        hint = f"{square_flag} {w}" if square_flag and w == h else f"--width {w} --height {h}"
+        hint = f"{square_flag} {w}" if w == h else f"--width {w} --height {h}"
         raise ConfigError(f"size {width}x{height} is not a multiple of {multiple}; try {hint}")
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..files.text import prompt_lines, read_text
 
 MANIFEST_VERSION = 1
 VALIDATION_PROMPTS = (  # held out by default: not in any training prompt list we ship
@@ -137,25 +138,18 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
 
 
 def read_prompts(path: Path, flag: str) -> list[str]:
-    """Non-empty lines that do not start with #."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read {flag} {path}: {e.strerror}") from e
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"{flag} {path} has no prompt (one a line; # starts a comment)")
-    return prompts
+    """Non-empty lines that do not start with # (files.text: UTF-8, or UTF-16 with a BOM)."""
+    return prompt_lines(path, f"{flag} {path}")
 
 
 def _image_prompt(image: Path) -> str | None:
     """The prompt in image.txt, or the "prompt" (or "caption", "text") of image.json; None without one."""
     txt, meta = image.with_suffix(".txt"), image.with_suffix(".json")
     if txt.is_file():
-        return txt.read_text(encoding="utf-8").strip() or None
+        return read_text(txt, str(txt)).strip() or None
     if meta.is_file():
         try:
-            data = json.loads(meta.read_text(encoding="utf-8"))
+            data = json.loads(read_text(meta, str(meta)))
         except ValueError:
             return None
         if isinstance(data, dict):
@@ -212,7 +206,7 @@ def make_data(
     from ..plan.spec import GenerateOptions
 
     # 1. Check everything before loading the teacher.
-    check_size(opts.res, opts.res, 16, "--res")
+    check_size(opts.res, opts.res, 16)
     jobs, notes = plan_jobs(opts)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)

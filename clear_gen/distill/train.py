@@ -118,7 +118,7 @@ def check_geometry(res: int, window: int, down_factor: int) -> None:
     from ..core.sizes import check_size, size_multiple
 
     check_window(window, down_factor, flags=True)
-    check_size(res, res, size_multiple(down_factor), "--res")
+    check_size(res, res, size_multiple(down_factor))
     side = res // 16
     if window >= side * math.sqrt(2):
         raise ConfigError(

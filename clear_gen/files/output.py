@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -74,10 +75,24 @@ def _candidates(path: Path) -> Iterator[Path]:
         n += 1
 
 
+_created: list[Path] = []  # folders _ensure_dir made in this process, parents first
+
+
+def remove_empty_created() -> None:
+    """The folders this process created for its output that are still empty, removed (a run that failed or
+    was interrupted before its first image leaves no empty --out folder behind)."""
+    for folder in reversed(_created):
+        with contextlib.suppress(OSError):  # not empty, or already gone: kept as it is
+            folder.rmdir()
+    _created.clear()
+
+
 def _ensure_dir(directory: Path) -> None:
     """Create `directory` if needed; OutputError with the fix if it cannot be, or cannot be written."""
+    new = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _created.extend(reversed(new))
     except FileExistsError:
         raise OutputError(
             f"cannot create directory {directory}: a file is in the way; choose another --out"
@@ -97,19 +112,28 @@ def _ensure_dir(directory: Path) -> None:
 
 
 def output_path(
-    out: str | Path | None, record: ImageRecord, index: int | None = None, names: Names | None = None
+    out: str | Path | None,
+    record: ImageRecord,
+    index: int | None = None,
+    names: Names | None = None,
+    stage: int | None = None,
 ) -> Path:
     """Where to save `record`'s image, reserved in `names` if given; never the name of an existing file.
 
     `out`: None -> the current directory; an existing directory, or a path ending in '/' -> that directory
-    (created if needed), named `{slug}-{seed}-{W}x{H}.png`; anything else -> that file, which must end
+    (created if needed), named `{slug}-{seed}-{W}x{H}.png` (an upscale: the slug of its picture's file
+    name, not of the prompt); anything else -> that file, which must end
     in .png. `index` (e.g. the image's place in a batch) is appended as `-{index}` to either name.
+    `stage` (a kept earlier stage, --keep-stages): a file name gets `-stage{stage}`, so that the name the
+    user gave holds the finished image (a folder's names differ by size already).
     A taken name gets `-1`, `-2`, ... before `.png`.
     """
     text = "." if out is None else str(out)
     if text.endswith(("/", os.sep)) or Path(text).is_dir():
         directory = Path(text)
-        name = f"{slugify(record.prompt)}-{record.seed}-{record.width}x{record.height}.png"
+        source = (record.extra.get("source") or {}).get("file")
+        slug = slugify(Path(source).stem) if source else slugify(record.prompt)
+        name = f"{slug}-{record.seed}-{record.width}x{record.height}.png"
     else:
         path = Path(text)
         if path.suffix.lower() != ".png":
@@ -117,6 +141,8 @@ def output_path(
                 f"--out {out}: clear-gen writes PNG files; give a name ending in .png or a directory"
             )
         directory, name = path.parent, path.name
+        if stage is not None:
+            name = f"{path.stem}-stage{stage}{path.suffix}"
     if index is not None:
         name = f"{Path(name).stem}-{index}{Path(name).suffix}"
     _ensure_dir(directory)

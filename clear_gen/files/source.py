@@ -87,6 +87,9 @@ def image_files(inputs: list[Path]) -> tuple[list[tuple[Path, bool]], list[str]]
 # ---------------------------------------------------------------- reading
 
 
+ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and/or rotated
+
+
 def load_source(path: Path) -> Source:
     """The picture in RGB (EXIF orientation applied, alpha flattened onto white, 16-bit and palette
     images converted), its sha256 and the prompt its metadata holds; ConfigError when unreadable."""
@@ -96,6 +99,7 @@ def load_source(path: Path) -> Source:
         data = path.read_bytes()
         with Image.open(path) as opened:
             info = dict(opened.info)
+            orientation = opened.getexif().get(ORIENTATION, 1)
             image = ImageOps.exif_transpose(opened)
             image.load()  # a truncated file fails here, not later in the pipeline
     except FileNotFoundError:
@@ -107,6 +111,8 @@ def load_source(path: Path) -> Source:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     image, notes = _to_rgb(image)
+    if orientation != 1:
+        notes.insert(0, f"EXIF orientation {orientation} applied ({image.size[0]}x{image.size[1]} upright)")
     prompt, where = prompt_from_metadata(info)
     return Source(path, image, hashlib.sha256(data).hexdigest(), prompt, where, notes)
 
@@ -122,6 +128,7 @@ def _to_rgb(image) -> tuple[object, list[str]]:
         notes.append("16-bit converted to 8-bit")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        notes.append("palette converted to RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:

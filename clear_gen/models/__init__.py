@@ -20,10 +20,11 @@ DEFAULT = "flux1"
 FAMILY_API = (  # what every family module defines (tests hold each family to it)
     "NAME", "TOKEN_PX", "MODEL_CLASSES", "RESIDUALS", "IMAGE_IDS", "CONTROLNET_CONFIG_FIELDS",
     "is_controlnet", "forward_arguments", "text_tokens", "condition_embedder", "image_ids",
-    "attention_modules", "blocks", "single_blocks", "clear_projections", "flop_shape", "rope_theta",
-    "set_rope_theta", "compute_device", "text_length", "pack_latents", "unpack_latents",
+    "attention_modules", "blocks", "single_blocks", "clear_projections", "is_clear_key", "flop_shape",
+    "rope_theta", "set_rope_theta", "compute_device", "text_length", "pack_latents", "unpack_latents",
     "use_exact_positions", "pipeline_class", "transformer_class", "controlnet_class", "text_encoder_class",
     "shapes", "activations", "ORIGINAL_KEY", "DIFFUSERS_KEY", "ORIGINAL_PREFIX", "convert_original",
+    "prompt_cut",
 )  # fmt: skip
 
 

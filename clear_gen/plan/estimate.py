@@ -26,7 +26,7 @@ PCIE_BYTES_S = 12e9  # host-to-GPU copies of offloaded weights (pageable memory)
 def timed(run: RunInputs, plan: RunPlan) -> RunPlan:
     """Each stage's estimated seconds: its steps' FLOPs at the GPU's rate, plus offload copies."""
     cpu = torch.device("cpu")
-    rate = plan.rate_tflops * 1e12 if plan.gpu else gpus.probe_tflops(cpu, run.dtype, 512) * 1e12
+    rate = plan.rate_tflops * 1e12 if plan.rate_tflops else gpus.probe_tflops(cpu, run.dtype, 512) * 1e12
     w, _ = weights_on_gpu(run, plan.clear_on_gpu)
     cfg = run.shapes.transformer
     linear_rate = rate * LINEAR_EFFICIENCY * (FP8_SPEEDUP if run.spec.weights.quantize == "fp8dq" else 1.0)
@@ -41,7 +41,7 @@ def timed(run: RunInputs, plan: RunPlan) -> RunPlan:
         stage.time_s = stage.steps * (step + copies)
         if plan.offload == "model":  # the transformer (and a ControlNet) come back once a stage
             stage.time_s += (w.transformer + w.clear + w.controlnet) / PCIE_BYTES_S
-    if not plan.gpu:
+    if not plan.rate_tflops:
         plan.rate_tflops, plan.rate_source = rate / 1e12, "measured by a matmul probe"
     return plan
 

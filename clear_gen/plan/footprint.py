@@ -119,6 +119,7 @@ class RunPlan:
     fits_any: bool = True  # False: not even sequential offload with chunking fits (a real run refuses)
     headroom: float = HEADROOM  # the share of the free memory a plan keeps spare
     reason: str = ""  # why this offload (and chunking): see offload_line
+    hint: str | None = None  # a lighter choice that would offload less (--quantize fp8), for offload_line
     fits_at: tuple[int, int] | None = None  # when it does not fit: the largest size that would
     needs_gb: float | None = None  # when it does not fit: the GPU memory that would do
     problems: list[str] = field(default_factory=list)  # device problems a real run refuses
@@ -133,12 +134,27 @@ class RunPlan:
 
     def offload_line(self) -> str:
         """'offload: model (plan 31.2 GB > 23.5 GB free)': the decision in one line."""
-        return f"offload: {self.offload} ({self.reason})"
+        return f"offload: {self.offload} ({self.reason})" + (f"; {self.hint}" if self.hint else "")
 
     def cannot_fit_line(self) -> str:
         """Why the run cannot fit, and what would: one line."""
         target = self.stages[-1]
         smaller = f"; {self.fits_at[0]}x{self.fits_at[1]} would fit" if self.fits_at else ""
+        if not self.gpu:
+            lighter = [
+                flag
+                for flag, on in (
+                    ("--dtype bf16", self.dtype == "fp32"),
+                    ("--quantize int8", self.quantize == "none"),
+                    ("--quantize-text int8", self.quantize_text == "none"),
+                )
+                if on
+            ]
+            return (
+                f"{target.width}x{target.height} on the CPU needs {self.peak_gb:.1f} GB of memory and "
+                f"{self.free_gb:.1f} GB is available{smaller}; use a GPU{''.join(', ' + f for f in lighter)} "
+                "or a smaller size"
+            )
         return (
             f"{target.width}x{target.height} needs {self.peak_gb:.1f} GB of GPU memory even with --offload "
             f"sequential and feed-forward chunking, and {self.free_gb:.1f} GB is free (a GPU with "
@@ -223,7 +239,9 @@ def stage_memory(
     vae = vae_activations(s.width, s.height, e, tile, encode=False)
     if s.sdedit:
         vae = max(vae, vae_activations(s.width, s.height, e, tile, encode=True))
-    if offload == "sequential":
+    if offload == "cpu":  # everything stays in the machine's memory, the text encoders too
+        denoise_weights = vae_weights = w.transformer + w.clear + w.t5 + w.clip + w.vae + w.controlnet
+    elif offload == "sequential":
         denoise_weights = vae_weights = w.layer
     elif offload == "model":  # the transformer (and ControlNet) leave when the VAE runs; the VAE stays
         denoise_weights, vae_weights = w.transformer + w.clear + w.vae + w.controlnet, w.vae
@@ -246,4 +264,5 @@ def encode_memory(w: Weights, offload: str) -> int:
         return w.layer + int(TEXT_ACTIVATIONS)
     if offload == "model":
         return max(w.t5, w.clip) + int(TEXT_ACTIVATIONS)
-    return w.transformer + w.t5 + w.clip + w.vae + w.controlnet + int(TEXT_ACTIVATIONS)
+    everything = w.transformer + w.t5 + w.clip + w.vae + w.controlnet + w.clear * (offload == "cpu")
+    return everything + int(TEXT_ACTIVATIONS)

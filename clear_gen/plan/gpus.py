@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,11 +59,42 @@ class Gpu:
     tflops: float  # achievable matmul rate in the run's dtype
     rate_source: str  # how tflops was found, for the plan's labels
     detected: bool  # this machine's GPU (else a card from the table)
+    cpu: bool = False  # the CPU itself: everything in the machine's memory, nothing to offload
+
+
+def cpu_machine(dtype: torch.dtype) -> Gpu:
+    """The CPU as a plan sees it: the memory available now (less what the OS holds back) and its matmul
+    rate, measured (small matmuls: a CPU plan must cost seconds, not minutes)."""
+    from ..core.device import device_name
+
+    cpu = torch.device("cpu")
+    rate = probe_tflops(cpu, dtype, 512)
+    return Gpu(device_name(cpu), available_memory(), None, rate, "measured by a matmul probe", True, cpu=True)
+
+
+def available_memory() -> int:
+    """Bytes of the machine's memory available now: Linux's MemAvailable, else the free pages, else (macOS,
+    which has no count of them) all of it."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def card_named(name: str) -> Card | None:
     """The table's card whose pattern is in a device name ('NVIDIA GeForce RTX 4090' -> RTX 4090)."""
     return next((c for c in CARDS if re.search(c.pattern, name)), None)
+
+
+NEAR_MEMORY = 0.25  # a table card within this share of the asked memory is taken for it
 
 
 def card_for_memory(gb: float) -> Card:
@@ -103,6 +135,11 @@ def assumed_gpu(gb: float, dtype: torch.dtype) -> Gpu:
     """A card with `gb` GB free (no GPU here): the table's card of that memory size gives the rate."""
     card = card_for_memory(gb)
     source = f"table: {card.name}, {card.tflops:g} TFLOP/s peak x {TABLE_ACHIEVED}"
+    if abs(card.memory_gb - gb) > NEAR_MEMORY * gb:  # e.g. 4 GB: no such card, the rate is a guess
+        source = (
+            f"no {gb:g} GB card in the table: {card.name}'s rate assumed ({card.memory_gb:g} GB, "
+            f"{card.tflops:g} TFLOP/s peak x {TABLE_ACHIEVED})"
+        )
     return Gpu(f"a {gb:g} GB GPU", int(gb * 1e9), card.capability, table_tflops(card, dtype), source, False)
 
 

@@ -70,7 +70,7 @@ def device_problems(spec: RunSpec, gpu: gpus.Gpu | None, cuda_here: bool, offloa
     from ..weights.quantize import device_problems as problems
 
     w = spec.weights
-    if gpu is None:
+    if gpu is None or gpu.cpu:
         target = Target("cpu", False, None, cuda_here)
     else:
         target = Target(gpu.name, True, gpu.capability, cuda_here)
@@ -91,10 +91,11 @@ def plan_run(
     `gpu`: plan for this GPU (e.g. `gpus.assumed_gpu(24, torch.bfloat16)`) whatever this machine has.
     `stages`: the stages that run, when not generate's (an upscale's SDEdit stages).
     """
+    said: list[str] = []  # what parsing a GenerateOptions had to say (a picture converted, a full window)
     if isinstance(spec, GenerateOptions):
         from .parse import parse
 
-        spec = parse(spec)
+        spec = parse(spec, said.append)
     # 1. What runs: stages, attention, the device and dtype, the model's shapes.
     settings = spec.settings
     stages = stages or list(spec.stages)
@@ -107,14 +108,16 @@ def plan_run(
         device, problems = torch.device("cuda"), [str(e)]
     on_gpu = device.type == "cuda" or (settings.device == "auto" and assume_gpu)
     dtype = resolve_dtype(settings.dtype, torch.device("cuda") if on_gpu else device)
-    if gpu is None and on_gpu:
+    if gpu is None and on_gpu:  # this machine's GPU or an assumed one
         gpu = _target_gpu(settings.gpu_memory, device, dtype, cuda_here)
+    elif gpu is None:  # the CPU: the machine's memory
+        gpu = gpus.cpu_machine(dtype)
     run = _prepare(spec, stages, dtype)
     # 2. Offload and chunking: the first candidate that fits (only the asked offload unless auto).
     plan = decide(run, gpu)
     plan.problems = problems + device_problems(spec, gpu, cuda_here, plan.offload)
     notes = (run.shapes.note, spec.attention.note, run.controlnet_note, run.lora_note)
-    plan.notes += [n for n in notes if n]
+    plan.notes += [n for n in notes if n] + said
     return plan
 
 

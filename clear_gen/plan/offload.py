@@ -29,12 +29,15 @@ FF_CHUNK_TOKENS = 4096  # tokens per feed-forward slice when chunking
 def candidate(
     run: RunInputs, gpu: gpus.Gpu | None, offload: str, chunk: int | None, clear_on: bool
 ) -> RunPlan:
-    """The plan of one (offload, chunk, CLEAR placement) choice; its time is filled in later."""
+    """The plan of one (offload, chunk, CLEAR placement) choice; its time is filled in later. On the CPU
+    (gpu.cpu) everything stays in the machine's memory: the offload is none."""
     w, note = weights_on_gpu(run, clear_on)
-    stages, peaks = [], [encode_memory(w, offload)]
-    unchunked = [stage_memory(run, w, offload, None, i) for i in range(len(run.stages))]
+    cpu = gpu is not None and gpu.cpu
+    placed = "cpu" if cpu else offload  # what stage_memory counts as in memory
+    stages, peaks = [], [encode_memory(w, placed)]
+    unchunked = [stage_memory(run, w, placed, None, i) for i in range(len(run.stages))]
     for i, s in enumerate(run.stages):
-        weights, act, vae, peak = stage_memory(run, w, offload, chunk, i)
+        weights, act, vae, peak = stage_memory(run, w, placed, chunk, i)
         peaks.append(peak)
         stages.append(
             StagePlan(s.width, s.height, s.tokens, s.denoising_steps, run.labels[i], run.densities[i],
@@ -44,13 +47,11 @@ def candidate(
     too_big = [
         (s.width, s.height)
         for i, s in enumerate(run.stages)
-        if s.clear
-        and free is not None
-        and (1 + HEADROOM) * full_step_memory(run, w, offload, chunk, i) > free
+        if s.clear and free is not None and (1 + HEADROOM) * full_step_memory(run, w, placed, chunk, i) > free
     ]
     return RunPlan(
         device=gpu.name if gpu else "cpu",
-        gpu=gpu is not None,
+        gpu=gpu is not None and not cpu,
         free_gb=free / GB if free is not None else None,
         rate_tflops=gpu.tflops if gpu else 0.0,
         rate_source=gpu.rate_source if gpu else "",
@@ -74,7 +75,7 @@ def candidate(
         stages=stages,
         notes=[note] if note else [],
         full_step_too_big=too_big,
-        activation_bytes=max(max(a, v) for _, a, v, _ in (stage_memory(run, w, offload, chunk, i)
+        activation_bytes=max(max(a, v) for _, a, v, _ in (stage_memory(run, w, placed, chunk, i)
                                                            for i in range(len(run.stages)))),
     )  # fmt: skip
 
@@ -88,13 +89,11 @@ def chunks(run: RunInputs, offload: str) -> list[int | None]:
     return [None] + [256 * math.ceil(longest / k / 256) for k in (2, 4, 8)]
 
 
-def decide(run: RunInputs, gpu: gpus.Gpu | None) -> RunPlan:
+def decide(run: RunInputs, gpu: gpus.Gpu) -> RunPlan:
     """The first (offload, CLEAR placement, chunk) that fits, fastest first: none, model, sequential
     (with an asked offload, only it). When nothing fits, the most frugal plan, with fits_at and needs_gb."""
-    if gpu is None:
-        plan = candidate(run, None, "none", None, clear_on=False)
-        plan.reason = "a CPU run: no GPU memory to plan"
-        return timed(run, plan)
+    if gpu.cpu:
+        return _on_cpu(run, gpu)
     asked = run.spec.settings.offload
     rejected = None  # the most frugal plan of the last offload that did not fit
     for offload in ("none", "model", "sequential") if asked == "auto" else (asked,):
@@ -103,7 +102,9 @@ def decide(run: RunInputs, gpu: gpus.Gpu | None) -> RunPlan:
                 plan = candidate(run, gpu, offload, chunk, clear_on)
                 if plan.fits:
                     plan.reason = _reason(run, plan, rejected)
-                    return timed(run, plan)
+                    plan = timed(run, plan)
+                    plan.hint = _quantize_hint(run, gpu, plan)
+                    return plan
         rejected = plan
     frugal = candidate(run, gpu, "sequential", chunks(run, "sequential")[-1], clear_on=False)
     plan = frugal if asked == "auto" else plan
@@ -113,6 +114,46 @@ def decide(run: RunInputs, gpu: gpus.Gpu | None) -> RunPlan:
     also = "; --offload sequential fits" if frugal.fits else ": does not fit even with --offload sequential"
     plan.reason = _reason(run, plan, None) + also
     return timed(run, plan)
+
+
+OFFLOADS = ("none", "model", "sequential")  # fastest first
+
+
+def _quantize_hint(run: RunInputs, gpu: gpus.Gpu, plan: RunPlan) -> str | None:
+    """When an offload was chosen for unquantized weights and --quantize fp8 (half their bytes, any CUDA
+    GPU) would offload less: that choice, with both time estimates. None otherwise."""
+    weights = run.spec.weights
+    if plan.offload == "none" or plan.offload_asked != "auto" or weights.quantize != "none" or weights.gguf:
+        return None
+    lighter = decide(replace(run, spec=replace(run.spec, weights=replace(weights, quantize="fp8"))), gpu)
+    if not lighter.fits or OFFLOADS.index(lighter.offload) >= OFFLOADS.index(plan.offload):
+        return None
+    return (
+        f"--quantize fp8 would run with --offload {lighter.offload} "
+        f"(~{lighter.time_s:.0f} s instead of ~{plan.time_s:.0f} s of denoising)"
+    )
+
+
+def _on_cpu(run: RunInputs, cpu: gpus.Gpu) -> RunPlan:
+    """A CPU run: everything in the machine's memory (no offload); feed-forward chunking when that is
+    what fits. An asked --offload does nothing there: said in a note."""
+    for chunk in (None, FF_CHUNK_TOKENS):
+        plan = candidate(run, cpu, "none", chunk, clear_on=True)
+        if plan.fits:
+            break
+    plan.fits_any = plan.fits
+    plan.needs_gb = plan.peak_gb * (1 + HEADROOM)
+    plan.fits_at = None if plan.fits else fits_at(run, cpu)
+    sign = "<=" if plan.fits else ">"
+    chunked = ", feed-forward chunked" if plan.ff_chunk else ""
+    plan.reason = f"the CPU: plan {plan.peak_gb:.1f} GB {sign} {_usable(plan)} of its memory{chunked}"
+    if run.spec.settings.offload not in ("auto", "none"):
+        plan.notes.append(offload_on_cpu(run.spec.settings.offload))
+    return timed(run, plan)
+
+
+def offload_on_cpu(offload: str) -> str:
+    return f"--offload {offload} does nothing on the CPU: the weights stay in the machine's memory"
 
 
 def _usable(plan: RunPlan) -> str:
@@ -134,7 +175,8 @@ def _reason(run: RunInputs, plan: RunPlan, rejected: RunPlan | None) -> str:
 
 
 def fits_at(run: RunInputs, gpu: gpus.Gpu) -> tuple[int, int] | None:
-    """The largest size of the same aspect whose last stage fits with sequential offload and chunking."""
+    """The largest size of the same aspect whose last stage fits with sequential offload and chunking (on
+    the CPU: in the machine's memory, chunked)."""
     multiple, last = run.multiple, run.stages[-1]
     w0, h0 = last.width, last.height
     lo, hi = 0, max(w0, h0) // multiple  # long side in multiples, lo fits (0: nothing does)
@@ -143,6 +185,9 @@ def fits_at(run: RunInputs, gpu: gpus.Gpu) -> tuple[int, int] | None:
         w, h = scaled_size(w0, h0, mid * multiple, multiple)
         stage = replace(last, width=w, height=h, vae_tiling=run.spec.recipe.vae_tiles(w, h))
         trial = replace(run, stages=[stage])
-        plan = candidate(trial, gpu, "sequential", chunks(trial, "sequential")[-1], clear_on=False)
+        if gpu.cpu:
+            plan = candidate(trial, gpu, "none", FF_CHUNK_TOKENS, clear_on=True)
+        else:
+            plan = candidate(trial, gpu, "sequential", chunks(trial, "sequential")[-1], clear_on=False)
         lo, hi = (mid, hi) if plan.fits else (lo, mid)
     return scaled_size(w0, h0, lo * multiple, multiple) if lo else None

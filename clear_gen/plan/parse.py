@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from pathlib import Path
 
 from ..attention import check_window
 from ..core.sizes import MAX_SIDE, MIN_SIDE, check_size, scaled_size, size_multiple
-from ..errors import ConfigError
+from ..errors import ConfigError, DeviceError
 from ..weights.spec import WeightsSpec
 from .recipe import Recipe, recipe
 from .spec import ClearChoice, GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
@@ -33,6 +34,7 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
     the_recipe = recipe(opts.recipe)
     _check_numbers(opts)
     attention = clear_choice(opts.variant, opts.window, opts.down_factor, opts.clear_weights)
+    _note_changed(attention, opts.clear_weights_sha256, note)
     weights = WeightsSpec(
         model=opts.model,
         token=opts.token,
@@ -59,7 +61,17 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
     if upscale:
         return spec
     attention = at_size(attention, opts.width, opts.height, the_recipe)
-    return replace(spec, attention=attention, stages=generate_stages(spec, attention))
+    note_full_window(attention, opts.width, opts.height, note)
+    spec = replace(spec, attention=attention, stages=generate_stages(spec, attention))
+    check_backend_serves(spec, attention, spec.stages)
+    return spec
+
+
+def _note_changed(choice: ClearChoice, sha256: str | None, note) -> None:
+    """--from: say so when the local CLEAR checkpoint is not the one the image was made with."""
+    if sha256 is not None and choice.sha256 is not None and choice.sha256 != sha256:
+        note(f"{choice.weights.name} changed since the image was made (sha256 {sha256[:12]}... then, "
+             f"{choice.sha256[:12]}... now): the result will differ")  # fmt: skip
 
 
 def _prompts(opts: GenerateOptions, upscale: bool) -> tuple[str, ...]:
@@ -171,9 +183,7 @@ def clear_choice(
 ) -> ClearChoice:
     """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched later).
     With neither: the registry's default variant, `chosen` False (full attention at or below 1024 px:
-    `at_size`)."""
-    from pathlib import Path
-
+    `at_size`). A local file is checked from its header now (weights.checkpoints)."""
     from ..weights.registry import load_registry
 
     custom = {"--window": window, "--down-factor": down_factor, "--clear-weights": weights}
@@ -184,29 +194,68 @@ def clear_choice(
             "--window [--down-factor] [--clear-weights], not both"
         )
     if given:
-        if window is None:
-            raise ConfigError(
-                f"{given[0]} needs --window (and --down-factor if the weights are down-sampled)"
-            )
-        check_window(window, down_factor, flags=True)
-        path = Path(weights).expanduser() if weights else None
-        if path is not None and not path.is_file():
-            raise ConfigError(f"--clear-weights {path}: no such file")
-        return ClearChoice("custom", window, down_factor or 1, path)
+        return _custom_choice(window, down_factor, weights, given[0])
     if variant == "none":
         return ClearChoice("none", None)
+    if variant and Path(variant).expanduser().is_file():
+        return _file_choice(Path(variant).expanduser())
     registry = load_registry()
-    local = Path(variant or "").expanduser()
-    if variant and local.is_file():  # a downloaded checkpoint: its published file name says r and f
-        known = {v.filename: v for v in registry.variants.values()}
-        if local.name not in known:
-            raise ConfigError(
-                f"--variant {local}: not a published CLEAR file name; use --clear-weights with --window"
-            )
-        v = known[local.name]
-        return ClearChoice(v.name, v.window, v.down_factor, local)
     found = registry.variant(variant or registry.default_variant)
     return ClearChoice(found.name, found.window, found.down_factor, chosen=variant is not None)
+
+
+def _custom_choice(window, down_factor, weights: str | None, first: str) -> ClearChoice:
+    """--window R [--down-factor F] [--clear-weights FILE]: a FILE's spatial weights must be F's."""
+    from ..weights.checkpoints import check_checkpoint_file
+
+    if window is None:
+        raise ConfigError(f"{first} needs --window (and --down-factor if the weights are down-sampled)")
+    check_window(window, down_factor, flags=True)
+    if weights is None:
+        return ClearChoice("custom", window, down_factor or 1)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--clear-weights {path}: no such file")
+    file = check_checkpoint_file(path, f"--clear-weights {path}")
+    if file.down_factor != (down_factor or 1):
+        raise ConfigError(
+            f"--clear-weights {path} is down-sampled (f = {file.down_factor}): "
+            f"give --down-factor {file.down_factor}"
+        )
+    return ClearChoice("custom", window, file.down_factor, file.path, sha256=file.sha256)
+
+
+def _file_choice(path: Path) -> ClearChoice:
+    """--variant FILE: a published file name says its variant; else the window its metadata records
+    (clear-gen distill writes it) makes it a custom choice."""
+    from ..weights.checkpoints import check_checkpoint_file
+    from ..weights.registry import load_registry
+
+    file = check_checkpoint_file(path, f"--variant {path}")
+    known = {v.filename: v for v in load_registry().variants.values()}
+    if path.name in known:
+        v = known[path.name]
+        return ClearChoice(v.name, v.window, v.down_factor, file.path, sha256=file.sha256)
+    if file.window is None:
+        raise ConfigError(
+            f"--variant {path}: not a published CLEAR file name, and it records no window; "
+            f"use --window R{'' if file.down_factor == 1 else f' --down-factor {file.down_factor}'} "
+            f"--clear-weights {path}"
+        )
+    return ClearChoice("custom", file.window, file.down_factor, file.path, sha256=file.sha256)
+
+
+def note_full_window(choice: ClearChoice, width: int, height: int, note) -> None:
+    """Say so when the window covers the whole grid at the target: that is full attention."""
+    from ..core.geometry import full_window
+    from ..core.sizes import TOKEN_PX
+
+    h, w = height // TOKEN_PX, width // TOKEN_PX
+    if choice.window is not None and choice.window >= full_window(h, w):
+        note(
+            f"--window {choice.window} covers the whole {h} x {w} token grid at {width}x{height}: that is "
+            f"full attention (a window of {full_window(h, w)} already is)"
+        )
 
 
 def at_size(choice: ClearChoice, width: int, height: int, the_recipe: Recipe) -> ClearChoice:
@@ -252,7 +301,28 @@ def upscale_stages(spec: RunSpec, choice: ClearChoice, width: int, height: int) 
     """The stages of an upscale to width x height: every one an SDEdit stage, the first from the given
     picture (which is not a stage); the asked stages list the long sides after it."""
     long_sides = spec.asked.stages or [max(width, height)]
-    return sdedit_stages(spec, choice, _checked_sizes(width, height, long_sides, choice, spec.recipe))
+    stages = sdedit_stages(spec, choice, _checked_sizes(width, height, long_sides, choice, spec.recipe))
+    check_backend_serves(spec, choice, stages)
+    return stages
+
+
+def check_backend_serves(spec: RunSpec, choice: ClearChoice, stages: tuple[Stage, ...]) -> None:
+    """--backend serves every CLEAR stage at its size on the device (dense's mask limit, the devices a
+    backend runs on): refused now, not after loading and a first pass. A --device that is not here is the
+    run's to refuse (a dry run plans for it all the same)."""
+    from ..attention.backends import choose
+    from ..core.device import resolve_device
+
+    try:
+        device = resolve_device(spec.settings.device)
+    except DeviceError:
+        return
+    for i, s in enumerate(stages, 1):
+        if s.clear:
+            try:
+                choose(spec.settings.backend, device, choice.geometry(s.width, s.height, spec.text_len))
+            except ConfigError as e:
+                raise ConfigError(f"stage {i}/{len(stages)} ({s.width}x{s.height}): {e}") from None
 
 
 def sdedit_stages(spec: RunSpec, choice: ClearChoice, sizes: list[tuple[int, int]]) -> tuple[Stage, ...]:

@@ -12,16 +12,23 @@ from ..errors import ConfigError
 from ..files.record import ImageRecord
 from .spec import GenerateOptions, RunSpec, Stage
 
-ATTENTION_FIELDS = frozenset({"variant", "window", "down_factor", "clear_weights"})  # replaced as a whole
+ATTENTION_FIELDS = frozenset({"variant", "window", "down_factor", "clear_weights", "clear_weights_sha256"})
 TRANSFORMER_FIELDS = {"quantize": "none", "transformer": None}  # a GGUF file or a quantized base, not both
 CONTROL_FIELDS = ("control", "controlnet", "control_mode", "control_scale", "control_sha256")  # as a whole
 
 
 def image_record(
-    spec: RunSpec, job: Any, stages: list[Stage], timings: dict, dtype: str, device: str
+    spec: RunSpec,
+    job: Any,
+    stages: list[Stage],
+    timings: dict,
+    dtype: str,
+    device: str,
+    backend: str | None = None,
 ) -> ImageRecord:
     """What made the image of `stages` (all of a job's, or the first few for a kept stage): `--from`
-    re-makes it. `job`: its prompt, seed, source picture and ControlNet record (render.Job)."""
+    re-makes it. `job`: its prompt, seed, source picture and ControlNet record (render.Job). `backend`: the
+    CLEAR kernel that ran (what `auto` chose; recorded beside the asked one, which `--from` asks again)."""
     opts, choice, weights = spec.asked, spec.attention, spec.weights
     last, clear = stages[-1], any(s.clear for s in stages)
     several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
@@ -32,9 +39,11 @@ def image_record(
         "ntk_factor": opts.ntk_factor,
         "proportional_attention": opts.proportional_attention,
         "max_sequence_length": opts.max_sequence_length,
-        "clear_weights": os.path.abspath(opts.clear_weights) if clear and opts.clear_weights else None,
+        "clear_weights": str(choice.weights) if clear and choice.weights is not None else None,
+        "clear_weights_sha256": choice.sha256 if clear else None,
         "dtype": dtype,
-        "backend": spec.settings.backend,
+        "backend": backend or spec.settings.backend,
+        "backend_asked": spec.settings.backend if backend and backend != spec.settings.backend else None,
         "device": device,
         "quantize": None if weights.quantize == "none" else weights.quantize,
         "quantize_text": None if weights.quantize_text == "none" else weights.quantize_text,
@@ -80,6 +89,12 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
     base's), `--lora` the record's LoRAs and `--controlnet` (or --control, --control-mode, --control-scale)
     the record's ControlNet."""
     extra = record.extra or {}
+    compared = extra.get("compare")
+    if isinstance(compared, dict):
+        panels = ", ".join(Path(p).name for p in compared.get("panels") or [])
+        raise ConfigError(
+            f"this is a compare grid of {record.variant}: --from takes one of its panels' images ({panels})"
+        )
     if extra.get("source"):
         src = extra["source"]
         raise ConfigError(
@@ -87,15 +102,17 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
             f"re-make it with `clear-gen upscale {src.get('file')}` and the settings `clear-gen info` shows"
         )
     custom = record.variant == "custom"
+    local = extra.get("clear_weights") if not custom else None  # a local file given as --variant
     opts = GenerateOptions(
         prompts=[record.prompt],
         width=record.width,
         height=record.height,
         model=record.model,
-        variant=None if custom else record.variant,
+        variant=None if custom else (local or record.variant),
         window=record.window if custom else None,
         down_factor=record.down_factor if custom else None,
-        clear_weights=extra.get("clear_weights"),
+        clear_weights=extra.get("clear_weights") if custom else None,
+        clear_weights_sha256=extra.get("clear_weights_sha256"),
         stages=list(record.stages) if record.stages else None,
         strength=record.strength if record.strength is not None else GenerateOptions.strength,
         steps=record.steps,
@@ -107,7 +124,7 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         ntk_factor=extra.get("ntk_factor"),
         proportional_attention=extra.get("proportional_attention"),
         dtype=extra.get("dtype"),
-        backend=extra.get("backend", GenerateOptions.backend),
+        backend=extra.get("backend_asked") or extra.get("backend", GenerateOptions.backend),
         quantize=extra.get("quantize", GenerateOptions.quantize),
         quantize_text=extra.get("quantize_text", GenerateOptions.quantize_text),
         transformer=extra.get("transformer"),

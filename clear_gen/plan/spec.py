@@ -62,6 +62,7 @@ class GenerateOptions:
     control_mode: str | None = None  # a union ControlNet's mode: a registry name or the mode's number
     control_scale: float | None = None  # None: the registry's recommended scale, else 1
     control_sha256: str | None = None  # --from: the control picture's then (a note when it changed)
+    clear_weights_sha256: str | None = None  # --from: the local CLEAR checkpoint's then (a note when changed)
     compile: bool = False  # regional compilation of the transformer blocks (speed.py)
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
     parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
@@ -199,6 +200,7 @@ class ClearChoice:
     weights: Path | None = None
     note: str | None = None  # why this choice, when the user did not make it
     chosen: bool = True  # False: the registry's default variant (full attention at or below 1024 px)
+    sha256: str | None = None  # a local checkpoint's (what the PNG records)
 
     @property
     def hub_variant(self) -> str | None:

@@ -32,7 +32,8 @@ from ..models.flux1.chunking import chunk_feed_forward
 from ..plan import gpus
 from ..plan.footprint import HEADROOM, RunPlan
 from ..plan.memory import plan_run
-from ..plan.parse import at_size, parse, upscale_stages
+from ..plan.offload import offload_on_cpu
+from ..plan.parse import at_size, note_full_window, parse, upscale_stages
 from ..plan.spec import GenerateOptions, RunSpec
 from ..weights import quantize as Q
 from ..weights.control import check_base, check_cached_config, control_record
@@ -117,6 +118,7 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
     info = control_record(control) if control is not None else None
     picture = control.picture.image if control is not None and control.picture is not None else None
     world = world.decide(len(spec.prompts) * len(spec.seeds))
+    _check_sequence(spec, world, spec.stages)
     if world.writes:
         _probe_output(spec, spec.prompts[0], spec.seeds[0], spec.width, spec.height)
     if pipe is None:
@@ -131,6 +133,15 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
         for seed in spec.seeds
     ]
     return Prepared(spec, jobs, device, dtype, world, plan, offload)
+
+
+def _check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
+    """Sequence mode: the ranks split the model's heads (its config, read before loading)."""
+    from ..weights.shapes import model_shapes
+
+    if world.sequence and any(s.clear for s in stages):
+        config = model_shapes(spec.weights.model).transformer
+        parallel.check_heads(world, models.family(spec.weights.family).flop_shape(config).heads)
 
 
 def _probe_output(spec: RunSpec, prompt: str, seed: int, width: int, height: int) -> None:
@@ -164,6 +175,7 @@ def _check_upscale(opts, inputs, target, world: parallel.World, device, hooks: H
     jobs, spec = upscale_jobs(spec, inputs, target, hooks)
     world = world.decide(len(jobs))
     largest = max(jobs, key=lambda job: job.stages[-1].tokens)
+    _check_sequence(spec, world, largest.stages)
     last = largest.stages[-1]
     if world.writes:
         _probe_output(spec, largest.prompt, largest.seed, last.width, last.height)
@@ -186,6 +198,7 @@ def upscale_jobs(
     sized = [(src, *target.size(src.size, multiple)) for src in sources]
     largest = max(sized, key=lambda s: s[1] * s[2])
     spec = replace(spec, attention=at_size(spec.attention, largest[1], largest[2], spec.recipe))
+    note_full_window(spec.attention, largest[1], largest[2], hooks.note)
     jobs = []
     for src, w, h, note in sized:
         check_larger(src.size, (w, h), src.path)
@@ -217,13 +230,16 @@ def _prepare(spec: RunSpec, device, hooks: Hooks, stages=None) -> tuple[RunPlan,
     for, if not generate's), the device can run the quantization, every weight file is there or
     fetchable. Returns the plan and the decided offload."""
     from ..weights.download import check_run_weights
+    from ..weights.hub import check_model_folder, local_model
 
-    plan = _memory_plan(spec, device, hooks, stages)  # offload, chunking; refuses what cannot fit
-    weights = spec.weights
-    Q.check_device(weights.quantize, weights.quantize_text, device, plan.offload, gguf=weights.gguf)
-    control = weights.controlnet
+    weights, control = spec.weights, spec.weights.controlnet
+    local = local_model(weights.model)
+    if local is not None:  # a folder that is not a model: planning it would be planning FLUX.1-dev
+        check_model_folder(local)
     if control is not None:
         check_base(control, weights.model)
+    plan = _memory_plan(spec, device, hooks, stages)  # offload, chunking; refuses what cannot fit
+    Q.check_device(weights.quantize, weights.quantize_text, device, plan.offload, gguf=weights.gguf)
     hub_net = control.net if control is not None and control.folder is None else None
     loras = [(s.source, s.file) for s in weights.loras if s.file is not None]  # from the Hub
     check_run_weights(
@@ -315,6 +331,8 @@ def _memory_plan(spec: RunSpec, device: torch.device, hooks: Hooks, stages=None)
         if spec.settings.gpu_memory is not None:
             gpus.limit_memory(device, spec.settings.gpu_memory)
         hooks.note(plan.offload_line())
+    elif spec.settings.offload not in ("auto", "none"):
+        hooks.note(offload_on_cpu(spec.settings.offload))
     return plan
 
 
@@ -378,6 +396,7 @@ def _load(
     family = models.of(pipe.transformer)
     heads = family.flop_shape(pipe.transformer.config).heads
     shards = parallel.SequenceShards(world, heads, family) if world.sequence and choice.window else None
+    _note_cut_prompts(family, pipe, prompts, spec.text_len, hooks)
     hooks.phase("encode", f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}")
     t0 = now(device)
     embeds = dict(zip(prompts, _encode(pipe, prompts, device, spec.text_len, offload), strict=True))
@@ -402,6 +421,16 @@ def _load_label(spec: RunSpec) -> str:
     control = weights.controlnet
     net = f", ControlNet {control.source}" if control is not None else ""
     return f"FLUX.1 {weights.model}{quantized}" + (clear if choice.window else "") + net
+
+
+def _note_cut_prompts(family, pipe, prompts: list[str], max_len: int, hooks: Hooks) -> None:
+    """One note when a prompt is longer than the text encoders read (diffusers cuts it silently)."""
+    cuts = [(p, cut) for p in prompts if (cut := family.prompt_cut(pipe, p, max_len))]
+    if cuts:
+        prompt, cut = cuts[0]
+        more = f" (and {len(cuts) - 1} more prompts)" if len(cuts) > 1 else ""
+        shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+        hooks.note(f"prompt {shown!r}{more} is cut: {cut} read; the rest does not reach the model")
 
 
 def _encode(pipe, prompts: list[str], device, max_len: int, offload: str) -> list[tuple]:

@@ -25,6 +25,7 @@ from ..attention.backends import choose
 from ..core.clock import now
 from ..core.device import device_name, dtype_name
 from ..core.geometry import Geometry, needed_pairs
+from ..errors import ComputeError
 from ..files import output
 from ..files.record import ImageRecord, RunTiming, StageTiming
 from ..plan.footprint import RunPlan
@@ -128,13 +129,14 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
     for i, stage in enumerate(job.stages):
         hooks.stage_start(i, n, stage)
         latents, stage_timing = _stage(run, stage, emb, image, job.seed, job.control)
+        _finite(latents, run, stage, f"stage {i + 1}/{n}'s latents")
         if i == n - 1 and not run.world.writes:
             timing.stages.append(stage_timing)
             timing.total_s = time.perf_counter() - started
             return None  # sequence mode: rank 0 alone decodes and saves the image
         hooks.phase("decode", f"{stage.width}x{stage.height}")
         t0 = now(run.device)
-        image = _decode(run.pipe, latents, stage)
+        image = _decode(run, latents, stage, f"stage {i + 1}/{n}'s decoded image")
         stage_timing.decode_s = now(run.device) - t0
         record_peak_memory(stage_timing, run.device)  # denoising and decoding, not timing full attention
         hooks.phase_done("decode", stage_timing.decode_s)
@@ -142,7 +144,7 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
         hooks.stage_done(i, stage_timing)
         if run.spec.output.keep_stages and i < n - 1 and run.world.writes:
             record = _record(run, job, job.stages[: i + 1], timing, started)
-            path, seconds = _save(image, record, run)
+            path, seconds = _save(image, record, run, stage=i + 1)
             stage_paths.append(path)
             save_s += seconds
     record = _record(run, job, job.stages, timing, started)
@@ -253,13 +255,32 @@ def _run_stage(run: Run, stage: Stage, embeds, image, seed: int, clock, control)
     return run.img2img(image=resized, strength=stage.strength, sigmas=sigmas, **common).images
 
 
-def _decode(pipe, latents: torch.Tensor, stage: Stage) -> Any:
+def _finite(tensor: torch.Tensor, run: Run, stage: Stage, what: str) -> None:
+    """Stop the run, saving nothing, when a stage computed NaN or inf: one line naming the stage, its
+    attention kernel and the dtype (a black or noise PNG saved with exit 0 helps nobody)."""
+    if bool(torch.isfinite(tensor).all()):
+        return
+    spec, dtype = run.spec, dtype_name(run.pipe.transformer.dtype)
+    if stage.clear:
+        geo = spec.attention.geometry(stage.width, stage.height, spec.text_len)
+        kernel = f"CLEAR on the {choose(spec.settings.backend, run.device, geo).name} backend"
+    else:
+        kernel = "stock attention"
+    raise ComputeError(
+        f"{what} at {stage.width}x{stage.height} hold NaN or inf ({kernel}, {dtype} on {run.device.type}): "
+        "nothing saved; try --dtype fp32, or another --backend"
+    )
+
+
+def _decode(run: Run, latents: torch.Tensor, stage: Stage, what: str) -> Any:
     """The model's latents into a PIL image, as diffusers' pipelines do after their last step."""
+    pipe = run.pipe
     vae = pipe.vae
     latents = models.of(pipe.transformer).unpack_latents(latents, stage.width, stage.height)  # (B, C, h, w)
     latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
     with torch.no_grad():
         image = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
+    _finite(image, run, stage, what)
     pipe.maybe_free_model_hooks()  # with --offload, the VAE leaves the GPU as after a pipeline call
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
@@ -308,10 +329,10 @@ def _timing(
     return timing
 
 
-def _save(image, record: ImageRecord, run: Run) -> tuple[Path, float]:
-    """Write the PNG; (its absolute path, seconds)."""
+def _save(image, record: ImageRecord, run: Run, stage: int | None = None) -> tuple[Path, float]:
+    """Write the PNG (`stage`: a kept earlier stage's); (its absolute path, seconds)."""
     t0 = time.perf_counter()
-    path = output.output_path(run.spec.output.out, record, names=run.names)
+    path = output.output_path(run.spec.output.out, record, names=run.names, stage=stage)
     path = Path(os.path.abspath(output.save_png(image, path, record, run.names)))
     seconds = time.perf_counter() - t0
     run.hooks.saved(path, seconds)
@@ -327,4 +348,9 @@ def _record(run: Run, job: Job, stages: list[Stage], timing: RunTiming, started:
         timing, stages=timing.stages[: len(stages)], save_s=None, total_s=time.perf_counter() - started
     ).to_json()
     dtype = dtype_name(run.pipe.transformer.dtype)
-    return image_record(run.spec, job, stages, timings, dtype, device_name(run.device))
+    clear = [s for s in stages if s.clear]
+    backend = None
+    if clear:  # the kernel CLEAR ran with (auto's choice) at the largest CLEAR stage
+        geo = run.spec.attention.geometry(clear[-1].width, clear[-1].height, run.spec.text_len)
+        backend = choose(run.spec.settings.backend, run.device, geo).name
+    return image_record(run.spec, job, stages, timings, dtype, device_name(run.device), backend)

@@ -307,6 +307,16 @@ def _slices(length: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def check_heads(world: World, heads: int) -> None:
+    """Sequence mode splits attention heads over the ranks: they must divide `heads`."""
+    if heads % world.size:
+        fits = [p for p in range(2, heads + 1) if heads % p == 0]
+        raise ConfigError(
+            f"sequence mode splits attention heads over ranks: {heads} heads cannot be split over "
+            f"{world.size}; use {', '.join(map(str, fits[:6]))} processes, or --parallel data"
+        )
+
+
 class SequenceShards:
     """Head-parallel ("Ulysses") CLEAR over the ranks of `world`: pass it as apply_clear(parallel=...).
 
@@ -316,12 +326,7 @@ class SequenceShards:
     """
 
     def __init__(self, world: World, heads: int, family=None):
-        if heads % world.size:
-            fits = [p for p in range(2, heads + 1) if heads % p == 0]
-            raise ConfigError(
-                f"sequence mode splits attention heads over ranks: {heads} heads cannot be split over "
-                f"{world.size}; use {', '.join(map(str, fits[:6]))} processes, or --parallel data"
-            )
+        check_heads(world, heads)
         self.world, self.heads = world, heads
         self.family = family or models.family()  # the model's adapter: its call's argument names
         self.sizes: list[int] = []  # tokens of the joint sequence on each rank, this forward

@@ -51,7 +51,7 @@ class Fetched:
 # -------------------------------------------------------------------------------------------- checking
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     """The file's sha256, hashed once per file version (path, size and mtime) in this process."""
     stat = path.stat()
     return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -80,7 +80,7 @@ def verify_file(path: Path, v: Variant) -> None:
     size = path.stat().st_size
     if v.size is not None and size != v.size:
         problem = f"is {size} bytes, weights.toml says {v.size}"
-    elif v.sha256 is not None and (digest := _sha256(path)) != v.sha256:
+    elif v.sha256 is not None and (digest := sha256_of(path)) != v.sha256:
         problem = f"has sha256 {digest}, weights.toml says {v.sha256}"
     else:
         return
@@ -205,14 +205,32 @@ def local_model(model: str) -> Path | None:
     return path if path.exists() or written_like_a_path else None
 
 
+CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json")  # one per component folder
+
+
 def check_model_folder(path: Path) -> None:
-    """A local --model must be a diffusers FLUX.1 folder (FluxPipeline.save_pretrained writes one)."""
+    """A local --model must be a diffusers FLUX.1 folder (FluxPipeline.save_pretrained writes one): its
+    model_index.json, and a config in the folder of every component it names (weights are the loader's to
+    check: a GGUF --transformer runs without the transformer's)."""
+    import json
+
     if not path.exists():
         problem = "no such folder"
     elif not (path / "model_index.json").is_file():
         problem = "not a diffusers FLUX.1 folder (no model_index.json)"
     else:
-        return
+        try:
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"--model {path}: model_index.json cannot be read ({e})") from None
+        named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
+        missing = [k for k in named if not any((path / k / f).is_file() for f in CONFIG_FILES)]
+        if not missing:
+            return
+        raise WeightsError(
+            f"--model {path}: an incomplete diffusers FLUX.1 folder ({', '.join(missing)} missing); save it "
+            "again with FluxPipeline.save_pretrained, or fetch a base with `clear-gen download --base dev`"
+        )
     raise WeightsError(
         f"--model {path}: {problem}; give a folder saved by FluxPipeline.save_pretrained, "
         f"a base name ({', '.join(load_registry().bases)}) or a Hub repo id"

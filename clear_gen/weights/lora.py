@@ -12,11 +12,12 @@ peft wraps every transformer clear-gen loads: plain, torchao's (--quantize int8,
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import ConfigError, WeightsError
+from ..errors import ClearGenError, ConfigError, WeightsError
 from .hub import HUB_FILE, REPO_ID
 from .spec import LoraSpec
 
@@ -51,9 +52,10 @@ def parse_loras(loras: Sequence[str], files: Sequence[str] = ()) -> list[LoraSpe
 
 
 def _split_scale(given: str) -> tuple[str, float]:
-    """'style.safetensors:0.8' -> ('style.safetensors', 0.8); no ':' -> scale 1."""
+    """'style.safetensors:0.8' -> ('style.safetensors', 0.8); no ':' -> scale 1. A colon followed by a path
+    (Windows' C:/loras/x.safetensors) is part of the path."""
     where, colon, tail = given.rpartition(":")
-    if not colon:
+    if not colon or "/" in tail or "\\" in tail:
         return given, 1.0
     try:
         scale = float(tail)
@@ -119,17 +121,32 @@ def load_loras(pipe, specs: Sequence[LoraSpec], token: str | None = None) -> Non
     names = []
     for i, spec in enumerate(specs):
         file = lora_file(spec, token)
-        try:
+        with _converter_errors(file, "read"):
             state_dict = pipe.lora_state_dict(str(file))
-        except (ValueError, KeyError, OSError) as e:
-            raise WeightsError(
-                f"{file.name} is not a FLUX.1 LoRA diffusers can read ({_first_key(file)}: "
-                f"{str(e).split(':')[0].strip()[:80]})"
-            ) from e
         check_flux_lora(state_dict, pipe.transformer, file)
         names.append(f"lora{i}_{spec.name}")
-        pipe.load_lora_weights(str(file), adapter_name=names[-1])  # again from the file: with its alphas
+        with _converter_errors(file, "load"):
+            pipe.load_lora_weights(str(file), adapter_name=names[-1])  # again from the file: with its alphas
     pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
+
+
+@contextlib.contextmanager
+def _converter_errors(file: Path, verb: str) -> Iterator[None]:
+    """Whatever diffusers' LoRA converters raise on a file they do not understand (ValueError, KeyError,
+    an AssertionError in a format converter, ...) as one line naming the file; running out of memory is
+    not the file's fault and passes through."""
+    import torch
+
+    try:
+        yield
+    except (ClearGenError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        said = str(e).strip().splitlines()[0].split(":")[0].strip()[:80] if str(e).strip() else ""
+        raise WeightsError(
+            f"{file.name} is not a FLUX.1 LoRA diffusers can {verb} ({_first_key(file)}: "
+            f"{said or f'diffusers stopped with {type(e).__name__}'})"
+        ) from e
 
 
 def _first_key(file: Path) -> str:

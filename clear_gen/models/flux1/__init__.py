@@ -111,6 +111,19 @@ def clear_projections(attention: str) -> tuple[str, ...]:
     )
 
 
+def is_clear_key(key: str) -> bool:
+    """A key of a published CLEAR checkpoint for this family: an attention module's replaced projection
+    (clear_projections) or its processor's spatial weight."""
+    kind, _, rest = key.partition(".")
+    if kind not in BLOCK_KINDS or not rest.split(".", 1)[0].isdigit():
+        return False
+    attention, _, tail = key.partition(".attn.")
+    projection, _, param = tail.rpartition(".")
+    return tail == "processor.spatial_weight" or (
+        projection in clear_projections(attention) and param in ("weight", "bias")
+    )
+
+
 def rope_theta(model) -> float:
     return model.pos_embed.theta
 
@@ -146,6 +159,20 @@ def text_length(config) -> int:
     schnell, as BFL's reference code sets them; the config tells them apart, not the name."""
     guidance = config.get("guidance_embeds", True) if isinstance(config, dict) else config.guidance_embeds
     return 512 if guidance else 256
+
+
+def prompt_cut(pipe, prompt: str, max_len: int) -> str | None:
+    """What of `prompt` the text encoders do not read, in words ('CLIP reads 77 of its 210 tokens, T5 512
+    of 1,650'), or None when both read all of it (diffusers cuts them silently)."""
+    cut = []
+    for name, tokenizer, limit in (("CLIP", pipe.tokenizer, pipe.tokenizer.model_max_length),
+                                   ("T5", pipe.tokenizer_2, max_len)):  # fmt: skip
+        if tokenizer is None:
+            continue
+        tokens = len(tokenizer(prompt, truncation=False).input_ids)
+        if tokens > limit:
+            cut.append(f"{name} {limit} of {tokens:,}")
+    return None if not cut else " and ".join(cut) + " tokens"
 
 
 # ---------------------------------------------------------------- latents
