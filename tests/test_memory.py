@@ -267,10 +267,11 @@ def test_auto_offload_follows_free_memory(fake_gpu, free_gb, offload):
 def test_offload_line_says_why(fake_gpu):
     fake_gpu(30)
     line = plan_run(opts(variant="none")).offload_line()
-    assert line == (
+    assert line.startswith(
         "offload: model (none: plan 34.0 GB > 27.3 GB usable of 30.0 GB free; "
-        "model: plan 24.5 GB <= 27.3 GB usable of 30.0 GB free)"
+        "model: plan 24.5 GB <= 27.3 GB usable of 30.0 GB free); "
     )
+    assert line.endswith("--quantize fp8 would run with --offload none (~18 s instead of ~20 s of denoising)")
 
 
 def test_stage_weights_are_exact_with_everything_on_the_gpu():
