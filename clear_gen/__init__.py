@@ -18,7 +18,7 @@ _PUBLIC = {  # name -> the module that defines it
     "clear_config": ".attention",
     "original_attention": ".attention",
     "generate": ".run.generate",
-    "upscale": ".run.generate",
+    "upscale": ".run.upscale",
     "LoadedPipelines": ".run.generate",
     "Hooks": ".run.render",
     "GenerateOptions": ".plan.spec",

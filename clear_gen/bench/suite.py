@@ -158,16 +158,15 @@ def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len:
     raise ConfigError(f"text length {text_len} is too long for the dense reference check")
 
 
-def attention_row(
-    res: int, window: int, down_factor: int, text_len: int, heads: int, head_dim: int,
-    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard,
-) -> dict:  # fmt: skip
+def attention_row(res: int, spec: BenchSpec, bench: Bench) -> dict:
     """CLEAR attention (flex) versus full SDPA over the text + image tokens, heads x head_dim."""
     import torch.nn.functional as F
 
     from ..attention.backends import clear_attention
 
-    geo = geometry(res, window, down_factor, text_len)
+    heads, head_dim, repeats = spec.heads, spec.head_dim, spec.asked.repeats
+    device, dtype, guard = bench.device, bench.dtype, bench.guard
+    geo = geometry(res, spec.window, spec.down_factor, spec.asked.text_len)
     q, k, v = _qkv(geo, heads, head_dim, device, dtype)
     scale = head_dim**-0.5
     clear = lambda: clear_attention(q, k, v, geo, scale, "flex")  # noqa: E731
@@ -358,7 +357,7 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
         if o.what == "plan":
             row = plan_row(r, *wf, bench.shape)
         elif o.what == "attention":
-            row = attention_row(r, *wf, spec.heads, spec.head_dim, dev, bench.dtype, o.repeats, bench.guard)
+            row = attention_row(r, spec, bench)
         else:
             geo = geometry(r, *wf)
             small = geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS or bench.shards is not None  # dense or 1 GPU

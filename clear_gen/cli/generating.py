@@ -139,7 +139,7 @@ def upscale(
 ) -> None:
     """Upscale existing pictures to 2K-8K: SDEdit stages with CLEAR, as generate's after its first pass."""
     from ..files.source import UpscaleTarget, split_arguments
-    from ..run.generate import upscale as run_upscale
+    from ..run.upscale import upscale as run_upscale
     from .display import GenerateDisplay
 
     # 1. Parse: which arguments are pictures, the prompt, the size, the recipe.
@@ -153,7 +153,7 @@ def upscale(
     )
     target = UpscaleTarget(res=res, scale=scale, width=width, height=height)
     if recipe["dry_run"]:
-        from ..run.generate import upscale_plans
+        from ..run.upscale import upscale_plans
 
         _print_plans(upscale_plans(opts, inputs, target), as_json)
         return

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,17 +22,15 @@ from .. import models
 from ..attention import remove_clear
 from ..core.clock import now
 from ..core.device import resolve_dtype
-from ..core.sizes import MAX_SIDE, size_multiple
-from ..errors import ClearGenError, ConfigError, DeviceError
+from ..errors import ClearGenError, DeviceError
 from ..files import output
 from ..files.record import ImageRecord, RunTiming
-from ..files.source import Source, UpscaleTarget, check_larger, image_files, load_source
 from ..models.flux1.chunking import chunk_feed_forward
 from ..plan import gpus
 from ..plan.footprint import HEADROOM, RunPlan
 from ..plan.memory import plan_run
 from ..plan.offload import offload_on_cpu
-from ..plan.parse import at_size, note_full_window, parse, upscale_stages
+from ..plan.parse import parse
 from ..plan.spec import GenerateOptions, RunSpec
 from ..weights import quantize as Q
 from ..weights.control import check_base, check_cached_config, control_record
@@ -107,7 +104,7 @@ def generate(
     settings = opts.settings if isinstance(opts, RunSpec) else opts
     world, device = parallel.start(settings.parallel, settings.device)
     prepared = world.agree(lambda: _check(opts, world, device, hooks, pipe))
-    return _run_jobs(prepared, hooks, started, pipe, pipelines)
+    return run_jobs(prepared, hooks, started, pipe, pipelines)
 
 
 def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks: Hooks, pipe) -> Prepared:
@@ -118,11 +115,11 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
     info = control_record(control) if control is not None else None
     picture = control.picture.image if control is not None and control.picture is not None else None
     world = world.decide(len(spec.prompts) * len(spec.seeds))
-    _check_sequence(spec, world, spec.stages)
+    check_sequence(spec, world, spec.stages)
     if world.writes:
-        _probe_output(spec, spec.prompts[0], spec.seeds[0], spec.width, spec.height)
+        probe_output(spec, spec.prompts[0], spec.seeds[0], spec.width, spec.height)
     if pipe is None:
-        plan, offload = _prepare(spec, device, hooks)
+        plan, offload = prepare(spec, device, hooks)
     else:
         plan, offload = None, "none"  # placed by whoever built it
         if spec.attention.note:
@@ -135,7 +132,7 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
     return Prepared(spec, jobs, device, dtype, world, plan, offload)
 
 
-def _check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
+def check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
     """Sequence mode: the ranks split the model's heads (its config, read before loading)."""
     from ..weights.shapes import model_shapes
 
@@ -144,88 +141,14 @@ def _check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
         parallel.check_heads(world, models.family(spec.weights.family).flop_shape(config).heads)
 
 
-def _probe_output(spec: RunSpec, prompt: str, seed: int, width: int, height: int) -> None:
+def probe_output(spec: RunSpec, prompt: str, seed: int, width: int, height: int) -> None:
     """Fail now, not after an hour, if the output cannot be written."""
     probe = ImageRecord(prompt=prompt, seed=seed, model=spec.weights.model, steps=1, guidance=0.0,
                                width=width, height=height)  # fmt: skip
     output.output_path(spec.output.out, probe)  # reserved nowhere: nothing to release
 
 
-def upscale(
-    opts: GenerateOptions,
-    inputs: list[str | Path],
-    target: UpscaleTarget | None = None,
-    hooks: Hooks | None = None,
-    pipelines: LoadedPipelines | None = None,
-) -> list[ImageResult]:
-    """Take existing pictures to a larger size with CLEAR's SDEdit stages: generate's code path, the first
-    stage starting from each picture instead of a text-to-image pass. `opts.prompts`: [] (each picture's
-    own prompt from its metadata, else none) or [prompt]; `opts.stages`: long sides after the picture."""
-    started = time.perf_counter()
-    hooks = hooks or Hooks()
-    world, device = parallel.start(opts.parallel, opts.device)
-    prepared = world.agree(lambda: _check_upscale(opts, inputs, target, world, device, hooks))
-    return _run_jobs(prepared, hooks, started, None, pipelines)
-
-
-def _check_upscale(opts, inputs, target, world: parallel.World, device, hooks: Hooks) -> Prepared:
-    """Read every picture, then plan every image, before loading gigabytes."""
-    spec = parse(opts, hooks.note, upscale=True)
-    dtype = resolve_dtype(spec.settings.dtype, device)
-    jobs, spec = upscale_jobs(spec, inputs, target, hooks)
-    world = world.decide(len(jobs))
-    largest = max(jobs, key=lambda job: job.stages[-1].tokens)
-    _check_sequence(spec, world, largest.stages)
-    last = largest.stages[-1]
-    if world.writes:
-        _probe_output(spec, largest.prompt, largest.seed, last.width, last.height)
-    plan, offload = _prepare(spec, device, hooks, largest.stages)  # the largest picture's plan
-    return Prepared(spec, jobs, device, dtype, world, plan, offload)
-
-
-def upscale_jobs(
-    spec: RunSpec, inputs: list[str | Path], target: UpscaleTarget | None, hooks: Hooks | None = None
-) -> tuple[list[Job], RunSpec]:
-    """The jobs of an upscale (every picture read, every size and stage checked), and the spec with its
-    attention at the largest picture's size."""
-    hooks, target = hooks or Hooks(), target or UpscaleTarget()
-    if spec.asked.stages and target == UpscaleTarget():  # no size given: the last stage is the target
-        target = UpscaleTarget(res=spec.asked.stages[-1])
-    sources = _read_sources([Path(p) for p in inputs], hooks)
-    control = spec.weights.controlnet
-    control_info = control_record(control) if control is not None else None
-    multiple = size_multiple(at_size(spec.attention, MAX_SIDE, MAX_SIDE, spec.recipe).down_factor)
-    sized = [(src, *target.size(src.size, multiple)) for src in sources]
-    largest = max(sized, key=lambda s: s[1] * s[2])
-    spec = replace(spec, attention=at_size(spec.attention, largest[1], largest[2], spec.recipe))
-    note_full_window(spec.attention, largest[1], largest[2], hooks.note)
-    jobs = []
-    for src, w, h, note in sized:
-        check_larger(src.size, (w, h), src.path)
-        stages = upscale_stages(spec, spec.attention, w, h)
-        prompt = _source_prompt(spec, src, hooks)
-        for text in [*src.notes, note]:
-            if text:
-                hooks.note(f"{src.path.name}: {text}")
-        info = {"file": src.path.name, "sha256": src.sha256, "width": src.size[0], "height": src.size[1]}
-        own = _control_picture(control, src) if control is not None else None
-        jobs += [Job(prompt, seed, stages, src.image, info, own, control_info) for seed in spec.seeds]
-    return jobs, spec
-
-
-def _control_picture(control, src: Source):
-    """The ControlNet's picture for one upscaled picture: --control's, else the picture itself."""
-    return control.picture.image if control.picture is not None else src.image
-
-
-def upscale_plans(opts: GenerateOptions, inputs: list[str | Path], target: UpscaleTarget | None) -> list:
-    """`upscale --dry-run`: (picture, memory plan) per picture, loading no weights."""
-    spec = parse(replace(opts, seeds=[0], count=1), upscale=True)
-    jobs, spec = upscale_jobs(spec, inputs, target)
-    return [(job.source["file"], plan_run(spec, stages=job.stages)) for job in jobs]
-
-
-def _prepare(spec: RunSpec, device, hooks: Hooks, stages=None) -> tuple[RunPlan, str]:
+def prepare(spec: RunSpec, device, hooks: Hooks, stages=None) -> tuple[RunPlan, str]:
     """Before loading: the memory plan (offload decided, what cannot fit refused; `stages`: what it plans
     for, if not generate's), the device can run the quantization, every weight file is there or
     fetchable. Returns the plan and the decided offload."""
@@ -266,38 +189,7 @@ def _transformer_config(model: str) -> dict:
     return asdict(model_shapes(model).transformer)
 
 
-def _read_sources(inputs: list[Path], hooks: Hooks) -> list[Source]:
-    """Every input picture; one a folder holds that cannot be read is skipped with a note."""
-    files, notes = image_files(inputs)
-    sources = []
-    for path, from_folder in files:
-        try:
-            sources.append(load_source(path))
-        except ConfigError as e:
-            if not from_folder:
-                raise
-            notes.append(f"skipped: {e}")
-    for note in notes:
-        hooks.note(note)
-    if not sources:
-        raise ConfigError(f"no image to upscale in {', '.join(map(str, inputs))} (PNG, JPEG or WebP)")
-    return sources
-
-
-def _source_prompt(spec: RunSpec, src: Source, hooks: Hooks) -> str:
-    """The prompt given, else the one the picture's metadata holds, else none (said once per picture)."""
-    if spec.prompts:
-        return spec.prompts[0]
-    if src.prompt:
-        hooks.note(f"{src.path.name}: prompt from its {src.prompt_from} metadata: {src.prompt[:60]!r}")
-        return src.prompt
-    hooks.note(
-        f"{src.path.name}: no prompt given or found in it; a prompt describing the picture usually helps"
-    )
-    return ""
-
-
-def _run_jobs(
+def run_jobs(
     prepared: Prepared, hooks: Hooks, started: float, pipe=None, pipelines: LoadedPipelines | None = None
 ) -> list[ImageResult]:
     """Load once (unless given `pipe`), then make every job's image; GPU memory can run out anywhere."""
