@@ -55,6 +55,7 @@ class StageProgress:
     def describe(self) -> str:
         s = self.stage
         attention = "CLEAR" if s.clear else "full attention"
+        attention += f", {s.guide} guidance" if s.guide != "none" else ""
         return f"{self.label}: {s.width}x{s.height}, {attention}, {self.total} step{'s' * (self.total > 1)}"
 
     def add(self, done: int, total: int, seconds: float) -> None:

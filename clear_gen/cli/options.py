@@ -149,6 +149,20 @@ def sampling_options(
     """The recipe's numbers: steps, guidance, strength, RoPE and scale (only its signature is used)."""
 
 
+def guide_options(
+    guide: str = typer.Option(
+        None,
+        help="Projected-flow guidance of CLEAR SDEdit stages: none, cosine-decay, constant or cosine-shift.",
+        show_default="cosine-decay above 4096 px or beyond 2:1, else none",
+        rich_help_panel=RECIPE,
+    ),
+    guide_level: int = typer.Option(
+        None, help="Haar low-pass level L: 2^L x 2^L latent cells.", show_default="1", rich_help_panel=RECIPE
+    ),
+) -> None:
+    """Projected-flow guidance towards each SDEdit stage's start picture (only its signature is used)."""
+
+
 def run_options(
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
@@ -203,7 +217,7 @@ def speed_options(
 
 
 # What every command that generates takes besides its size, attention, ControlNet and output options.
-recipe_options = (model_options, sampling_options, run_options, speed_options)
+recipe_options = (model_options, sampling_options, guide_options, run_options, speed_options)
 
 
 def attention_options(
@@ -336,6 +350,8 @@ def generate_options(recipe: dict[str, Any], from_image: Path | None = None, **o
         )
     if from_image is not None and w is not None and not (long_sides or upscale_from or direct):
         opts = replace(opts, stages=None)  # a size given over --from: its stages are the recipe's again
+    if from_image is not None and w is not None:  # and so is its guidance, which the recipe picks by size
+        opts = replace(opts, **{k: None for k in ("guide", "guide_level") if k not in given})
     if direct:
         return replace(opts, stages=[target])
     if upscale_from is not None:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..attention import check_window
-from ..core.sizes import MAX_SIDE, MIN_SIDE, check_size, scaled_size, size_multiple
+from ..core.sizes import MAX_SIDE, MIN_SIDE, TOKEN_PX, check_size, scaled_size, size_multiple
 from ..errors import ConfigError, DeviceError
 from ..weights.spec import WeightsSpec
 from .recipe import Recipe, recipe
@@ -64,6 +64,8 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
     note_full_window(attention, opts.width, opts.height, note)
     spec = replace(spec, attention=attention, stages=generate_stages(spec, attention))
     check_backend_serves(spec, attention, spec.stages)
+    if guide_kind(opts.guide) not in (None, "none") and all(s.guide == "none" for s in spec.stages):
+        note(f"--guide {opts.guide}: no stage to guide (only CLEAR's SDEdit stages are guided)")
     return spec
 
 
@@ -93,6 +95,7 @@ def _check_numbers(opts: GenerateOptions) -> None:
         "max_sequence_length": (1, 512),  # T5's limit in FluxPipeline
         "guidance": (0, None),
         "first_guidance": (0, None),
+        "guide_level": (1, 8),  # 2^8 latent cells = 2048 px a block already
     }
     for name, (low, high) in ranges.items():
         value = getattr(opts, name)
@@ -101,6 +104,19 @@ def _check_numbers(opts: GenerateOptions) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {limits}, got {value}")
     if opts.ntk_factor is not None and not opts.ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {opts.ntk_factor}")
+    guide_kind(opts.guide)
+
+
+def guide_kind(guide: str | None) -> str | None:
+    """--guide checked: a kind core.guide knows (cosine_decay reads as cosine-decay); None: the recipe's."""
+    if guide is None:
+        return None
+    from ..core.guide import GUIDES
+
+    kind = guide.strip().lower().replace("_", "-")
+    if kind not in GUIDES:
+        raise ConfigError(f"unknown --guide {guide!r}; choose {', '.join(GUIDES[:-1])} or {GUIDES[-1]}")
+    return kind
 
 
 def _check_weights(weights: WeightsSpec) -> None:
@@ -330,10 +346,41 @@ def sdedit_stages(spec: RunSpec, choice: ClearChoice, sizes: list[tuple[int, int
     opts = spec.asked
     guidance = spec.recipe.sdedit_guidance if opts.guidance is None else opts.guidance
     clear = choice.window is not None
-    return tuple(_stage(spec, w, h, clear, opts.steps, guidance, True, opts.strength) for w, h in sizes)
+    guide = stage_guide(spec, sizes) if clear else ("none", 1)  # CLEAR's SDEdit stages only
+    steps, strength = opts.steps, opts.strength
+    return tuple(_stage(spec, w, h, clear, steps, guidance, True, strength, guide) for w, h in sizes)
 
 
-def _stage(spec: RunSpec, w: int, h: int, clear: bool, steps: int, guidance: float, sdedit: bool, strength):
+def stage_guide(spec: RunSpec, sizes: list[tuple[int, int]]) -> tuple[str, int]:
+    """(kind, level) of the projected-flow guidance of CLEAR SDEdit stages of these sizes (the last is the
+    target): --guide, else the recipe's for the target's size; --guide-level, else the recipe's. A
+    level-L block is 2^L latent cells a side, 2^(L-1) tokens: every guided stage's grid must divide."""
+    opts, the_recipe = spec.asked, spec.recipe
+    kind = guide_kind(opts.guide)
+    if kind is None:
+        kind = the_recipe.guide if the_recipe.guides(*sizes[-1]) else "none"
+    level = the_recipe.guide_level if opts.guide_level is None else opts.guide_level
+    multiple = TOKEN_PX << (level - 1)
+    bad = [f"{w}x{h}" for w, h in sizes if w % multiple or h % multiple]
+    if kind != "none" and bad:
+        raise ConfigError(
+            f"--guide-level {level} averages blocks of {multiple} px: the guided stage {bad[0]} is not a "
+            f"multiple of {multiple} px; give a lower --guide-level"
+        )
+    return kind, level
+
+
+def _stage(
+    spec: RunSpec,
+    w: int,
+    h: int,
+    clear: bool,
+    steps: int,
+    guidance: float,
+    sdedit: bool,
+    strength,
+    guide: tuple[str, int] = ("none", 1),
+):
     """A Stage with the recipe's knobs decided for its size (the asked ones win)."""
     opts, the_recipe = spec.asked, spec.recipe
     high_res = the_recipe.high_res(w, h)
@@ -342,7 +389,7 @@ def _stage(spec: RunSpec, w: int, h: int, clear: bool, steps: int, guidance: flo
     proportional = asked_prop if asked_prop is not None else (high_res and the_recipe.proportional_above)
     net_clear = clear and max(w, h) > the_recipe.controlnet_clear_above
     tiles = the_recipe.vae_tiles(w, h)
-    return Stage(w, h, clear, steps, guidance, sdedit, strength, ntk, proportional, tiles, net_clear)
+    return Stage(w, h, clear, steps, guidance, sdedit, strength, ntk, proportional, tiles, net_clear, *guide)
 
 
 def _checked_sizes(

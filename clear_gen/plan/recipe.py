@@ -2,9 +2,11 @@
 
 A recipe says everything about the sampling that is not the model or the attention: the first pass (its
 side, steps and guidance), each further stage's img2img (steps, guidance, strength, sigmas, static shift),
-the RoPE and softmax-scale changes above the first pass's side, when the VAE tiles, and how stage sizes
-round. `clear` is CLEAR's reference high-resolution recipe (CLEAR_FACTS.md): a 1024 px first pass with
-the original model and full attention, then SDEdit stages with CLEAR. A new recipe is one more entry.
+the RoPE and softmax-scale changes above the first pass's side, when the VAE tiles, how stage sizes
+round, and which targets' SDEdit stages get projected-flow guidance (core/guide.py). `clear` is CLEAR's
+reference high-resolution recipe (CLEAR_FACTS.md): a 1024 px first pass with the original model and full
+attention, then SDEdit stages with CLEAR (guided above 4096 px or beyond 2:1). A new recipe is one more
+entry.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class Recipe:
     vae_tiling_above: int  # px: larger stages encode and decode in tiles
     controlnet_clear_above: int  # px: a ControlNet's blocks get training-free CLEAR in larger CLEAR stages
     static_shift: bool  # img2img stages without dynamic shifting (the scheduler's fixed shift)
+    guide: str  # projected-flow guidance of the CLEAR SDEdit stages of the targets `guides` picks
+    guide_level: int  # its Haar low-pass level L: 2^L x 2^L latent cells
+    guide_above: int  # px: a target with a longer side gets `guide`
+    guide_ratio: float  # and one whose long side is more than this many times its short side
 
     def high_res(self, width: int, height: int) -> bool:
         """Above the first pass's side: NTK scaling and proportional attention apply, CLEAR pays."""
@@ -39,6 +45,11 @@ class Recipe:
 
     def vae_tiles(self, width: int, height: int) -> bool:
         return max(width, height) > self.vae_tiling_above
+
+    def guides(self, width: int, height: int) -> bool:
+        """A target of this size gets `guide` unless --guide says otherwise (README: why these sizes)."""
+        long, short = max(width, height), min(width, height)
+        return long > self.guide_above or long > self.guide_ratio * short
 
     def sigmas(self, steps: int) -> list[float]:
         """An SDEdit stage's sigmas before the scheduler's shift: linspace(1, 1/steps, steps)."""
@@ -68,6 +79,10 @@ RECIPES: dict[str, Recipe] = {
         vae_tiling_above=2048,
         controlnet_clear_above=1024,
         static_shift=True,
+        guide="cosine-decay",
+        guide_level=1,
+        guide_above=4096,
+        guide_ratio=2.0,
     ),
 }
 DEFAULT_RECIPE = "clear"

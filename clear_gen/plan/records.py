@@ -1,5 +1,6 @@
 """A run's spec and the record its PNGs carry, both ways, in one place: `image_record` writes what made an
-image, `options_from_record` asks for it again (`--from`). What the record leaves out is the default."""
+image, `options_from_record` asks for it again (`--from`). What the record leaves out is the default, but for
+the guidance: it records the one that ran, and leaving it out means none (as before there was guidance)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def image_record(
     last, clear = stages[-1], any(s.clear for s in stages)
     several = len(stages) > 1 and job.first is None  # a text-to-image first pass, then SDEdit
     cache = spec.settings.cache
+    guided = next((s for s in stages if s.guide != "none"), None)  # a run's guided stages share one guide
     extra = {
         "first_steps": opts.first_steps if several else None,
         "first_guidance": opts.first_guidance if several else None,
@@ -53,6 +55,8 @@ def image_record(
         "control": job.control_info,
         "compile": True if spec.settings.compile else None,
         "cache": str(cache) if cache.kind != "none" else None,
+        "guide": guided.guide if guided else None,  # as decided: a record without one ran none
+        "guide_level": guided.guide_level if guided else None,
     }  # fmt: skip
     model = Path(weights.model).expanduser()
     return ImageRecord(
@@ -132,6 +136,8 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         **_control_options(extra.get("control")),
         compile=extra.get("compile", GenerateOptions.compile),
         cache=extra.get("cache", GenerateOptions.cache),
+        guide=extra.get("guide", "none"),  # none too for an image made before there was guidance
+        guide_level=extra.get("guide_level"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))

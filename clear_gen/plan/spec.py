@@ -67,6 +67,9 @@ class GenerateOptions:
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
     parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
     recipe: str = "clear"  # the sampler recipe (recipe.py)
+    guide: str | None = None  # none | cosine-decay | constant | cosine-shift (core/guide.py); None: the
+    # recipe's (cosine-decay in the CLEAR SDEdit stages of a target above 4096 px or beyond 2:1, else none)
+    guide_level: int | None = None  # its Haar low-pass level; None: the recipe's (1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Stage:
     proportional: bool = False  # proportional attention in this stage (CLEAR stages)
     vae_tiling: bool = False  # the VAE encodes and decodes this stage in tiles
     controlnet_clear: bool = False  # a ControlNet's blocks get CLEAR too (training-free, f = 1)
+    guide: str = "none"  # projected-flow guidance towards the stage's start picture (CLEAR SDEdit stages)
+    guide_level: int = 1  # its Haar low-pass level
 
     @property
     def tokens(self) -> int:

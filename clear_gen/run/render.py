@@ -33,6 +33,7 @@ from ..plan.records import image_record
 from ..plan.spec import ClearChoice, RunSpec, Stage
 from ..weights.spec import ControlSpec
 from . import world as parallel
+from .guide import projected_flow
 from .measure import (
     StepCall,
     StepClock,
@@ -252,7 +253,8 @@ def _run_stage(run: Run, stage: Stage, embeds, image, seed: int, clock, control)
 
     resized = image.resize((stage.width, stage.height), Image.LANCZOS)
     sigmas = run.spec.recipe.sigmas(stage.steps)
-    return run.img2img(image=resized, strength=stage.strength, sigmas=sigmas, **common).images
+    with projected_flow(run.img2img, stage):  # --guide: towards the picture the stage starts from
+        return run.img2img(image=resized, strength=stage.strength, sigmas=sigmas, **common).images
 
 
 def _finite(tensor: torch.Tensor, run: Run, stage: Stage, what: str) -> None:
