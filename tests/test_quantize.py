@@ -118,6 +118,23 @@ def test_int8_with_clear_matches_the_unquantized_output(base):
     assert 0 < error < INT8_TOLERANCE  # quantized (not equal), and close
 
 
+# what torchao's recommended_inductor_config_setter flips
+INDUCTOR_FLAGS = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "fx_graph_cache")
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantizing_leaves_the_process_inductor_settings_alone(mode):
+    import torch._inductor.config as inductor
+
+    before = {name: getattr(inductor, name) for name in INDUCTOR_FLAGS}
+    before["unique_kernel_names"] = inductor.triton.unique_kernel_names
+    Q.quantize_built(tiny_transformer(), mode)  # torchao's default would set every flag to True
+    after = {name: getattr(inductor, name) for name in INDUCTOR_FLAGS}
+    after["unique_kernel_names"] = inductor.triton.unique_kernel_names
+    assert after == before and not before["coordinate_descent_tuning"]
+    assert Q.transformer_config(mode, torch.bfloat16).quant_type.set_inductor_config is False
+
+
 @pytest.mark.parametrize("kind", ["int8", "gguf"])
 def test_clear_checkpoint_swaps_plain_linears_in_and_remove_restores_the_quantized_ones(
     kind, base, base_gguf

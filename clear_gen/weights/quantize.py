@@ -180,7 +180,11 @@ def quiet_imports() -> Iterator[None]:
 
 
 def _torchao_config(mode: str):
-    """torchao's config object for an fp8 / fp8dq / int8 mode."""
+    """torchao's config object for an fp8 / fp8dq / int8 mode.
+
+    `set_inductor_config=False`: torchao's default (True) switches on coordinate-descent tuning and other
+    inductor settings for the whole process, never undone, so every later compile (FlexAttention's, the
+    blocks' with --compile, in this run and in later runs of the same process) would be autotuned."""
     with quiet_imports():
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
@@ -192,7 +196,7 @@ def _torchao_config(mode: str):
         "fp8dq": Float8DynamicActivationFloat8WeightConfig,  # per-tensor scales: fp8 matmuls on sm 8.9 too
         "int8": Int8WeightOnlyConfig,
     }
-    return configs[mode]()
+    return configs[mode](set_inductor_config=False)
 
 
 def transformer_config(mode: str, dtype: torch.dtype):
@@ -212,15 +216,20 @@ def quantize_built(transformer, mode: str) -> None:
     """Quantize a transformer built in memory (bench --what image's random weights) with the same torchao
     config as `transformer_config` gives from_pretrained: the benchmark measures the same layers. nf4
     (bitsandbytes) quantizes only while loading, so it is refused here."""
+    check_built(mode)
     if mode == "none":
         return
-    if mode == "nf4":
-        raise ConfigError("--quantize nf4 quantizes while loading real weights; bench --what image takes "
-                          "fp8, fp8dq or int8")  # fmt: skip
     with quiet_imports():
         from torchao.quantization import quantize_
 
     quantize_(transformer, _torchao_config(mode))  # every Linear, as diffusers' TorchAoConfig does
+
+
+def check_built(mode: str) -> None:
+    """quantize_built's modes: nf4 (bitsandbytes) quantizes only while loading real weights."""
+    if mode == "nf4":
+        raise ConfigError("--quantize nf4 quantizes while loading real weights; bench (random weights) takes "
+                          "fp8, fp8dq or int8")  # fmt: skip
 
 
 def text_config(mode: str, dtype: torch.dtype):
