@@ -334,8 +334,8 @@ def test_flex_recompile_limit_is_an_error_not_a_silent_uncompiled_run(monkeypatc
 
     def call(side: int):
         geo = Geometry(3, side, side, 2)
-        q = torch.randn(1, 1, geo.q_len, 16)
-        return clear_attention(q, q, q, geo, 0.25, "flex")
+        q = torch.randn(1, 1, geo.q_len, 16)  # k, v apart: torch 2.11's CPU flex refuses one buffer for all
+        return clear_attention(q, q.clone(), q.clone(), geo, 0.25, "flex")
 
     process_limit = torch._dynamo.config.recompile_limit
     monkeypatch.setattr(A, "FLEX_RECOMPILE_LIMIT", 1)
@@ -420,6 +420,94 @@ def test_full_attention_step_with_a_controlnet_runs_both_with_stock_attention(tr
     assert calls == [("FluxControlNetModel", None), ("FluxTransformer2DModel", None)] * 2  # warm-up, timed
     assert timing.full_step_s > 0 and not timing.full_estimated
     assert clear_config(net) is not None and clear_config(transformer) is not None  # CLEAR again
+
+
+def test_cpu_copies_are_views_of_one_buffer_of_exactly_their_bytes():
+    from clear_gen.attention.weights import cpu_copies, flat_bytes
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(37, 11, generator=g).bfloat16(),  # odd sizes: 814 bytes
+        "a.bias": torch.randn(37, generator=g),  # float32 after a bf16 tensor: needs alignment
+        "scale": torch.tensor(2.5, dtype=torch.float64),
+        "b.weight": torch.randn(5, 3, generator=g).half().t(),  # not contiguous
+        "empty": torch.empty(0, 4),
+    }
+    copies = cpu_copies(tensors, pin=False)
+    assert list(copies) == list(tensors)
+    storages = {c.untyped_storage().data_ptr() for c in copies.values()}
+    assert len(storages) == 1  # one allocation
+    assert copies["a.weight"].untyped_storage().nbytes() == flat_bytes(tensors.values())
+    assert flat_bytes(tensors.values()) == 37 * 11 * 2 + 37 * 4 + 8 + 15 * 2
+    for name, t in tensors.items():
+        assert copies[name].dtype == t.dtype and torch.equal(copies[name], t)  # shape, dtype, values
+    tensors["a.bias"].zero_()
+    assert copies["a.bias"].abs().sum() > 0  # copies, not aliases
+
+
+def test_copied_originals_share_one_buffer(transformer):
+    sd = {k: v.bfloat16() for k, v in clear_checkpoint(transformer, 1).items()}  # another dtype: copied in
+    clear_gen.apply_clear(transformer, window=2, state_dict=sd)
+    originals = list(transformer._clear_state.originals.values())
+    assert len(originals) == len(sd) and len({t.untyped_storage().data_ptr() for t in originals}) == 1
+    assert originals[0].untyped_storage().nbytes() == sum(t.numel() * 4 for t in originals)  # float32
+    clear_gen.remove_clear(transformer)
+
+
+def test_checkpoint_that_stays_on_the_cpu_is_pinned_in_one_buffer_for_a_cuda_model(monkeypatch):
+    """No GPU here: a transformer that says it is on CUDA with too little free memory for the checkpoint."""
+    from types import SimpleNamespace
+
+    from clear_gen.run import generate
+
+    pinned = []
+    monkeypatch.setattr(generate, "cpu_copies", lambda tensors, pin: pinned.append(pin) or dict(tensors))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10, 100))
+    weight = SimpleNamespace(device=torch.device("cuda"))
+    cuda_model = type("FluxTransformer2DModel", (), {})()  # the family is known by the class name
+    cuda_model.x_embedder, cuda_model.dtype = SimpleNamespace(weight=weight), torch.bfloat16
+    sd = {"w": torch.ones(4, 4)}
+    assert generate.place_clear_weights(sd, cuda_model, activation_bytes=1) == sd and pinned == [True]
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_text_rows_apart_are_exactly_clear(f):
+    """flex-split: SDPA for the text query rows, FlexAttention for the image rows; the dense reference's
+    values, in an output whose (B, L, H, D) reshape is a view."""
+    geo = Geometry(128, 16, 24, 3, f)
+    g = torch.Generator().manual_seed(f)
+    rand = lambda n: torch.randn(2, n, 3, 16, generator=g).transpose(1, 2)  # noqa: E731  (B, H, L, D)
+    q, k, v = rand(geo.q_len), rand(geo.kv_len), rand(geo.kv_len)
+    split = clear_attention(q, k, v, geo, 0.25, "flex-split")
+    torch.testing.assert_close(split, clear_attention(q, k, v, geo, 0.25, "dense"), rtol=1e-5, atol=1e-5)
+    assert split.transpose(1, 2).is_contiguous()
+    odd = Geometry(100, 16, 24, 3, f)  # text rows end inside a block: the one kernel
+    q, k, v = (t[:, :, : odd.kv_len] for t in (q, k, v))
+    torch.testing.assert_close(clear_attention(q[:, :, : odd.q_len], k, v, odd, 0.25, "flex-split"),
+                               clear_attention(q[:, :, : odd.q_len], k, v, odd, 0.25, "dense"))  # fmt: skip
+
+
+def test_text_rows_apart_in_the_model_match_the_reference():
+    text_len, h, w, r, f = 128, 16, 16, 4, 2
+    model = tiny_transformer()
+    sd = clear_checkpoint(model, f)
+    inputs = tiny_inputs(1, text_len, h, w)
+    expected = reference_output(model, sd, inputs, text_len, h, w, r, f, True, 10.0)
+    clear_gen.apply_clear(model, window=r, down_factor=f, state_dict=sd, proportional_attention=True,
+                          ntk_factor=10.0, backend="flex-split")  # fmt: skip
+    with torch.no_grad():
+        got = model(**inputs).sample
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_flex_split_runs_only_when_asked():
+    from clear_gen.attention.backends import choose
+
+    geo = Geometry(512, 64, 64, 8)
+    assert choose("auto", torch.device("cpu"), geo).name == "flex"  # never auto's choice
+    assert choose("flex-split", torch.device("cpu"), geo).name == "flex-split"
+    with pytest.raises(ConfigError, match="no backward pass on cpu"):
+        choose("flex-split", torch.device("cpu"), geo, training=True)
 
 
 # Sequences shorter than one 128-token block, as the tests that issue 24 saw fail (the 9 x 13 case above;

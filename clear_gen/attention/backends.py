@@ -5,6 +5,9 @@ else in clear-gen tests a backend's name or a device type to choose attention.
 
 - flex: torch's FlexAttention compiled with CLEAR's analytic block mask (geometry.block_mask): the fast
   path, on CUDA and the CPU; training (a backward pass) on CUDA only.
+- flex-split: flex with the text query rows run apart (SDPA over every text and image key): the same
+  values; off by default (auto never takes it) until a GPU measures it faster (the attention part of
+  scripts/gpu_bench.sh).
 - dense: SDPA with an explicit boolean mask: the small-size reference, on any device, refused above
   DENSE_MAX_ELEMENTS mask entries.
 """
@@ -37,6 +40,7 @@ class Backend:
     compiles: bool  # compiles a kernel the first time it runs a geometry (the run says "compiling")
     max_elements: int | None = None  # q_len * kv_len it accepts; None: any
     auto_min_keys: dict[str, int] = field(default_factory=dict)  # auto passes it over below this many keys
+    auto: bool = True  # auto may choose it; False: it runs only when asked by name
     note: str = ""  # what it is, for `clear-gen info --backends`-style listings
     seen: set = field(default_factory=set)  # (geometry, device, dtype) it ran in this process
 
@@ -105,6 +109,34 @@ def compiled_flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: 
         ) from None
 
 
+def _flex_split(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
+    """`_flex` with the text query rows run apart: SDPA over every text and image key (a text row is a full
+    row and sees no pooled key) and FlexAttention over the image query rows alone. The same values as
+    `_flex`. In one kernel the text rows visit every key block (2,052 at 8K) where an image row visits ~13,
+    so they run as a tail after the rest.
+
+    (B, H, L, D) in and out; the output lies in (B, L, H, D) memory, so the processor's reshape after it is
+    a view, not a copy. Falls back to `_flex` when the text length is not a multiple of 128 (the image rows
+    must start on a block boundary) or a gradient will flow back (training).
+    """
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if geo.text_len % G.BLOCK or grad:
+        return _flex(query, key, value, geo, scale)
+    t, n = geo.text_len, geo.q_len
+    b, h, _, d = query.shape
+    out = query.new_empty(b, n, h, d).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D) memory
+    k, v = key[:, :, :n], value[:, :, :n]  # text and image keys, no pooled ones
+    out[:, :, :t] = F.scaled_dot_product_attention(query[:, :, :t], k, v, scale=scale)
+    mask = _image_rows_mask(geo, str(query.device))  # the image rows of CLEAR's block mask
+    out[:, :, t:] = compiled_flex(query[:, :, t:], key, value, mask, scale)
+    return out
+
+
+@lru_cache(maxsize=4)
+def _image_rows_mask(geo: G.Geometry, device: str):
+    return G.image_rows_block_mask(geo, device)
+
+
 # ---------------------------------------------------------------- dense
 
 
@@ -127,6 +159,10 @@ BACKENDS: dict[str, Backend] = {  # in order of preference for auto
         "flex", _flex, devices=("cuda", "cpu"), backward=("cuda",), compiles=True,
         auto_min_keys={"cpu": G.BLOCK},  # see CPU_SHORT_SEQUENCES
         note="compiled FlexAttention, CLEAR's block mask",
+    ),
+    "flex-split": Backend(
+        "flex-split", _flex_split, devices=("cuda", "cpu"), backward=("cuda",), compiles=True, auto=False,
+        note="flex with the text query rows apart (SDPA); off by default",
     ),
     "dense": Backend(
         "dense", _dense, devices=("cuda", "cpu", "mps", "xpu"), backward=("cuda", "cpu", "mps", "xpu"),
@@ -155,11 +191,12 @@ def choose(name: str, device: torch.device, geo: G.Geometry | None = None, train
         if problem is not None:
             raise ConfigError(problem)
         return BACKENDS[name]
-    for backend in BACKENDS.values():
+    candidates = [backend for backend in BACKENDS.values() if backend.auto]
+    for backend in candidates:
         short = geo is not None and geo.kv_len < backend.auto_min_keys.get(device.type, 0)
         if not short and backend.problem(device, geo, training) is None:
             return backend
-    reasons = "; ".join(b.problem(device, geo, training) for b in BACKENDS.values())
+    reasons = "; ".join(b.problem(device, geo, training) for b in candidates)
     raise ConfigError(f"no attention backend can serve this run: {reasons}")
 
 

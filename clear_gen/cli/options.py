@@ -97,7 +97,10 @@ def model_options(
         rich_help_panel=MODEL,
     ),
     backend: str = typer.Option(
-        None, help="CLEAR kernel: auto, flex or dense.", show_default="auto", rich_help_panel=MODEL
+        None,
+        help="CLEAR kernel: auto, flex, flex-split (text rows apart) or dense.",
+        show_default="auto",
+        rich_help_panel=MODEL,
     ),
     transformer: str = typer.Option(
         None, help="FLUX.1 transformer .gguf: a file or owner/repo/file.gguf.", rich_help_panel=MODEL

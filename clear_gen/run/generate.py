@@ -20,6 +20,7 @@ import torch
 
 from .. import models
 from ..attention import remove_clear
+from ..attention.weights import cpu_copies
 from ..core.clock import now
 from ..core.device import resolve_dtype
 from ..errors import ClearGenError, DeviceError
@@ -363,7 +364,9 @@ def place_clear_weights(state_dict: dict, transformer, activation_bytes: int) ->
     """The checkpoint on the transformer's GPU, in its dtype, when it fits beside what the memory plan
     says the largest stage needs (`activation_bytes`: a step's activations or the VAE's, memory.py) with
     its headroom: apply_clear/remove_clear then swap parameters instead of copying 3.6 GB each way
-    (twice per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed.
+    (twice per image with the SDEdit recipe). Otherwise in pinned CPU memory, copied in at full bus speed:
+    one page-locked buffer holding every tensor (attention.weights.cpu_copies), not one pinned allocation
+    each.
     """
     device, dtype = models.of(transformer).compute_device(transformer), transformer.dtype  # not GGUF's uint8
     if device.type != "cuda":
@@ -372,4 +375,4 @@ def place_clear_weights(state_dict: dict, transformer, activation_bytes: int) ->
     free, _ = torch.cuda.mem_get_info(device)
     if free > (size + activation_bytes) * (1 + HEADROOM):
         return {k: v.to(device, dtype) for k, v in state_dict.items()}
-    return {k: v.pin_memory() for k, v in state_dict.items()}
+    return cpu_copies(state_dict, pin=True)
