@@ -510,6 +510,43 @@ def test_flex_split_runs_only_when_asked():
         choose("flex-split", torch.device("cpu"), geo, training=True)
 
 
+def test_full_attention_step_too_large_to_run_is_composed_from_timed_attention_ops(transformer, monkeypatch):
+    """The CLEAR step less its CLEAR attention ops plus as many stock ones, each op timed once at this size;
+    the stock step itself never runs."""
+    from clear_gen.files.record import StageTiming
+    from clear_gen.run import measure as M
+
+    geo = Geometry(5, 8, 8, 2)
+    clear_gen.apply_clear(transformer, window=2)
+    with M.capture_transformer_call(transformer) as inputs, torch.no_grad():
+        transformer(**tiny_inputs(1, 5, 8, 8))
+    ops, steps = [], []
+    monkeypatch.setattr(M, "attention_ops_ms", lambda *args: ops.append(args) or (50.0, 10.0))
+    transformer.register_forward_pre_hook(lambda m, a: steps.append(1))
+    timings, stock = [StageTiming(128, 128, "CLEAR r=2", 2, 1.0, 0.5) for _ in range(2)], M.StockSteps()
+    step, cpu = M.StepCall(transformer, inputs), torch.device("cpu")
+    for timing in timings:  # fits=False: the memory plan says the stock step's activations do not fit
+        stock.time(step, timing, geo, cpu, lambda: None, fits=False)
+    assert steps == [] and len(ops) == 1  # composed once per size, then remembered
+    (geometry, heads, head_dim, _, dtype, backend) = ops[0]
+    assert (geometry, heads, head_dim, dtype, backend) == (geo, 2, 16, torch.float32, "auto")
+    for timing in timings:
+        assert timing.full_composed and not timing.full_estimated
+        assert timing.full_step_s == pytest.approx(0.5 + 2 * (0.050 - 0.010))  # 2 blocks: 1 double, 1 single
+
+
+def test_attention_ops_are_timed_on_the_models_layout():
+    from clear_gen.run import measure as M
+
+    geo = Geometry(5, 8, 8, 2, 2)
+    q, k, v = M.random_qkv(geo, 2, 16, torch.device("cpu"), torch.float32)
+    assert (q.shape, k.shape) == ((1, 2, geo.q_len, 16), (1, 2, geo.kv_len, 16))
+    assert q.transpose(1, 2).is_contiguous()  # (B, L, H, D) memory, as the processor passes it
+    stock_ms, clear_ms = M.attention_ops_ms(geo, 2, 16, torch.device("cpu"), torch.float32, "dense")
+    assert stock_ms > 0 and clear_ms > 0
+    assert M.composed_full_step(1.0, 57, 1.5, 0.025) == pytest.approx(1.0 + 57 * 1.475)
+
+
 # Sequences shorter than one 128-token block, as the tests that issue 24 saw fail (the 9 x 13 case above;
 # test_quantize's 8 x 8 grid with 8 text tokens in bf16) and with down-sampled keys (q_len != kv_len).
 # batch, text_len, h, w, r, f, dtype

@@ -5,10 +5,13 @@ transformer and VAE at full size unless shrunk (--layers, --heads, --head-dim, -
 random text encoders (their cost is negligible next to an 8K step, and real tokenizers cannot be fetched
 offline) and FLUX.1-dev's scheduler. `pipeline.generate` then runs on it as on the real weights: the
 first pass, the SDEdit stages with CLEAR, VAE decode with tiling, the PNG save (into a temporary
-folder), timing full attention at each CLEAR size (measured when cheap, else the FLOP model: `est.`).
+folder), timing full attention at each CLEAR size (measured when cheap, else composed from timed
+attention ops: `composed`, else the FLOP model: `est.`).
 
 One row per stage as it lands, then one for the whole image (`stage: "all"`) whose parts (build, load,
-encode, each stage's steps and decode, full-attention timing, save, other) add up to its wall time.
+encode, each stage's steps and decode, full-attention timing, save, other) add up to its wall time. With
+fewer steps a stage than the recipe's 20 (`--steps 5` fits a GPU session), the whole image at the recipe's
+steps is extrapolated at the measured s/step and labelled (`recipe_image_s`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from ..models.flux1.random import build_pipeline, check_vae_channels, flux_shape
 from ..plan.parse import parse
 from ..plan.spec import GenerateOptions, OutputSpec, RunSpec
 from ..run.generate import Hooks, generate
-from ..weights import quantize as Q
 from .spec import BenchSpec
 
 IMAGE_KEYS = (
@@ -37,6 +39,7 @@ IMAGE_KEYS = (
 )  # fmt: skip
 PROMPT = "a lighthouse on a cliff at dawn"  # what the tiny random text encoders make of it does not matter
 GPU_RES, CPU_RES = 8192, 1024  # the target without --res
+RECIPE_STEPS = 20  # generate's steps a stage: a run with fewer is extrapolated to it (`recipe_image_s`)
 
 
 def run(spec: BenchSpec, progress: Callable[[str], None] | None = None, on_row=None) -> list[dict]:
@@ -46,11 +49,12 @@ def run(spec: BenchSpec, progress: Callable[[str], None] | None = None, on_row=N
     first pass, full attention, stays."""
     say, emit, o = progress or (lambda _msg: None), on_row or (lambda _row: None), spec.asked
     started = time.perf_counter()
-    # 1. Everything generate would refuse, refused now, before gigabytes of weights are made.
+    # 1. Everything generate would refuse, refused now, before gigabytes of weights are made (a
+    #    --quantize this device cannot run: by parse_bench).
     dev = resolve_device(o.device)
     dt = resolve_dtype(o.dtype, dev)
     run_spec = parse(_options(spec, dev, dt))
-    Q.check_device(run_spec.weights.quantize, "none", dev)
+    recipe_steps = [replace(s, steps=RECIPE_STEPS).denoising_steps for s in run_spec.stages]
     shape = flux_shape(spec.heads, spec.head_dim, o.layers)
     channels = spec.vae_channels
     check_vae_channels(channels)
@@ -64,7 +68,9 @@ def run(spec: BenchSpec, progress: Callable[[str], None] | None = None, on_row=N
     with tempfile.TemporaryDirectory(prefix="clear-gen-bench-") as out:
         (result,) = generate(replace(run_spec, output=OutputSpec(out)), rows.hooks(), pipe=pipe)
     wall = time.perf_counter() - started
-    rows.add(_total_row(base, result.timing, build_s, wall, rows.peaks))
+    total = _total_row(base, result.timing, build_s, wall, rows.peaks)
+    recipe = _recipe(total["image_s"], rows.rows, recipe_steps)
+    rows.add({**total, **recipe, "steps_per_stage": run_spec.asked.steps})
     return rows.rows
 
 
@@ -90,9 +96,9 @@ def _options(spec: BenchSpec, dev: torch.device, dtype: torch.dtype) -> Generate
         device=str(dev),
         dtype=str(dtype).removeprefix("torch."),
         compare_full=o.compare_full,
-        compile=bool(o.compile),
+        compile=spec.compile,
         cache=o.cache or "none",
-        quantize=o.quantize or "none",
+        quantize=spec.quantize,
     )  # fmt: skip  (quantize: applied to the built pipeline by loading.prepared_pipeline)
 
 
@@ -161,9 +167,20 @@ def _stage_row(base: dict, i: int, t: StageTiming, peak: float | None) -> dict:
         "tokens": base["text_len"] + (t.width // 16) * (t.height // 16), "attention": t.attention,
         "steps": t.steps, "step_s": t.step_s, "compile_s": t.warmup_s, "seconds": t.seconds,
         "decode_s": t.decode_s, "compare_s": t.compare_s, "total_s": t.seconds + t.decode_s,
-        "full_step_s": t.full_step_s, "full_estimated": t.full_estimated, "speedup": t.speedup,
-        "peak_mem_mb": peak, "block_evals": t.block_evals, "blocks_skipped": t.blocks_skipped,
+        "full_step_s": t.full_step_s, "full_estimated": t.full_estimated, "full_composed": t.full_composed,
+        "speedup": t.speedup, "peak_mem_mb": peak, "block_evals": t.block_evals,
+        "blocks_skipped": t.blocks_skipped,
     }  # fmt: skip
+
+
+def _recipe(image_s: float, stage_rows: list[dict], recipe_steps: list[int]) -> dict:
+    """The image as generate makes it by default (RECIPE_STEPS a stage: 20 at the first pass, 14 in an SDEdit
+    stage), extrapolated from this one at each stage's measured warm s/step: `recipe_image_s` is `image_s`
+    plus the steps this run left out (None when a stage had no warm step)."""
+    if any(row["step_s"] is None for row in stage_rows):
+        return {"recipe_steps": RECIPE_STEPS, "recipe_image_s": None}
+    extra = sum((n - row["steps"]) * row["step_s"] for row, n in zip(stage_rows, recipe_steps, strict=True))
+    return {"recipe_steps": RECIPE_STEPS, "recipe_image_s": image_s + extra}
 
 
 def _total_row(base: dict, timing: RunTiming, build_s: float, wall: float, peaks: list) -> dict:
@@ -189,6 +206,7 @@ def _total_row(base: dict, timing: RunTiming, build_s: float, wall: float, peaks
         "load_s": timing.load_s, "encode_s": timing.encode_s, "save_s": timing.save_s,
         "other_s": wall - parts, "image_s": image_s, "full_step_s": None, "full_image_s": full_image_s,
         "full_estimated": any(t.full_estimated for t in stages),
+        "full_composed": any(t.full_composed for t in stages),
         "speedup": full_image_s / image_s if full_image_s else None,
         "peak_mem_mb": max(known_peaks) if known_peaks else None,
         "block_evals": sum(t.block_evals for t in stages),

@@ -1,7 +1,7 @@
 """A benchmark session kept as JSON lines, and its Markdown report: what scripts/gpu_bench.sh brings back.
 
 Each line of the file is a benchmark row tagged with its `part`, or a part's status
-(`{"part": "step-8k", "status": "killed: timeout after 180 s"}`). A row written again (a step row once
+(`{"part": "step-8k", "status": "killed: cap of 75 s reached"}`). A row written again (a step row once
 CLEAR is measured, then with full attention) replaces the earlier one. The report is rewritten after
 every line, so a run cut short still leaves its tables and says which parts did not run.
 
@@ -22,21 +22,27 @@ def _fmt(value, spec: str = ".1f") -> str:
 
 def _timing_cells(row: dict) -> list[str]:
     full = _fmt(row["full_ms"]) if row["full_ms"] is not None else "skipped"
-    if row.get("full_estimated"):
-        full = f"~{full} (est.)"
     speedup = _fmt(row["speedup"], ".2f") + ("x" if row["speedup"] else "")
     if row.get("full_estimated"):
-        speedup = f"~{speedup} (est.)"
+        full, speedup = f"~{full} (est.)", f"~{speedup} (est.)"
+    elif row.get("full_composed"):
+        full, speedup = f"{full} (composed)", f"{speedup} (composed)"
     check = "-" if "check_ok" not in row else ("pass" if row["check_ok"] else "FAIL")
     if "check_ok" in row:
         err = row.get("check_max_err", row.get("check_rel_err"))
         check += f" {err:.1e} @{row['check_res']}"
+        if row.get("check_split_max_err") is not None:
+            check += f" (split {row['check_split_max_err']:.1e})"
     compile_s = _fmt(row["clear_compile_ms"] / 1e3 if row.get("clear_compile_ms") is not None else None)
     peak = _fmt(row["peak_mem_mb"], ".0f")
     split = "-"
     if row.get("image_rows_ms") is not None:
         split = f"{row['image_rows_ms']:.1f} + {row['text_rows_ms']:.1f}"
-    return [full, _fmt(row["clear_ms"]), compile_s, speedup, peak, split, check]
+        split += f" (split {row['split_ms']:.1f})" if row.get("split_ms") is not None else ""
+    clear = _fmt(row["clear_ms"])
+    if row.get("plain_ms") is not None:  # --compile / --quantize: the plain step, same process
+        clear += f" (plain {row['plain_ms']:.1f})"
+    return [full, clear, compile_s, speedup, peak, split, check]
 
 
 PLAN_COLUMNS = (
@@ -47,6 +53,30 @@ TIMING_COLUMNS = (
     "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
     "peak MB", "image + text rows ms", "check",
 )  # fmt: skip
+CHECK_COLUMNS = ("res", "r", "f", "tokens", "query rows", "max err", "tol", "check")
+ENV_COLUMNS = ("device", "capability", "free / total GB", "torch", "CUDA", "triton", "diffusers", "torchao",
+               "transformers", "huggingface-hub", "Python")  # fmt: skip
+
+
+def _check_cells(row: dict) -> list[str]:
+    """CLEAR's kernel against the dense reference at one size (bench --what check)."""
+    head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
+    verdict = "pass" if row["check_ok"] else "FAIL"
+    return [*head, str(row["check_rows"]), f"{row['check_max_err']:.1e}", f"{row['check_tol']:.0e}", verdict]
+
+
+def _env_cells(row: dict) -> list[str]:
+    memory = "-" if row.get("total_gb") is None else f"{row['free_gb']:.1f} / {row['total_gb']:.1f}"
+    names = ("torch", "cuda", "triton", "diffusers", "torchao", "transformers", "huggingface-hub", "python")
+    return [row["device"], row.get("capability") or "-", memory, *(row.get(n) or "-" for n in names)]
+
+
+def _how(row: dict) -> str:
+    """How a full-attention figure was found, when it was not run: ' (est.)' (FLOP model), ' (composed)'
+    (from timed attention ops), else ''."""
+    return " (est.)" if row.get("full_estimated") else " (composed)" if row.get("full_composed") else ""
+
+
 COMM_COLUMNS = (
     "res", "r", "f", "GPUs", "tokens/GPU", "PF/GPU", "compute s", "a2a GB", "NVLink s", "PCIe s",
     "400 Gb/s s", "halo GB", "halo 400 Gb/s s",
@@ -74,7 +104,7 @@ IMAGE_COLUMNS = (
 
 def _image_cells(row: dict) -> list[str]:
     """A stage of `--what image`, or the whole image (stage "all": its speedup is the image's)."""
-    est = " (est.)" if row.get("full_estimated") else ""
+    est = _how(row)
     full = "-" if row.get("full_step_s") is None else f"{row['full_step_s']:.2f}{est}"
     speedup = "-" if not row.get("speedup") else f"{row['speedup']:.2f}x{est}"
     peak = "-" if row.get("peak_mem_mb") is None else f"{row['peak_mem_mb'] / 1024:.1f}"
@@ -101,16 +131,17 @@ def image_summary(rows: list[dict]) -> str:
     text = f"The whole image: {total['total_s']:.1f} s ({parts}). "
     text += f"With the weights in place and full attention not timed: {total['image_s']:.1f} s"
     if total.get("full_image_s"):
-        est = " (est.)" if total.get("full_estimated") else ""
-        text += f"; the same stages with full attention: {total['full_image_s']:.1f} s{est}"
+        text += f"; the same stages with full attention: {total['full_image_s']:.1f} s{_how(total)}"
+    if total.get("recipe_image_s") is not None and total.get("recipe_steps") != total.get("steps_per_stage"):
+        text += (f". With the recipe's {total['recipe_steps']} steps a stage, extrapolated at the measured "
+                 f"s/step: {total['recipe_image_s']:.1f} s")  # fmt: skip
     return text + "."
 
 
 def _cells(row: dict) -> list[str]:
-    if row["what"] == "image":
-        return _image_cells(row)
-    if row["what"] == "comm":
-        return _comm_cells(row)
+    special = {"image": _image_cells, "comm": _comm_cells, "check": _check_cells, "env": _env_cells}
+    if row["what"] in special:
+        return special[row["what"]](row)
     head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
     if row["what"] != "plan":
         return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
@@ -132,6 +163,11 @@ def title(rows: list[dict]) -> str:
             f"layers, bf16; compute s at {first['assumed_tflops']:.0f} TFLOP/s; halo: band layout, on paper"
         )
     text = f"clear-gen bench --what {what} on {first['device']}, torch {first.get('torch', '?')}"
+    if what == "env":
+        return "what ran: versions, card, GPU memory"
+    if what == "check":
+        return (f"{text}: CLEAR (flex) against the dense reference in float32, one block's attention "
+                f"({first['heads']} heads x {first['head_dim']}, {first['dtype']})")  # fmt: skip
     if what == "image":
         speed = f"compile {'on' if first['compile'] else 'off'}, cache {first['cache']}"
         return (f"{text}, {first['dtype']}, {first['heads']} heads x {first['head_dim']}, {first['layers']} "
@@ -139,13 +175,17 @@ def title(rows: list[dict]) -> str:
     if what != "plan":
         text += f", {first['dtype']}, {first['heads']} heads x {first['head_dim']}"
         text += f", {first['layers']} layers" if what == "step" else ""
+        speed = [f"--quantize {first['quantize']}"] if first.get("quantize", "none") != "none" else []
+        speed += ["--compile"] if first.get("compile") else []
+        text += f", {' '.join(speed)} (plain: the same step before)" if speed else ""
         if first.get("parallel") == "sequence":  # under torchrun; its check is against one GPU's step
             text += f", sequence mode on {first['gpus']} GPU{'s' * (first['gpus'] > 1)} (check: vs one GPU)"
     return text
 
 
 def _columns(rows: list[dict]) -> tuple[str, ...]:
-    kinds = {"plan": PLAN_COLUMNS, "image": IMAGE_COLUMNS, "comm": COMM_COLUMNS}
+    kinds = {"plan": PLAN_COLUMNS, "image": IMAGE_COLUMNS, "comm": COMM_COLUMNS, "check": CHECK_COLUMNS,
+             "env": ENV_COLUMNS}  # fmt: skip
     return kinds.get(rows[0]["what"], TIMING_COLUMNS)
 
 
@@ -174,8 +214,8 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def _key(row: dict) -> tuple:
-    return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"], row.get("stage"),
-            row.get("gpus"))  # fmt: skip
+    return (row.get("part"), row["what"], row.get("res"), row.get("window"), row.get("down_factor"),
+            row.get("stage"), row.get("gpus"))  # fmt: skip
 
 
 def read(path: Path) -> tuple[list[dict], dict[str, str]]:
@@ -200,18 +240,19 @@ def append(path: Path, item: dict) -> None:
 
 
 def _stock_key(row: dict) -> tuple:
-    """What a stock (full-attention) step's time depends on: not the CLEAR variant."""
-    return (row["res"], row["tokens"], row.get("layers"), row.get("heads"), row.get("head_dim"),
-            row.get("dtype"), row["device"])  # fmt: skip
+    """What a stock (full-attention) step's time depends on: not the CLEAR variant, but the quantization
+    and compilation (an fp8dq or compiled row compared with a bf16 eager stock step would count their gains
+    as CLEAR's)."""
+    shape = (row.get("layers"), row.get("heads"), row.get("head_dim"), row.get("dtype"))
+    speed = (row.get("quantize") or "none", bool(row.get("compile")))
+    return (row["res"], row["tokens"], *shape, row["device"], *speed)
 
 
 def fill_full_from_other_rows(rows: list[dict]) -> None:
     """A CLEAR-only step row, or an image's CLEAR stage whose full attention was estimated, takes the
     full-attention step measured at the same size by another part (then the image's total follows)."""
-    measured = {
-        _stock_key(r): r
-        for r in rows
-        if r["what"] == "step" and r.get("full_ms") and not r.get("full_estimated")
+    measured = {  # run, not estimated nor composed
+        _stock_key(r): r for r in rows if r["what"] == "step" and r.get("full_ms") and not _not_run(r)
     }
     for row in rows:
         other = measured.get(_stock_key(row)) if row["what"] in ("step", "image") else None
@@ -220,12 +261,17 @@ def fill_full_from_other_rows(rows: list[dict]) -> None:
         if row["what"] == "step" and row.get("clear_ms") and not row.get("full_ms"):
             row.update(full_ms=other["full_ms"], full_estimated=False, full_from=other.get("part"))
             row["speedup"] = row["full_ms"] / row["clear_ms"]
-        elif row["what"] == "image" and row.get("full_estimated") and row["stage"] != "all" and row["step_s"]:
-            row.update(full_step_s=other["full_ms"] / 1e3, full_estimated=False, full_from=other.get("part"))
+        elif row["what"] == "image" and _not_run(row) and row["stage"] != "all" and row["step_s"]:
+            row.update(full_step_s=other["full_ms"] / 1e3, full_estimated=False, full_composed=False,
+                       full_from=other.get("part"))  # fmt: skip
             row["speedup"] = row["full_step_s"] / row["step_s"]
     for total in [r for r in rows if r["what"] == "image" and r.get("stage") == "all"]:
         _image_total_from_stages(total, [r for r in rows if r["what"] == "image" and r.get("part") ==
                                          total.get("part") and r["stage"] != "all"])  # fmt: skip
+
+
+def _not_run(row: dict) -> bool:
+    return bool(row.get("full_estimated") or row.get("full_composed"))
 
 
 def _image_total_from_stages(total: dict, stages: list[dict]) -> None:
@@ -234,13 +280,129 @@ def _image_total_from_stages(total: dict, stages: list[dict]) -> None:
         return
     full = total["image_s"] + sum((r["full_step_s"] - r["step_s"]) * r["steps"] for r in stages)
     total.update(full_image_s=full, speedup=full / total["image_s"],
-                 full_estimated=any(r.get("full_estimated") for r in stages))  # fmt: skip
+                 full_estimated=any(r.get("full_estimated") for r in stages),
+                 full_composed=any(r.get("full_composed") for r in stages))  # fmt: skip
+
+
+# ---------------------------------------------------------------- the summary on top
+
+SUMMARY_LINES = 10  # the report opens with at most this many lines, then a blank one
+
+
+def summary(rows: list[dict], parts: dict[str, str], heading: str) -> list[str]:
+    """The report's first lines: a failed correctness check first (when one failed), the heading, then the
+    card, the software, correctness, the largest step's speedups (r = 8 and r8-down4), the whole image,
+    peak GPU memory and the parts' states. A figure not measured says so."""
+    checks = [r for r in rows if r["what"] == "check"]  # else the attention part's own check
+    checks = checks or [r for r in rows if r["what"] == "attention" and "check_ok" in r][:1]
+    failed = [r for r in checks if not r["check_ok"]]
+    lines = [f"**CHECK FAILED**: CLEAR differs from the dense reference: {_checks(failed)}"] if failed else []
+    if not failed and parts.get("check", "").startswith(("failed", "killed")):  # the script's check part
+        lines = [f"**CHECK DID NOT FINISH**: {parts['check']}"]
+    env = next((r for r in rows if r["what"] == "env"), None)
+    lines += [f"# {heading}", _card(env, rows), _software(env, rows)]
+    verdict = "not measured" if not checks else "FAIL" if failed else "pass"
+    dtype = f", {checks[0]['dtype']}" if checks and checks[0].get("dtype") else ""
+    lines.append(f"- correctness (CLEAR's kernel{dtype} vs the dense reference in float32): {verdict}"
+                 + (f", max |err| {_checks(checks)}" if checks else _status(parts, "check")))  # fmt: skip
+    lines += _step_lines(rows, parts)
+    lines += _image_lines(rows, parts)
+    lines.append("- parts: " + (", ".join(f"{n} {st.split(':')[0]}" for n, st in parts.items()) or "none"))
+    assert len(lines) <= SUMMARY_LINES, lines
+    return lines
+
+
+def _status(parts: dict[str, str], *names: str) -> str:
+    found = [f"{n}: {parts[n]}" for n in names if n in parts]
+    return f" ({'; '.join(found)})" if found else ""
+
+
+def _checks(rows: list[dict]) -> str:
+    """'1.9e-03 @1024 px r=8 f=4 (all rows), 2.3e-03 @4096 px r=8 f=4 (1024 rows)'."""
+    return ", ".join(f"{r['check_max_err']:.1e} @{r['check_res']} px r={r['window']} f={r['down_factor']}"
+                     + (f" ({r['check_rows']} rows)" if "check_rows" in r else "") for r in rows)  # fmt: skip
+
+
+def _card(env: dict | None, rows: list[dict]) -> str:
+    if env is None:
+        return f"- card: {rows[0]['device'] if rows else 'unknown'}"
+    memory = f", {env['total_gb']:.1f} GB ({env['free_gb']:.1f} GB free)" if env.get("total_gb") else ""
+    capability = f", compute capability {env['capability']}" if env.get("capability") else ""
+    return f"- card: {env['device']}{memory}{capability}"
+
+
+def _software(env: dict | None, rows: list[dict]) -> str:
+    if env is None:
+        return f"- software: torch {rows[0].get('torch', '?') if rows else '?'}"
+    names = ("triton", "diffusers", "torchao", "transformers", "huggingface-hub")
+    others = ", ".join(f"{n} {env[n]}" for n in names if env.get(n))
+    torch = f"torch {env['torch']} (CUDA {env.get('cuda') or '-'})"
+    return f"- software: {torch}, {others}, Python {env['python']}"
+
+
+def _plain(row: dict) -> bool:
+    return (row.get("quantize") or "none") == "none" and not row.get("compile")
+
+
+def _step_lines(rows: list[dict], parts: dict[str, str]) -> list[str]:
+    """One line each for CLEAR r = 8 and r8-down4 at the largest step size of the full model."""
+    steps = [r for r in rows if r["what"] == "step" and _plain(r) and r.get("clear_ms")]
+    if steps:
+        top = max((r["res"], r["layers"]) for r in steps)
+        steps = [r for r in steps if (r["res"], r["layers"]) == top]
+    lines = []
+    for f, name in ((1, "r=8"), (4, "r=8 f=4")):
+        row = next((r for r in steps if (r["window"], r["down_factor"]) == (8, f)), None)
+        if row is None:
+            lines.append(f"- step, CLEAR {name}: not measured{_status(parts, 'step-8k', 'step-8k-r8')}")
+            continue
+        text = f"- {row['res']} px step, {row['layers']} blocks, CLEAR {name}: {row['clear_ms'] / 1e3:.3g} s"
+        if row.get("full_ms"):
+            text += f"; full attention {row['full_ms'] / 1e3:.3g} s{_how(row)}: {row['speedup']:.2f}x"
+        lines.append(text + _peak(row.get("peak_mem_mb")))
+    return lines
+
+
+def _peak(mb: float | None) -> str:
+    return "" if mb is None else f"; peak {mb / 1024:.1f} GB"
+
+
+def _image_lines(rows: list[dict], parts: dict[str, str]) -> list[str]:
+    """The whole image (its `all` row; the last stage's row when the part was cut before the end)."""
+    images = [r for r in rows if r["what"] == "image" and _plain(r)]
+    part = images[0].get("part") if images else None
+    images = [r for r in images if r.get("part") == part]
+    stages = [r for r in images if r["stage"] != "all"]
+    if not stages:
+        return [f"- whole image: not measured{_status(parts, 'image-8k')}"]
+    last, total = stages[-1], next((r for r in images if r["stage"] == "all"), None)
+    steps = f"{last['steps']} step{'s' * (last['steps'] > 1)} at {last['res']} px"
+    stage = f"{last['res']} px s/step {_fmt(last['step_s'], '.2f')}, decode {_fmt(last['decode_s'])} s"
+    peak_text = _peak((total or last)["peak_mem_mb"])
+    if total is None:
+        return [f"- {last['width']}x{last['height']} image: cut before the end{_status(parts, part)}; "
+                f"{steps}: {stage}{peak_text}"]  # fmt: skip
+    size = f"{total['width']}x{total['height']}"
+    text = f"- {size} image ({total['attention']}, {steps}): {total['image_s']:.1f} s"
+    text += f" (weights in place); {stage}, save {_fmt(total.get('save_s'))} s{peak_text}"
+    recipe = total.get("recipe_image_s")
+    if recipe is None or total.get("recipe_steps") == total.get("steps_per_stage"):
+        return [text]
+    return [text, f"- the same image at the recipe's {total['recipe_steps']} steps a stage: {recipe:.0f} s "
+                  "(extrapolated at the measured s/step, not run)"]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the whole report
 
 
 def markdown(rows: list[dict], parts: dict[str, str], heading: str = "clear-gen benchmark") -> str:
-    """Every part's status, then one table per part."""
+    """The summary (at most SUMMARY_LINES lines), every part's status, then one table per part."""
     fill_full_from_other_rows(rows)
-    lines = [f"# {heading}\n", "| part | status |", "|---|---|"]
+    try:
+        head = summary(rows, parts, heading)
+    except Exception as e:  # a GPU session's report keeps its tables whatever the summary meets
+        head = [f"# {heading}", f"- summary failed ({type(e).__name__}: {e}); the tables follow"]
+    lines = [*head, "", "## parts\n", "| part | status |", "|---|---|"]
     lines += [f"| {name} | {status} |" for name, status in parts.items()]
     for name in dict.fromkeys([r.get("part") for r in rows]):
         part_rows = [r for r in rows if r.get("part") == name]

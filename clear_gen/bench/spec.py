@@ -9,16 +9,17 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
 
-WHATS = ("plan", "attention", "step", "image")
-MEASURES = ("both", "clear", "full")
-IMAGE_ONLY = ("stages", "steps", "vae_channels", "compile", "cache", "quantize")  # --what image's options
+WHATS = ("plan", "attention", "check", "step", "image", "env")
+MEASURES = ("both", "clear", "full", "composed")
+IMAGE_ONLY = ("stages", "steps", "vae_channels", "cache")  # --what image's options
+SPEED = ("compile", "quantize")  # --what image's and a step's
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     """Everything `clear-gen bench` takes, as given; None: the default."""
 
-    what: str = "plan"  # plan | attention | step | image
+    what: str = "plan"  # plan | attention | check | step | image | env
     res: tuple[int, ...] | None = None  # sides in px; None: 1K-8K (1K alone for measurements on a CPU)
     variant: str | None = None  # a registry variant: sets the window and down factor
     window: int | None = None  # instead of a variant
@@ -31,16 +32,16 @@ class BenchOptions:
     dtype: str | None = None
     repeats: int = 3  # timed calls after a warm-up (median)
     compare_full: bool = True  # full attention / the stock model too
-    measure: str = "both"  # step: both, clear or full
+    measure: str = "both"  # step: both, clear, full, or composed (full from timed attention ops)
     max_full_seconds: float | None = None  # estimate, not run, full-attention calls slower than this
     time_budget: float | None = None  # estimate full attention that would end later than this from now
     gpus: tuple[int, ...] = ()  # plan: head-parallel traffic at these GPU counts
     stages: tuple[int, ...] | None = None  # image: long side of each stage, as generate's
     steps: int | None = None  # image: every stage's steps (20)
     vae_channels: int | None = None  # image: the VAE's width (128, FLUX.1's; 8 on a CPU)
-    compile: bool | None = None  # image: compile the transformer blocks
+    compile: bool | None = None  # image, step: compile the transformer blocks
     cache: str | None = None  # image: step caching
-    quantize: str | None = None  # image: the transformer's weights
+    quantize: str | None = None  # image, step: the transformer's weights
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class BenchSpec:
     head_dim: int
     vae_channels: int  # --what image's VAE width
     image: dict = field(default_factory=dict)  # --what image's options that were given
+    compile: bool = False  # decided: compile the blocks (image, step)
+    quantize: str = "none"  # decided: the transformer's weights (image, step; a mode this device runs)
 
 
 def parse_bench(opts: BenchOptions) -> BenchSpec:
@@ -68,12 +71,47 @@ def parse_bench(opts: BenchOptions) -> BenchSpec:
         raise ConfigError("--gpus takes GPU counts of 1 or more, with --what plan (torchrun runs the step)")
     if opts.res is not None and not opts.res:
         raise ConfigError("no resolution given")
-    image = {name: getattr(opts, name) for name in IMAGE_ONLY if getattr(opts, name) is not None}
-    if image and opts.what != "image":
-        raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
+    given = {name: getattr(opts, name) for name in (*IMAGE_ONLY, *SPEED) if getattr(opts, name) is not None}
+    for name in given:
+        if opts.what != "image" and (name in IMAGE_ONLY or opts.what != "step"):
+            whats = "image only" if name in IMAGE_ONLY else "image or step"
+            raise ConfigError(f"--{name.replace('_', '-')} is an option of --what {whats}")
+    quantize = _quantize(opts)
+    _check_step(opts, quantize)
     window, down_factor = _attention(opts)
     heads, head_dim, vae_channels = _shape(opts)
-    return BenchSpec(opts, window, down_factor, heads, head_dim, vae_channels, image)
+    image = given if opts.what == "image" else {}
+    return BenchSpec(
+        opts, window, down_factor, heads, head_dim, vae_channels, image, bool(opts.compile), quantize
+    )
+
+
+def _quantize(opts: BenchOptions) -> str:
+    """--quantize: a mode quantize_built applies to random weights (nf4 quantizes only while loading) and
+    this device runs."""
+    from ..core.device import resolve_device
+    from ..weights import quantize as Q
+
+    mode = opts.quantize or "none"
+    if mode == "none":
+        return mode
+    Q.check_names(mode, "none", None)
+    Q.check_built(mode)
+    Q.check_device(mode, "none", resolve_device(opts.device))
+    return mode
+
+
+def _check_step(opts: BenchOptions, quantize: str) -> None:
+    """A step's --compile / --quantize time one size (the model changes in place after its plain step);
+    --measure composed times one GPU's step, not torchrun's."""
+    from ..core.launch import launched
+
+    if opts.what != "step":
+        return
+    if (opts.compile or quantize != "none") and (opts.res is None or len(opts.res) != 1):
+        raise ConfigError("--compile and --quantize time one step size: give one --res")
+    if opts.measure == "composed" and launched():
+        raise ConfigError("--measure composed times one GPU's step; run it without torchrun")
 
 
 GPU_SHAPE = (24, 128, 128)  # heads, head dim, VAE channels: FLUX.1-dev's

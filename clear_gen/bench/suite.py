@@ -1,11 +1,16 @@
 """`clear-gen bench`: CLEAR versus full attention on random weights, so it runs with no download.
 
-Three measurements, one row (a dict) per resolution:
+Measurements, one row (a dict) per resolution:
 - plan: no compute; tokens, mask densities, block-mask build time, FLOPs and the speedup they bound;
 - attention: the attention op alone, CLEAR (FlexAttention) versus full SDPA, plus a check of CLEAR
-  against the dense reference;
-- step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock;
-  under torchrun the CLEAR step is the sequence-parallel one (parallel.py), checked against one GPU's.
+  against the dense reference (check.py);
+- check: that check alone, one block's attention at each size (sampled query rows where the dense
+  reference would not fit);
+- step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock
+  (measured, or composed from timed attention ops: `--measure composed`), optionally quantized and
+  compiled; under torchrun the CLEAR step is the sequence-parallel one (run.world), checked against one
+  GPU's;
+- env: one row of what ran (versions, card, free memory).
 `plan --gpus P` adds, per resolution and GPU count, sequence mode's communication per GPU next to its
 compute, priced at NVLink, PCIe and network speeds, and the halo layout's on paper (parallel.py).
 Timing follows nanoGPT's bench: warm up (first call, compilation included, reported apart),
@@ -22,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.backends import DENSE_MAX_ELEMENTS
 from ..core import flops as FL
 from ..core import geometry as G
 from ..core.clock import samples, timed, timeit
@@ -32,9 +36,10 @@ from ..errors import ConfigError
 from ..models.flux1 import use_exact_positions
 from ..models.flux1.random import build_transformer, flux_shape, step_inputs
 from ..run import world as PL
+from ..run.measure import attention_ops_ms, composed_full_step, random_qkv
+from .check import attention_check, check_row, dense_fits, env_row
 from .spec import BenchSpec
 
-CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
 ROW_KEYS = (
     "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
     "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device",
@@ -129,31 +134,11 @@ def comm_row(res: int, window: int, down_factor: int, text_len: int, shape: FL.F
 # ---------------------------------------------------------------- attention
 
 
-def _qkv(geo: G.Geometry, heads: int, head_dim: int, device, dtype, seed: int = 0):
-    """Random q (1, H, q_len, D) and k, v (1, H, kv_len, D), with the strides the model passes:
-    (B, L, H, D) transposed, so that the op reuses the model's compiled kernel."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    rand = lambda n: torch.randn(1, n, heads, head_dim, generator=g, device=device, dtype=dtype)  # noqa: E731
-    return rand(geo.q_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2)
-
-
-def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype) -> dict:
-    """CLEAR (flex, in dtype) against the dense masked SDPA reference in float32 on the same inputs."""
-    from ..attention.backends import clear_attention
-
-    q, k, v = _qkv(geo, heads, head_dim, device, dtype, seed=1)
-    scale = head_dim**-0.5
-    out = clear_attention(q, k, v, geo, scale, "flex").float()
-    ref = clear_attention(q.float(), k.float(), v.float(), geo, scale, "dense")
-    err = (out - ref).abs().max().item()
-    return {"check_res": geo.height * 16, "check_max_err": err, "check_ok": err <= CHECK_ATOL[dtype]}
-
-
 def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len: int) -> G.Geometry:
     """The smallest asked-for size if the dense reference fits it, else 1024 px or less."""
     for r in (min(res), 1024, 512, 256):
         geo = geometry(r, window, down_factor, text_len)
-        if geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS:
+        if dense_fits(geo):
             return geo
     raise ConfigError(f"text length {text_len} is too long for the dense reference check")
 
@@ -167,7 +152,7 @@ def attention_row(res: int, spec: BenchSpec, bench: Bench) -> dict:
     heads, head_dim, repeats = spec.heads, spec.head_dim, spec.asked.repeats
     device, dtype, guard = bench.device, bench.dtype, bench.guard
     geo = geometry(res, spec.window, spec.down_factor, spec.asked.text_len)
-    q, k, v = _qkv(geo, heads, head_dim, device, dtype)
+    q, k, v = random_qkv(geo, heads, head_dim, device, dtype)
     scale = head_dim**-0.5
     clear = lambda: clear_attention(q, k, v, geo, scale, "flex")  # noqa: E731
     clear_ms, first_ms, peak = timed(clear, device, repeats)
@@ -187,11 +172,12 @@ def attention_row(res: int, spec: BenchSpec, bench: Bench) -> dict:
 def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int) -> dict:
     """What the text query rows cost: they visit every key block (~2,052 at 8K) where an image row
     visits ~13, so a few thread blocks may run long after the rest. Times the image rows alone (their
-    rows of the block mask) and the text rows alone (SDPA over text and image keys): if their sum is
-    well under the one-kernel time, a separate pass for the text rows is worth it."""
+    rows of the block mask) and the text rows alone (SDPA over text and image keys), then both as the
+    flex-split backend runs them (`split_ms`, one output): if that is well under the one-kernel time,
+    the text rows deserve their own pass by default."""
     import torch.nn.functional as F
 
-    from ..attention.backends import compiled_flex
+    from ..attention.backends import clear_attention, compiled_flex
 
     t, n = geo.text_len, geo.q_len
     mask = G.image_rows_block_mask(geo, str(device))
@@ -199,11 +185,16 @@ def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int) -> 
     text = lambda: F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :n], v[:, :, :n], scale=scale)  # noqa: E731
     image_ms, _ = timeit(image, device, repeats)
     text_ms, _ = timeit(text, device, repeats)
-    return {"image_rows_ms": image_ms, "text_rows_ms": text_ms}
+    split = lambda: clear_attention(q, k, v, geo, scale, "flex-split")  # noqa: E731  (both, one output)
+    split_ms, _ = timeit(split, device, repeats)
+    return {"image_rows_ms": image_ms, "text_rows_ms": text_ms, "split_ms": split_ms}
 
 
 def _computed(geo: G.Geometry) -> int:
     return G.build_block_lists(geo).computed_pairs()
+
+
+FULL_ONE_CALL_S = 10.0  # a full-attention call estimated to take longer runs once, without a warm-up
 
 
 class FullGuard:
@@ -212,6 +203,8 @@ class FullGuard:
 
     The estimate is FLOPs at the rate of the last measured full run, or failing that the CLEAR time
     times the FLOP ratio (same rate assumed). A skipped run gets the estimate, marked `full_estimated`.
+    A run estimated over FULL_ONE_CALL_S is timed once (`full_repeats` 0): at 8K a stock step takes
+    ~25-100 s, and timing it twice spent a GPU session's minutes on a warm-up.
     """
 
     def __init__(self, enabled: bool, max_seconds: float | None, deadline: float | None = None):
@@ -228,7 +221,9 @@ class FullGuard:
             limit_ms = min(limit_ms, (self.deadline - time.monotonic()) * 1e3)
         if est_ms > limit_ms:
             return {"full_ms": est_ms, "full_estimated": True}
-        reps = repeats if est_ms * (1 + repeats) <= limit_ms else 0  # too slow to repeat: one call
+        # Too slow to repeat, or so slow that a warm-up would double the cost for nothing (SDPA compiles
+        # nothing; a first call's overhead is well under 1% of it): one call.
+        reps = repeats if est_ms * (1 + repeats) <= limit_ms and est_ms <= FULL_ONE_CALL_S * 1e3 else 0
         full_ms, _, peak = timed(fn, device, reps)
         self.rate = flops / full_ms
         return {"full_ms": full_ms, "full_estimated": False, "full_repeats": reps, "full_peak_mem_mb": peak}
@@ -256,7 +251,10 @@ def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callabl
     """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
     asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. Under
     torchrun (`bench.shards`) CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU
-    whole."""
+    whole. `measure="composed"`: the stock step is not run but composed from the CLEAR step and one stock
+    and one CLEAR attention op timed at this size (run.measure.composed_full_step). With --quantize or
+    --compile the plain CLEAR step is timed first (`plain_ms`), then the model is quantized and its blocks
+    compiled as generate does, and everything after runs that way."""
     from ..attention import apply_clear, remove_clear
 
     o, model, device, shape, shards = spec.asked, bench.model, bench.device, bench.shape, bench.shards
@@ -270,22 +268,47 @@ def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callabl
     row.update(dtype=str(bench.dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
     gpus = 1 if shards is None else shards.world.size
     row.update(gpus=gpus, parallel="none" if shards is None else "sequence")
-    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
+    row.update(compile=spec.compile, quantize=spec.quantize)
+    sped = spec.compile or spec.quantize != "none"
+    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check; with
+    #    --quantize or --compile, first the plain step, then the quantized and compiled one.
     if o.measure != "full":
         apply_clear(model, window=window, down_factor=down_factor, backend="flex", parallel=shards)
+        if sped:
+            row["plain_ms"], _, _ = timed(step, device, o.repeats)
+            emit(row)
+            _speed_up(model, spec)
         clear_ms, first_ms, peak = timed(step, device, o.repeats)
         row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
         if check:
             row.update(check_res=res, **check_step(model, inputs, window, down_factor, shards))
         remove_clear(model)
         emit(row)
-    # 2. Stock attention, unless the guard estimates it too slow.
-    if o.measure != "clear":
+    elif sped:
+        _speed_up(model, spec)
+    # 2. Stock attention: composed from timed ops, or run unless the guard estimates it too slow.
+    if o.measure == "composed":
+        heads = (shape.heads, shape.head_dim)
+        stock_op, clear_op = attention_ops_ms(geo, *heads, device, bench.dtype, "flex", o.repeats)
+        full_ms = composed_full_step(row["clear_ms"], shape.layers, stock_op, clear_op)
+        row.update(full_ms=full_ms, full_estimated=False, full_composed=True, stock_op_ms=stock_op,
+                   clear_op_ms=clear_op, rest_ms=row["clear_ms"] - shape.layers * clear_op)  # fmt: skip
+    elif o.measure != "clear":
         full_flops = flops["linear"] + flops["attn_full"]
         gpu_ms = None if row["clear_ms"] is None else row["clear_ms"] * gpus  # one GPU's: from GPU-seconds
         row.update(bench.guard.measure(step, full_flops, gpu_ms, FL.speedup_bound(flops), device, o.repeats))
-        row["speedup"] = row["full_ms"] / row["clear_ms"] if row["full_ms"] and row["clear_ms"] else None
+    row["speedup"] = row["full_ms"] / row["clear_ms"] if row["full_ms"] and row["clear_ms"] else None
     return row
+
+
+def _speed_up(model, spec: BenchSpec) -> None:
+    """--quantize (torchao, as at load) then --compile (regional, the repeated blocks), in place."""
+    from ..run.speed import compile_blocks
+    from ..weights.quantize import quantize_built
+
+    quantize_built(model, spec.quantize)
+    if spec.compile:
+        compile_blocks(model)
 
 
 # ---------------------------------------------------------------- the one entry point
@@ -302,11 +325,16 @@ def run(
     (a step row twice: once CLEAR is measured, again with full attention). `gpus` (plan): a
     communication row per resolution and GPU count too.
 
-    No res: 1K-8K, or 1K alone for measurements on a CPU. `measure` (step): both, clear or full.
+    No res: 1K-8K, or 1K alone for measurements on a CPU. `measure` (step): both, clear, full or composed.
     Full-attention runs estimated (FLOP model) to take over `max_full_seconds` per call, or to end after
-    `time_budget` seconds from now, are skipped and reported as estimates (`full_estimated`).
+    `time_budget` seconds from now, are skipped and reported as estimates (`full_estimated`). `env`: one
+    row of what runs them.
     """
     o, say, emit = spec.asked, progress or (lambda _msg: None), on_row or (lambda _row: None)
+    if o.what == "env":
+        row = env_row(resolve_device(o.device))
+        emit(row)
+        return [row]
     world, dev = _world(o.what, o.device)
     sizes = _sizes(spec, dev, say)
     dt = resolve_dtype(o.dtype, dev)
@@ -358,9 +386,14 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
             row = plan_row(r, *wf, bench.shape)
         elif o.what == "attention":
             row = attention_row(r, spec, bench)
+        elif o.what == "check":
+            geo = geometry(r, *wf)
+            base = _base_row("check", r, geo, G.build_block_lists(geo), device_name(dev))
+            row = check_row(base, geo, spec.heads, spec.head_dim, dev, bench.dtype)
+            say(f"check: CLEAR vs dense at {r} px, max |err| {row['check_max_err']:.2e}")
         else:
             geo = geometry(r, *wf)
-            small = geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS or bench.shards is not None  # dense or 1 GPU
+            small = dense_fits(geo) or bench.shards is not None  # dense or one-GPU check
             row = step_row(r, spec, bench, r == min(sizes) and small and o.measure != "full", emit)
         rows.append(row)
         emit(row)
@@ -368,7 +401,7 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
             rows.append(comm_row(r, *wf, bench.shape, p))
             emit(rows[-1])
     if o.what == "attention":
-        check = check_attention(_check_geometry(sizes, *wf), spec.heads, spec.head_dim, dev, bench.dtype)
+        check = attention_check(_check_geometry(sizes, *wf), spec.heads, spec.head_dim, dev, bench.dtype)
         say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
         for row in rows:
             row.update(check)

@@ -24,7 +24,7 @@ from .app import app, err
 def _what_options(
     what: str = typer.Option(
         "plan",
-        help="plan (FLOPs, no compute), attention, step or image (a whole one).",
+        help="plan (FLOPs, no compute), attention, check (vs dense), step, image (a whole one) or env.",
         rich_help_panel=options.WHAT,
     ),
     res: str | None = typer.Option(
@@ -89,7 +89,7 @@ def _image_options(
     compile: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
-        help="image: compile the transformer blocks.",
+        help="image, step: compile the transformer blocks.",
         show_default="off",
         rich_help_panel=options.SPEED,
     ),
@@ -101,12 +101,12 @@ def _image_options(
     ),
     quantize: str | None = typer.Option(
         None,
-        help="image: transformer weights, none, fp8, fp8dq or int8.",
+        help="image, step: transformer weights, none, fp8, fp8dq or int8.",
         show_default="none",
         rich_help_panel=options.SPEED,
     ),
 ) -> None:
-    """--what image's recipe and speed options (only its signature is used)."""
+    """--what image's recipe, and its and a step's speed options (only its signature is used)."""
 
 
 def _run_options(
@@ -118,7 +118,11 @@ def _run_options(
     no_compare_full: bool = typer.Option(
         False, "--no-compare-full", help="Skip full attention / the stock model.", rich_help_panel=options.RUN
     ),
-    measure: str = typer.Option("both", help="step: both, clear or full alone.", rich_help_panel=options.RUN),
+    measure: str = typer.Option(
+        "both",
+        help="step: both, clear or full alone, or composed (full from timed attention ops).",
+        rich_help_panel=options.RUN,
+    ),
     max_full_seconds: float | None = typer.Option(
         None, help="Estimate, not run, full-attention calls slower than this.", rich_help_panel=options.RUN
     ),
@@ -211,6 +215,9 @@ BENCH_LEGEND = {
     "compile s": "compile s: first call's extra time (compilation)",
     "check": "check: CLEAR against the dense reference, max error @ px",
     "(est.)": "~ (est.): from the FLOP model, not run",
+    "(composed)": "(composed): full attention from timed attention ops (the CLEAR step less its CLEAR ops "
+    "plus stock ones), not run",
+    "(plain ": "plain: the same step before --quantize/--compile",
     "full s/step": "full s/step: full attention's warm step at the stage's size",
     "skipped": "skipped: block evaluations the step cache skipped / all",
     "a2a GB": "a2a GB: what each GPU sends per step in sequence mode (it receives as much), s: at that link",
@@ -222,7 +229,7 @@ BENCH_LEGEND = {
 def _with_legend(table: Table) -> Table:
     texts = [str(text) for c in table.columns for text in (c.header, *c.cells)]
     notes = [note for key, note in BENCH_LEGEND.items() if any(key in text for text in texts)]
-    legend = "; ".join(notes) + ". See BENCHMARKS.md."
+    legend = "; ".join([*notes, "see BENCHMARKS.md."]) if notes else "See BENCHMARKS.md."
     table.caption = f"{table.caption}\n{legend}" if table.caption else legend  # image: its summary first
     table.caption_justify = "left"
     return table

@@ -216,7 +216,8 @@ class GenerateDisplay:
 COLUMNS = ("part", "attention", "steps", "warm-up", "s/step", "full", "speedup", "density", "seconds")
 LEGEND = (
     "warm-up: the first step's seconds beyond a warm step's (compiling); s/step, full (full attention's "
-    "s/step) and speedup: warm steps; *: estimated from FLOPs"
+    "s/step) and speedup: warm steps; ~: composed from timed attention ops (the CLEAR step less its CLEAR "
+    "attention plus stock attention); *: estimated from FLOPs"
 )
 PEAK_COLUMN, PEAK_LEGEND = (
     "peak GB",
@@ -227,7 +228,7 @@ CACHE_LEGEND = "; skipped: block evaluations the step cache (--cache) skipped / 
 
 SEQUENCE_LEGEND = (
     "; sequence mode: a CLEAR stage's s/step is the {gpus} GPUs' step, its full and speedup against one GPU "
-    "(measured, or * from the step's GPU-seconds); stock stages run whole on each GPU"
+    "(measured, or ~ or * from the step's GPU-seconds); stock stages run whole on each GPU"
 )
 
 
@@ -241,7 +242,7 @@ def seconds(value: float | None) -> str:
 
 def _stage_cells(t: StageTiming) -> list[str]:
     """attention, steps, warm-up, s/step, full, speedup, density."""
-    est = "*" if t.full_estimated else ""
+    est = "*" if t.full_estimated else "~" if t.full_composed else ""
     if t.attention == "full":
         full = speed = density = "-"
     else:

@@ -33,6 +33,7 @@ class StageTiming:
     first_step_s: float | None = None  # the first step, compilation and warm-up included (None: unknown)
     full_step_s: float | None = None  # full attention, same size and device, warm
     full_estimated: bool = False  # True: from the FLOP model, not measured
+    full_composed: bool = False  # True: composed from timed attention ops (run.measure), not run
     density: float = 1.0  # fraction of (q, kv) pairs CLEAR computes exactly
     compare_s: float = 0.0  # seconds spent timing full attention (and a warm step of a 1-step stage)
     decode_s: float = 0.0  # VAE decode of the stage's latents into an image

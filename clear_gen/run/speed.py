@@ -17,7 +17,7 @@ pre/post hooks; positions.py: a transformer pre-hook), which they do not touch:
 The default is neither. `--compile`: CLEAR's step on the CPU was no faster compiled (and the stock step
 slower); on a GPU at 8K the linear layers' matmuls dominate a step and compilation fuses only the
 element-wise work around them (a few per cent by a bandwidth estimate) while costing its compile time
-once per block class, size and attention, so it is off until `scripts/gpu_bench.sh`'s image-8k-compile
+once per block class, size and attention, so it is off until `scripts/gpu_bench.sh`'s compile-8k
 part shows it pays (BENCHMARKS.md). `--cache` changes the image, so it is the user's choice.
 """
 
