@@ -507,10 +507,12 @@ def test_offline_without_cache_gives_the_command(fake_hub, monkeypatch):
 
 
 def test_unreachable_hub_is_explained():
-    import httpx2
+    import importlib.util
 
+    # huggingface_hub 2.x speaks through httpx2, 1.x (the GPU machine's 1.33) through httpx
+    client = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
     t = hub_errors.Target("variant r8", CLEAR_REPO, "main", False, "clear-gen download r8 --no-base")
-    msg = str(hub_errors.hub_error(httpx2.ConnectError("refused"), t))
+    msg = str(hub_errors.hub_error(client.ConnectError("refused"), t))
     assert "unreachable" in msg and "clear-gen download r8 --no-base" in msg
     assert hub_errors.hub_error(KeyError("x"), t) is None
 
