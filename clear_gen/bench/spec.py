@@ -11,7 +11,7 @@ from ..errors import ConfigError
 
 WHATS = ("plan", "attention", "step", "image")
 MEASURES = ("both", "clear", "full")
-IMAGE_ONLY = ("stages", "steps", "vae_channels", "compile", "cache", "quantize")  # --what image's options
+IMAGE_ONLY = ("stages", "steps", "vae_channels", "compile", "cache", "quantize", "vae_tiling")  # --what image
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class BenchOptions:
     compile: bool | None = None  # image: compile the transformer blocks
     cache: str | None = None  # image: step caching
     quantize: str | None = None  # image: the transformer's weights
+    vae_tiling: str | None = None  # image: auto | exact | fast | off, as generate's (auto)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ class Recipe:
     def vae_tiles(self, width: int, height: int) -> bool:
         return max(width, height) > self.vae_tiling_above
 
+    def vae_tiling(self, asked: str, width: int, height: int) -> str:
+        """How a stage's VAE runs: the asked exact, fast or off; auto: exact where the recipe tiles."""
+        if asked != "auto":
+            return asked
+        return "exact" if self.vae_tiles(width, height) else "off"
+
     def sigmas(self, steps: int) -> list[float]:
         """An SDEdit stage's sigmas before the scheduler's shift: linspace(1, 1/steps, steps)."""
         import numpy as np

@@ -53,6 +53,8 @@ def image_record(
         "control": job.control_info,
         "compile": True if spec.settings.compile else None,
         "cache": str(cache) if cache.kind != "none" else None,
+        "vae_tiling": opts.vae_tiling if opts.vae_tiling != GenerateOptions.vae_tiling else None,
+        "vae_tile": opts.vae_tile,
     }  # fmt: skip
     model = Path(weights.model).expanduser()
     return ImageRecord(
@@ -132,6 +134,8 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         **_control_options(extra.get("control")),
         compile=extra.get("compile", GenerateOptions.compile),
         cache=extra.get("cache", GenerateOptions.cache),
+        vae_tiling=extra.get("vae_tiling", GenerateOptions.vae_tiling),  # a v0.1 record: auto (exact)
+        vae_tile=extra.get("vae_tile"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))

@@ -67,6 +67,8 @@ class GenerateOptions:
     cache: str = "none"  # step caching: none | fbc[:T] | taylorseer[:N] (speed.py)
     parallel: str = "auto"  # under torchrun: auto | sequence | data (see parallel.py)
     recipe: str = "clear"  # the sampler recipe (recipe.py)
+    vae_tiling: str = "auto"  # auto | exact | fast | off; auto: exact in the stages the recipe tiles
+    vae_tile: int | None = None  # px, a tile's side; None: the VAE's sample_size (1024 for FLUX.1)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Stage:
     strength: float = 1.0  # SDEdit: the part of the schedule that runs
     ntk_factor: float = 1.0  # RoPE theta multiplier in this stage (CLEAR stages)
     proportional: bool = False  # proportional attention in this stage (CLEAR stages)
-    vae_tiling: bool = False  # the VAE encodes and decodes this stage in tiles
+    vae_tiling: str = "off"  # how the VAE encodes and decodes this stage: off | exact | fast (VAE_TILINGS)
+    vae_tile: int = 1024  # px: the side of a tile (exact: of its core)
     controlnet_clear: bool = False  # a ControlNet's blocks get CLEAR too (training-free, f = 1)
 
     @property
@@ -93,6 +96,11 @@ class Stage:
     @property
     def long_side(self) -> int:
         return max(self.width, self.height)
+
+    @property
+    def vae_tiles(self) -> str:
+        """The VAE tiling that runs: off when the picture fits in one tile (either tiling runs it whole)."""
+        return "off" if self.long_side <= self.vae_tile else self.vae_tiling
 
     @property
     def denoising_steps(self) -> int:
@@ -126,6 +134,8 @@ class Settings:
     cache: CacheChoice = CacheChoice()
     backend: str = "auto"  # CLEAR's attention kernel (attention.BACKENDS), chosen per device when auto
     compare_full: bool = True  # time full attention at each CLEAR size
+    vae_tiling: str = "auto"  # asked; each Stage holds what it decided
+    vae_tile: int = 1024  # px: the asked tile side, else the VAE's sample_size
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,9 @@ class RunSpec:
 
 
 CACHES = ("none", "fbc", "taylorseer")
+
+
+VAE_TILINGS = ("auto", "exact", "fast", "off")  # --vae-tiling
 
 
 FBC_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
