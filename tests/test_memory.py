@@ -184,10 +184,11 @@ def test_activations_at_8k_by_hand_and_chunking_halves_them():
 
 
 def test_vae_memory_tiles_above_the_tile_size():
-    assert vae_activations(1024, 1024, 2, None, encode=False) == 768 * 2 * 1024 * 1024
-    tiled = vae_activations(8192, 8192, 2, 1024, encode=False)
-    untiled = vae_activations(8192, 8192, 2, None, encode=False)
-    assert tiled == 768 * 2 * 1024 * 1024 + 5 * 2 * 8192 * 8192 < untiled / 30
+    assert vae_activations(1024, 1024, 2, "off", 1024, encode=False) == 768 * 2 * 1024 * 1024
+    assert vae_activations(1024, 1024, 2, "exact", 1024, encode=False) == 768 * 2 * 1024 * 1024  # one tile
+    fast = vae_activations(8192, 8192, 2, "fast", 1024, encode=False)
+    untiled = vae_activations(8192, 8192, 2, "off", 1024, encode=False)
+    assert fast == 768 * 2 * 1024 * 1024 + 5 * 2 * 8192 * 8192 < untiled / 30
 
 
 # ---------------------------------------------------------------- chunking is exact

@@ -27,7 +27,7 @@ from ..core.clock import now
 from ..core.device import device_name, resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..files.record import RunTiming, StageTiming
-from ..models.flux1.random import build_pipeline, check_vae_channels, flux_shape
+from ..models.flux1.random import VAE_TILE, build_pipeline, check_vae_channels, flux_shape
 from ..plan.parse import parse
 from ..plan.spec import GenerateOptions, OutputSpec, RunSpec
 from ..run.generate import Hooks, generate
@@ -99,6 +99,8 @@ def _options(spec: BenchSpec, dev: torch.device, dtype: torch.dtype) -> Generate
         compile=spec.compile,
         cache=o.cache or "none",
         quantize=spec.quantize,
+        vae_tiling=o.vae_tiling or "auto",
+        vae_tile=VAE_TILE,  # the random VAE's sample size (there are no shapes of "random" to read it from)
     )  # fmt: skip  (quantize: applied to the built pipeline by loading.prepared_pipeline)
 
 
@@ -125,6 +127,7 @@ class _Rows:
         self.rows: list[dict] = []
         self.peaks: list[float | None] = []
         self._peak = None
+        self._vae = "off"  # the running stage's VAE tiling: "exact 1024" (tiles of 1024 px) or "off"
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -151,20 +154,23 @@ class _Rows:
 
         def stage_start(i: int, n: int, stage) -> None:
             self._peak = None
+            self._vae = stage.vae_tiles if stage.vae_tiles == "off" else f"{stage.vae_tiles} {stage.vae_tile}"
             self._reset()
             self.say(f"stage {i + 1}/{n}: {stage.width}x{stage.height}, {stage.denoising_steps} steps")
 
         def stage_done(i: int, timing: StageTiming) -> None:
             self.peaks.append(self._read())
-            self.add(_stage_row(self.base, i, timing, self.peaks[-1]))
+            self.add(_stage_row(self.base, i, timing, self.peaks[-1], self._vae))
 
         return Hooks(phase=phase, phase_done=phase_done, stage_start=stage_start, stage_done=stage_done)
 
 
-def _stage_row(base: dict, i: int, t: StageTiming, peak: float | None) -> dict:
+def _stage_row(base: dict, i: int, t: StageTiming, peak: float | None, vae: str) -> dict:
+    """A stage's row; `vae`: the tiling it decoded with ("exact 1024": exact tiles of 1024 px, or "off")."""
     return {
         **base, "stage": i + 1, "res": max(t.width, t.height), "width": t.width, "height": t.height,
         "tokens": base["text_len"] + (t.width // 16) * (t.height // 16), "attention": t.attention,
+        "vae_tiling": vae,
         "steps": t.steps, "step_s": t.step_s, "compile_s": t.warmup_s, "seconds": t.seconds,
         "decode_s": t.decode_s, "compare_s": t.compare_s, "total_s": t.seconds + t.decode_s,
         "full_step_s": t.full_step_s, "full_estimated": t.full_estimated, "full_composed": t.full_composed,
@@ -209,6 +215,6 @@ def _total_row(base: dict, timing: RunTiming, build_s: float, wall: float, peaks
         "full_composed": any(t.full_composed for t in stages),
         "speedup": full_image_s / image_s if full_image_s else None,
         "peak_mem_mb": max(known_peaks) if known_peaks else None,
-        "block_evals": sum(t.block_evals for t in stages),
+        "vae_tiling": None, "block_evals": sum(t.block_evals for t in stages),
         "blocks_skipped": sum(t.blocks_skipped for t in stages),
     }  # fmt: skip

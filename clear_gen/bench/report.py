@@ -97,8 +97,8 @@ def _comm_cells(row: dict) -> list[str]:
 
 
 IMAGE_COLUMNS = (
-    "stage", "size", "attention", "steps", "s/step", "compile s", "decode s", "total s", "full s/step",
-    "speedup", "peak GB", "skipped",
+    "stage", "size", "attention", "steps", "s/step", "compile s", "decode s", "VAE tiles", "total s",
+    "full s/step", "speedup", "peak GB", "skipped",
 )  # fmt: skip
 
 
@@ -112,7 +112,8 @@ def _image_cells(row: dict) -> list[str]:
     skip = f"{skipped}/{evals + skipped}" if evals + skipped else "-"
     return [
         str(row["stage"]), f"{row['width']}x{row['height']}", row["attention"], str(row["steps"]),
-        _fmt(row["step_s"], ".2f"), _fmt(row["compile_s"]), _fmt(row["decode_s"]), _fmt(row["total_s"]),
+        _fmt(row["step_s"], ".2f"), _fmt(row["compile_s"]), _fmt(row["decode_s"]),
+        row.get("vae_tiling") or "-", _fmt(row["total_s"]),
         full, speedup, peak, skip,
     ]  # fmt: skip
 

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 
 WHATS = ("plan", "attention", "check", "step", "image", "env")
 MEASURES = ("both", "clear", "full", "composed")
-IMAGE_ONLY = ("stages", "steps", "vae_channels", "cache")  # --what image's options
+IMAGE_ONLY = ("stages", "steps", "vae_channels", "cache", "vae_tiling")  # --what image's options
 SPEED = ("compile", "quantize")  # --what image's and a step's
 
 
@@ -42,6 +42,7 @@ class BenchOptions:
     compile: bool | None = None  # image, step: compile the transformer blocks
     cache: str | None = None  # image: step caching
     quantize: str | None = None  # image, step: the transformer's weights
+    vae_tiling: str | None = None  # image: auto | exact | fast | off, as generate's (auto)
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,14 @@ def _image_options(
         show_default="none",
         rich_help_panel=options.SPEED,
     ),
+    vae_tiling: str | None = typer.Option(
+        None,
+        help="image: VAE tiles, auto (exact above 2048 px), exact, fast or off.",
+        show_default="auto",
+        rich_help_panel=options.WHAT,
+    ),
 ) -> None:
-    """--what image's recipe, and its and a step's speed options (only its signature is used)."""
+    """--what image's recipe and VAE options, its and a step's speed options (only its signature is used)."""
 
 
 def _run_options(
@@ -220,6 +226,7 @@ BENCH_LEGEND = {
     "(plain ": "plain: the same step before --quantize/--compile",
     "full s/step": "full s/step: full attention's warm step at the stage's size",
     "skipped": "skipped: block evaluations the step cache skipped / all",
+    "VAE tiles": "VAE tiles: the stage decoded in exact (or fast) tiles of N px, or whole (off)",
     "a2a GB": "a2a GB: what each GPU sends per step in sequence mode (it receives as much), s: at that link",
     "n/a": "n/a: the heads do not split over that many GPUs",
     "halo GB": "halo: bands of image rows trading r - 1 rows with their neighbours (on paper)",

@@ -336,7 +336,7 @@ def plan_table(plan: RunPlan, label: str = "") -> Table:
         title=escape(title),
         title_justify="left",
         caption=f"GB: estimated {gpu}memory (weights {on_gpu}while denoising, one step's activations, the "
-        "VAE's); time: estimated denoising",
+        "VAE's, in exact or fast tiles when so); time: estimated denoising",
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         header_style="bold",
@@ -344,9 +344,11 @@ def plan_table(plan: RunPlan, label: str = "") -> Table:
     for col in PLAN_COLUMNS:
         table.add_column(col, justify="left" if col in ("stage", "attention") else "right")
     for s in plan.stages:
-        gb = (f"{v:.1f}" for v in (s.weights_gb, s.activations_gb, s.vae_gb, s.peak_gb))
+        weights, acts, vae, peak = (f"{v:.1f}" for v in (s.weights_gb, s.activations_gb, s.vae_gb, s.peak_gb))
+        vae += "" if s.vae_tiles == "off" else f" {s.vae_tiles}"
         size, time_s = f"{s.width}x{s.height}", f"~{duration(s.time_s)}"
-        table.add_row(size, f"{s.tokens:,}", s.attention, f"{s.density:.1%}", str(s.steps), *gb, time_s)
+        table.add_row(size, f"{s.tokens:,}", s.attention, f"{s.density:.1%}", str(s.steps), weights, acts,
+                      vae, peak, time_s)  # fmt: skip
     return table
 
 

@@ -219,8 +219,23 @@ def speed_options(
     """Compilation, step caching and torchrun's mode (only its signature is used)."""
 
 
+def vae_options(
+    vae_tiling: str = typer.Option(
+        None,
+        help="VAE tiles: exact (equal to untiled), fast (diffusers', seams), off, or auto (exact above "
+        "2048 px).",
+        show_default=DEFAULTS.vae_tiling,
+        rich_help_panel=RUN,
+    ),
+    vae_tile: int = typer.Option(
+        None, help="VAE tile side in px.", show_default="1024, the VAE's sample size", rich_help_panel=RUN
+    ),
+) -> None:
+    """How the VAE tiles its encodes and decodes (only its signature is used)."""
+
+
 # What every command that generates takes besides its size, attention, ControlNet and output options.
-recipe_options = (model_options, sampling_options, guide_options, run_options, speed_options)
+recipe_options = (model_options, sampling_options, guide_options, run_options, speed_options, vae_options)
 
 
 def attention_options(

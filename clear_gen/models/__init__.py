@@ -1,6 +1,7 @@
 """One adapter per DiT family: every fact about a model's layout lives in its module here, and nowhere else:
 its forward's arguments, blocks and attention modules, RoPE, latent packing, pipeline classes, text
-length, shapes for the memory plan (`shapes`), a random full-size builder for benchmarks (`random`).
+length, shapes for the memory plan (`shapes`), a random full-size builder for benchmarks (`random`), its
+VAE's exact tiled decode and encode (`vae`, installed per stage by `set_vae_tiling`).
 `flux1` is FLUX.1 [dev], [schnell] and their fine-tunes. May import `core` and `errors` only.
 
 A family is chosen by name (weights.toml's `family` field of a base: `family(name)`) or by the model in
@@ -24,7 +25,7 @@ FAMILY_API = (  # what every family module defines (tests hold each family to it
     "rope_theta", "set_rope_theta", "compute_device", "text_length", "pack_latents", "unpack_latents",
     "use_exact_positions", "pipeline_class", "transformer_class", "controlnet_class", "text_encoder_class",
     "shapes", "activations", "ORIGINAL_KEY", "DIFFUSERS_KEY", "ORIGINAL_PREFIX", "convert_original",
-    "prompt_cut",
+    "prompt_cut", "set_vae_tiling",
 )  # fmt: skip
 
 

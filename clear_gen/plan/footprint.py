@@ -87,6 +87,7 @@ class StagePlan:
     vae_gb: float  # the VAE's encode / decode peak (weights apart)
     peak_gb: float
     time_s: float  # estimate: its denoising steps and offload copies
+    vae_tiles: str = "off"  # how its VAE tiles: exact, fast or off (whole: it fits in one tile)
 
 
 @dataclass
@@ -181,7 +182,6 @@ class RunInputs:
     multiple: int  # pixels each side is a multiple of
     down_factor: int  # CLEAR's
     clear_bytes: int  # CLEAR's replaced projections at e; 0 without a checkpoint
-    vae_tile: int  # px: the VAE's tile side, in stages the recipe tiles
     controlnet: Params | None = None  # --controlnet's parameters
     controlnet_blocks: int = 0  # its blocks: one residual of N x C each
     controlnet_note: str | None = None  # an assumption about it
@@ -235,10 +235,10 @@ def stage_memory(
     s, e = run.stages[i], run.e
     act = step_activations(run.text_len, s.tokens, run.shapes.transformer, e, s.clear, chunk, run.down_factor)
     act += run.controlnet_blocks * s.tokens * run.shapes.transformer.hidden * e  # a ControlNet's residuals
-    tile = run.vae_tile if s.vae_tiling else None
-    vae = vae_activations(s.width, s.height, e, tile, encode=False)
+    parked = offload != "sequential"  # exact tiling parks its tiles in the machine's memory then
+    vae = vae_activations(s.width, s.height, e, s.vae_tiling, s.vae_tile, False, parked)
     if s.sdedit:
-        vae = max(vae, vae_activations(s.width, s.height, e, tile, encode=True))
+        vae = max(vae, vae_activations(s.width, s.height, e, s.vae_tiling, s.vae_tile, True, parked))
     if offload == "cpu":  # everything stays in the machine's memory, the text encoders too
         denoise_weights = vae_weights = w.transformer + w.clear + w.t5 + w.clip + w.vae + w.controlnet
     elif offload == "sequential":

@@ -154,7 +154,6 @@ def _prepare(spec: RunSpec, stages: list[Stage], dtype: torch.dtype) -> RunInput
         multiple=size_multiple(choice.down_factor),
         down_factor=choice.down_factor,
         clear_bytes=clear_params(shapes.transformer, choice.down_factor) * e if has_checkpoint else 0,
-        vae_tile=shapes.vae_tile,
         controlnet=controlnet_params(shapes.transformer, *net) if net else None,
         controlnet_blocks=net[0] + net[1] if net else 0,
         controlnet_note=net_note,

@@ -41,7 +41,7 @@ def candidate(
         peaks.append(peak)
         stages.append(
             StagePlan(s.width, s.height, s.tokens, s.denoising_steps, run.labels[i], run.densities[i],
-                      weights / GB, act / GB, unchunked[i][1] / GB, vae / GB, peak / GB, 0.0)
+                      weights / GB, act / GB, unchunked[i][1] / GB, vae / GB, peak / GB, 0.0, s.vae_tiles)
         )  # fmt: skip
     free = gpu.free_bytes if gpu else None
     too_big = [
@@ -177,13 +177,13 @@ def _reason(run: RunInputs, plan: RunPlan, rejected: RunPlan | None) -> str:
 def fits_at(run: RunInputs, gpu: gpus.Gpu) -> tuple[int, int] | None:
     """The largest size of the same aspect whose last stage fits with sequential offload and chunking (on
     the CPU: in the machine's memory, chunked)."""
-    multiple, last = run.multiple, run.stages[-1]
+    multiple, last, asked_vae = run.multiple, run.stages[-1], run.spec.settings.vae_tiling
     w0, h0 = last.width, last.height
     lo, hi = 0, max(w0, h0) // multiple  # long side in multiples, lo fits (0: nothing does)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         w, h = scaled_size(w0, h0, mid * multiple, multiple)
-        stage = replace(last, width=w, height=h, vae_tiling=run.spec.recipe.vae_tiles(w, h))
+        stage = replace(last, width=w, height=h, vae_tiling=run.spec.recipe.vae_tiling(asked_vae, w, h))
         trial = replace(run, stages=[stage])
         if gpu.cpu:
             plan = candidate(trial, gpu, "none", FF_CHUNK_TOKENS, clear_on=True)

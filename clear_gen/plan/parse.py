@@ -16,12 +16,13 @@ from ..core.sizes import MAX_SIDE, MIN_SIDE, TOKEN_PX, check_size, scaled_size, 
 from ..errors import ConfigError, DeviceError
 from ..weights.spec import WeightsSpec
 from .recipe import Recipe, recipe
-from .spec import ClearChoice, GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
+from .spec import VAE_TILINGS, ClearChoice, GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
 
 MAX_COUNT = (
     10_000  # --count: images of one run (each job is made lazily, but a typo should not run for weeks)
 )
 OFFLOADS = ("auto", "none", "model", "sequential")
+VAE_TILE_MULTIPLE = 32  # px: diffusers' tiles (fast) stride 3/4 of a tile in whole latent px
 
 
 def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) -> RunSpec:
@@ -145,6 +146,7 @@ def _settings(opts: GenerateOptions, cache) -> Settings:
     check_dtype(opts.dtype)
     check_mode(opts.parallel)
     check_backend(opts.backend)
+    vae_tile = _vae_tile(opts)
     return Settings(
         device=opts.device,
         dtype=opts.dtype,
@@ -155,7 +157,26 @@ def _settings(opts: GenerateOptions, cache) -> Settings:
         cache=cache,
         backend=opts.backend,
         compare_full=opts.compare_full,
+        vae_tiling=opts.vae_tiling,
+        vae_tile=vae_tile,
     )
+
+
+def _vae_tile(opts: GenerateOptions) -> int:
+    """--vae-tiling's name and --vae-tile's side checked; the tile side: the asked one, else the VAE's
+    sample_size (what diffusers' own tiling uses)."""
+    if opts.vae_tiling not in VAE_TILINGS:
+        raise ConfigError(f"unknown --vae-tiling {opts.vae_tiling!r}; choose {', '.join(VAE_TILINGS)}")
+    tile = opts.vae_tile
+    if tile is None:
+        from ..weights.shapes import model_shapes
+
+        return model_shapes(opts.model).vae_tile
+    if not (MIN_SIDE <= tile <= MAX_SIDE and tile % VAE_TILE_MULTIPLE == 0):
+        raise ConfigError(
+            f"--vae-tile takes a multiple of {VAE_TILE_MULTIPLE} px, {MIN_SIDE}-{MAX_SIDE}; got {tile}"
+        )
+    return tile
 
 
 def model_family(model: str) -> str:
@@ -388,8 +409,10 @@ def _stage(
     asked_prop = opts.proportional_attention
     proportional = asked_prop if asked_prop is not None else (high_res and the_recipe.proportional_above)
     net_clear = clear and max(w, h) > the_recipe.controlnet_clear_above
-    tiles = the_recipe.vae_tiles(w, h)
-    return Stage(w, h, clear, steps, guidance, sdedit, strength, ntk, proportional, tiles, net_clear, *guide)
+    vae, tile = the_recipe.vae_tiling(spec.settings.vae_tiling, w, h), spec.settings.vae_tile
+    return Stage(
+        w, h, clear, steps, guidance, sdedit, strength, ntk, proportional, vae, tile, net_clear, *guide
+    )
 
 
 def _checked_sizes(

@@ -51,6 +51,12 @@ class Recipe:
         long, short = max(width, height), min(width, height)
         return long > self.guide_above or long > self.guide_ratio * short
 
+    def vae_tiling(self, asked: str, width: int, height: int) -> str:
+        """How a stage's VAE runs: the asked exact, fast or off; auto: exact where the recipe tiles."""
+        if asked != "auto":
+            return asked
+        return "exact" if self.vae_tiles(width, height) else "off"
+
     def sigmas(self, steps: int) -> list[float]:
         """An SDEdit stage's sigmas before the scheduler's shift: linspace(1, 1/steps, steps)."""
         import numpy as np

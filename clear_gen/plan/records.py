@@ -57,6 +57,8 @@ def image_record(
         "cache": str(cache) if cache.kind != "none" else None,
         "guide": guided.guide if guided else None,  # as decided: a record without one ran none
         "guide_level": guided.guide_level if guided else None,
+        "vae_tiling": opts.vae_tiling if opts.vae_tiling != GenerateOptions.vae_tiling else None,
+        "vae_tile": opts.vae_tile,
     }  # fmt: skip
     model = Path(weights.model).expanduser()
     return ImageRecord(
@@ -138,6 +140,8 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         cache=extra.get("cache", GenerateOptions.cache),
         guide=extra.get("guide", "none"),  # none too for an image made before there was guidance
         guide_level=extra.get("guide_level"),
+        vae_tiling=extra.get("vae_tiling", GenerateOptions.vae_tiling),  # a v0.1 record: auto (exact)
+        vae_tile=extra.get("vae_tile"),
     )
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))

@@ -70,6 +70,8 @@ class GenerateOptions:
     guide: str | None = None  # none | cosine-decay | constant | cosine-shift (core/guide.py); None: the
     # recipe's (cosine-decay in the CLEAR SDEdit stages of a target above 4096 px or beyond 2:1, else none)
     guide_level: int | None = None  # its Haar low-pass level; None: the recipe's (1)
+    vae_tiling: str = "auto"  # auto | exact | fast | off; auto: exact in the stages the recipe tiles
+    vae_tile: int | None = None  # px, a tile's side; None: the VAE's sample_size (1024 for FLUX.1)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class Stage:
     strength: float = 1.0  # SDEdit: the part of the schedule that runs
     ntk_factor: float = 1.0  # RoPE theta multiplier in this stage (CLEAR stages)
     proportional: bool = False  # proportional attention in this stage (CLEAR stages)
-    vae_tiling: bool = False  # the VAE encodes and decodes this stage in tiles
+    vae_tiling: str = "off"  # how the VAE encodes and decodes this stage: off | exact | fast (VAE_TILINGS)
+    vae_tile: int = 1024  # px: the side of a tile (exact: of its core)
     controlnet_clear: bool = False  # a ControlNet's blocks get CLEAR too (training-free, f = 1)
     guide: str = "none"  # projected-flow guidance towards the stage's start picture (CLEAR SDEdit stages)
     guide_level: int = 1  # its Haar low-pass level
@@ -98,6 +101,11 @@ class Stage:
     @property
     def long_side(self) -> int:
         return max(self.width, self.height)
+
+    @property
+    def vae_tiles(self) -> str:
+        """The VAE tiling that runs: off when the picture fits in one tile (either tiling runs it whole)."""
+        return "off" if self.long_side <= self.vae_tile else self.vae_tiling
 
     @property
     def denoising_steps(self) -> int:
@@ -131,6 +139,8 @@ class Settings:
     cache: CacheChoice = CacheChoice()
     backend: str = "auto"  # CLEAR's attention kernel (attention.BACKENDS), chosen per device when auto
     compare_full: bool = True  # time full attention at each CLEAR size
+    vae_tiling: str = "auto"  # asked; each Stage holds what it decided
+    vae_tile: int = 1024  # px: the asked tile side, else the VAE's sample_size
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,9 @@ class RunSpec:
 
 
 CACHES = ("none", "fbc", "taylorseer")
+
+
+VAE_TILINGS = ("auto", "exact", "fast", "off")  # --vae-tiling
 
 
 FBC_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default

@@ -135,7 +135,7 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
             timing.stages.append(stage_timing)
             timing.total_s = time.perf_counter() - started
             return None  # sequence mode: rank 0 alone decodes and saves the image
-        hooks.phase("decode", f"{stage.width}x{stage.height}")
+        hooks.phase("decode", _decode_detail(stage))
         t0 = now(run.device)
         image = _decode(run, latents, stage, f"stage {i + 1}/{n}'s decoded image")
         stage_timing.decode_s = now(run.device) - t0
@@ -187,7 +187,7 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     elif controlnet is not None:
         remove_clear(controlnet)
     control = _control_kwargs(control_spec, picture) if controlnet is not None else {}
-    _vae_tiling(run.pipe.vae, stage)
+    _vae_tiling(run, stage)
     geo = choice.geometry(stage.width, stage.height, emb[0].shape[1]) if stage.clear else None  # (1, T, D)
     compiling = _first_run(geo, settings.backend, device, transformer.dtype)
     # 2. Denoise, timing every step (and the GPU memory's high-water mark).
@@ -287,12 +287,18 @@ def _decode(run: Run, latents: torch.Tensor, stage: Stage, what: str) -> Any:
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def _vae_tiling(vae, stage: Stage) -> None:
-    """Tiles for this stage's VAE encode (img2img) and decode when the recipe says so (above 2048 px)."""
-    if stage.vae_tiling:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
+def _vae_tiling(run: Run, stage: Stage) -> None:
+    """This stage's VAE tiling (exact, fast or off) for its encodes (img2img, a ControlNet's picture) and
+    its decode. Exact tiling parks its tiles in the machine's memory with sequential offload, as the plan
+    counts them."""
+    store = torch.device("cpu") if run.offload == "sequential" else None
+    models.of(run.pipe.transformer).set_vae_tiling(run.pipe.vae, stage.vae_tiling, stage.vae_tile, store)
+
+
+def _decode_detail(stage: Stage) -> str:
+    """'8192x8192 in exact tiles of 1024 px': what the decode phase says."""
+    size = f"{stage.width}x{stage.height}"
+    return size if stage.vae_tiles == "off" else f"{size} in {stage.vae_tiles} tiles of {stage.vae_tile} px"
 
 
 def _first_run(geo: Geometry | None, backend: str, device: torch.device, dtype: torch.dtype) -> bool:

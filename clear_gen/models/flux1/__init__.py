@@ -4,7 +4,8 @@ their img2img and ControlNet twins): every fact about their layout that the rest
 The transformer's joint sequence is [text T ; image N], text first, in both block kinds; image tokens are
 row-major over the (H/16) x (W/16) grid (the VAE's /8, then 2 x 2 patches); positions reach attention only
 through RoPE (`img_ids`, `txt_ids` -> `pos_embed`, theta 10000). Shapes for the memory plan are in
-`shapes`, a random full-size pipeline for benchmarks in `random`, feed-forward chunking in `chunking`.
+`shapes` (activations' bytes in `activations`), a random full-size pipeline for benchmarks in `random`,
+feed-forward chunking in `chunking`, the VAE's exact tiled decode and encode in `vae`.
 """
 
 from __future__ import annotations
@@ -267,3 +268,4 @@ def text_encoder_class():
 
 
 from . import activations, shapes  # noqa: E402, F401  (its submodules: models.family("flux1").shapes)
+from .vae import set_vae_tiling  # noqa: E402, F401

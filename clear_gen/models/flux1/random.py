@@ -98,6 +98,7 @@ def step_inputs(model, res: int, text_len: int, device, dtype, seed: int = 0) ->
 # ---------------------------------------------------------------- a whole pipeline (bench --what image)
 
 VAE_CHANNELS = 128  # FLUX.1-dev's VAE: 128, 256, 512, 512 channels
+VAE_TILE = 1024  # px: its sample_size, the side of diffusers' tiles
 CLIP_DIM = 768  # the pooled text vector FLUX.1 takes (pooled_projection_dim)
 SCHEDULER = dict(  # FLUX.1-dev's scheduler configuration
     base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
@@ -114,7 +115,7 @@ def build_vae(device: torch.device, dtype: torch.dtype, channels: int = VAE_CHAN
     torch.manual_seed(seed)
     with torch.device(device):
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, sample_size=1024,
+            in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, sample_size=VAE_TILE,
             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
             block_out_channels=[channels, 2 * channels, 4 * channels, 4 * channels],
             norm_num_groups=min(32, channels), scaling_factor=0.3611, shift_factor=0.1159,
