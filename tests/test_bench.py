@@ -72,7 +72,7 @@ def test_attention_runs_and_checks_against_dense():
         assert set(B.ROW_KEYS) <= row.keys()
         assert row["check_ok"] and row["check_res"] == 256
         assert row["clear_ms"] > 0 and row["full_ms"] > 0 and row["speedup"] > 0
-        assert row["device"].startswith("cpu") and row["peak_mem_mb"] is None
+        assert row["device"].startswith("cpu") and row["peak_mem_mb"] >= 0  # resident memory above the start
     assert "attention" in R.table_markdown(rows) and "cpu" in R.title(rows)
 
 

@@ -36,7 +36,8 @@ def _timing_cells(row: dict) -> list[str]:
     split = "-"
     if row.get("image_rows_ms") is not None:
         split = f"{row['image_rows_ms']:.1f} + {row['text_rows_ms']:.1f}"
-    return [full, _fmt(row["clear_ms"]), compile_s, speedup, peak, split, check]
+    clear = "refused" if row.get("refused") else _fmt(row["clear_ms"])
+    return [full, clear, compile_s, speedup, peak, split, check]
 
 
 PLAN_COLUMNS = (
@@ -44,7 +45,7 @@ PLAN_COLUMNS = (
     "mask build ms med/min", "linear PF", "full attn PF", "CLEAR attn PF exact/comp.", "bound",
 )  # fmt: skip
 TIMING_COLUMNS = (
-    "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
+    "res", "r", "f", "tokens", "backend", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
     "peak MB", "image + text rows ms", "check",
 )  # fmt: skip
 COMM_COLUMNS = (
@@ -113,7 +114,8 @@ def _cells(row: dict) -> list[str]:
         return _comm_cells(row)
     head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
     if row["what"] != "plan":
-        return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
+        backend = row.get("backend") or "-"
+        return [*head, backend, f"{row['computed_density']:.2%}", *_timing_cells(row)]
     return [
         *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
         f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
@@ -175,7 +177,7 @@ def table_markdown(rows: list[dict]) -> str:
 
 def _key(row: dict) -> tuple:
     return (row.get("part"), row["what"], row["res"], row["window"], row["down_factor"], row.get("stage"),
-            row.get("gpus"))  # fmt: skip
+            row.get("gpus"), row.get("backend_asked"))  # fmt: skip
 
 
 def read(path: Path) -> tuple[list[dict], dict[str, str]]:

@@ -29,6 +29,7 @@ class BenchOptions:
     text_len: int = 512
     device: str = "auto"
     dtype: str | None = None
+    backend: str = "auto"  # CLEAR's kernel; attention: several, comma-separated, measured side by side
     repeats: int = 3  # timed calls after a warm-up (median)
     compare_full: bool = True  # full attention / the stock model too
     measure: str = "both"  # step: both, clear or full
@@ -54,6 +55,7 @@ class BenchSpec:
     head_dim: int
     vae_channels: int  # --what image's VAE width
     image: dict = field(default_factory=dict)  # --what image's options that were given
+    backends: tuple[str, ...] = ("auto",)  # decided: each a backend name or auto
 
 
 def parse_bench(opts: BenchOptions) -> BenchSpec:
@@ -73,7 +75,22 @@ def parse_bench(opts: BenchOptions) -> BenchSpec:
         raise ConfigError(f"--{next(iter(image)).replace('_', '-')} is an option of --what image only")
     window, down_factor = _attention(opts)
     heads, head_dim, vae_channels = _shape(opts)
-    return BenchSpec(opts, window, down_factor, heads, head_dim, vae_channels, image)
+    backends = _backends(opts)
+    return BenchSpec(opts, window, down_factor, heads, head_dim, vae_channels, image, backends)
+
+
+def _backends(opts: BenchOptions) -> tuple[str, ...]:
+    """--backend: one name (or auto), or for --what attention several, compared side by side."""
+    from ..attention.backends import check_backend
+
+    names = tuple(dict.fromkeys(name.strip() for name in opts.backend.split(",")))
+    for name in names:
+        check_backend(name)
+    if len(names) > 1 and opts.what != "attention":
+        raise ConfigError(
+            f"--backend {opts.backend}: several backends side by side with --what attention only"
+        )
+    return names
 
 
 GPU_SHAPE = (24, 128, 128)  # heads, head dim, VAE channels: FLUX.1-dev's

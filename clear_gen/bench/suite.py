@@ -2,8 +2,8 @@
 
 Three measurements, one row (a dict) per resolution:
 - plan: no compute; tokens, mask densities, block-mask build time, FLOPs and the speedup they bound;
-- attention: the attention op alone, CLEAR (FlexAttention) versus full SDPA, plus a check of CLEAR
-  against the dense reference;
+- attention: the attention op alone, CLEAR (with each asked backend, side by side) versus full SDPA,
+  plus a check of each against the dense reference;
 - step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock;
   under torchrun the CLEAR step is the sequence-parallel one (parallel.py), checked against one GPU's.
 `plan --gpus P` adds, per resolution and GPU count, sequence mode's communication per GPU next to its
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.backends import DENSE_MAX_ELEMENTS
+from ..attention.backends import DENSE_MAX_ELEMENTS, REFERENCE, Work, choose
 from ..core import flops as FL
 from ..core import geometry as G
 from ..core.clock import samples, timed, timeit
@@ -37,7 +37,7 @@ from .spec import BenchSpec
 CHECK_ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # CLEAR vs dense reference
 ROW_KEYS = (
     "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
-    "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device",
+    "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device", "backend",
 )  # fmt: skip
 
 Progress = Callable[[str], None] | None
@@ -75,6 +75,7 @@ def _base_row(what: str, res: int, geo: G.Geometry, lists: G.BlockLists, dev: st
         "speedup": None,
         "peak_mem_mb": None,
         "device": dev,
+        "backend": None,
         "torch": torch.__version__,
     }
 
@@ -137,14 +138,14 @@ def _qkv(geo: G.Geometry, heads: int, head_dim: int, device, dtype, seed: int = 
     return rand(geo.q_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2), rand(geo.kv_len).transpose(1, 2)
 
 
-def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype) -> dict:
-    """CLEAR (flex, in dtype) against the dense masked SDPA reference in float32 on the same inputs."""
+def check_attention(geo: G.Geometry, heads: int, head_dim: int, device, dtype, backend: str = "auto") -> dict:
+    """CLEAR (the backend, in dtype) against the dense masked SDPA reference in float32 on the same inputs."""
     from ..attention.backends import clear_attention
 
     q, k, v = _qkv(geo, heads, head_dim, device, dtype, seed=1)
     scale = head_dim**-0.5
-    out = clear_attention(q, k, v, geo, scale, "flex").float()
-    ref = clear_attention(q.float(), k.float(), v.float(), geo, scale, "dense")
+    out = clear_attention(q, k, v, geo, scale, backend).float()
+    ref = clear_attention(q.float(), k.float(), v.float(), geo, scale, REFERENCE)
     err = (out - ref).abs().max().item()
     return {"check_res": geo.height * 16, "check_max_err": err, "check_ok": err <= CHECK_ATOL[dtype]}
 
@@ -159,44 +160,52 @@ def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len:
 
 
 def attention_row(
-    res: int, window: int, down_factor: int, text_len: int, heads: int, head_dim: int,
-    device: torch.device, dtype: torch.dtype, repeats: int, guard: FullGuard,
+    res: int, wf: tuple[int, int, int], heads: int, head_dim: int, bench: Bench, repeats: int, backend: str,
+    fulls: dict,
 ) -> dict:  # fmt: skip
-    """CLEAR attention (flex) versus full SDPA over the text + image tokens, heads x head_dim."""
+    """CLEAR attention (the backend) versus full SDPA over the text + image tokens, heads x head_dim. Full
+    SDPA runs once per size (`fulls`, by res) for all the backends a run compares. A backend that cannot
+    serve the size (dense's mask limit, gather's budget) gets a row saying so."""
     import torch.nn.functional as F
 
     from ..attention.backends import clear_attention
 
-    geo = geometry(res, window, down_factor, text_len)
-    q, k, v = _qkv(geo, heads, head_dim, device, dtype)
+    geo, device = geometry(res, *wf), bench.device
+    q, k, v = _qkv(geo, heads, head_dim, device, bench.dtype)
     scale = head_dim**-0.5
-    clear = lambda: clear_attention(q, k, v, geo, scale, "flex")  # noqa: E731
-    clear_ms, first_ms, peak = timed(clear, device, repeats)
     row = _base_row("attention", res, geo, G.build_block_lists(geo), device_name(device))
-    row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
-    kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
-    full = lambda: F.scaled_dot_product_attention(q, kq, vq, scale=scale)  # noqa: E731
-    flops = 4.0 * FL.full_pairs(geo) * heads * head_dim
-    row.update(guard.measure(full, flops, clear_ms, FL.full_pairs(geo) / _computed(geo), device, repeats))
+    row.update(heads=heads, head_dim=head_dim, dtype=str(bench.dtype).removeprefix("torch."))
+    row.update(backend=backend, backend_asked=backend)
+    try:
+        chosen = choose(backend, device, geo, work=Work.of(q))
+    except ConfigError as e:
+        row.update(refused=str(e), **fulls.get(res, {"full_ms": None}))
+        return row
+    clear = lambda: clear_attention(q, k, v, geo, scale, chosen.name)  # noqa: E731
+    clear_ms, first_ms, peak = timed(clear, device, repeats)
+    row.update(backend=chosen.name, clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+    if res not in fulls:
+        kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
+        full = lambda: F.scaled_dot_product_attention(q, kq, vq, scale=scale)  # noqa: E731
+        flops = 4.0 * FL.full_pairs(geo) * heads * head_dim
+        ratio = FL.full_pairs(geo) / _computed(geo)
+        fulls[res] = bench.guard.measure(full, flops, clear_ms, ratio, device, repeats)
+    row.update(fulls[res])
     row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
-    row.update(heads=heads, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."))
-    if geo.text_len % G.BLOCK == 0:
-        row.update(text_split(q, k, v, geo, scale, device, repeats))
+    if chosen.image_rows is not None and geo.text_len % G.BLOCK == 0:
+        row.update(text_split(q, k, v, geo, scale, device, repeats, chosen.image_rows))
     return row
 
 
-def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int) -> dict:
+def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int, image_rows) -> dict:
     """What the text query rows cost: they visit every key block (~2,052 at 8K) where an image row
-    visits ~13, so a few thread blocks may run long after the rest. Times the image rows alone (their
-    rows of the block mask) and the text rows alone (SDPA over text and image keys): if their sum is
-    well under the one-kernel time, a separate pass for the text rows is worth it."""
+    visits ~13, so a few thread blocks may run long after the rest. Times the image rows alone (the
+    backend's `image_rows`: their rows of the block mask) and the text rows alone (SDPA over text and image
+    keys): if their sum is well under the one-kernel time, a separate pass for the text rows is worth it."""
     import torch.nn.functional as F
 
-    from ..attention.backends import compiled_flex
-
     t, n = geo.text_len, geo.q_len
-    mask = G.image_rows_block_mask(geo, str(device))
-    image = lambda: compiled_flex(q[:, :, t:], k, v, mask, scale)  # noqa: E731
+    image = lambda: image_rows(q, k, v, geo, scale)  # noqa: E731
     text = lambda: F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :n], v[:, :, :n], scale=scale)  # noqa: E731
     image_ms, _ = timeit(image, device, repeats)
     text_ms, _ = timeit(text, device, repeats)
@@ -238,15 +247,17 @@ class FullGuard:
 # ---------------------------------------------------------------- step
 
 
-def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) -> dict:
-    """Whole-step CLEAR with FlexAttention against the dense-mask backend: relative L2 error. With
-    `shards` (under torchrun), the sequence-parallel flex step against this GPU's own flex step."""
+def check_step(model, inputs: dict, window: int, down_factor: int, backend: str, shards=None) -> dict:
+    """Whole-step CLEAR with the backend against the dense-mask reference: relative L2 error. With
+    `shards` (under torchrun), the sequence-parallel step against this GPU's own step."""
     from ..attention import apply_clear
 
     outs = []
-    runs = (("flex", None), ("flex", shards)) if shards is not None else (("dense", None), ("flex", None))
-    for backend, parallel in runs:
-        apply_clear(model, window=window, down_factor=down_factor, backend=backend, parallel=parallel)
+    runs = (
+        ((backend, None), (backend, shards)) if shards is not None else ((REFERENCE, None), (backend, None))
+    )
+    for name, parallel in runs:
+        apply_clear(model, window=window, down_factor=down_factor, backend=name, parallel=parallel)
         outs.append(model(**inputs)[0].float())
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     tol = 1e-3 if inputs["hidden_states"].dtype == torch.float32 else 5e-2
@@ -254,8 +265,8 @@ def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) 
 
 
 def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callable[[dict], None]) -> dict:
-    """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
-    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. Under
+    """One denoising step with CLEAR (the asked backend) and/or the stock attention (`measure`); check vs
+    dense if asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. Under
     torchrun (`bench.shards`) CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU
     whole."""
     from ..attention import apply_clear, remove_clear
@@ -271,13 +282,15 @@ def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callabl
     row.update(dtype=str(bench.dtype).removeprefix("torch."), speedup_bound=FL.speedup_bound(flops))
     gpus = 1 if shards is None else shards.world.size
     row.update(gpus=gpus, parallel="none" if shards is None else "sequence")
-    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check.
+    backend = spec.backends[0]
+    row["backend"] = choose(backend, device, geo, work=Work(shape.heads, shape.head_dim, bench.dtype)).name
+    # 1. CLEAR timed (its first call compiles a compiling backend's kernel), then the optional check.
     if o.measure != "full":
-        apply_clear(model, window=window, down_factor=down_factor, backend="flex", parallel=shards)
+        apply_clear(model, window=window, down_factor=down_factor, backend=backend, parallel=shards)
         clear_ms, first_ms, peak = timed(step, device, o.repeats)
         row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
         if check:
-            row.update(check_res=res, **check_step(model, inputs, window, down_factor, shards))
+            row.update(check_res=res, **check_step(model, inputs, window, down_factor, backend, shards))
         remove_clear(model)
         emit(row)
     # 2. Stock attention, unless the guard estimates it too slow.
@@ -352,13 +365,16 @@ def _sizes(spec: BenchSpec, dev: torch.device, say) -> tuple[int, ...]:
 def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
     """One row per size (and per GPU count with --gpus), each emitted as it lands; the attention check."""
     o, wf, dev = spec.asked, (spec.window, spec.down_factor, spec.asked.text_len), bench.device
-    rows = []
+    rows, fulls = [], {}  # fulls: full SDPA's figures per size, shared by the backends compared
     for r in sizes:
         say(f"{o.what} {r} px, r = {spec.window}, f = {spec.down_factor} on {device_name(dev)}")
         if o.what == "plan":
             row = plan_row(r, *wf, bench.shape)
         elif o.what == "attention":
-            row = attention_row(r, *wf, spec.heads, spec.head_dim, dev, bench.dtype, o.repeats, bench.guard)
+            for backend in spec.backends[:-1]:  # all but the last: the last is the loop's row
+                rows.append(attention_row(r, wf, spec.heads, spec.head_dim, bench, o.repeats, backend, fulls))
+                emit(rows[-1])
+            row = attention_row(r, wf, spec.heads, spec.head_dim, bench, o.repeats, spec.backends[-1], fulls)
         else:
             geo = geometry(r, *wf)
             small = geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS or bench.shards is not None  # dense or 1 GPU
@@ -369,11 +385,16 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
             rows.append(comm_row(r, *wf, bench.shape, p))
             emit(rows[-1])
     if o.what == "attention":
-        check = check_attention(_check_geometry(sizes, *wf), spec.heads, spec.head_dim, dev, bench.dtype)
-        say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
-        for row in rows:
-            row.update(check)
-            emit(row)
+        check_geo = _check_geometry(sizes, *wf)
+        for backend in spec.backends:
+            check = check_attention(check_geo, spec.heads, spec.head_dim, dev, bench.dtype, backend)
+            say(
+                f"check: CLEAR ({backend}) vs {REFERENCE} at {check['check_res']} px, "
+                f"max |err| {check['check_max_err']:.2e}"
+            )
+            for row in (row for row in rows if row["backend_asked"] == backend):
+                row.update(check)
+                emit(row)
     return rows
 
 

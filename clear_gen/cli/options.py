@@ -97,7 +97,7 @@ def model_options(
         rich_help_panel=MODEL,
     ),
     backend: str = typer.Option(
-        None, help="CLEAR kernel: auto, flex or dense.", show_default="auto", rich_help_panel=MODEL
+        None, help="CLEAR kernel: auto, flex, gather or dense.", show_default="auto", rich_help_panel=MODEL
     ),
     transformer: str = typer.Option(
         None, help="FLUX.1 transformer .gguf: a file or owner/repo/file.gguf.", rich_help_panel=MODEL
@@ -150,9 +150,9 @@ def sampling_options(
 
 
 def run_options(
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N, mps or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA/MPS, fp32 CPU", rich_help_panel=RUN
     ),
     offload: str = typer.Option(
         DEFAULTS.offload, help="auto (from the memory plan), none, model or sequential.", rich_help_panel=RUN

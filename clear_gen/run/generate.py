@@ -22,7 +22,7 @@ import torch
 from .. import models
 from ..attention import remove_clear
 from ..core.clock import now
-from ..core.device import resolve_dtype
+from ..core.device import dtype_note, resolve_dtype
 from ..core.sizes import MAX_SIDE, size_multiple
 from ..errors import ClearGenError, ConfigError, DeviceError
 from ..files import output
@@ -113,7 +113,7 @@ def generate(
 def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks: Hooks, pipe) -> Prepared:
     """The run parsed and checked, or a ClearGenError."""
     spec = opts if isinstance(opts, RunSpec) else parse(opts, hooks.note)
-    dtype = resolve_dtype(spec.settings.dtype, device)
+    dtype = _dtype(spec, device, hooks)
     control = spec.weights.controlnet
     info = control_record(control) if control is not None else None
     picture = control.picture.image if control is not None and control.picture is not None else None
@@ -133,6 +133,15 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
         for seed in spec.seeds
     ]
     return Prepared(spec, jobs, device, dtype, world, plan, offload)
+
+
+def _dtype(spec: RunSpec, device: torch.device, hooks: Hooks) -> torch.dtype:
+    """The run's dtype on this device, with a note when the device's default had to change (MPS without
+    bf16)."""
+    note = dtype_note(spec.settings.dtype, device)
+    if note:
+        hooks.note(note)
+    return resolve_dtype(spec.settings.dtype, device)
 
 
 def _check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
@@ -171,7 +180,7 @@ def upscale(
 def _check_upscale(opts, inputs, target, world: parallel.World, device, hooks: Hooks) -> Prepared:
     """Read every picture, then plan every image, before loading gigabytes."""
     spec = parse(opts, hooks.note, upscale=True)
-    dtype = resolve_dtype(spec.settings.dtype, device)
+    dtype = _dtype(spec, device, hooks)
     jobs, spec = upscale_jobs(spec, inputs, target, hooks)
     world = world.decide(len(jobs))
     largest = max(jobs, key=lambda job: job.stages[-1].tokens)
@@ -331,8 +340,8 @@ def _memory_plan(spec: RunSpec, device: torch.device, hooks: Hooks, stages=None)
         if spec.settings.gpu_memory is not None:
             gpus.limit_memory(device, spec.settings.gpu_memory)
         hooks.note(plan.offload_line())
-    elif spec.settings.offload not in ("auto", "none"):
-        hooks.note(offload_on_cpu(spec.settings.offload))
+    if plan.unified and spec.settings.offload not in ("auto", "none"):
+        hooks.note(offload_on_cpu(spec.settings.offload, device.type))
     return plan
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .. import models
 from ..attention import remove_clear
+from ..core import device as D
 from ..core.clock import samples, timeit
 from ..core.device import synchronize
 from ..core.flops import speedup_bound, step_flops
@@ -22,20 +23,21 @@ FULL_MEASURE_BUDGET_S = 60.0  # measure full attention when a warm + timed step 
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new GPU memory high-water mark (CUDA; nothing elsewhere)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    """Start a new GPU memory high-water mark (CUDA, MPS; nothing on the CPU)."""
+    if device.type != "cpu":
+        D.reset_peak_memory(device)
 
 
 def record_peak_memory(timing: StageTiming, device: torch.device) -> None:
-    """Raise the stage's peak figures to the high-water marks since the last reset (CUDA; None elsewhere:
-    torch keeps no count on the CPU)."""
-    if device.type != "cuda":
+    """Raise the stage's peak figures to the high-water marks since the last reset: CUDA's allocated and
+    reserved, MPS's driver pool as reserved; None on the CPU (the process's memory is not the stage's)."""
+    if device.type == "cpu":
         return
-    allocated = torch.cuda.max_memory_allocated(device) / 1e9
-    reserved = torch.cuda.max_memory_reserved(device) / 1e9
-    timing.peak_allocated_gb = max(timing.peak_allocated_gb or 0.0, allocated)
-    timing.peak_reserved_gb = max(timing.peak_reserved_gb or 0.0, reserved)
+    allocated, reserved = D.peak_memory(device)
+    if allocated is not None:
+        timing.peak_allocated_gb = max(timing.peak_allocated_gb or 0.0, allocated)
+    if reserved is not None:
+        timing.peak_reserved_gb = max(timing.peak_reserved_gb or 0.0, reserved)
 
 
 class StepClock:
