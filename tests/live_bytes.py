@@ -51,7 +51,7 @@ def flash_like_sdpa(query, key, value, *args, **kwargs):
     return torch.empty(b, length, h, d, dtype=query.dtype, device=query.device).transpose(1, 2)
 
 
-def flash_like_clear(query, key, value, geo, scale, backend="auto"):
+def flash_like_clear(query, key, value, geo, scale, backend="auto", note=None):
     """The same for CLEAR's FlexAttention call: its output like the query, and a log-sum-exp."""
     torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
     return torch.empty_like(query)

@@ -314,7 +314,7 @@ def test_img_ids_that_are_not_a_grid_are_refused():
 def test_dense_backend_refuses_large_sequences():
     geo = Geometry(512, 128, 128, 8)  # 2048 px: 16896 tokens
     q = torch.zeros(1, 1, 1, 8)
-    with pytest.raises(ConfigError, match="too large; use --backend flex"):
+    with pytest.raises(ConfigError, match="too large; use --backend gather, flex or auto"):
         clear_attention(q, q, q, geo, 1.0, backend="dense")
 
 

@@ -233,7 +233,7 @@ def test_a_backend_that_cannot_serve_a_clear_stage_is_refused_at_parse(tiny, cap
     args += ["--dry-run"] if dry_run else [*common(tiny), "--out", f"{tmp_path}/"]
     code, _, err = run(args, capsys)
     line = one_error(code, err)
-    assert "stage 2/2 (2048x2048): the dense backend needs a" in line and "use --backend flex" in line
+    assert "stage 2/2 (2048x2048): the dense backend needs a" in line and "use --backend gather" in line
 
 
 def test_an_unknown_backend_is_refused_for_a_full_attention_run_too(capsys):

@@ -216,7 +216,9 @@ def reference_attention(q, k, v, s, text_len, h, w, r, scale):
     return torch.einsum("bhqk,bkhd->bqhd", weights, pooled[1])
 
 
-def test_dense_backend_gradients_match_the_reference():
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_backend_gradients_match_the_reference(backend):
+    """q, k, v and spatial weights' gradients, as distill's CPU and MPS backward computes them (gather)."""
     text_len, h, w, r, f, heads, dim = 5, 8, 8, 3, 2, 2, 8
     geo = image_geometry(text_len, h, w, r, f)
     perm, inv = tile_order(h, w, geo.tile), inverse_order(h, w, geo.tile)
@@ -230,12 +232,12 @@ def test_dense_backend_gradients_match_the_reference():
     def tiled(x):  # (B, L, H, D): image tokens into tile order
         return torch.cat([x[:, :text_len], x[:, text_len:][:, perm]], 1)
 
-    # CLEAR's path: tile order, pooled keys, the dense backend; then back to row-major.
+    # CLEAR's path: tile order, pooled keys, the backend; then back to row-major.
     qt, kt, vt = tiled(q), tiled(k), tiled(v)
     weight = s.view(1, 1, 1, f, 1, f, 1)
     kt = torch.cat([kt, pool_keys(kt[:, text_len:], geo, inv, weight)], 1)
     vt = torch.cat([vt, pool_keys(vt[:, text_len:], geo, inv, weight)], 1)
-    out = clear_attention(*(t.transpose(1, 2) for t in (qt, kt, vt)), geo, dim**-0.5, "dense").transpose(1, 2)
+    out = clear_attention(*(t.transpose(1, 2) for t in (qt, kt, vt)), geo, dim**-0.5, backend).transpose(1, 2)
     ours = torch.cat([out[:, :text_len], out[:, text_len:][:, inv]], 1)
     grads = torch.autograd.grad(ours, (q, k, v, s), upstream)
     expected = reference_attention(q, k, v, s, text_len, h, w, r, dim**-0.5)

@@ -10,12 +10,13 @@
 4. optionally, a CLEAR checkpoint's projections and spatial weights (weights.py). On a quantized
    transformer (torchao, GGUF, bitsandbytes) the projections come in as plain Linear layers in the compute
    dtype, and remove_clear puts the quantized ones back.
-The kernels are a registry (backends.py). May import `core`, `models` and `errors`.
+The kernels are a registry (backends.py; the plain-torch block-sparse one in gather.py). May import
+`core`, `models` and `errors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -64,12 +65,15 @@ def apply_clear(
     ntk_factor: float = 1.0,
     backend: str = "auto",
     parallel: object | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> None:
     """Turn a diffusers model (FluxTransformer2DModel or FluxControlNetModel) into its CLEAR version, in
     place (see the package docstring).
 
     Applying again first removes the previous CLEAR. A checkpoint that does not fit is refused
-    before anything changes. `parallel`: a run.world.SequenceShards for torchrun's sequence mode.
+    before anything changes. `parallel`: a run.world.SequenceShards for torchrun's sequence mode. `note`
+    hears a line worth telling while the model runs (a kernel that failed to compile and was replaced);
+    without it, a warning.
     """
     config = ClearConfig(window, down_factor, proportional_attention, ntk_factor, backend)
     _validate(config)
@@ -80,7 +84,7 @@ def apply_clear(
     if state_dict is not None:
         check_checkpoint(model, state_dict, down_factor)
     remove_clear(model)
-    state = ClearState(config, family, theta=family.rope_theta(model), parallel=parallel)
+    state = ClearState(config, family, theta=family.rope_theta(model), parallel=parallel, note=note)
     like = torch.empty(0, dtype=model.dtype, device=family.compute_device(model))  # not GGUF's uint8
     for name, attn in modules.items():
         state.processors[name] = attn.processor

@@ -1,19 +1,28 @@
-"""CLEAR's attention kernels as a registry: each backend with the devices it serves, whether it has a backward
-pass there, whether it compiles a kernel per size, and the sizes it accepts. `choose` picks one for a
-device (and a geometry, and training), and says in one line why an asked-for one cannot serve; nothing
-else in clear-gen tests a backend's name or a device type to choose attention.
+"""CLEAR's attention kernels as a registry: every fact about a backend lives in its entry here (the devices
+it serves, where it has a backward pass, the dtypes it takes, whether it compiles and what compiling needs,
+the sizes it accepts, what auto falls back to when its compile fails). `choose` picks one for a device (and
+a geometry, the call's heads and dtype, and training), and says in one line why an asked-for one cannot
+serve; nothing else in clear-gen tests a backend's name or a device type to choose attention.
 
 - flex: torch's FlexAttention compiled with CLEAR's analytic block mask (geometry.block_mask): the fast
-  path, on CUDA and the CPU; training (a backward pass) on CUDA only.
+  path on CUDA and the CPU, and on Apple's MPS through torch's Metal lowering (inference only); training
+  (a backward pass) on CUDA only. When its compile fails and auto chose it, auto takes gather instead.
 - flex-split: flex with the text query rows run apart (SDPA over every text and image key): the same
   values; off by default (auto never takes it) until a GPU measures it faster (the attention part of
   scripts/gpu_bench.sh).
+- gather: the exact block-sparse kernel in plain torch (gather.py): the key blocks each query tile needs,
+  gathered, and SDPA; no compiler, any device torch runs SDPA on, with a backward pass everywhere; chunks
+  of tiles within a memory budget.
 - dense: SDPA with an explicit boolean mask: the small-size reference, on any device, refused above
   DENSE_MAX_ELEMENTS mask entries.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,9 +33,13 @@ from torch import Tensor
 
 from ..core import geometry as G
 from ..errors import ConfigError
+from . import gather
+from .gather import Work
 
 DENSE_MAX_ELEMENTS = 1 << 26  # q_len * kv_len; beyond it the dense mask and scores are too large
 FLEX_RECOMPILE_LIMIT = 64  # kernels per process: one per geometry, dtype and batch (a few per run)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+EVERY_DEVICE = ("cuda", "cpu", "mps", "xpu")  # ROCm builds of torch name their GPUs cuda too
 
 
 @dataclass
@@ -38,29 +51,43 @@ class Backend:
     devices: tuple[str, ...]  # device types it runs on
     backward: tuple[str, ...]  # device types where it has a backward pass (training)
     compiles: bool  # compiles a kernel the first time it runs a geometry (the run says "compiling")
-    max_elements: int | None = None  # q_len * kv_len it accepts; None: any
+    note: str  # what it is, for `clear-gen info --backends`
+    dtypes: tuple[torch.dtype, ...] = FLOATS
+    too_large: Callable[[G.Geometry, Work | None], str | None] | None = None  # why a size is refused
+    needs: Callable[[str], str | None] | None = None  # what it lacks on this machine for a device type
+    may_fail: bool = False  # a failed compile under auto is not fatal: passed over there from then on
+    image_rows: Callable[[Tensor, Tensor, Tensor, G.Geometry, float], Tensor] | None = None  # the image
+    # query rows alone (T a multiple of 128), for bench's study of what the text rows cost
+    split: str | None = None  # the backend running this one's text query rows apart (bench times it too)
     auto_min_keys: dict[str, int] = field(default_factory=dict)  # auto passes it over below this many keys
     auto: bool = True  # auto may choose it; False: it runs only when asked by name
-    note: str = ""  # what it is, for `clear-gen info --backends`-style listings
     seen: set = field(default_factory=set)  # (geometry, device, dtype) it ran in this process
+    failed: dict[str, str] = field(default_factory=dict)  # device type: why it failed to compile there
 
     def problem(
-        self, device: torch.device, geo: G.Geometry | None = None, training: bool = False
+        self,
+        device: torch.device,
+        geo: G.Geometry | None = None,
+        training: bool = False,
+        work: Work | None = None,
     ) -> str | None:
-        """Why this backend cannot serve this device, size and use; None when it can."""
+        """Why this backend cannot serve this device, size, call and use; None when it can."""
         where = device.type
         if where not in self.devices:
             return f"the {self.name} backend does not run on {where} (it runs on {', '.join(self.devices)})"
         if training and where not in self.backward:
             return (
-                f"the {self.name} backend has no backward pass on {where}: train there with --backend dense"
+                f"the {self.name} backend has no backward pass on {where}: train there with --backend gather"
             )
-        if geo is not None and self.max_elements is not None and geo.q_len * geo.kv_len > self.max_elements:
-            return (
-                f"the {self.name} backend needs a {geo.q_len} x {geo.kv_len} mask, too large; "
-                "use --backend flex (or auto)"
-            )
-        return None
+        if work is not None and work.dtype not in self.dtypes:
+            return f"the {self.name} backend does not take {str(work.dtype).removeprefix('torch.')}"
+        if geo is not None and self.too_large is not None:
+            problem = self.too_large(geo, work)
+            if problem is not None:
+                return problem
+        lacking = self.needs(where) if self.needs is not None else None
+        failed = self.failed.get(where)
+        return lacking or (f"{failed}; use --backend gather or auto" if failed else None)
 
     def first_use(self, geo: G.Geometry, device: torch.device, dtype: torch.dtype) -> bool:
         """True the first time this process runs it at this geometry, device and dtype: for a compiling
@@ -69,6 +96,10 @@ class Backend:
         new = key not in self.seen
         self.seen.add(key)
         return new and self.compiles
+
+    def uses(self, device: torch.device) -> str:
+        """'inference and training' or 'inference': what it does on this device (it serves it)."""
+        return "inference and training" if device.type in self.backward else "inference"
 
 
 # ---------------------------------------------------------------- flex
@@ -137,6 +168,33 @@ def _image_rows_mask(geo: G.Geometry, device: str):
     return G.image_rows_block_mask(geo, device)
 
 
+def _flex_image_rows(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
+    """The image query rows alone, through their rows of CLEAR's block mask. (B, H, N, D)."""
+    mask = _image_rows_mask(geo, str(query.device))
+    return compiled_flex(query[:, :, geo.text_len :], key, value, mask, scale)
+
+
+def _flex_needs(device_type: str) -> str | None:
+    """What compiling FlexAttention lacks on this machine: a C++ compiler for inductor's CPU kernels, Triton
+    for CUDA's (when there is a CUDA GPU here: a plan for another machine assumes it has them); None when
+    nothing is missing (MPS: torch's own Metal lowering, nothing to install)."""
+    if device_type == "cpu" and not _cpp_compiler():
+        return "the flex backend compiles its CPU kernel with a C++ compiler, and none is here (install g++)"
+    if device_type == "cuda" and torch.cuda.is_available() and not _triton():
+        return "the flex backend compiles its CUDA kernel with Triton, which is missing (pip install triton)"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _cpp_compiler() -> bool:
+    return bool(os.environ.get("CXX")) or any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+
+
+@lru_cache(maxsize=1)
+def _triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 # ---------------------------------------------------------------- dense
 
 
@@ -151,25 +209,50 @@ def _dense(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: fl
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
+def _dense_too_large(geo: G.Geometry, work: Work | None) -> str | None:
+    if geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS:
+        return None
+    return (
+        f"the dense backend needs a {geo.q_len} x {geo.kv_len} mask, too large; "
+        "use --backend gather, flex or auto"
+    )
+
+
+def _gather_too_large(geo: G.Geometry, work: Work | None) -> str | None:
+    return None if work is None else gather.unit_problem(geo, work)
+
+
 # ---------------------------------------------------------------- the registry
 
 
 BACKENDS: dict[str, Backend] = {  # in order of preference for auto
     "flex": Backend(
-        "flex", _flex, devices=("cuda", "cpu"), backward=("cuda",), compiles=True,
+        "flex", _flex, devices=("cuda", "cpu", "mps"), backward=("cuda",), compiles=True,
+        note="compiled FlexAttention with CLEAR's block mask; compiles a kernel per size and dtype",
+        needs=_flex_needs, may_fail=True, image_rows=_flex_image_rows, split="flex-split",
         auto_min_keys={"cpu": G.BLOCK},  # see CPU_SHORT_SEQUENCES
-        note="compiled FlexAttention, CLEAR's block mask",
+    ),
+    "gather": Backend(
+        "gather", gather.attention, devices=EVERY_DEVICE, backward=EVERY_DEVICE, compiles=False,
+        note=(
+            f"exact block-sparse SDPA over gathered key blocks, no compiler, chunks within "
+            f"{gather.BUDGET_BYTES / 2**30:g} GiB"
+        ),
+        too_large=_gather_too_large,
+        auto_min_keys={device: G.BLOCK for device in EVERY_DEVICE},  # below one block: dense, the same work
     ),
     "flex-split": Backend(
         "flex-split", _flex_split, devices=("cuda", "cpu"), backward=("cuda",), compiles=True, auto=False,
-        note="flex with the text query rows apart (SDPA); off by default",
+        note="flex with the text query rows apart (SDPA); off by default", needs=_flex_needs,
     ),
     "dense": Backend(
-        "dense", _dense, devices=("cuda", "cpu", "mps", "xpu"), backward=("cuda", "cpu", "mps", "xpu"),
-        compiles=False, max_elements=DENSE_MAX_ELEMENTS, note="SDPA with a boolean mask (small sizes)",
+        "dense", _dense, devices=EVERY_DEVICE, backward=EVERY_DEVICE, compiles=False,
+        note="SDPA with a boolean mask, the reference, up to 2^26 mask entries (small sizes)",
+        too_large=_dense_too_large,
     ),
 }  # fmt: skip
 NAMES = ("auto", *BACKENDS)
+REFERENCE = "dense"  # the exact reference the benchmarks check the others against
 # CPU_SHORT_SEQUENCES: torch 2.13's compiled CPU flex kernel was reported (issue 24) to return NaN or wrong
 # values for sequences shorter than one 128-token block when the inductor cache is fresh. Not reproduced
 # here (README, known issues); auto takes the exact dense kernel there all the same: at that size it costs
@@ -182,31 +265,84 @@ def check_backend(name: str) -> None:
         raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(NAMES)}")
 
 
-def choose(name: str, device: torch.device, geo: G.Geometry | None = None, training: bool = False) -> Backend:
+def choose(
+    name: str,
+    device: torch.device,
+    geo: G.Geometry | None = None,
+    training: bool = False,
+    work: Work | None = None,
+) -> Backend:
     """The backend to run: the asked one if it can serve (else one line saying why), or for auto the first
-    in BACKENDS that can."""
+    in BACKENDS that can. `work`: the call's batch x heads, head dim and dtype, when known (sizes a
+    backend's memory)."""
     check_backend(name)
     if name != "auto":
-        problem = BACKENDS[name].problem(device, geo, training)
+        problem = BACKENDS[name].problem(device, geo, training, work)
         if problem is not None:
             raise ConfigError(problem)
         return BACKENDS[name]
     candidates = [backend for backend in BACKENDS.values() if backend.auto]
     for backend in candidates:
         short = geo is not None and geo.kv_len < backend.auto_min_keys.get(device.type, 0)
-        if not short and backend.problem(device, geo, training) is None:
+        if not short and backend.problem(device, geo, training, work) is None:
             return backend
-    reasons = "; ".join(b.problem(device, geo, training) for b in candidates)
+    reasons = "; ".join(filter(None, (b.problem(device, geo, training, work) for b in candidates)))
     raise ConfigError(f"no attention backend can serve this run: {reasons}")
+
+
+def available(devices: list[torch.device]) -> list[tuple[str, str]]:
+    """(name, one line) per backend: what it does on each of these devices (this machine's), or why it
+    cannot serve any of them; then what it is and where it runs. What `clear-gen info --backends` prints."""
+    lines = []
+    for b in BACKENDS.values():
+        serves = [d for d in devices if b.problem(d) is None]
+        here = "; ".join(f"{d.type}: {b.uses(d)}{_auto_skips(b, d)}" for d in serves)
+        if not serves:
+            here = "not here: " + "; ".join(dict.fromkeys(b.problem(d) or "" for d in devices))
+        where = f"runs on {', '.join(b.devices)}, trains on {', '.join(b.backward)}"
+        lines.append((b.name, f"{here} [{b.note}; {where}]"))
+    return lines
+
+
+def _auto_skips(backend: Backend, device: torch.device) -> str:
+    keys = backend.auto_min_keys.get(device.type)
+    return f" (auto from {keys} keys)" if keys else ""
+
+
+COMPILE_FAILURES = (torch._dynamo.exc.TorchDynamoException,)  # inductor's errors are BackendCompilerFailed
 
 
 @torch.compiler.disable  # outside compiled blocks (--compile): flex is compiled on its own, static shapes
 def clear_attention(
-    query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float, backend: str = "auto"
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    geo: G.Geometry,
+    scale: float,
+    backend: str = "auto",
+    note: Callable[[str], None] | None = None,
 ) -> Tensor:
     """CLEAR attention over a tile-ordered sequence (keys include any down-sampled tokens).
 
-    query (B, H, q_len, D), key/value (B, H, kv_len, D) -> (B, H, q_len, D).
+    query (B, H, q_len, D), key/value (B, H, kv_len, D) -> (B, H, q_len, D). When the backend auto chose
+    fails to compile here, its fallback runs instead, for the rest of the process, and `note` (else a
+    warning) says so once.
     """
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    return choose(backend, query.device, geo, training).run(query, key, value, geo, scale)
+    device, work = query.device, Work.of(query)
+    chosen = choose(backend, device, geo, training, work)
+    try:
+        return chosen.run(query, key, value, geo, scale)
+    except COMPILE_FAILURES as e:
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        why = f"the {chosen.name} backend did not compile on {device.type} ({last})"
+        if backend != "auto" or not chosen.may_fail:
+            raise ConfigError(f"{why}; use --backend gather") from None
+        chosen.failed[device.type] = f"{why} in this process"
+        instead = choose(backend, device, geo, training, work)
+        (note or _warn)(f"{why}: CLEAR runs on the {instead.name} backend instead")
+        return instead.run(query, key, value, geo, scale)
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text, RuntimeWarning, stacklevel=4)

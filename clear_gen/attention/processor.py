@@ -112,7 +112,8 @@ class ClearAttnProcessor(torch.nn.Module):
         # 3. Attention over (B, H, L, D).
         scale = G.attention_scale(geo, attn.head_dim, state.config.proportional_attention)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
-        out = clear_attention(q, k, v, geo, scale, state.config.backend).transpose(1, 2)  # (B, T + N, H, D)
+        out = clear_attention(q, k, v, geo, scale, state.config.backend, state.note)  # (B, H, T + N, D)
+        out = out.transpose(1, 2)  # (B, T + N, H, D)
         if state.parallel is not None:  # sequence mode: back to this rank's tokens, every head
             out = state.parallel.scatter_heads(out)
         out = out.flatten(2, 3).to(query.dtype)  # (B, L, H * D)

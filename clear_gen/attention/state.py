@@ -3,6 +3,7 @@ share (the current forward's layout, the replaced processors, projections and Ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -45,3 +46,4 @@ class ClearState:
     hooks: list = field(default_factory=list)
     grids: GridCache = field(default_factory=GridCache)
     parallel: object | None = None  # run.world.SequenceShards in torchrun's sequence mode, else None
+    note: Callable[[str], None] | None = None  # hears a line worth telling (a kernel that fell back)

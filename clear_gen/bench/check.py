@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.backends import BACKENDS, clear_attention
+from ..attention.backends import DENSE_MAX_ELEMENTS, choose, clear_attention
 from ..core import geometry as G
 from ..core.device import device_name
 from ..run.measure import random_qkv
@@ -18,7 +18,7 @@ CHECK_ROWS = 256  # query rows per sampled place where the dense reference over 
 
 def dense_fits(geo: G.Geometry) -> bool:
     """The dense reference (the dense backend) takes this size."""
-    return geo.q_len * geo.kv_len <= BACKENDS["dense"].max_elements
+    return geo.q_len * geo.kv_len <= DENSE_MAX_ELEMENTS
 
 
 def check_attention(
@@ -27,7 +27,7 @@ def check_attention(
     head_dim: int,
     device: torch.device,
     dtype: torch.dtype,
-    backend: str = "flex",
+    backend: str = "auto",
 ) -> dict:
     """CLEAR (`backend`, in dtype) against the dense masked SDPA reference in float32 on the same inputs:
     every query row where the dense reference fits, else the rows of check_rows."""
@@ -74,13 +74,20 @@ def check_row(
 
 
 def attention_check(
-    geo: G.Geometry, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    geo: G.Geometry,
+    heads: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str = "auto",
 ) -> dict:
-    """The attention part's check: the flex kernel, and the flex-split backend when the text rows end on a
-    block boundary (its error in `check_split_max_err`; both must pass)."""
-    check = check_attention(geo, heads, head_dim, device, dtype)
-    if geo.text_len % G.BLOCK == 0:
-        split = check_attention(geo, heads, head_dim, device, dtype, "flex-split")
+    """The attention part's check: the backend's kernel (auto: the device's), and the backend running its
+    text rows apart (its `split`: flex-split for flex) when the text rows end on a block boundary (its error
+    in `check_split_max_err`; both must pass)."""
+    chosen = choose(backend, device, geo)
+    check = check_attention(geo, heads, head_dim, device, dtype, chosen.name)
+    if chosen.split is not None and geo.text_len % G.BLOCK == 0:
+        split = check_attention(geo, heads, head_dim, device, dtype, chosen.split)
         check["check_split_max_err"] = split["check_max_err"]
         check["check_ok"] = check["check_ok"] and split["check_ok"]
     return check

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 
 from ..core.clock import now
-from ..core.device import device_name, resolve_device, resolve_dtype
+from ..core.device import device_name, peak_memory, reset_peak_memory, resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..files.record import RunTiming, StageTiming
 from ..models.flux1.random import VAE_TILE, build_pipeline, check_vae_channels, flux_shape
@@ -95,6 +95,7 @@ def _options(spec: BenchSpec, dev: torch.device, dtype: torch.dtype) -> Generate
         max_sequence_length=o.text_len,
         device=str(dev),
         dtype=str(dtype).removeprefix("torch."),
+        backend=spec.backends[0],
         compare_full=o.compare_full,
         compile=spec.compile,
         cache=o.cache or "none",
@@ -134,13 +135,13 @@ class _Rows:
         self.emit(row)
 
     def _reset(self) -> None:
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
+        reset_peak_memory(self.dev)
 
     def _read(self) -> float | None:
-        if self.dev.type != "cuda":
-            return None
-        return max(self._peak or 0.0, torch.cuda.max_memory_allocated(self.dev) / 2**20)
+        """MB: CUDA's peak allocated, MPS's driver pool; None on the CPU."""
+        allocated, reserved = (None, None) if self.dev.type == "cpu" else peak_memory(self.dev)
+        peak = allocated if allocated is not None else reserved
+        return None if peak is None else max(self._peak or 0.0, peak * 1e9 / 2**20)
 
     def hooks(self) -> Hooks:
         def phase(name: str, detail: str) -> None:

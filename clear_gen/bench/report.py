@@ -39,7 +39,7 @@ def _timing_cells(row: dict) -> list[str]:
     if row.get("image_rows_ms") is not None:
         split = f"{row['image_rows_ms']:.1f} + {row['text_rows_ms']:.1f}"
         split += f" (split {row['split_ms']:.1f})" if row.get("split_ms") is not None else ""
-    clear = _fmt(row["clear_ms"])
+    clear = "refused" if row.get("refused") else _fmt(row["clear_ms"])
     if row.get("plain_ms") is not None:  # --compile / --quantize: the plain step, same process
         clear += f" (plain {row['plain_ms']:.1f})"
     return [full, clear, compile_s, speedup, peak, split, check]
@@ -50,7 +50,7 @@ PLAN_COLUMNS = (
     "mask build ms med/min", "linear PF", "full attn PF", "CLEAR attn PF exact/comp.", "bound",
 )  # fmt: skip
 TIMING_COLUMNS = (
-    "res", "r", "f", "tokens", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
+    "res", "r", "f", "tokens", "backend", "computed dens.", "full ms", "CLEAR ms", "compile s", "speedup",
     "peak MB", "image + text rows ms", "check",
 )  # fmt: skip
 CHECK_COLUMNS = ("res", "r", "f", "tokens", "query rows", "max err", "tol", "check")
@@ -145,7 +145,8 @@ def _cells(row: dict) -> list[str]:
         return special[row["what"]](row)
     head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
     if row["what"] != "plan":
-        return [*head, f"{row['computed_density']:.2%}", *_timing_cells(row)]
+        backend = row.get("backend") or "-"
+        return [*head, backend, f"{row['computed_density']:.2%}", *_timing_cells(row)]
     return [
         *head, f"{row['exact_density']:.2%}", f"{row['computed_density']:.2%}",
         f"{row['computed_over_needed']:.2f}x", f"{row['rowmajor_over_needed']:.2f}x",
@@ -216,7 +217,7 @@ def table_markdown(rows: list[dict]) -> str:
 
 def _key(row: dict) -> tuple:
     return (row.get("part"), row["what"], row.get("res"), row.get("window"), row.get("down_factor"),
-            row.get("stage"), row.get("gpus"))  # fmt: skip
+            row.get("stage"), row.get("gpus"), row.get("backend_asked"))  # fmt: skip
 
 
 def read(path: Path) -> tuple[list[dict], dict[str, str]]:

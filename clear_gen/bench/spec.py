@@ -30,6 +30,7 @@ class BenchOptions:
     text_len: int = 512
     device: str = "auto"
     dtype: str | None = None
+    backend: str = "auto"  # CLEAR's kernel; attention: several, comma-separated, measured side by side
     repeats: int = 3  # timed calls after a warm-up (median)
     compare_full: bool = True  # full attention / the stock model too
     measure: str = "both"  # step: both, clear, full, or composed (full from timed attention ops)
@@ -58,6 +59,7 @@ class BenchSpec:
     image: dict = field(default_factory=dict)  # --what image's options that were given
     compile: bool = False  # decided: compile the blocks (image, step)
     quantize: str = "none"  # decided: the transformer's weights (image, step; a mode this device runs)
+    backends: tuple[str, ...] = ("auto",)  # decided: each a backend name or auto
 
 
 def parse_bench(opts: BenchOptions) -> BenchSpec:
@@ -82,8 +84,18 @@ def parse_bench(opts: BenchOptions) -> BenchSpec:
     window, down_factor = _attention(opts)
     heads, head_dim, vae_channels = _shape(opts)
     image = given if opts.what == "image" else {}
+    backends = _backends(opts)
     return BenchSpec(
-        opts, window, down_factor, heads, head_dim, vae_channels, image, bool(opts.compile), quantize
+        opts,
+        window,
+        down_factor,
+        heads,
+        head_dim,
+        vae_channels,
+        image,
+        bool(opts.compile),
+        quantize,
+        backends,
     )
 
 
@@ -113,6 +125,20 @@ def _check_step(opts: BenchOptions, quantize: str) -> None:
         raise ConfigError("--compile and --quantize time one step size: give one --res")
     if opts.measure == "composed" and launched():
         raise ConfigError("--measure composed times one GPU's step; run it without torchrun")
+
+
+def _backends(opts: BenchOptions) -> tuple[str, ...]:
+    """--backend: one name (or auto), or for --what attention several, compared side by side."""
+    from ..attention.backends import check_backend
+
+    names = tuple(dict.fromkeys(name.strip() for name in opts.backend.split(",")))
+    for name in names:
+        check_backend(name)
+    if len(names) > 1 and opts.what != "attention":
+        raise ConfigError(
+            f"--backend {opts.backend}: several backends side by side with --what attention only"
+        )
+    return names
 
 
 GPU_SHAPE = (24, 128, 128)  # heads, head dim, VAE channels: FLUX.1-dev's

@@ -2,8 +2,8 @@
 
 Measurements, one row (a dict) per resolution:
 - plan: no compute; tokens, mask densities, block-mask build time, FLOPs and the speedup they bound;
-- attention: the attention op alone, CLEAR (FlexAttention) versus full SDPA, plus a check of CLEAR
-  against the dense reference (check.py);
+- attention: the attention op alone, CLEAR (with each asked backend, side by side) versus full SDPA,
+  plus a check of each against the dense reference (check.py);
 - check: that check alone, one block's attention at each size (sampled query rows where the dense
   reference would not fit);
 - step: one denoising step of a FLUX.1-dev-shaped transformer with random weights, CLEAR versus stock
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention.backends import REFERENCE, Work, choose
 from ..core import flops as FL
 from ..core import geometry as G
 from ..core.clock import samples, timed, timeit
@@ -42,7 +43,7 @@ from .spec import BenchSpec
 
 ROW_KEYS = (
     "what", "res", "window", "down_factor", "tokens", "exact_density", "computed_density",
-    "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device",
+    "full_ms", "clear_ms", "speedup", "peak_mem_mb", "device", "backend",
 )  # fmt: skip
 
 Progress = Callable[[str], None] | None
@@ -80,6 +81,7 @@ def _base_row(what: str, res: int, geo: G.Geometry, lists: G.BlockLists, dev: st
         "speedup": None,
         "peak_mem_mb": None,
         "device": dev,
+        "backend": None,
         "torch": torch.__version__,
     }
 
@@ -143,49 +145,61 @@ def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len:
     raise ConfigError(f"text length {text_len} is too long for the dense reference check")
 
 
-def attention_row(res: int, spec: BenchSpec, bench: Bench) -> dict:
-    """CLEAR attention (flex) versus full SDPA over the text + image tokens, heads x head_dim."""
+def attention_row(res: int, spec: BenchSpec, bench: Bench, backend: str, fulls: dict) -> dict:
+    """CLEAR attention (the backend) versus full SDPA over the text + image tokens, heads x head_dim. Full
+    SDPA runs once per size (`fulls`, by res) for all the backends a run compares. A backend that cannot
+    serve the size (dense's mask limit, gather's budget) gets a row saying so."""
     import torch.nn.functional as F
 
     from ..attention.backends import clear_attention
 
     heads, head_dim, repeats = spec.heads, spec.head_dim, spec.asked.repeats
-    device, dtype, guard = bench.device, bench.dtype, bench.guard
+    device = bench.device
     geo = geometry(res, spec.window, spec.down_factor, spec.asked.text_len)
-    q, k, v = random_qkv(geo, heads, head_dim, device, dtype)
+    q, k, v = random_qkv(geo, heads, head_dim, device, bench.dtype)
     scale = head_dim**-0.5
-    clear = lambda: clear_attention(q, k, v, geo, scale, "flex")  # noqa: E731
-    clear_ms, first_ms, peak = timed(clear, device, repeats)
     row = _base_row("attention", res, geo, G.build_block_lists(geo), device_name(device))
-    row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
-    kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
-    full = lambda: F.scaled_dot_product_attention(q, kq, vq, scale=scale)  # noqa: E731
-    flops = 4.0 * FL.full_pairs(geo) * heads * head_dim
-    row.update(guard.measure(full, flops, clear_ms, FL.full_pairs(geo) / _computed(geo), device, repeats))
+    row.update(heads=heads, head_dim=head_dim, dtype=str(bench.dtype).removeprefix("torch."))
+    row.update(backend=backend, backend_asked=backend)
+    try:
+        chosen = choose(backend, device, geo, work=Work.of(q))
+    except ConfigError as e:
+        row.update(refused=str(e), **fulls.get(res, {"full_ms": None}))
+        return row
+    clear = lambda: clear_attention(q, k, v, geo, scale, chosen.name)  # noqa: E731
+    clear_ms, first_ms, peak = timed(clear, device, repeats)
+    row.update(backend=chosen.name, clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
+    if res not in fulls:
+        kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
+        full = lambda: F.scaled_dot_product_attention(q, kq, vq, scale=scale)  # noqa: E731
+        flops = 4.0 * FL.full_pairs(geo) * heads * head_dim
+        ratio = FL.full_pairs(geo) / _computed(geo)
+        fulls[res] = bench.guard.measure(full, flops, clear_ms, ratio, device, repeats)
+    row.update(fulls[res])
     row["speedup"] = row["full_ms"] / clear_ms if row["full_ms"] else None
-    row.update(heads=heads, head_dim=head_dim, dtype=str(dtype).removeprefix("torch."))
-    if geo.text_len % G.BLOCK == 0:
-        row.update(text_split(q, k, v, geo, scale, device, repeats))
+    if chosen.image_rows is not None and geo.text_len % G.BLOCK == 0:
+        row.update(text_split(q, k, v, geo, scale, device, repeats, chosen))
     return row
 
 
-def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int) -> dict:
+def text_split(q, k, v, geo: G.Geometry, scale: float, device, repeats: int, backend) -> dict:
     """What the text query rows cost: they visit every key block (~2,052 at 8K) where an image row
     visits ~13, so a few thread blocks may run long after the rest. Times the image rows alone (their
-    rows of the block mask) and the text rows alone (SDPA over text and image keys), then both as the
-    flex-split backend runs them (`split_ms`, one output): if that is well under the one-kernel time,
-    the text rows deserve their own pass by default."""
+    rows of the block mask: the backend's `image_rows`) and the text rows alone (SDPA over text and image
+    keys), then both as its `split` backend runs them (`split_ms`, one output): if that is well under the
+    one-kernel time, the text rows deserve their own pass by default."""
     import torch.nn.functional as F
 
-    from ..attention.backends import clear_attention, compiled_flex
+    from ..attention.backends import clear_attention
 
     t, n = geo.text_len, geo.q_len
-    mask = G.image_rows_block_mask(geo, str(device))
-    image = lambda: compiled_flex(q[:, :, t:], k, v, mask, scale)  # noqa: E731
+    image = lambda: backend.image_rows(q, k, v, geo, scale)  # noqa: E731
     text = lambda: F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :n], v[:, :, :n], scale=scale)  # noqa: E731
     image_ms, _ = timeit(image, device, repeats)
     text_ms, _ = timeit(text, device, repeats)
-    split = lambda: clear_attention(q, k, v, geo, scale, "flex-split")  # noqa: E731  (both, one output)
+    if backend.split is None:
+        return {"image_rows_ms": image_ms, "text_rows_ms": text_ms}
+    split = lambda: clear_attention(q, k, v, geo, scale, backend.split)  # noqa: E731  (both, one output)
     split_ms, _ = timeit(split, device, repeats)
     return {"image_rows_ms": image_ms, "text_rows_ms": text_ms, "split_ms": split_ms}
 
@@ -232,15 +246,17 @@ class FullGuard:
 # ---------------------------------------------------------------- step
 
 
-def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) -> dict:
-    """Whole-step CLEAR with FlexAttention against the dense-mask backend: relative L2 error. With
-    `shards` (under torchrun), the sequence-parallel flex step against this GPU's own flex step."""
+def check_step(model, inputs: dict, window: int, down_factor: int, backend: str, shards=None) -> dict:
+    """Whole-step CLEAR with the backend against the dense-mask reference: relative L2 error. With
+    `shards` (under torchrun), the sequence-parallel step against this GPU's own step."""
     from ..attention import apply_clear
 
     outs = []
-    runs = (("flex", None), ("flex", shards)) if shards is not None else (("dense", None), ("flex", None))
-    for backend, parallel in runs:
-        apply_clear(model, window=window, down_factor=down_factor, backend=backend, parallel=parallel)
+    runs = (
+        ((backend, None), (backend, shards)) if shards is not None else ((REFERENCE, None), (backend, None))
+    )
+    for name, parallel in runs:
+        apply_clear(model, window=window, down_factor=down_factor, backend=name, parallel=parallel)
         outs.append(model(**inputs)[0].float())
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     tol = 1e-3 if inputs["hidden_states"].dtype == torch.float32 else 5e-2
@@ -248,8 +264,8 @@ def check_step(model, inputs: dict, window: int, down_factor: int, shards=None) 
 
 
 def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callable[[dict], None]) -> dict:
-    """One denoising step with CLEAR (flex) and/or the stock attention (`measure`); check vs dense if
-    asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. Under
+    """One denoising step with CLEAR (the asked backend) and/or the stock attention (`measure`); check vs
+    dense if asked. `emit` sees the row once CLEAR is measured, before the (much slower) stock step. Under
     torchrun (`bench.shards`) CLEAR runs sequence-parallel, checked against one GPU; stock runs on each GPU
     whole. `measure="composed"`: the stock step is not run but composed from the CLEAR step and one stock
     and one CLEAR attention op timed at this size (run.measure.composed_full_step). With --quantize or
@@ -270,10 +286,12 @@ def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callabl
     row.update(gpus=gpus, parallel="none" if shards is None else "sequence")
     row.update(compile=spec.compile, quantize=spec.quantize)
     sped = spec.compile or spec.quantize != "none"
-    # 1. CLEAR timed (its first call compiles FlexAttention), then the optional whole-step check; with
-    #    --quantize or --compile, first the plain step, then the quantized and compiled one.
+    backend = spec.backends[0]
+    row["backend"] = choose(backend, device, geo, work=Work(shape.heads, shape.head_dim, bench.dtype)).name
+    # 1. CLEAR timed (its first call compiles a compiling backend's kernel), then the optional whole-step
+    #    check; with --quantize or --compile, first the plain step, then the quantized and compiled one.
     if o.measure != "full":
-        apply_clear(model, window=window, down_factor=down_factor, backend="flex", parallel=shards)
+        apply_clear(model, window=window, down_factor=down_factor, backend=backend, parallel=shards)
         if sped:
             row["plain_ms"], _, _ = timed(step, device, o.repeats)
             emit(row)
@@ -281,7 +299,7 @@ def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callabl
         clear_ms, first_ms, peak = timed(step, device, o.repeats)
         row.update(clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
         if check:
-            row.update(check_res=res, **check_step(model, inputs, window, down_factor, shards))
+            row.update(check_res=res, **check_step(model, inputs, window, down_factor, backend, shards))
         remove_clear(model)
         emit(row)
     elif sped:
@@ -289,7 +307,7 @@ def step_row(res: int, spec: BenchSpec, bench: Bench, check: bool, emit: Callabl
     # 2. Stock attention: composed from timed ops, or run unless the guard estimates it too slow.
     if o.measure == "composed":
         heads = (shape.heads, shape.head_dim)
-        stock_op, clear_op = attention_ops_ms(geo, *heads, device, bench.dtype, "flex", o.repeats)
+        stock_op, clear_op = attention_ops_ms(geo, *heads, device, bench.dtype, row["backend"], o.repeats)
         full_ms = composed_full_step(row["clear_ms"], shape.layers, stock_op, clear_op)
         row.update(full_ms=full_ms, full_estimated=False, full_composed=True, stock_op_ms=stock_op,
                    clear_op_ms=clear_op, rest_ms=row["clear_ms"] - shape.layers * clear_op)  # fmt: skip
@@ -379,13 +397,16 @@ def _sizes(spec: BenchSpec, dev: torch.device, say) -> tuple[int, ...]:
 def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
     """One row per size (and per GPU count with --gpus), each emitted as it lands; the attention check."""
     o, wf, dev = spec.asked, (spec.window, spec.down_factor, spec.asked.text_len), bench.device
-    rows = []
+    rows, fulls = [], {}  # fulls: full SDPA's figures per size, shared by the backends compared
     for r in sizes:
         say(f"{o.what} {r} px, r = {spec.window}, f = {spec.down_factor} on {device_name(dev)}")
         if o.what == "plan":
             row = plan_row(r, *wf, bench.shape)
         elif o.what == "attention":
-            row = attention_row(r, spec, bench)
+            for backend in spec.backends[:-1]:  # all but the last: the last is the loop's row
+                rows.append(attention_row(r, spec, bench, backend, fulls))
+                emit(rows[-1])
+            row = attention_row(r, spec, bench, spec.backends[-1], fulls)
         elif o.what == "check":
             geo = geometry(r, *wf)
             base = _base_row("check", r, geo, G.build_block_lists(geo), device_name(dev))
@@ -401,11 +422,16 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
             rows.append(comm_row(r, *wf, bench.shape, p))
             emit(rows[-1])
     if o.what == "attention":
-        check = attention_check(_check_geometry(sizes, *wf), spec.heads, spec.head_dim, dev, bench.dtype)
-        say(f"check: CLEAR vs dense at {check['check_res']} px, max |err| {check['check_max_err']:.2e}")
-        for row in rows:
-            row.update(check)
-            emit(row)
+        check_geo = _check_geometry(sizes, *wf)
+        for backend in spec.backends:
+            check = attention_check(check_geo, spec.heads, spec.head_dim, dev, bench.dtype, backend)
+            say(
+                f"check: CLEAR ({backend}) vs {REFERENCE} at {check['check_res']} px, "
+                f"max |err| {check['check_max_err']:.2e}"
+            )
+            for row in (row for row in rows if row["backend_asked"] == backend):
+                row.update(check)
+                emit(row)
     return rows
 
 

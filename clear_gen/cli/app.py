@@ -61,10 +61,18 @@ def version() -> None:
 
 @app.command()
 def info(
-    image: Path = typer.Argument(..., help="A PNG made by clear-gen."),
+    image: Path = typer.Argument(None, help="A PNG made by clear-gen.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the record as one JSON object."),
+    backends: bool = typer.Option(
+        False, "--backends", help="List CLEAR's attention backends this machine can use, and why not others."
+    ),
 ) -> None:
-    """Show the prompt, seed and settings stored in a clear-gen PNG."""
+    """Show the prompt, seed and settings stored in a clear-gen PNG (or, with --backends, the kernels)."""
+    if backends:
+        _print_backends()
+        return
+    if image is None:
+        raise ConfigError("info needs a PNG made by clear-gen (or --backends)")
     record = record_from_image(image)
     if as_json:
         print(json.dumps(record.to_dict(), ensure_ascii=False, default=str))
@@ -87,6 +95,20 @@ def info(
     console.print(table)
     if timing is not None:
         console.print(timing_table(timing, "timings"))
+
+
+def _print_backends() -> None:
+    """One line per attention backend: what it does on each device here, or why it cannot run here."""
+    from ..attention.backends import available
+    from ..core.device import devices_here
+
+    here = devices_here()
+    print(
+        f"CLEAR attention backends on this machine ({', '.join(d.type for d in here)}); auto takes the first"
+    )
+    print("that serves a run's device, size and use (--backend NAME asks for one):")
+    for name, line in available(here):
+        print(f"  {name:<7} {line}")
 
 
 def _register_commands() -> None:

@@ -116,9 +116,12 @@ def _image_options(
 
 
 def _run_options(
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=options.RUN),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=options.RUN),
     dtype: str | None = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=options.RUN
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA/MPS, fp32 CPU", rich_help_panel=options.RUN
+    ),
+    backend: str = typer.Option(
+        "auto", help="CLEAR kernel; attention: several, e.g. flex,gather,dense.", rich_help_panel=options.RUN
     ),
     repeats: int = typer.Option(3, help="Timed calls after a warm-up (median).", rich_help_panel=options.RUN),
     no_compare_full: bool = typer.Option(

@@ -257,15 +257,17 @@ def _stage_cells(t: StageTiming) -> list[str]:
 
 
 def _peak(t: StageTiming) -> str:
-    if t.peak_allocated_gb is None:
+    """'12.3 (14.0)': allocated (reserved); '(14.0)' on MPS, which keeps only its driver's pool."""
+    if t.peak_reserved_gb is None:
         return "-"
-    return f"{t.peak_allocated_gb:.1f} ({t.peak_reserved_gb:.1f})"
+    allocated = "" if t.peak_allocated_gb is None else f"{t.peak_allocated_gb:.1f} "
+    return f"{allocated}({t.peak_reserved_gb:.1f})"
 
 
 def timing_table(timing: RunTiming, title: str) -> Table:
     """Every part of an image's wall time, one row each; its stages (by size) with per-step figures, their
     GPU memory peaks when they ran on a GPU, and the blocks a step cache skipped."""
-    peaks = any(t.peak_allocated_gb is not None for t in timing.stages)
+    peaks = any(t.peak_reserved_gb is not None for t in timing.stages)
     cached = any(t.block_evals for t in timing.stages)  # --cache: a column of skipped block evaluations
     extra = (*([PEAK_COLUMN] if peaks else []), *(["skipped"] if cached else []))
     columns = (*COLUMNS[:-1], *extra, COLUMNS[-1])
@@ -325,7 +327,7 @@ PLAN_COLUMNS = (
 
 def plan_table(plan: RunPlan, label: str = "") -> Table:
     """A run's memory plan, one row per stage (memory.py); every figure an estimate."""
-    gpu, on_gpu = ("GPU ", "on the GPU ") if plan.gpu else ("", "")
+    gpu, on_gpu = ("GPU ", "on the GPU ") if plan.gpu and not plan.unified else ("", "")
     where = f"{plan.device if plan.gpu else 'the CPU'}, {plan.free_gb:.1f} GB free"
     quantized = f", --quantize {plan.quantize}" if plan.quantize != "none" else ""
     quantized += f", --quantize-text {plan.quantize_text}" if plan.quantize_text != "none" else ""

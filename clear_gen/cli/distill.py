@@ -60,9 +60,9 @@ def make_data(
     validation_prompts: Path = typer.Option(
         None, help="Held-out prompts for validation.", show_default="4 built in", rich_help_panel=DATA
     ),
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N, mps or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA/MPS, fp32 CPU", rich_help_panel=RUN
     ),
     token: str = typer.Option(
         None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=RUN
@@ -155,11 +155,13 @@ def _train_saving(
 
 
 def _train_device(
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N, mps or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA/MPS, fp32 CPU", rich_help_panel=RUN
     ),
-    backend: str = typer.Option("auto", help="CLEAR kernel: flex (CUDA) or dense.", rich_help_panel=RUN),
+    backend: str = typer.Option(
+        "auto", help="CLEAR kernel: auto, gather, flex (CUDA) or dense.", rich_help_panel=RUN
+    ),
     token: str = typer.Option(
         None, help="Hub token.", show_default="HF_TOKEN or hf auth login", rich_help_panel=RUN
     ),

@@ -98,7 +98,7 @@ def model_options(
     ),
     backend: str = typer.Option(
         None,
-        help="CLEAR kernel: auto, flex, flex-split (text rows apart) or dense.",
+        help="CLEAR kernel: auto, flex, gather, flex-split (text rows apart) or dense.",
         show_default="auto",
         rich_help_panel=MODEL,
     ),
@@ -167,9 +167,9 @@ def guide_options(
 
 
 def run_options(
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu.", rich_help_panel=RUN),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N, mps or cpu.", rich_help_panel=RUN),
     dtype: str = typer.Option(
-        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA, fp32 CPU", rich_help_panel=RUN
+        None, help="bf16, fp16 or fp32.", show_default="bf16 CUDA/MPS, fp32 CPU", rich_help_panel=RUN
     ),
     offload: str = typer.Option(
         DEFAULTS.offload, help="auto (from the memory plan), none, model or sequential.", rich_help_panel=RUN

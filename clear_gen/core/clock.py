@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .device import synchronize
+from .device import peak_memory, reset_peak_memory, synchronize
 
 
 def samples(fn: Callable[[], object], device: torch.device, n: int) -> list[float]:
@@ -34,13 +34,20 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> tupl
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, float | None]:
-    """timeit plus the peak allocated MB over those calls (CUDA); None on the CPU (torch keeps no count)."""
-    if device.type != "cuda":
-        return (*timeit(fn, device, repeats), None)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    median_ms, first_ms = timeit(fn, device, repeats)
-    return median_ms, first_ms, torch.cuda.max_memory_allocated(device) / 2**20
+    """timeit plus the peak MB of the timed calls (the warm-up's, with repeats = 0), counting what earlier
+    calls left allocated: CUDA's allocated maximum, MPS's driver pool, a CPU's resident memory above its
+    level before the first call (Linux); None where none can be read."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    before = reset_peak_memory(device)
+    first = samples(fn, device, 1)[0]
+    median = first
+    if repeats > 0:
+        reset_peak_memory(device)  # the warm calls' peak, not the compiler's
+        median = statistics.median(samples(fn, device, repeats))
+    allocated, reserved = peak_memory(device, before)
+    peak = allocated if allocated is not None else reserved
+    return median, first, None if peak is None else peak * 1e9 / 2**20
 
 
 def now(device: torch.device) -> float:

@@ -48,7 +48,7 @@ class DataOptions:
     max_sequence_length: int | None = None  # T5 tokens; None: 512 (dev), 256 (schnell)
     validation_prompts: Path | None = None  # None: VALIDATION_PROMPTS
     device: str = "auto"
-    dtype: str | None = None  # bf16 on CUDA, fp32 elsewhere
+    dtype: str | None = None  # bf16 on CUDA and MPS, fp32 elsewhere
     token: str | None = None
 
 

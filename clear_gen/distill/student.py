@@ -38,7 +38,7 @@ def check_optimizer(name: str) -> None:
 
 
 def resolve_train_backend(backend: str, device: torch.device) -> str:
-    """The backend that can train on this device (backends.choose: flex on CUDA, dense on the CPU)."""
+    """The backend that can train on this device (backends.choose: flex on CUDA, gather on CPU and MPS)."""
     from ..attention.backends import choose
 
     return choose(backend, device, training=True).name

@@ -82,8 +82,8 @@ class TrainOptions:
     fp32_master: bool = True  # float32 master weights when the model is bf16 or fp16
     save: bool = True  # False: write no weights or resume file (benchmarks)
     device: str = "auto"
-    dtype: str | None = None  # bf16 on CUDA, fp32 elsewhere
-    backend: str = "auto"  # flex on CUDA, dense on the CPU (FlexAttention has no CPU backward)
+    dtype: str | None = None  # bf16 on CUDA and MPS, fp32 elsewhere
+    backend: str = "auto"  # flex on CUDA, gather elsewhere (FlexAttention's backward is CUDA's only)
     token: str | None = None
 
 

@@ -94,8 +94,8 @@ class StagePlan:
 class RunPlan:
     """What a run will do with GPU memory and time, before it loads anything (`plan_run`)."""
 
-    device: str  # the GPU planned for ("NVIDIA GeForce RTX 4090", "a 24 GB GPU") or "cpu"
-    gpu: bool  # False: a CPU run, whose memory is not checked
+    device: str  # the GPU planned for ("NVIDIA GeForce RTX 4090", "a 24 GB GPU", "a 64 GB Mac") or the CPU
+    gpu: bool  # False: a CPU run
     free_gb: float | None  # GPU memory the plan may use
     rate_tflops: float
     rate_source: str  # "measured by a matmul probe" or the table card
@@ -117,6 +117,7 @@ class RunPlan:
     unchunked_peak_gb: float  # the same run without feed-forward chunking
     fits: bool
     stages: list[StagePlan]
+    unified: bool = False  # one memory for everything (a CPU run, a Mac's GPU): nothing to offload
     fits_any: bool = True  # False: not even sequential offload with chunking fits (a real run refuses)
     headroom: float = HEADROOM  # the share of the free memory a plan keeps spare
     reason: str = ""  # why this offload (and chunking): see offload_line
@@ -141,20 +142,22 @@ class RunPlan:
         """Why the run cannot fit, and what would: one line."""
         target = self.stages[-1]
         smaller = f"; {self.fits_at[0]}x{self.fits_at[1]} would fit" if self.fits_at else ""
-        if not self.gpu:
+        if self.unified:
             lighter = [
                 flag
                 for flag, on in (
                     ("--dtype bf16", self.dtype == "fp32"),
                     ("--quantize int8", self.quantize == "none"),
                     ("--quantize-text int8", self.quantize_text == "none"),
+                    ("--vae-tiling fast", any(s.vae_tiles == "exact" for s in self.stages)),
                 )
                 if on
             ]
+            where, other = ("this Mac", "a Mac with more memory") if self.gpu else ("the CPU", "a GPU")
             return (
-                f"{target.width}x{target.height} on the CPU needs {self.peak_gb:.1f} GB of memory and "
-                f"{self.free_gb:.1f} GB is available{smaller}; use a GPU{''.join(', ' + f for f in lighter)} "
-                "or a smaller size"
+                f"{target.width}x{target.height} on {where} needs {self.peak_gb:.1f} GB of memory and "
+                f"{self.free_gb:.1f} GB is available{smaller}; use {other}"
+                f"{''.join(', ' + f for f in lighter)} or a smaller size"
             )
         return (
             f"{target.width}x{target.height} needs {self.peak_gb:.1f} GB of GPU memory even with --offload "

@@ -1,8 +1,8 @@
 """GPUs as a plan sees them: memory, compute capability and matmul rate, of this machine's GPU or of a
-common card from a table.
+common card from a table; a Mac's GPU (MPS), which shares the machine's unified memory; and the CPU.
 
 A plan made where there is a GPU measures its matmul rate (`probe_tflops`: a few large matmuls in the
-run's dtype); without one it takes a card from `CARDS` (its data-sheet dense tensor rate times
+run's dtype); without one it takes a card from `CARDS` (or a Mac from `MACS`: its data-sheet rate times
 `TABLE_ACHIEVED`), and every time it prints is labelled an estimate.
 """
 
@@ -59,7 +59,8 @@ class Gpu:
     tflops: float  # achievable matmul rate in the run's dtype
     rate_source: str  # how tflops was found, for the plan's labels
     detected: bool  # this machine's GPU (else a card from the table)
-    cpu: bool = False  # the CPU itself: everything in the machine's memory, nothing to offload
+    unified: bool = False  # one memory for everything (the CPU's, a Mac's): nothing to offload
+    kind: str = "cuda"  # the device type: cuda, mps or cpu
 
 
 def cpu_machine(dtype: torch.dtype) -> Gpu:
@@ -69,7 +70,9 @@ def cpu_machine(dtype: torch.dtype) -> Gpu:
 
     cpu = torch.device("cpu")
     rate = probe_tflops(cpu, dtype, 512)
-    return Gpu(device_name(cpu), available_memory(), None, rate, "measured by a matmul probe", True, cpu=True)
+    return Gpu(
+        device_name(cpu), available_memory(), None, rate, "measured by a matmul probe", True, True, "cpu"
+    )
 
 
 def available_memory() -> int:
@@ -144,8 +147,67 @@ def assumed_gpu(gb: float, dtype: torch.dtype) -> Gpu:
 
 
 def limit_memory(device: torch.device, gb: float) -> None:
-    """Hold this process to `gb` GB of the GPU (--gpu-memory on a GPU): a larger card rehearses a smaller
-    one, and the plan's promise is kept. Nothing when gb is at least the card's memory."""
+    """Hold this process to `gb` GB of the GPU (--gpu-memory on a GPU; on a Mac, what a `gb` GB Mac would let
+    the GPU use): a larger card rehearses a smaller one, and the plan's promise is kept. Nothing when that
+    is at least what this GPU has."""
+    if device.type == "mps":
+        total = torch.mps.recommended_max_memory()
+        if mac_usable(gb) < total:
+            torch.mps.set_per_process_memory_fraction(mac_usable(gb) / total)
+        return
     total = torch.cuda.get_device_properties(device).total_memory
     if gb * 1e9 < total:
         torch.cuda.set_per_process_memory_fraction(gb * 1e9 / total, device)
+
+
+# ---------------------------------------------------------------- a Mac
+
+
+@dataclass(frozen=True)
+class Mac:
+    """An Apple silicon chip as a plan assumes it, by memory: its GPU's data-sheet FP32 rate (Apple's GPUs
+    run bf16 and fp16 matmuls at about the same rate)."""
+
+    name: str
+    memory_gb: float
+    tflops: float
+
+
+MACS = (  # the plan's guess of the chip a Mac of that memory has
+    Mac("M4", 16, 4.3),
+    Mac("M4 Pro", 24, 9.2),
+    Mac("M4 Max", 36, 14.7),
+    Mac("M4 Max", 64, 18.4),
+    Mac("M4 Max", 128, 18.4),
+    Mac("M2 Ultra", 192, 27.2),
+    Mac("M3 Ultra", 512, 28.4),
+)
+MAC_ACHIEVED = 0.5  # share of the data-sheet rate assumed for large matmuls through MPS (not measured here)
+MAC_GPU_SHARE = 0.75  # of a Mac's memory that Metal lets the GPU use (its recommended working set) ...
+MAC_GPU_SHARE_SMALL = 2 / 3  # ... on Macs below 36 GB
+MAC_SMALL_GB = 36
+
+
+def mac_usable(gb: float) -> float:
+    """Bytes a `gb` GB Mac's GPU may use: Metal's recommended working set, the memory less what macOS and
+    other programs keep (3/4 of it from 36 GB, 2/3 below)."""
+    return gb * 1e9 * (MAC_GPU_SHARE if gb >= MAC_SMALL_GB else MAC_GPU_SHARE_SMALL)
+
+
+def mac(gb: float | None, dtype: torch.dtype, default_gb: float) -> Gpu:
+    """The Mac a plan on MPS is for: this one (Metal's recommended working set, its matmul rate measured)
+    or, without MPS here, a `gb` GB one (`default_gb` when not given) with a table chip's rate. With `gb`
+    on a Mac, what a Mac of that memory would let its GPU use."""
+    from ..core.device import device_name, mps_here
+
+    if mps_here():
+        device = torch.device("mps")
+        free = int(mac_usable(gb)) if gb is not None else torch.mps.recommended_max_memory()
+        rate = probe_tflops(device, dtype)
+        return Gpu(device_name(device), free, None, rate, "measured by a matmul probe", True, True, "mps")
+    gb = gb or default_gb
+    chip = min(MACS, key=lambda m: abs(m.memory_gb - gb))
+    source = f"table: an {chip.name}'s, {chip.tflops:g} TFLOP/s peak x {MAC_ACHIEVED} (assumed)"
+    return Gpu(
+        f"a {gb:g} GB Mac", int(mac_usable(gb)), None, chip.tflops * MAC_ACHIEVED, source, False, True, "mps"
+    )

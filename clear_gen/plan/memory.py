@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.device import resolve_device, resolve_dtype
+from ..core.device import dtype_note, resolve_device, resolve_dtype
 from ..core.flops import attention_flops, linear_flops
 from ..core.geometry import build_block_lists, needed_pairs
 from ..core.sizes import size_multiple
@@ -70,8 +70,8 @@ def device_problems(spec: RunSpec, gpu: gpus.Gpu | None, cuda_here: bool, offloa
     from ..weights.quantize import device_problems as problems
 
     w = spec.weights
-    if gpu is None or gpu.cpu:
-        target = Target("cpu", False, None, cuda_here)
+    if gpu is None or gpu.kind != "cuda":
+        target = Target(gpu.kind if gpu else "cpu", False, None, cuda_here)
     else:
         target = Target(gpu.name, True, gpu.capability, cuda_here)
     return problems(w.quantize, w.quantize_text, target, offload, gguf=w.gguf)
@@ -99,24 +99,32 @@ def plan_run(
     # 1. What runs: stages, attention, the device and dtype, the model's shapes.
     settings = spec.settings
     stages = stages or list(spec.stages)
-    cuda_here, problems = torch.cuda.is_available(), []
+    cuda_here, problems, notes, absent = torch.cuda.is_available(), [], [], False
     try:
-        device = resolve_device(settings.device)  # auto: CUDA when there is one
-    except DeviceError as e:  # --device cuda without one: a dry run plans for a GPU all the same
+        device = resolve_device(settings.device)  # auto: CUDA when there is one, else MPS
+    except DeviceError as e:  # a device not here: a dry run plans for it all the same
         if not assume_gpu:
             raise
-        device, problems = torch.device("cuda"), [str(e)]
-    on_gpu = device.type == "cuda" or (settings.device == "auto" and assume_gpu)
-    dtype = resolve_dtype(settings.dtype, torch.device("cuda") if on_gpu else device)
-    if gpu is None and on_gpu:  # this machine's GPU or an assumed one
+        device, absent = torch.device(settings.device), True
+        if settings.gpu_memory is None:  # with --gpu-memory, a plan for that device on another machine
+            problems.append(str(e))
+    on_gpu = device.type in ("cuda", "mps") or (settings.device == "auto" and assume_gpu)
+    planned = device if device.type != "cpu" or not on_gpu else torch.device("cuda")
+    dtype = resolve_dtype(settings.dtype, planned)
+    notes += [n for n in (dtype_note(settings.dtype, planned),) if n]
+    if gpu is None and planned.type == "mps":  # a Mac: its unified memory
+        gpu = gpus.mac(settings.gpu_memory, dtype, DEFAULT_GPU_GB)
+    elif gpu is None and on_gpu:  # this machine's GPU or an assumed one
         gpu = _target_gpu(settings.gpu_memory, device, dtype, cuda_here)
     elif gpu is None:  # the CPU: the machine's memory
         gpu = gpus.cpu_machine(dtype)
+    if absent and not problems:
+        notes.append(f"no {device.type} device here: planned for {gpu.name} (--gpu-memory)")
     run = _prepare(spec, stages, dtype)
     # 2. Offload and chunking: the first candidate that fits (only the asked offload unless auto).
     plan = decide(run, gpu)
     plan.problems = problems + device_problems(spec, gpu, cuda_here, plan.offload)
-    notes = (run.shapes.note, spec.attention.note, run.controlnet_note, run.lora_note)
+    notes += [run.shapes.note, spec.attention.note, run.controlnet_note, run.lora_note]
     plan.notes += [n for n in notes if n] + said
     return plan
 

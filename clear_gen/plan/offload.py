@@ -30,9 +30,9 @@ def candidate(
     run: RunInputs, gpu: gpus.Gpu | None, offload: str, chunk: int | None, clear_on: bool
 ) -> RunPlan:
     """The plan of one (offload, chunk, CLEAR placement) choice; its time is filled in later. On the CPU
-    (gpu.cpu) everything stays in the machine's memory: the offload is none."""
+    (gpu.unified: the CPU, a Mac) everything stays in the machine's memory: the offload is none."""
     w, note = weights_on_gpu(run, clear_on)
-    cpu = gpu is not None and gpu.cpu
+    cpu = gpu is not None and gpu.unified
     placed = "cpu" if cpu else offload  # what stage_memory counts as in memory
     stages, peaks = [], [encode_memory(w, placed)]
     unchunked = [stage_memory(run, w, placed, None, i) for i in range(len(run.stages))]
@@ -51,7 +51,8 @@ def candidate(
     ]
     return RunPlan(
         device=gpu.name if gpu else "cpu",
-        gpu=gpu is not None and not cpu,
+        gpu=gpu is not None and gpu.kind != "cpu",
+        unified=cpu,
         free_gb=free / GB if free is not None else None,
         rate_tflops=gpu.tflops if gpu else 0.0,
         rate_source=gpu.rate_source if gpu else "",
@@ -92,7 +93,7 @@ def chunks(run: RunInputs, offload: str) -> list[int | None]:
 def decide(run: RunInputs, gpu: gpus.Gpu) -> RunPlan:
     """The first (offload, CLEAR placement, chunk) that fits, fastest first: none, model, sequential
     (with an asked offload, only it). When nothing fits, the most frugal plan, with fits_at and needs_gb."""
-    if gpu.cpu:
+    if gpu.unified:
         return _on_cpu(run, gpu)
     asked = run.spec.settings.offload
     rejected = None  # the most frugal plan of the last offload that did not fit
@@ -135,8 +136,8 @@ def _quantize_hint(run: RunInputs, gpu: gpus.Gpu, plan: RunPlan) -> str | None:
 
 
 def _on_cpu(run: RunInputs, cpu: gpus.Gpu) -> RunPlan:
-    """A CPU run: everything in the machine's memory (no offload); feed-forward chunking when that is
-    what fits. An asked --offload does nothing there: said in a note."""
+    """A CPU run, or a Mac's GPU on its unified memory: everything in the machine's memory (no offload);
+    feed-forward chunking when that is what fits. An asked --offload does nothing there: said in a note."""
     for chunk in (None, FF_CHUNK_TOKENS):
         plan = candidate(run, cpu, "none", chunk, clear_on=True)
         if plan.fits:
@@ -146,14 +147,20 @@ def _on_cpu(run: RunInputs, cpu: gpus.Gpu) -> RunPlan:
     plan.fits_at = None if plan.fits else fits_at(run, cpu)
     sign = "<=" if plan.fits else ">"
     chunked = ", feed-forward chunked" if plan.ff_chunk else ""
-    plan.reason = f"the CPU: plan {plan.peak_gb:.1f} GB {sign} {_usable(plan)} of its memory{chunked}"
+    plan.reason = (
+        f"{MEMORY_OF[cpu.kind]}: plan {plan.peak_gb:.1f} GB {sign} {_usable(plan)} of its memory{chunked}"
+    )
     if run.spec.settings.offload not in ("auto", "none"):
-        plan.notes.append(offload_on_cpu(run.spec.settings.offload))
+        plan.notes.append(offload_on_cpu(run.spec.settings.offload, cpu.kind))
     return timed(run, plan)
 
 
-def offload_on_cpu(offload: str) -> str:
-    return f"--offload {offload} does nothing on the CPU: the weights stay in the machine's memory"
+MEMORY_OF = {"cpu": "the CPU", "mps": "the Mac (unified memory)"}  # where a unified plan runs
+
+
+def offload_on_cpu(offload: str, kind: str = "cpu") -> str:
+    """The note for an --offload that one memory for everything (the CPU's, a Mac's) makes pointless."""
+    return f"--offload {offload} does nothing on {MEMORY_OF[kind]}: the weights stay in the machine's memory"
 
 
 def _usable(plan: RunPlan) -> str:
@@ -185,7 +192,7 @@ def fits_at(run: RunInputs, gpu: gpus.Gpu) -> tuple[int, int] | None:
         w, h = scaled_size(w0, h0, mid * multiple, multiple)
         stage = replace(last, width=w, height=h, vae_tiling=run.spec.recipe.vae_tiling(asked_vae, w, h))
         trial = replace(run, stages=[stage])
-        if gpu.cpu:
+        if gpu.unified:
             plan = candidate(trial, gpu, "none", FF_CHUNK_TOKENS, clear_on=True)
         else:
             plan = candidate(trial, gpu, "sequential", chunks(trial, "sequential")[-1], clear_on=False)

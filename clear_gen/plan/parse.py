@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..attention import check_window
 from ..core.sizes import MAX_SIDE, MIN_SIDE, TOKEN_PX, check_size, scaled_size, size_multiple
-from ..errors import ConfigError, DeviceError
+from ..errors import ConfigError, DeviceError, WeightsError
 from ..weights.spec import WeightsSpec
 from .recipe import Recipe, recipe
 from .spec import VAE_TILINGS, ClearChoice, GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
@@ -344,20 +344,36 @@ def upscale_stages(spec: RunSpec, choice: ClearChoice, width: int, height: int) 
 
 
 def check_backend_serves(spec: RunSpec, choice: ClearChoice, stages: tuple[Stage, ...]) -> None:
-    """--backend serves every CLEAR stage at its size on the device (dense's mask limit, the devices a
-    backend runs on): refused now, not after loading and a first pass. A --device that is not here is the
-    run's to refuse (a dry run plans for it all the same)."""
-    from ..attention.backends import choose
-    from ..core.device import resolve_device
+    """--backend serves every CLEAR stage at its size on the device (dense's mask limit, gather's memory
+    budget at the model's heads and dtype, the devices a backend runs on): refused now, not after loading
+    and a first pass. A --device that is not here is the run's to refuse (a dry run plans for it all the
+    same)."""
+    from ..attention.backends import Work, choose
+    from ..core.device import resolve_device, resolve_dtype
+    from ..weights.shapes import model_shapes
 
     try:
         device = resolve_device(spec.settings.device)
     except DeviceError:
         return
+    if not any(s.clear for s in stages):
+        return
+    try:
+        cfg = model_shapes(spec.weights.model).transformer
+        work = Work(
+            cfg.num_attention_heads, cfg.attention_head_dim, resolve_dtype(spec.settings.dtype, device)
+        )
+    except WeightsError:  # no shapes for a model built in memory (bench): its call checks it when it runs
+        work = None
     for i, s in enumerate(stages, 1):
         if s.clear:
             try:
-                choose(spec.settings.backend, device, choice.geometry(s.width, s.height, spec.text_len))
+                choose(
+                    spec.settings.backend,
+                    device,
+                    choice.geometry(s.width, s.height, spec.text_len),
+                    work=work,
+                )
             except ConfigError as e:
                 raise ConfigError(f"stage {i}/{len(stages)} ({s.width}x{s.height}): {e}") from None
 

@@ -46,7 +46,7 @@ class GenerateOptions:
     keep_stages: bool = False
     out: str | None = None
     device: str = "auto"
-    dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere
+    dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on CUDA and MPS, fp32 elsewhere
     offload: str = "auto"  # auto | none | model | sequential; auto: from the memory plan (memory.py)
     gpu_memory: float | None = None  # GB the plan may use (default: the GPU's free memory, or 24 without one)
     compare_full: bool = True
@@ -131,7 +131,7 @@ class Settings:
     """How and where a run computes: device, dtype, memory, processes and speed options (as asked)."""
 
     device: str = "auto"
-    dtype: str | None = None  # None: bf16 on CUDA, fp32 elsewhere
+    dtype: str | None = None  # None: bf16 on CUDA and MPS, fp32 elsewhere
     offload: str = "auto"  # asked; the memory plan decides auto
     gpu_memory: float | None = None  # GB the plan may use
     parallel: str = "auto"  # under torchrun: auto | sequence | data (asked; World decides auto)

@@ -22,7 +22,7 @@ from .. import models
 from ..attention import remove_clear
 from ..attention.weights import cpu_copies
 from ..core.clock import now
-from ..core.device import resolve_dtype
+from ..core.device import dtype_note, resolve_dtype
 from ..errors import ClearGenError, DeviceError
 from ..files import output
 from ..files.record import ImageRecord, RunTiming
@@ -111,7 +111,7 @@ def generate(
 def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks: Hooks, pipe) -> Prepared:
     """The run parsed and checked, or a ClearGenError."""
     spec = opts if isinstance(opts, RunSpec) else parse(opts, hooks.note)
-    dtype = resolve_dtype(spec.settings.dtype, device)
+    dtype = run_dtype(spec, device, hooks)
     control = spec.weights.controlnet
     info = control_record(control) if control is not None else None
     picture = control.picture.image if control is not None and control.picture is not None else None
@@ -131,6 +131,15 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
         for seed in spec.seeds
     ]
     return Prepared(spec, jobs, device, dtype, world, plan, offload)
+
+
+def run_dtype(spec: RunSpec, device: torch.device, hooks: Hooks) -> torch.dtype:
+    """The run's dtype on this device, with a note when the device's default had to change (MPS without
+    bf16)."""
+    note = dtype_note(spec.settings.dtype, device)
+    if note:
+        hooks.note(note)
+    return resolve_dtype(spec.settings.dtype, device)
 
 
 def check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
@@ -224,8 +233,8 @@ def _memory_plan(spec: RunSpec, device: torch.device, hooks: Hooks, stages=None)
         if spec.settings.gpu_memory is not None:
             gpus.limit_memory(device, spec.settings.gpu_memory)
         hooks.note(plan.offload_line())
-    elif spec.settings.offload not in ("auto", "none"):
-        hooks.note(offload_on_cpu(spec.settings.offload))
+    if plan.unified and spec.settings.offload not in ("auto", "none"):
+        hooks.note(offload_on_cpu(spec.settings.offload, device.type))
     return plan
 
 

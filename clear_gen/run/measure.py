@@ -14,6 +14,7 @@ import torch
 from .. import models
 from ..attention import clear_config, remove_clear
 from ..attention.backends import clear_attention
+from ..core import device as D
 from ..core.clock import samples, timeit
 from ..core.device import synchronize
 from ..core.flops import FluxShape, speedup_bound, step_flops
@@ -24,23 +25,25 @@ FULL_MEASURE_BUDGET_S = 60.0  # measure full attention when a warm + timed step 
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new GPU memory high-water mark (CUDA; nothing elsewhere). Cached blocks are released first:
-    the reserved mark restarts from what is in use, not from what an earlier phase (a stock step timed for
-    the comparison, the last stage's decode) left in torch's cache."""
+    """Start a new GPU memory high-water mark (CUDA, MPS; nothing on the CPU). CUDA's cached blocks are
+    released first: the reserved mark restarts from what is in use, not from what an earlier phase (a stock
+    step timed for the comparison, the last stage's decode) left in torch's cache."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type != "cpu":
+        D.reset_peak_memory(device)
 
 
 def record_peak_memory(timing: StageTiming, device: torch.device) -> None:
-    """Raise the stage's peak figures to the high-water marks since the last reset (CUDA; None elsewhere:
-    torch keeps no count on the CPU)."""
-    if device.type != "cuda":
+    """Raise the stage's peak figures to the high-water marks since the last reset: CUDA's allocated and
+    reserved, MPS's driver pool as reserved; None on the CPU (the process's memory is not the stage's)."""
+    if device.type == "cpu":
         return
-    allocated = torch.cuda.max_memory_allocated(device) / 1e9
-    reserved = torch.cuda.max_memory_reserved(device) / 1e9
-    timing.peak_allocated_gb = max(timing.peak_allocated_gb or 0.0, allocated)
-    timing.peak_reserved_gb = max(timing.peak_reserved_gb or 0.0, reserved)
+    allocated, reserved = D.peak_memory(device)
+    if allocated is not None:
+        timing.peak_allocated_gb = max(timing.peak_allocated_gb or 0.0, allocated)
+    if reserved is not None:
+        timing.peak_reserved_gb = max(timing.peak_reserved_gb or 0.0, reserved)
 
 
 class StepClock:

@@ -175,6 +175,7 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     # 1. Attention for this stage: the original model, or CLEAR with the stage's NTK and scale; the
     #    ControlNet's blocks too above 1024 px (control.py).
     kwargs = {**clear_kwargs(choice, stage, run.state_dict, settings.backend), "parallel": run.shards}
+    kwargs["note"] = hooks.note  # a kernel that fails to compile and is replaced (backends.clear_attention)
     if stage.clear:
         apply_clear(transformer, **kwargs)
     else:

@@ -9,7 +9,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.device import resolve_dtype
 from ..core.sizes import MAX_SIDE, size_multiple
 from ..errors import ConfigError
 from ..files.source import Source, UpscaleTarget, check_larger, image_files, load_source
@@ -18,7 +17,7 @@ from ..plan.parse import at_size, note_full_window, parse, upscale_stages
 from ..plan.spec import GenerateOptions, RunSpec
 from ..weights.control import control_record
 from . import world as parallel
-from .generate import LoadedPipelines, Prepared, check_sequence, prepare, probe_output, run_jobs
+from .generate import LoadedPipelines, Prepared, check_sequence, prepare, probe_output, run_dtype, run_jobs
 from .render import Hooks, ImageResult, Job
 
 
@@ -42,7 +41,7 @@ def upscale(
 def _check_upscale(opts, inputs, target, world: parallel.World, device, hooks: Hooks) -> Prepared:
     """Read every picture, then plan every image, before loading gigabytes."""
     spec = parse(opts, hooks.note, upscale=True)
-    dtype = resolve_dtype(spec.settings.dtype, device)
+    dtype = run_dtype(spec, device, hooks)
     jobs, spec = upscale_jobs(spec, inputs, target, hooks)
     world = world.decide(len(jobs))
     largest = max(jobs, key=lambda job: job.stages[-1].tokens)
