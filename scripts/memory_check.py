@@ -19,7 +19,7 @@ import torch
 from clear_gen.attention import apply_clear
 from clear_gen.models.flux1.chunking import chunk_feed_forward
 from clear_gen.models.flux1.random import build_transformer, flux_shape, step_inputs
-from clear_gen.models.flux1.shapes import TransformerConfig, transformer_params
+from clear_gen.models.flux1.shapes import TransformerConfig, shipped_shapes, transformer_params
 from clear_gen.plan.footprint import step_activations, weight_bytes
 from clear_gen.plan.offload import FF_CHUNK_TOKENS
 
@@ -70,12 +70,12 @@ def main() -> None:
     print(f"{name}, {args.layers} layers, --quantize {args.quantize}: {weights}")
     print("| res | chunk | step activations GB measured | planned | planned / measured |")
     print("|---:|---:|---:|---:|---:|")
-    cfg = TransformerConfig()
+    shapes = shipped_shapes("dev", "FLUX.1-dev")
     for res in [int(r) for r in args.res.split(",")]:
         for chunk in chunks:
             chunk_feed_forward(model, chunk)
             measured = step_peak(model, res, device)
-            planned = step_activations(TEXT, (res // 16) ** 2, cfg, 2, True, chunk, 4) / 1e9
+            planned = step_activations(TEXT, (res // 16) ** 2, shapes, 2, True, chunk, 4) / 1e9
             ratio = f"{planned / measured:.2f}" if measured else "-"
             shown = f"{measured:.2f}" if measured is not None else "-"
             print(f"| {res} | {chunk or 'whole'} | {shown} | {planned:.2f} | {ratio} |", flush=True)

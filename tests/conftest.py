@@ -90,3 +90,11 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = e.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def tiny2(tmp_path_factory):
+    """A tiny FLUX.2 [klein] pipeline in diffusers format (CFG: not distilled), written once per session."""
+    from tiny_pipeline import save_tiny_flux2
+
+    return save_tiny_flux2(tmp_path_factory.mktemp("model2"))

@@ -21,6 +21,7 @@ from conftest import run_cli as run
 from conftest import tiny_inputs, tiny_transformer
 from safetensors.torch import load_file
 
+from clear_gen import models
 from clear_gen.attention import apply_clear, original_attention
 from clear_gen.attention.backends import clear_attention
 from clear_gen.attention.processor import pool_keys
@@ -287,10 +288,10 @@ def prediction_gap(tiny: Path, data: Path, weights) -> float:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     model = FluxTransformer2DModel.from_pretrained(tiny / "transformer")
-    vae = types.SimpleNamespace(**AutoencoderKL.load_config(tiny / "vae"))
+    vae = types.SimpleNamespace(config=types.SimpleNamespace(**AutoencoderKL.load_config(tiny / "vae")))
     batch = Samples(data, base_id(str(tiny)), RES).batch([0, 1, 2, 3], torch.device("cpu"), torch.float32)
     draws = [[torch.Generator().manual_seed(seed * 4 + i) for i in range(4)] for seed in range(3)]
-    inputs = [noised(batch, vae, 3.5, generators).inputs for generators in draws]
+    inputs = [noised(models.family("flux1"), batch, vae, 3.5, generators).inputs for generators in draws]
     with torch.no_grad():
         teacher = [model(**x)[0] for x in inputs]
         apply_clear(model, window=WINDOW, down_factor=DOWN, state_dict=weights, backend="dense")

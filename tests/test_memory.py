@@ -34,6 +34,7 @@ from clear_gen.weights.shapes import model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = TransformerConfig()  # FLUX.1-dev's transformer config (shapes.toml)
+DEV_SHAPES = model_shapes("dev")  # its shapes, as the plan reads them
 C = 3072
 
 
@@ -96,7 +97,7 @@ def test_text_encoders_and_vae_are_their_libraries_own():
             use_quant_conv=False, use_post_quant_conv=False,
         )  # fmt: skip
     shapes = model_shapes("dev")
-    for mine, theirs in ((shapes.clip, clip), (shapes.t5, t5)):
+    for mine, theirs in ((shapes.text_small, clip), (shapes.text, t5)):
         assert (mine.total, mine.linear, mine.rows) == counts(theirs)
     assert shapes.vae == counts(vae)[0] == 83_819_683
 
@@ -166,7 +167,9 @@ def live_peak(monkeypatch, side: int, clear: tuple[int, int] | None, chunk: int 
 def test_step_activations_match_live_bytes_of_a_full_width_forward(monkeypatch, side, clear, chunk, dtype):
     measured = live_peak(monkeypatch, side, clear, chunk, dtype)
     e = torch.empty(0, dtype=dtype).element_size()
-    planned = step_activations(512, side * side, DEV, e, clear is not None, chunk, clear[1] if clear else 1)
+    planned = step_activations(
+        512, side * side, DEV_SHAPES, e, clear is not None, chunk, clear[1] if clear else 1
+    )
     assert planned == pytest.approx(measured, rel=0.03)
 
 
@@ -174,12 +177,12 @@ def test_activations_at_8k_by_hand_and_chunking_halves_them():
     L, x = 512 + 512 * 512, (512 + 512 * 512) * C  # 262,656 tokens x 3072 channels
     tables = 2 * L * 128 * 4  # RoPE cos and sin, float32
     stock = tables + max(11 * x * 2 + 12 * x, 15 * x * 2)  # MLP alive through attention + RoPE's fp32
-    assert step_activations(512, 512 * 512, DEV, 2, False, None) == stock == 27_702_853_632
-    clear = step_activations(512, 512 * 512, DEV, 2, True, None)
+    assert step_activations(512, 512 * 512, DEV_SHAPES, 2, False, None) == stock == 27_702_853_632
+    clear = step_activations(512, 512 * 512, DEV_SHAPES, 2, True, None)
     assert clear == tables + 15 * x * 2  # the stock block's concatenated output dominates
-    chunked = step_activations(512, 512 * 512, DEV, 2, True, 4096)
+    chunked = step_activations(512, 512 * 512, DEV_SHAPES, 2, True, 4096)
     assert chunked == tables + 7 * x * 2 == 11_565_268_992  # 3 carried + q, k, v + 1: under half
-    pooled = step_activations(512, 512 * 512, DEV, 2, True, 4096, down=4)
+    pooled = step_activations(512, 512 * 512, DEV_SHAPES, 2, True, 4096, down=4)
     assert pooled == chunked + 3 * (512 * 512 // 16) * C * 2  # pooled keys and values
 
 

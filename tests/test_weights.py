@@ -276,8 +276,14 @@ def test_registry_holds_the_published_weights():
             return any(fnmatch.fnmatch(f, p) for p in b.allow_patterns)
 
         assert wanted("transformer/diffusion_pytorch_model-00001-of-00003.safetensors")
-        assert wanted("model_index.json") and wanted("text_encoder_2/model.safetensors")
-        assert not wanted("flux1-dev.safetensors") and not wanted("ae.safetensors")
+        assert wanted("model_index.json") and wanted("text_encoder/model-00001-of-00002.safetensors")
+        assert wanted("text_encoder_2/model.safetensors") == (b.family == "flux1")  # FLUX.2: one encoder
+        assert not any(
+            wanted(f) for f in ("flux1-dev.safetensors", "ae.safetensors", "flux-2-klein-4b.safetensors")
+        )
+    assert reg.base("krea").repo == "black-forest-labs/FLUX.1-Krea-dev" and reg.base("krea").gated
+    assert (reg.base("krea").family, reg.base("klein").family) == ("flux1", "flux2")
+    assert reg.base("klein").repo == "black-forest-labs/FLUX.2-klein-4B"
 
 
 def test_registry_entries_are_frozen():
@@ -693,3 +699,46 @@ def test_cli_download_controlnet_then_a_run_finds_it_offline(fake_hub, monkeypat
     assert "base dev (black-forest-labs/FLUX.1-dev) and ControlNet depth (Shakker-Labs/" in str(e.value)
     assert str(e.value).endswith("run `clear-gen download r16 --controlnet depth`")
     assert fake_hub.requests == []
+
+
+# ------------------------------------------------------------------------------------------ Krea [dev]
+
+KREA_REPO = "black-forest-labs/FLUX.1-Krea-dev"
+
+
+@pytest.mark.slow
+def test_krea_downloads_and_runs_the_recipe_with_a_published_variant(
+    fake_hub, tmp_path, monkeypatch, roomy_cpu, capsys
+):
+    """FLUX.1 Krea [dev] (a tiny FLUX.1 pipeline served as its repo, with a single-file checkpoint beside it)
+    and the r8-down4 variant (a checkpoint in the published format made for the tiny transformer): `download`
+    fetches both, then offline the whole recipe runs, a full-attention first pass and a CLEAR SDEdit stage."""
+    import torch
+    from conftest import run_cli
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save
+    from tiny_pipeline import save_tiny_flux
+
+    from clear_gen.attention.weights import expected_checkpoint
+
+    tiny = save_tiny_flux(tmp_path / "tiny")
+    for file in (f for f in tiny.rglob("*") if f.is_file()):
+        fake_hub.add(KREA_REPO, file.relative_to(tiny).as_posix(), file.read_bytes())
+    fake_hub.add(KREA_REPO, "flux1-krea-dev.safetensors", b"x" * 4096)
+    g = torch.Generator().manual_seed(2)
+    shapes = expected_checkpoint(FluxTransformer2DModel.from_pretrained(tiny / "transformer"), 4)
+    fake_hub.add(
+        CLEAR_REPO, DEFAULT_FILE, save({k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()})
+    )
+    r = cli("download", "--base", "krea", "r8-down4")
+    assert r.returncode == 0, r.stderr
+    assert KREA_REPO in r.stdout and not [p for p in fake_hub.gets() if p.endswith("krea-dev.safetensors")]
+    set_offline(monkeypatch)
+    args = ["a castle", "--model", "krea", "--variant", "r8-down4", "--res", "256", "--stages", "128,256"]
+    args += ["--steps", "2", "--first-steps", "2", "--max-sequence-length", "16", "--backend", "dense"]
+    code, out, err = run_cli([*args, "--seed", "1", "--out", f"{tmp_path / 'out'}/", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert (row["model"], row["variant"], row["width"]) == ("krea", "r8-down4", 256)
+    assert [s["attention"] for s in row["timings"]["stages"]] == ["full", "CLEAR r=8 f=4"]
+    assert "loading FLUX.1 krea with CLEAR r8-down4" in err

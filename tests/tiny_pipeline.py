@@ -146,3 +146,94 @@ def save_tiny_controlnet(path: Path, model: Path, union: bool, seed: int = 7, **
     base = json.loads((model / "transformer" / "config.json").read_text())
     tiny_controlnet(base, union, seed, **config).save_pretrained(path)
     return path
+
+
+def _qwen_tokenizer():
+    """A byte-level BPE tokenizer of letters, in Qwen2TokenizerFast's class, with a chat template of Qwen's
+    shape (Flux2KleinPipeline wraps each prompt in one)."""
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate([*specials, *string.ascii_lowercase, "Ġ", "Ċ", *"<>|_/:"])}
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer, len(vocab)
+
+
+def save_tiny_flux2(path: Path, seed: int = 0, heads: int = 2, distilled: bool = False) -> Path:
+    """Write a Flux2KleinPipeline with 1 double + 1 single block, `heads` heads of 16, a 28-layer Qwen3 of
+    width 16 (the pipeline reads its layers 9, 18 and 27: 48 features a token), a 4-level VAE with 4 latent
+    channels and random batch-norm statistics; ~0.5 MB. `distilled`: the guidance-free kind (no CFG).
+    The blocks' modulation is scaled up: CLEAR changes the prediction a few %, as on the tiny FLUX.1."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
+    )
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=heads,
+        joint_attention_dim=48,
+        timestep_guidance_channels=32,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    with torch.no_grad():  # gates 8x as wide: attention moves the output a few %, as in the tiny FLUX.1
+        for modulation in (
+            "double_stream_modulation_img",
+            "double_stream_modulation_txt",
+            "single_stream_modulation",
+        ):
+            getattr(transformer, modulation).linear.weight.mul_(8)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=distilled,
+    )
+    pipe.save_pretrained(path / "flux2")
+    return path / "flux2"

@@ -1,7 +1,7 @@
-"""CLEAR attention for any DiT family models/ knows (FLUX.1 today), and its public API.
+"""CLEAR attention for any DiT family models/ knows, and its public API.
 
 `apply_clear` does four things to a model (a transformer or a ControlNet), all undone by `remove_clear`:
-1. a `ClearAttnProcessor` on every attention module (processor.py; FluxAttnProcessor's signature);
+1. a `ClearAttnProcessor` on every attention module (processor.py; it takes the stock processor's arguments);
 2. RoPE theta multiplied by `ntk_factor`;
 3. hooks that tile-order the image tokens and their RoPE positions at the model's input and restore
    row-major order at its output (hooks.py); under torchrun's sequence mode they also keep this rank's
@@ -67,8 +67,8 @@ def apply_clear(
     parallel: object | None = None,
     note: Callable[[str], None] | None = None,
 ) -> None:
-    """Turn a diffusers model (FluxTransformer2DModel or FluxControlNetModel) into its CLEAR version, in
-    place (see the package docstring).
+    """Turn a diffusers model (a transformer or ControlNet of a family models/ knows) into its CLEAR
+    version, in place (see the package docstring).
 
     Applying again first removes the previous CLEAR. A checkpoint that does not fit is refused
     before anything changes. `parallel`: a run.world.SequenceShards for torchrun's sequence mode. `note`

@@ -47,7 +47,8 @@ def _pre_hook(state: ClearState, module, args: tuple, kwargs: dict):
     family = state.family
     kwargs = family.forward_arguments(module, args, kwargs)  # positional arguments by name
     hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
-    grid = state.grids(family.image_ids(kwargs))  # found once per ids tensor, not at every step (no GPU sync)
+    ids = family.image_ids(kwargs)  # (N, axes)
+    grid = state.grids(ids)  # found once per ids tensor, not at every step (no GPU sync)
     h, w, f = grid.height, grid.width, state.config.down_factor
     if h % f or w % f:
         raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
@@ -55,7 +56,9 @@ def _pre_hook(state: ClearState, module, args: tuple, kwargs: dict):
     state.layout = device_layout(geo, str(hidden.device))
     perm = state.layout.perm
     kwargs["hidden_states"] = hidden[:, perm]  # (B, N, C) tile order
-    kwargs[family.IMAGE_IDS] = exact_ids(grid, hidden.device)[perm]  # positions move with tokens
+    kwargs[family.IMAGE_IDS] = exact_ids(grid, hidden.device, ids.shape[-1])[
+        perm
+    ]  # positions move with tokens
     for name in family.RESIDUALS:  # a ControlNet's, added to the image tokens after each block: tile order
         if kwargs.get(name) is not None:
             kwargs[name] = [sample[:, perm] for sample in kwargs[name]]

@@ -1,8 +1,10 @@
-"""CLEAR's attention processor: FluxAttnProcessor's projections, q/k norm and RoPE, then CLEAR's masked
-attention (backends.py) over the tile-ordered sequence, with the down-sampled keys pooled in place.
+"""CLEAR's attention processor: the stock processor's projections, q/k norm and RoPE (the model family
+says what they are: models.attention), then CLEAR's masked attention (backends.py) over the tile-ordered
+sequence, with the down-sampled keys pooled in place, then the module's own output projections.
 
-The processor keeps diffusers' `FluxAttnProcessor.__call__` signature and (batch, seq, heads, head_dim)
-layout; it reads the layout of the current forward from the state its model's hooks set (hooks.py).
+The processor takes the arguments the attention module passes its stock processor and keeps diffusers'
+(batch, seq, heads, head_dim) layout; it reads the layout of the current forward from the state its
+model's hooks set (hooks.py).
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def _weighted_cells(v: Tensor, s: Tensor) -> Tensor:
 
 
 class ClearAttnProcessor(torch.nn.Module):
-    """FluxAttnProcessor with CLEAR's local attention. An nn.Module so that `spatial_weight` is
-    saved and loaded as `...attn.processor.spatial_weight`, as in the published checkpoints."""
+    """The stock attention processor with CLEAR's local attention. An nn.Module so that `spatial_weight`
+    is saved and loaded as `...attn.processor.spatial_weight`, as in the published checkpoints."""
 
     def __init__(self, state: ClearState, like: Tensor):
         super().__init__()
@@ -75,25 +77,22 @@ class ClearAttnProcessor(torch.nn.Module):
             init = torch.full((1, 1, 1, f, 1, f, 1), 1.0 / f**2, dtype=like.dtype, device=like.device)
             self.spatial_weight = torch.nn.Parameter(init, requires_grad=False)
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    def __call__(self, attn, *args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+        """Whatever the attention module's own processor returns; its arguments as the module passes them
+        (its family's adapter names them: models.attention)."""
         state = self._state[0]
         layout = state.layout
         assert layout is not None, "CLEAR attention runs inside its transformer's forward (hooks set it up)"
-        assert attention_mask is None, "CLEAR attention takes no attention_mask"
-        geo, text, head_dim, parallel = layout.geometry, encoder_hidden_states, attn.head_dim, state.parallel
+        call = state.family.attention_call(attn, args, kwargs)
+        assert call.mask is None, "CLEAR attention takes no attention_mask"
+        geo, text, head_dim, parallel = layout.geometry, call.text, attn.head_dim, state.parallel
         if text is not None:
             assert parallel is not None or text.shape[1] == geo.text_len
-        # 1. Projections, q/k RMSNorm and RoPE, as FluxAttnProcessor computes them: (B, L, H, D), text
+        parts = state.family.attention_parts(attn, call.hidden, text)
+        # 1. Projections, q/k RMSNorm and RoPE, as the stock processor computes them: (B, L, H, D), text
         # first. In sequence mode L is this rank's slice of the tokens.
         extra = geo.kv_len - geo.q_len if parallel is None else 0  # room for the down-sampled keys
-        query, key, v_parts = _projected(attn, hidden_states, text, image_rotary_emb, extra)
+        query, key, v_parts = _projected(parts, call.rope, head_dim, extra)
         # 2. Down-sampled keys and values (from post-norm, post-RoPE keys), after the image's.
         if parallel is None:
             assert query.shape[1] == geo.q_len, (query.shape, geo)
@@ -117,13 +116,9 @@ class ClearAttnProcessor(torch.nn.Module):
         if state.parallel is not None:  # sequence mode: back to this rank's tokens, every head
             out = state.parallel.scatter_heads(out)
         out = out.flatten(2, 3).to(query.dtype)  # (B, L, H * D)
-        # 4. Output projections, exactly as FluxAttnProcessor.
-        if encoder_hidden_states is None:
-            return out
-        text_len = encoder_hidden_states.shape[1]  # this rank's text tokens in sequence mode
-        text, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        del q, k, v, query, key, value
+        # 4. Output projections, exactly as the stock processor.
+        return parts.output(out)
 
     def _with_down_sampled(self, key: Tensor, v_parts: list[Tensor], geo: G.Geometry, layout, head_dim: int):
         """(key, value) with the pooled keys written into key's spare rows and the pooled values appended:
@@ -141,7 +136,7 @@ def attention_bytes(text_len: int, image_len: int, hidden: int, e: int, down: in
     """Peak bytes this processor holds for attention on T + N tokens of `hidden` channels at e bytes an
     element: q, k, v and the value concatenation (4 copies), or 3 and one norm/RoPE slice of
     ROPE_CHUNK_TOKENS tokens (its float32 temporaries: 2e + 12 bytes an element), whichever is larger, and
-    the down-sampled keys and values (the memory plan: models/flux1/activations.py)."""
+    the down-sampled keys and values (the memory plan: each family's activations.py)."""
     tokens = text_len + image_len
     x = tokens * hidden
     pooled = image_len // down**2 * hidden if down > 1 else 0
@@ -149,21 +144,13 @@ def attention_bytes(text_len: int, image_len: int, hidden: int, e: int, down: in
     return max(4 * x * e, 3 * x * e + rope_slice) + 3 * pooled * e
 
 
-def _projected(attn, hidden: Tensor, text: Tensor | None, rope, extra: int) -> tuple[Tensor, Tensor, list]:
+def _projected(parts, rope, head_dim: int, extra: int) -> tuple[Tensor, Tensor, list]:
     """(query (B, L, H, D), key (B, L + extra, H, D), [text values,] image values (B, l, H * D)): the
-    projections, q/k RMSNorm and RoPE; norm and RoPE over token slices (the same values, _normed_rotated)."""
-    head_dim = attn.head_dim
-    q_parts = [(attn.add_q_proj(text), attn.norm_added_q)] if text is not None else []
-    q_parts.append((attn.to_q(hidden), attn.norm_q))
-    query = _normed_rotated(q_parts, rope, head_dim)
-    del q_parts
-    k_parts = [(attn.add_k_proj(text), attn.norm_added_k)] if text is not None else []
-    k_parts.append((attn.to_k(hidden), attn.norm_k))
-    key = _normed_rotated(k_parts, rope, head_dim, extra=extra)
-    del k_parts
-    v_parts = [attn.add_v_proj(text)] if text is not None else []
-    v_parts.append(attn.to_v(hidden))  # (B, N, H * D)
-    return query, key, v_parts
+    projections of `parts` (models.attention.AttentionParts), one kind at a time, then q/k RMSNorm and RoPE
+    over token slices (the same values, _normed_rotated)."""
+    query = _normed_rotated([(project(), norm) for project, norm in parts.query], rope, head_dim)
+    key = _normed_rotated([(project(), norm) for project, norm in parts.key], rope, head_dim, extra=extra)
+    return query, key, [project() for project in parts.value]  # (B, l, H * D) each
 
 
 def _normed_rotated(
@@ -175,7 +162,7 @@ def _normed_rotated(
     """RMSNorm then RoPE of projected queries or keys: [(text, its norm),] (image, its norm), each
     (B, l, H * D) -> (B, T + N + extra, H, D); the last `extra` rows are left for the caller.
 
-    FluxAttnProcessor norms each part, concatenates them and applies RoPE to the whole; both work token
+    The stock processors norm each part, concatenate them and apply RoPE to the whole; both work token
     by token, so running them over slices of ROPE_CHUNK_TOKENS tokens straight into one output gives the
     same values without a concatenated copy or RoPE's full-size float32 temporaries.
     """

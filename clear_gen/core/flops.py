@@ -4,6 +4,7 @@ Per token, with hidden size C = heads * head_dim:
 - double-stream block: each stream (text and image) has q, k, v, out (4 C^2) and an MLP C -> 4C -> C
   (8 C^2): 12 C^2 multiply-adds = 24 C^2 FLOPs per token, over all T + N tokens;
 - single-stream block: q, k, v (3 C^2), MLP in C -> 4C (4 C^2), out (C + 4C) -> C (5 C^2): also 24 C^2;
+- other block layouts give other counts per token and block (`FluxShape.block_macs`, in C^2 units);
 - embedders: x_embedder in -> C and proj_out C -> in on the N image tokens, context_embedder
   joint -> C on the T text tokens. The per-sample adaLN modulations (one vector each) are left out.
 Attention per layer: Q K^T and P V, 2 x 2 FLOPs per (query, key) pair per channel:
@@ -29,6 +30,7 @@ class FluxShape:
     single: int = 38  # single-stream blocks
     in_channels: int = 64  # packed latent channels per image token
     joint_dim: int = 4096  # T5 features per text token
+    block_macs: int = 12  # multiply-adds per token per block, in units of C^2 (FLUX.1: 12; models/ says)
 
     @property
     def hidden(self) -> int:
@@ -50,7 +52,7 @@ def parameter_count(shape: FluxShape) -> int:
 def linear_flops(shape: FluxShape, text_len: int, image_len: int) -> float:
     """Linear-layer FLOPs of one step (all blocks and the embedders) at T text and N image tokens."""
     c, tokens = shape.hidden, text_len + image_len
-    blocks = shape.layers * 24 * c * c * tokens
+    blocks = shape.layers * 2 * shape.block_macs * c * c * tokens
     embed = 2 * c * (2 * image_len * shape.in_channels + text_len * shape.joint_dim)
     return float(blocks + embed)
 

@@ -1,6 +1,7 @@
 """Exact RoPE positions for the image tokens, whatever dtype the pipeline built `img_ids` in.
 
-diffusers' Flux pipelines build `img_ids` = [0, row, col] in the prompt's dtype. bf16 holds integers
+diffusers' Flux pipelines build `img_ids` = [0, row, col] in the prompt's dtype (a family with more
+position axes puts zeros after the column: models/ says how many). bf16 holds integers
 exactly only up to 256, so above 4096 px (256 tokens a side) rows and columns are rounded: at 8192 px
 column 511 reads 512, and 2-4 neighbouring tokens share a position. The model means integer positions,
 so clear-gen recovers the grid from the rounded ids (row 0's length: rows 0 and 1 are exact in any
@@ -30,16 +31,18 @@ class Grid:
     x0: int = 0
 
 
-def exact_ids(grid: Grid, device: torch.device | str = "cpu") -> Tensor:
-    """(h * w, 3) float32 [0, row, col] of a row-major grid, exact for any size below 2^24."""
-    return _exact_ids(grid, str(device))
+def exact_ids(grid: Grid, device: torch.device | str = "cpu", axes: int = 3) -> Tensor:
+    """(h * w, axes) float32 [0, row, col, 0, ...] of a row-major grid, exact for any size below 2^24: row
+    and column on axes 1 and 2, zeros on the others (FLUX.1 has 3 axes)."""
+    return _exact_ids(grid, str(device), axes)
 
 
 @lru_cache(maxsize=8)
-def _exact_ids(grid: Grid, device: str) -> Tensor:
+def _exact_ids(grid: Grid, device: str, axes: int) -> Tensor:
     ys = torch.arange(grid.height, device=device).view(-1, 1).expand(-1, grid.width) + grid.y0  # (h, w)
     xs = torch.arange(grid.width, device=device).view(1, -1).expand(grid.height, -1) + grid.x0
-    return torch.stack([torch.zeros_like(ys), ys, xs], dim=-1).view(-1, 3).float()  # (N, 3)
+    zero = torch.zeros_like(ys)
+    return torch.stack([zero, ys, xs] + [zero] * (axes - 3), dim=-1).view(-1, axes).float()  # (N, axes)
 
 
 def find_grid(img_ids: Tensor) -> Grid:
@@ -54,7 +57,7 @@ def find_grid(img_ids: Tensor) -> Grid:
     width = int((rows != rows[0]).nonzero()[0, 0]) if bool((rows != rows[0]).any()) else n
     y0, x0 = int(ids[0, 1]), int(ids[0, 2])
     grid = Grid(n // width, width, y0, x0)
-    if grid.height * width != n or not torch.equal(exact_ids(grid).to(ids.dtype), ids):
+    if grid.height * width != n or not torch.equal(exact_ids(grid, axes=ids.shape[1]).to(ids.dtype), ids):
         raise ConfigError("CLEAR needs img_ids of one row-major image grid (as FluxPipeline makes)")
     return grid
 

@@ -2,9 +2,12 @@
 
 A data folder holds:
     manifest.json                  base, resolution, text length, dtype, source and the count asked for
-    samples/000000.safetensors     `mean`, `std` (16, res/8, res/8): the VAE posterior of one image;
-                                   `prompt_embeds` (T, 4096): T5, padded to T; `pooled` (768): CLIP
-    validation/00.safetensors      held-out prompts' `prompt_embeds` and `pooled`, never trained on
+    samples/000000.safetensors     `mean`, `std` (C, res/8, res/8): the VAE posterior of one image; its
+                                   prompt's embeddings the training needs (the model family's
+                                   SAMPLE_EMBEDDINGS; FLUX.1: `prompt_embeds` (T, 4096), T5 padded to T,
+                                   and `pooled` (768), CLIP)
+    validation/00.safetensors      held-out prompts' embeddings, all the family's encode_prompt makes (the
+                                   pipeline renders from them), never trained on
 Each file is written to a temporary name and renamed, so an interrupted `make_data` leaves only whole
 samples, and running it again makes only the missing ones.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import models
 from ..errors import ConfigError
 from ..files.text import prompt_lines, read_text
 
@@ -243,11 +247,8 @@ def make_data(
     pipe = _load_teacher(opts, device, dtype)
     with torch.no_grad():
         for i in held_out:
-            embeds, pooled = _encode(pipe, validation[i], device, text_len)
-            meta = {"prompt": validation[i]}
-            save_tensors(
-                out / "validation" / f"{i:02d}.safetensors", {"prompt_embeds": embeds, "pooled": pooled}, meta
-            )
+            embeds = _encode(pipe, validation[i], device, text_len)
+            save_tensors(out / "validation" / f"{i:02d}.safetensors", embeds, {"prompt": validation[i]})
         for job in todo:
             save_tensors(sample_path(out, job.index), _sample(pipe, job, opts, device, text_len), _meta(job))
             summary.made += 1
@@ -277,25 +278,27 @@ def _load_teacher(opts: DataOptions, device: torch.device, dtype: torch.dtype):
     """The base as `clear-gen generate` loads it: stock attention, exact RoPE positions."""
     from ..weights.download import check_run_weights
     from ..weights.loading import load_pipeline
+    from ..weights.shapes import model_family
     from ..weights.spec import WeightsSpec
 
     check_run_weights(opts.model, None)
-    return load_pipeline(WeightsSpec(opts.model, opts.token), "none", device, dtype)
+    weights = WeightsSpec(opts.model, opts.token, family=model_family(opts.model))
+    return load_pipeline(weights, "none", device, dtype)
 
 
-def _encode(pipe, prompt: str, device: torch.device, text_len: int) -> tuple[Tensor, Tensor]:
-    """(prompt_embeds (T, D), pooled (P,)) of one prompt."""
-    embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=device, max_sequence_length=text_len)
-    return embeds[0], pooled[0]
+def _encode(pipe, prompt: str, device: torch.device, text_len: int) -> dict[str, Tensor]:
+    """One prompt's embeddings by name (the family's encode_prompt), without the batch dimension."""
+    embeds = models.of(pipe.transformer).encode_prompt(pipe, prompt, device, text_len)
+    return {k: v[0] for k, v in embeds.items()}
 
 
 def _sample(pipe, job: Job, opts: DataOptions, device: torch.device, text_len: int) -> dict[str, Tensor]:
     """One sample: the teacher's image (or the given one) through the VAE encoder; its prompt's embeddings."""
-    embeds, pooled = _encode(pipe, job.prompt, device, text_len)
+    family = models.of(pipe.transformer)
+    embeds = _encode(pipe, job.prompt, device, text_len)
     if job.image is None:
         image = pipe(
-            prompt_embeds=embeds[None],
-            pooled_prompt_embeds=pooled[None],
+            **family.prompt_arguments({k: v[None] for k, v in embeds.items()}),
             height=opts.res,
             width=opts.res,
             num_inference_steps=opts.steps,
@@ -307,11 +310,11 @@ def _sample(pipe, job: Job, opts: DataOptions, device: torch.device, text_len: i
 
         image = load_source(job.image).image
     mean, std = posterior(pipe, image, opts.res)
-    return {"mean": mean, "std": std, "prompt_embeds": embeds, "pooled": pooled}
+    return {"mean": mean, "std": std, **{k: embeds[k] for k in family.SAMPLE_EMBEDDINGS}}
 
 
 def posterior(pipe, image, res: int) -> tuple[Tensor, Tensor]:
-    """The VAE posterior (mean, std), each (16, res/8, res/8), of a PIL image scaled and cropped to res."""
+    """The VAE posterior (mean, std), each (C, res/8, res/8), of a PIL image scaled and cropped to res."""
     x = pipe.image_processor.preprocess(image, height=res, width=res, resize_mode="crop")  # (1, 3, H, W)
     dist = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
     return dist.mean[0], dist.std[0]
@@ -329,10 +332,11 @@ def _meta(job: Job) -> dict[str, str]:
 
 @dataclass
 class Batch:
-    mean: Tensor  # (B, 16, h, w) VAE posterior
+    mean: Tensor  # (B, C, h, w) VAE posterior
     std: Tensor
-    prompt_embeds: Tensor  # (B, T, D)
-    pooled: Tensor  # (B, P)
+    embeds: dict[
+        str, Tensor
+    ]  # the prompts' embeddings by name (FLUX.1: prompt_embeds (B, T, D), pooled (B, P))
 
 
 class Samples:
@@ -360,16 +364,17 @@ class Samples:
 
         loaded = [load_file(str(self.files[i])) for i in indices]
         stack = lambda key: torch.stack([s[key] for s in loaded]).to(device, dtype)  # noqa: E731
-        return Batch(stack("mean"), stack("std"), stack("prompt_embeds"), stack("pooled"))
+        names = [k for k in loaded[0] if k not in ("mean", "std")]
+        return Batch(stack("mean"), stack("std"), {k: stack(k) for k in names})
 
-    def validation(self, device: torch.device, dtype: torch.dtype) -> list[tuple[str, Tensor, Tensor]]:
-        """(prompt, prompt_embeds (1, T, D), pooled (1, P)) of each held-out prompt."""
+    def validation(self, device: torch.device, dtype: torch.dtype) -> list[tuple[str, dict[str, Tensor]]]:
+        """(prompt, its embeddings by name, each (1, ...)) of each held-out prompt."""
         from safetensors import safe_open
 
         out = []
         for path in self.validation_files:
             with safe_open(str(path), "pt") as f:
                 prompt = f.metadata().get("prompt", path.stem)
-                embeds, pooled = f.get_tensor("prompt_embeds"), f.get_tensor("pooled")
-            out.append((prompt, embeds[None].to(device, dtype), pooled[None].to(device, dtype)))
+                embeds = {k: f.get_tensor(k)[None].to(device, dtype) for k in f.keys()}  # noqa: SIM118
+            out.append((prompt, embeds))
         return out

@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import models
-from ..core.positions import Grid, exact_ids
-from ..models.flux1 import pack_latents
+from ..core.positions import Grid
 from .data import Batch
 
 DEFAULT_WEIGHTS = (1.0, 0.5, 0.5)  # fm, pred, attn
@@ -46,41 +46,35 @@ def sigmas(u: Tensor) -> Tensor:
 class Noised:
     """One micro-batch ready for the transformer."""
 
-    inputs: dict  # FluxTransformer2DModel keyword arguments
-    target: Tensor  # (B, N, 64): eps - x0, the flow-matching velocity
+    inputs: dict  # the transformer's keyword arguments
+    target: Tensor  # (B, N, C): eps - x0, the flow-matching velocity
 
 
-def noised(batch: Batch, vae_config, guidance: float | None, generators: list[torch.Generator]) -> Noised:
-    """x0 drawn from the cached posterior, scaled as the VAE config says, then x_t = (1 - s) x0 + s eps.
+def noised(family, batch: Batch, vae, guidance: float | None, generators: list[torch.Generator]) -> Noised:
+    """x0 drawn from the cached posterior, brought into the transformer's latent space as the model
+    family's pipeline does (FLUX.1: the VAE config's shift and scale), then x_t = (1 - s) x0 + s eps.
 
     One generator per sample draws its posterior noise, eps and sigma: a sample gets the same draws
     whichever batch or process it lands in.
     """
     b, _, h, w = batch.mean.shape
     device, dtype = batch.mean.device, batch.mean.dtype
-    shape = batch.mean.shape[1:]  # (16, h, w)
+    shape = batch.mean.shape[1:]  # (C, h, w)
     draws = [
         (torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.rand(1, generator=g))
         for g in generators
     ]
     posterior, noise, u = (torch.stack(d).to(device, torch.float32) for d in zip(*draws, strict=True))
-    x0 = batch.mean.float() + batch.std.float() * posterior  # (B, 16, h, w)
-    x0 = pack_latents((x0 - vae_config.shift_factor) * vae_config.scaling_factor)  # (B, N, 64)
-    eps = pack_latents(noise)
+    x0 = batch.mean.float() + batch.std.float() * posterior  # (B, C, h, w)
+    x0 = family.model_latents(vae, x0)  # (B, N, 4C)
+    eps = family.pack_latents(noise)
     sigma = sigmas(u.view(b))  # (B,)
     x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * eps
-    text_len = batch.prompt_embeds.shape[1]
-    inputs = dict(
-        hidden_states=x_t.to(dtype),
-        encoder_hidden_states=batch.prompt_embeds,
-        pooled_projections=batch.pooled,
-        timestep=sigma.to(dtype),  # the transformer multiplies by 1000, as FluxPipeline relies on
-        img_ids=exact_ids(Grid(h // 2, w // 2), device),  # cached: the same tensor every step
-        txt_ids=torch.zeros(text_len, 3, device=device),
-        guidance=None if guidance is None else torch.full((b,), guidance, device=device, dtype=dtype),
-        return_dict=False,
+    strength = None if guidance is None else torch.full((b,), guidance, device=device, dtype=dtype)
+    inputs = family.forward_inputs(
+        x_t.to(dtype), batch.embeds, sigma.to(dtype), Grid(h // 2, w // 2), strength
     )
-    return Noised(inputs, eps - x0)
+    return Noised(inputs | {"return_dict": False}, eps - x0)
 
 
 @contextmanager
@@ -93,15 +87,9 @@ def captured_attention(transformer, layers: list[int], tiled: bool) -> Iterator[
     block exits, outside the checkpointed blocks, and the hooks are gone by the backward pass.
     """
     captured: dict[int, Tensor] = {}
-
-    def hook(layer: int):
-        def capture(module, args, output: Tensor) -> None:
-            captured[layer] = output
-
-        return capture
-
-    blocks = models.of(transformer).single_blocks(transformer)
-    handles = [blocks[i].attn.register_forward_hook(hook(i)) for i in layers]
+    family = models.of(transformer)
+    blocks = family.single_blocks(transformer)
+    handles = [family.attention_output(blocks[i], partial(captured.__setitem__, i)) for i in layers]
     try:
         yield captured
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 from typing import TYPE_CHECKING
 
@@ -45,8 +46,8 @@ def resolve_train_backend(backend: str, device: torch.device) -> str:
 
 
 def load_base(model: str, token: str | None, device: torch.device, dtype: torch.dtype):
-    """The base's transformer, VAE and scheduler (no text encoders: the data holds the embeddings), as a
-    FluxPipeline that validation renders with."""
+    """The base's transformer, VAE and scheduler (no text encoders: the data holds the embeddings), as the
+    family's pipeline that validation renders with."""
     from ..plan.parse import model_family
     from ..weights.download import check_run_weights
     from ..weights.hub import resolve_base
@@ -55,13 +56,16 @@ def load_base(model: str, token: str | None, device: torch.device, dtype: torch.
     check_run_weights(model, None)
     path = resolve_base(model, token)
     family = models.family(model_family(model))
-    none = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    kind = family.pipeline_class()
+    none = {
+        k: None for k in inspect.signature(kind.__init__).parameters if k.startswith(("text_", "tokenizer"))
+    }
     with _quiet_loading():
         try:
-            pipe = family.pipeline_class().from_pretrained(path, torch_dtype=dtype, **none)
+            pipe = kind.from_pretrained(path, torch_dtype=dtype, **none)
         except (OSError, ValueError) as e:
             first = str(e).splitlines()[0][:160]
-            raise ConfigError(f"{path} is not a complete FLUX.1 diffusers folder ({first})") from e
+            raise ConfigError(f"{path} is not a complete {family.LABEL} diffusers folder ({first})") from e
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     family.use_exact_positions(pipe.transformer)

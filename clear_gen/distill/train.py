@@ -5,7 +5,7 @@ copy of the projections CLEAR's checkpoints replace, the only trainable paramete
 published key set). The teacher is the same module inside `attention.original_attention`, which swaps
 the base's projections, the stock processors and row-major tokens back in for its forward: pointer
 swaps, no copies, so the frozen 10B parameters exist once and the base's projections twice (why not a
-teacher processor reading saved weights: the stock FluxAttnProcessor then computes the teacher, exactly
+teacher processor reading saved weights: the stock processors then compute the teacher, exactly
 the model `clear-gen generate --variant none` runs, with no second attention implementation to keep in
 step with diffusers).
 
@@ -170,7 +170,7 @@ class _Run:
     opts: TrainOptions
     world: World  # this process's place in a torchrun launch (parallel.py); World() alone
     device: torch.device
-    pipe: Any  # FluxPipeline: transformer (CLEAR student), VAE, scheduler
+    pipe: Any  # the family's pipeline: transformer (CLEAR student), VAE, scheduler
     samples: Samples
     params: list[torch.nn.Parameter]  # the model's trainable parameters
     masters: list[torch.nn.Parameter] | None  # their float32 copies the optimiser updates, or None
@@ -349,7 +349,7 @@ def _step(run: _Run, step: int) -> dict:
         draws = _draws(run, step, micro)
         batch = run.samples.batch([_sample(run, g) for g in draws], device, dtype)
         generators = [torch.Generator().manual_seed(_seed(opts.seed, 1, g)) for g in draws]
-        n = noised(batch, run.pipe.vae.config, guidance, generators)
+        n = noised(models.of(transformer), batch, run.pipe.vae, guidance, generators)
         # 1. The teacher: the same module with the base's projections and full attention, no grad.
         with torch.no_grad(), original_attention(transformer):
             with captured_attention(transformer, run.layers, tiled=False) as a_teacher:

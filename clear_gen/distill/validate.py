@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import models
 from ..attention import original_attention
 from ..run.compare import grid_image, similarity
 from .data import Samples
@@ -19,11 +20,10 @@ def validation_folder(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + "-validation")
 
 
-def render(pipe, embeds, pooled, opts, seed: int):
+def render(pipe, embeds: dict, opts, seed: int):
     """One image at opts.res from cached prompt embeddings, as text-to-image (the base's scheduler)."""
     return pipe(
-        prompt_embeds=embeds,
-        pooled_prompt_embeds=pooled,
+        **models.of(pipe.transformer).prompt_arguments(embeds),
         height=opts.res,
         width=opts.res,
         num_inference_steps=opts.validate_steps,
@@ -38,10 +38,10 @@ def validate(pipe, samples: Samples, opts, step: int, out: Path) -> dict:
 
     transformer, dtype = pipe.transformer, pipe.transformer.dtype
     rows, psnrs, ssims = [], [], []
-    for k, (prompt, embeds, pooled) in enumerate(samples.validation(transformer.device, dtype)):
+    for k, (prompt, embeds) in enumerate(samples.validation(transformer.device, dtype)):
         with original_attention(transformer):
-            teacher = render(pipe, embeds, pooled, opts, opts.seed + k)
-        student = render(pipe, embeds, pooled, opts, opts.seed + k)
+            teacher = render(pipe, embeds, opts, opts.seed + k)
+        student = render(pipe, embeds, opts, opts.seed + k)
         identical, psnr, ssim = similarity(np.asarray(teacher), np.asarray(student))
         psnrs += [] if identical else [psnr]
         ssims.append(ssim)

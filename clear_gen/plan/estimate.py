@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..models.flux1.shapes import TransformerConfig, transformer_params
+from ..models.shapes import ModelShapes
 from . import gpus
 from .footprint import RunInputs, RunPlan, Weights, weights_on_gpu
 
@@ -28,7 +28,6 @@ def timed(run: RunInputs, plan: RunPlan) -> RunPlan:
     cpu = torch.device("cpu")
     rate = plan.rate_tflops * 1e12 if plan.rate_tflops else gpus.probe_tflops(cpu, run.dtype, 512) * 1e12
     w, _ = weights_on_gpu(run, plan.clear_on_gpu)
-    cfg = run.shapes.transformer
     linear_rate = rate * LINEAR_EFFICIENCY * (FP8_SPEEDUP if run.spec.weights.quantize == "fp8dq" else 1.0)
     for stage, label, (linear, attention) in zip(plan.stages, run.labels, run.flops, strict=True):
         kind = "full" if label == "full" else "clear"
@@ -36,7 +35,7 @@ def timed(run: RunInputs, plan: RunPlan) -> RunPlan:
         copies = 0.0
         if plan.offload == "sequential":  # every layer's weights each step; the MLP's once per slice
             slices = math.ceil((run.text_len + stage.tokens) / plan.ff_chunk) if plan.ff_chunk else 1
-            streamed = w.transformer + w.clear + w.controlnet + (slices - 1) * mlp_bytes(cfg, w)
+            streamed = w.transformer + w.clear + w.controlnet + (slices - 1) * mlp_bytes(run.shapes, w)
             copies = streamed / PCIE_BYTES_S
         stage.time_s = stage.steps * (step + copies)
         if plan.offload == "model":  # the transformer (and a ControlNet) come back once a stage
@@ -46,8 +45,6 @@ def timed(run: RunInputs, plan: RunPlan) -> RunPlan:
     return plan
 
 
-def mlp_bytes(cfg: TransformerConfig, w: Weights) -> float:
+def mlp_bytes(shapes: ModelShapes, w: Weights) -> float:
     """The MLP layers' share of the transformer's bytes (what each feed-forward slice copies again)."""
-    c2 = cfg.hidden**2
-    mlp = (16 * cfg.num_layers + 9 * cfg.num_single_layers) * c2
-    return w.transformer * mlp / transformer_params(cfg).linear
+    return w.transformer * shapes.mlp_params() / shapes.transformer_params().linear

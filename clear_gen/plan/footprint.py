@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from ..attention.processor import attention_bytes
-from ..models.flux1.activations import step_activations as model_step_activations
-from ..models.flux1.activations import vae_activations
-from ..models.flux1.shapes import ModelShapes, Params, TransformerConfig, transformer_params
+from ..models.shapes import ModelShapes, Params
 from ..weights.quantize import MODES
 from .spec import RunSpec, Stage
 
@@ -31,7 +29,7 @@ GGUF_BYTES = {  # bytes per weight of GGUF block types (block bytes / block weig
 }  # fmt: skip
 
 
-TEXT_ACTIVATIONS = 0.25 * GB  # T5-XXL and CLIP on 512 tokens: a few hundred MB
+TEXT_ACTIVATIONS = 0.25 * GB  # the text encoders on 512 tokens (T5-XXL and CLIP): a few hundred MB
 
 
 def weight_bytes(params: Params, mode: str, e: int) -> int:
@@ -59,16 +57,17 @@ def gguf_bytes(transformer: str, params: Params, e: int) -> tuple[int, str | Non
 def step_activations(
     text_len: int,
     image_len: int,
-    cfg: TransformerConfig,
+    shapes: ModelShapes,
     e: int,
     clear: bool,
     chunk: int | None,
     down: int = 1,
 ) -> int:
-    """Peak bytes of one transformer call's activations on T + N tokens: the model's formula with CLEAR's
-    processor (`down`: its down factor) or the stock one; `chunk`: feed-forward slice."""
-    attention = attention_bytes(text_len, image_len, cfg.hidden, e, down) if clear else None
-    return model_step_activations(text_len, image_len, cfg, e, chunk, attention)
+    """Peak bytes of one transformer call's activations on T + N tokens: the model's formula (its
+    shapes') with CLEAR's processor (`down`: its down factor) or the stock one; `chunk`: feed-forward
+    slice."""
+    attention = attention_bytes(text_len, image_len, shapes.transformer.hidden, e, down) if clear else None
+    return shapes.step_activations(text_len, image_len, e, chunk, attention)
 
 
 @dataclass
@@ -203,8 +202,8 @@ class Weights:
 
     transformer: int
     clear: int  # CLEAR's projections beside the originals; 0 when copied in place
-    t5: int
-    clip: int
+    text: int  # the text encoder --quantize-text quantizes (FLUX.1's T5)
+    text_small: int  # the other one (FLUX.1's CLIP), or 0
     vae: int
     layer: int  # the largest layer (sequential offload streams one at a time)
     controlnet: int = 0  # --controlnet's weights
@@ -213,7 +212,7 @@ class Weights:
 
 def weights_on_gpu(run: RunInputs, clear_on_gpu: bool) -> tuple[Weights, str | None]:
     weights, shapes, e = run.spec.weights, run.shapes, run.e
-    params = transformer_params(shapes.transformer)
+    params = shapes.transformer_params()
     gguf = weights.gguf
     transformer, note = (
         gguf_bytes(weights.transformer, params, e)
@@ -223,11 +222,11 @@ def weights_on_gpu(run: RunInputs, clear_on_gpu: bool) -> tuple[Weights, str | N
     lora = run.lora_elements * e
     transformer += lora  # the LoRAs go where the transformer goes
     quantized = gguf or weights.quantize != "none"
-    layer = max(params.largest * e, shapes.t5.other * e)  # a Linear, or T5's token embedding
+    layer = max(params.largest * e, shapes.text.other * e)  # a Linear, or the text encoder's embedding
     clear = run.clear_bytes if (quantized or clear_on_gpu) else 0
-    t5 = weight_bytes(shapes.t5, weights.quantize_text, e)
+    text = weight_bytes(shapes.text, weights.quantize_text, e)
     net = run.controlnet.total * e if run.controlnet else 0
-    w = Weights(transformer, clear, t5, shapes.clip.total * e, shapes.vae * e, layer, net, lora)
+    w = Weights(transformer, clear, text, shapes.text_small.total * e, shapes.vae * e, layer, net, lora)
     return w, note
 
 
@@ -236,14 +235,16 @@ def stage_memory(
 ) -> tuple[int, int, int, int]:
     """(denoise weights, activations, VAE activations, peak) of stage i, in bytes."""
     s, e = run.stages[i], run.e
-    act = step_activations(run.text_len, s.tokens, run.shapes.transformer, e, s.clear, chunk, run.down_factor)
+    act = step_activations(run.text_len, s.tokens, run.shapes, e, s.clear, chunk, run.down_factor)
     act += run.controlnet_blocks * s.tokens * run.shapes.transformer.hidden * e  # a ControlNet's residuals
     parked = offload != "sequential"  # exact tiling parks its tiles in the machine's memory then
-    vae = vae_activations(s.width, s.height, e, s.vae_tiling, s.vae_tile, False, parked)
+    vae = run.shapes.vae_activations(s.width, s.height, e, s.vae_tiling, s.vae_tile, False, parked)
     if s.sdedit:
-        vae = max(vae, vae_activations(s.width, s.height, e, s.vae_tiling, s.vae_tile, True, parked))
+        vae = max(
+            vae, run.shapes.vae_activations(s.width, s.height, e, s.vae_tiling, s.vae_tile, True, parked)
+        )
     if offload == "cpu":  # everything stays in the machine's memory, the text encoders too
-        denoise_weights = vae_weights = w.transformer + w.clear + w.t5 + w.clip + w.vae + w.controlnet
+        denoise_weights = vae_weights = w.transformer + w.clear + w.text + w.text_small + w.vae + w.controlnet
     elif offload == "sequential":
         denoise_weights = vae_weights = w.layer
     elif offload == "model":  # the transformer (and ControlNet) leave when the VAE runs; the VAE stays
@@ -256,7 +257,7 @@ def stage_memory(
 def full_step_memory(run: RunInputs, w: Weights, offload: str, chunk: int | None, i: int) -> int:
     """Peak bytes of the stock-attention step that times full attention at stage i's size."""
     s = run.stages[i]
-    act = step_activations(run.text_len, s.tokens, run.shapes.transformer, run.e, False, chunk)
+    act = step_activations(run.text_len, s.tokens, run.shapes, run.e, False, chunk)
     return stage_memory(run, w, offload, chunk, i)[0] + act
 
 
@@ -266,6 +267,6 @@ def encode_memory(w: Weights, offload: str) -> int:
     if offload == "sequential":
         return w.layer + int(TEXT_ACTIVATIONS)
     if offload == "model":
-        return max(w.t5, w.clip) + int(TEXT_ACTIVATIONS)
-    everything = w.transformer + w.t5 + w.clip + w.vae + w.controlnet + w.clear * (offload == "cpu")
+        return max(w.text, w.text_small) + int(TEXT_ACTIVATIONS)
+    everything = w.transformer + w.text + w.text_small + w.vae + w.controlnet + w.clear * (offload == "cpu")
     return everything + int(TEXT_ACTIVATIONS)

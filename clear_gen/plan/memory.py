@@ -5,13 +5,14 @@ Peak GPU memory of a stage, in bytes, with e the compute dtype's bytes per eleme
 
     peak = weights on the GPU + the largest of (one denoising step's activations, VAE encode, VAE decode)
 
-Weights (parameter counts from the family's shapes, models/flux1/shapes.py, exact):
+Weights (parameter counts from the family's shapes, models/<family>/shapes.py, exact):
 - transformer: its Linear weights at quantize.MODES[--quantize]'s bytes each plus a scale per output row
   (none: e bytes, exactly), every other parameter (biases, norms) at e; a GGUF --transformer: the file's
   size, or its quantization type's bytes per weight (GGUF_BYTES) when the file is not here;
 - CLEAR: a checkpoint's replaced projections (the image q, k, v, out: 190 Linear of C x C, 3.6 GB in
   bf16) at e, when they sit on the GPU beside the originals (a quantized transformer: always);
-- text encoders: T5 per --quantize-text and CLIP at e, while the prompts are encoded (then they leave);
+- text encoders: the one --quantize-text quantizes (FLUX.1's T5) per that mode, the other (CLIP) at e,
+  while the prompts are encoded (then they leave);
 - VAE: its parameters at e;
 - LoRAs (--lora): every tensor of their files at e, beside the transformer's weights (peft keeps them
   apart, unquantized); a Hub LoRA not yet downloaded is left out, with a note;
@@ -19,8 +20,8 @@ Weights (parameter counts from the family's shapes, models/flux1/shapes.py, exac
   the registry's block counts). With `--offload model` it joins the transformer while a stage denoises.
 With `--offload model` only the running component is on the GPU; with `sequential`, one layer at a time.
 
-Activations of one step and of the VAE: the model family's formula (models/flux1/activations.py:
-24.5 GB for a CLEAR step at 8192 px in bf16 unchunked, 11.6 GB with feed-forward chunking).
+Activations of one step and of the VAE: the model family's formula (models/<family>/activations.py;
+FLUX.1's: 24.5 GB for a CLEAR step at 8192 px in bf16 unchunked, 11.6 GB with feed-forward chunking).
 
 A plan fits when peak x (1 + HEADROOM) <= the GPU memory free (allocator fragmentation, CUDA
 libraries' workspaces and what is not modelled). Time: the FLOP model (flops.py) of each step over the
@@ -42,11 +43,6 @@ from ..core.geometry import build_block_lists, needed_pairs
 from ..core.sizes import size_multiple
 from ..core.tensorfile import file_shapes
 from ..errors import DeviceError
-from ..models.flux1.shapes import (
-    TransformerConfig,
-    clear_params,
-    controlnet_params,
-)
 from ..weights.control import controlnet_folder
 from ..weights.quantize import Target
 from ..weights.shapes import model_shapes
@@ -161,8 +157,8 @@ def _prepare(spec: RunSpec, stages: list[Stage], dtype: torch.dtype) -> RunInput
         dtype=dtype,
         multiple=size_multiple(choice.down_factor),
         down_factor=choice.down_factor,
-        clear_bytes=clear_params(shapes.transformer, choice.down_factor) * e if has_checkpoint else 0,
-        controlnet=controlnet_params(shapes.transformer, *net) if net else None,
+        clear_bytes=shapes.clear_params(choice.down_factor) * e if has_checkpoint else 0,
+        controlnet=shapes.controlnet_params(*net) if net else None,
         controlnet_blocks=net[0] + net[1] if net else 0,
         controlnet_note=net_note,
         lora_elements=lora_elements,
@@ -205,7 +201,7 @@ def _controlnet(spec: RunSpec) -> tuple[tuple[int, int, int] | None, str | None]
 
 
 def _attention(
-    choice: ClearChoice, text_len: int, stage: Stage, cfg: TransformerConfig, net: tuple | None = None
+    choice: ClearChoice, text_len: int, stage: Stage, cfg, net: tuple | None = None
 ) -> tuple[str, float, tuple[float, float]]:
     """(label, density, (linear, attention) FLOPs of one step) of a stage; `net`: a ControlNet's
     (num_layers, num_single_layers, num_mode), whose blocks run in every step too (control.py says when

@@ -62,7 +62,7 @@ def candidate(
         quantize_text=run.spec.weights.quantize_text,
         transformer=run.spec.weights.transformer,
         transformer_gb=w.transformer / GB,
-        text_encoders_gb=(w.t5 + w.clip) / GB,
+        text_encoders_gb=(w.text + w.text_small) / GB,
         controlnet_gb=w.controlnet / GB,
         lora_gb=w.lora / GB,
         offload=offload,

@@ -34,7 +34,9 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
     prompts = _prompts(opts, upscale)
     the_recipe = recipe(opts.recipe)
     _check_numbers(opts)
-    attention = clear_choice(opts.variant, opts.window, opts.down_factor, opts.clear_weights)
+    family = model_family(opts.model)
+    attention = clear_choice(opts.variant, opts.window, opts.down_factor, opts.clear_weights, family)
+    check_family(attention, family, opts.model, default_too=False)
     _note_changed(attention, opts.clear_weights_sha256, note)
     weights = WeightsSpec(
         model=opts.model,
@@ -44,7 +46,7 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
         transformer=opts.transformer,
         loras=tuple(lora.parse_loras(opts.loras or [], opts.lora_files or [])),
         controlnet=control.parse_control(opts, own_picture=upscale, note=note),
-        family=model_family(opts.model),
+        family=family,
     )
     _check_weights(weights)
     settings = _settings(opts, parse_cache(opts.cache))
@@ -62,8 +64,10 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
     if upscale:
         return spec
     attention = at_size(attention, opts.width, opts.height, the_recipe)
+    check_family(attention, family, opts.model)
     note_full_window(attention, opts.width, opts.height, note)
     spec = replace(spec, attention=attention, stages=generate_stages(spec, attention))
+    check_model_runs(spec, spec.stages, "give --direct for one text-to-image pass at the target")
     check_backend_serves(spec, attention, spec.stages)
     if guide_kind(opts.guide) not in (None, "none") and all(s.guide == "none" for s in spec.stages):
         note(f"--guide {opts.guide}: no stage to guide (only CLEAR's SDEdit stages are guided)")
@@ -121,9 +125,13 @@ def guide_kind(guide: str | None) -> str | None:
 
 
 def _check_weights(weights: WeightsSpec) -> None:
+    from .. import models
     from ..weights.quantize import check_names  # imports torch: not at the CLI's start
 
     check_names(weights.quantize, weights.quantize_text, weights.transformer)
+    family = models.family(weights.family)
+    if weights.controlnet is not None and not family.RESIDUALS:  # its transformer takes no ControlNet's
+        raise ConfigError(f"{family.LABEL} ({family.NAME}) has no ControlNet: run it without --controlnet")
 
 
 def _settings(opts: GenerateOptions, cache) -> Settings:
@@ -180,12 +188,10 @@ def _vae_tile(opts: GenerateOptions) -> int:
 
 
 def model_family(model: str) -> str:
-    """The family (models/) of --model: a registry base's, else FLUX.1's."""
-    from ..models import DEFAULT
-    from ..weights.registry import load_registry, named
+    """The family (models/) of --model: a registry base's, a folder's by its transformer, else FLUX.1's."""
+    from ..weights.shapes import model_family as family
 
-    base = named(load_registry().bases, model)
-    return base.family if base is not None else DEFAULT
+    return family(model)
 
 
 def text_length(opts: GenerateOptions) -> int:
@@ -216,11 +222,17 @@ def image_seeds(seeds: list[int] | None, count: int) -> list[int]:
 
 
 def clear_choice(
-    variant: str | None, window: int | None, down_factor: int | None, weights: str | None = None
+    variant: str | None,
+    window: int | None,
+    down_factor: int | None,
+    weights: str | None = None,
+    family: str | None = None,
 ) -> ClearChoice:
     """--variant, or --window/--down-factor/--clear-weights, into one choice (weights fetched later).
     With neither: the registry's default variant, `chosen` False (full attention at or below 1024 px:
-    `at_size`). A local file is checked from its header now (weights.checkpoints)."""
+    `at_size`). A local file is checked from its header now (weights.checkpoints), as a checkpoint of
+    the model's `family` (default: FLUX.1)."""
+    from ..models import DEFAULT
     from ..weights.registry import load_registry
 
     custom = {"--window": window, "--down-factor": down_factor, "--clear-weights": weights}
@@ -230,18 +242,19 @@ def clear_choice(
             f"--variant {variant} and {given[0]} conflict: give a variant or a custom "
             "--window [--down-factor] [--clear-weights], not both"
         )
+    family = family or DEFAULT
     if given:
-        return _custom_choice(window, down_factor, weights, given[0])
+        return _custom_choice(window, down_factor, weights, given[0], family)
     if variant == "none":
         return ClearChoice("none", None)
     if variant and Path(variant).expanduser().is_file():
-        return _file_choice(Path(variant).expanduser())
+        return _file_choice(Path(variant).expanduser(), family)
     registry = load_registry()
     found = registry.variant(variant or registry.default_variant)
     return ClearChoice(found.name, found.window, found.down_factor, chosen=variant is not None)
 
 
-def _custom_choice(window, down_factor, weights: str | None, first: str) -> ClearChoice:
+def _custom_choice(window, down_factor, weights: str | None, first: str, family: str) -> ClearChoice:
     """--window R [--down-factor F] [--clear-weights FILE]: a FILE's spatial weights must be F's."""
     from ..weights.checkpoints import check_checkpoint_file
 
@@ -253,7 +266,7 @@ def _custom_choice(window, down_factor, weights: str | None, first: str) -> Clea
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"--clear-weights {path}: no such file")
-    file = check_checkpoint_file(path, f"--clear-weights {path}")
+    file = check_checkpoint_file(path, f"--clear-weights {path}", family)
     if file.down_factor != (down_factor or 1):
         raise ConfigError(
             f"--clear-weights {path} is down-sampled (f = {file.down_factor}): "
@@ -262,13 +275,13 @@ def _custom_choice(window, down_factor, weights: str | None, first: str) -> Clea
     return ClearChoice("custom", window, file.down_factor, file.path, sha256=file.sha256)
 
 
-def _file_choice(path: Path) -> ClearChoice:
+def _file_choice(path: Path, family: str) -> ClearChoice:
     """--variant FILE: a published file name says its variant; else the window its metadata records
     (clear-gen distill writes it) makes it a custom choice."""
     from ..weights.checkpoints import check_checkpoint_file
     from ..weights.registry import load_registry
 
-    file = check_checkpoint_file(path, f"--variant {path}")
+    file = check_checkpoint_file(path, f"--variant {path}", family)
     known = {v.filename: v for v in load_registry().variants.values()}
     if path.name in known:
         v = known[path.name]
@@ -280,6 +293,46 @@ def _file_choice(path: Path) -> ClearChoice:
             f"--clear-weights {path}"
         )
     return ClearChoice("custom", file.window, file.down_factor, file.path, sha256=file.sha256)
+
+
+def check_family(choice: ClearChoice, family: str, model: str, default_too: bool = True) -> None:
+    """A registry variant runs on its base's family only: a chosen one for another family, or the default
+    one (`default_too`) when the model's family has no published weights, is one line naming both."""
+    from .. import models
+    from ..weights.registry import load_registry
+
+    if choice.hub_variant is None or (not choice.chosen and not default_too):
+        return
+    registry = load_registry()
+    variant = registry.variant(choice.hub_variant)
+    made_for = registry.base(variant.base).family
+    if made_for == family:
+        return
+    theirs, ours = models.family(made_for).LABEL, models.family(family).LABEL
+    if not choice.chosen:
+        raise ConfigError(
+            f"no published CLEAR weights for {ours} ({family}: --model {model}); the default variant "
+            f"{variant.name} is {theirs}'s ({made_for}): give --window R [--down-factor F] (training-free) "
+            "or --variant none"
+        )
+    raise ConfigError(
+        f"CLEAR variant {variant.name} was made for {theirs} ({made_for}, base {variant.base}) and --model "
+        f"{model} is {ours} ({family}): give --window R [--down-factor F] (training-free) for it instead"
+    )
+
+
+def check_model_runs(spec: RunSpec, stages: tuple[Stage, ...], fix: str) -> None:
+    """The model's family can run these stages: SDEdit stages need an img2img pipeline (`fix`: what the
+    user can do instead)."""
+    from .. import models
+
+    family = models.family(spec.weights.family)
+    sdedit = [f"{s.width}x{s.height}" for s in stages if s.sdedit]
+    if sdedit and not family.SDEDIT:
+        raise ConfigError(
+            f"{family.LABEL} ({family.NAME}) has no img2img pipeline in diffusers, so the SDEdit stage"
+            f"{'s' if len(sdedit) > 1 else ''} {', '.join(sdedit)} cannot run; {fix}"
+        )
 
 
 def note_full_window(choice: ClearChoice, width: int, height: int, note) -> None:
@@ -339,6 +392,8 @@ def upscale_stages(spec: RunSpec, choice: ClearChoice, width: int, height: int) 
     picture (which is not a stage); the asked stages list the long sides after it."""
     long_sides = spec.asked.stages or [max(width, height)]
     stages = sdedit_stages(spec, choice, _checked_sizes(width, height, long_sides, choice, spec.recipe))
+    check_model_runs(spec, stages, "upscale needs one")
+    check_family(choice, spec.weights.family, spec.weights.model)
     check_backend_serves(spec, choice, stages)
     return stages
 

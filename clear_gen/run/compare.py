@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..core.flops import FluxShape, step_flops
+from ..core.flops import step_flops
 from ..core.geometry import build_block_lists
 from ..errors import ConfigError, OutputError
 from ..files import output
@@ -34,6 +34,7 @@ from ..plan.spec import ClearChoice, GenerateOptions, OutputSpec, RunSpec
 from ..weights.hub import resolve_base
 from ..weights.loading import clear_weights_file
 from ..weights.registry import Registry, load_registry
+from ..weights.shapes import model_shapes
 from .generate import Hooks, ImageResult, LoadedPipelines, generate
 
 GRID_PANEL_SIDE = 2048  # grid panels are scaled down to this long side; the variants' PNGs keep full size
@@ -251,7 +252,8 @@ def full_attention_cost(plan: ComparePlan) -> FullCost | None:
         return None
     v, (w, h) = clear[0], (plan.opts.width, plan.opts.height)
     geo = v.choice.geometry(w, h, v.spec.text_len)
-    flops = step_flops(FluxShape(), geo, build_block_lists(geo).computed_pairs())
+    shape = model_shapes(v.spec.weights.model).transformer.flux_shape  # the model's, not FLUX.1-dev's
+    flops = step_flops(shape, geo, build_block_lists(geo).computed_pairs())
     linear = flops["linear"]
     return FullCost(w, h, v.short, linear + flops["attn_full"], linear + flops["attn_computed"])
 

@@ -26,7 +26,6 @@ from ..core.device import dtype_note, resolve_dtype
 from ..errors import ClearGenError, DeviceError
 from ..files import output
 from ..files.record import ImageRecord, RunTiming
-from ..models.flux1.chunking import chunk_feed_forward
 from ..plan import gpus
 from ..plan.footprint import HEADROOM, RunPlan
 from ..plan.memory import plan_run
@@ -245,7 +244,7 @@ def _load_and_generate(
     world, jobs = prepared.world, prepared.jobs
     mine = [jobs[i] for i in world.my_jobs(len(jobs)) if i is not None]
     run, embeds = world.agree(lambda: _load(prepared, hooks, mine, pipe, pipelines))
-    embeds = {p: tuple(world.share(t) for t in e) for p, e in embeds.items()}  # sequence mode: rank 0's
+    embeds = {p: {k: world.share(t) for k, t in e.items()} for p, e in embeds.items()}  # sequence: rank 0's
     run.mark = started
     # 2. Every job of this rank: its stages, then save (each image as soon as it is done); in data mode
     #    rank 0 reports every rank's images, a round at a time, in job order.
@@ -287,7 +286,8 @@ def _load(
         pipe, stock_steps = pipelines.get(weights, device, dtype, offload)
     else:
         pipe = load_pipeline(weights, offload, device, dtype)
-    chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's slices (None: whole)
+    family = models.of(pipe.transformer)
+    family.chunk_feed_forward(pipe.transformer, plan.ff_chunk if plan else None)  # the plan's (None: whole)
     if spec.settings.compile:
         compile_blocks(pipe.transformer)  # compiles lazily: the first step of each stage pays
     img2img = img2img_pipeline(pipe) if any(s.sdedit for job in prepared.jobs for s in job.stages) else None
@@ -295,13 +295,12 @@ def _load(
     hooks.phase_done("load", load_s)
     prompts = list(dict.fromkeys(job.prompt for job in mine)) or [prepared.jobs[0].prompt]
     world = prepared.world
-    family = models.of(pipe.transformer)
     heads = family.flop_shape(pipe.transformer.config).heads
     shards = parallel.SequenceShards(world, heads, family) if world.sequence and choice.window else None
     _note_cut_prompts(family, pipe, prompts, spec.text_len, hooks)
     hooks.phase("encode", f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}")
     t0 = now(device)
-    embeds = dict(zip(prompts, _encode(pipe, prompts, device, spec.text_len, offload), strict=True))
+    embeds = dict(zip(prompts, _encode(family, pipe, prompts, device, spec.text_len, offload), strict=True))
     encode_s = now(device) - t0
     hooks.phase_done("encode", encode_s)
     if state_dict is not None and offload == "none":  # once the text encoders have left the GPU
@@ -317,12 +316,13 @@ def _load(
 
 def _load_label(spec: RunSpec) -> str:
     """'FLUX.1 dev (transformer int8) with CLEAR r8-down4, ControlNet union': what the load phase loads."""
+    label = models.family(spec.weights.family).LABEL
     choice, weights = spec.attention, spec.weights
     clear = f" with CLEAR {choice.label if choice.label != 'custom' else f'r={choice.window}'}"
     quantized = Q.label(weights.quantize, weights.quantize_text, weights.transformer)
     control = weights.controlnet
     net = f", ControlNet {control.source}" if control is not None else ""
-    return f"FLUX.1 {weights.model}{quantized}" + (clear if choice.window else "") + net
+    return f"{label} {weights.model}{quantized}" + (clear if choice.window else "") + net
 
 
 def _note_cut_prompts(family, pipe, prompts: list[str], max_len: int, hooks: Hooks) -> None:
@@ -335,16 +335,18 @@ def _note_cut_prompts(family, pipe, prompts: list[str], max_len: int, hooks: Hoo
         hooks.note(f"prompt {shown!r}{more} is cut: {cut} read; the rest does not reach the model")
 
 
-def _encode(pipe, prompts: list[str], device, max_len: int, offload: str) -> list[tuple]:
-    """(prompt_embeds, pooled) per prompt; then text encoders leave the GPU for the transformer's room."""
-    if device.type == "cuda" and offload == "none" and pipe.text_encoder.device != device:
-        pipe.text_encoder.to(device)  # a reused pipeline (LoadedPipelines): an earlier run sent them away
-        pipe.text_encoder_2.to(device)
+def _encode(family, pipe, prompts: list[str], device, max_len: int, offload: str) -> list[dict]:
+    """Each prompt's embeddings by name (the family's encode_prompt); then the text encoders leave the GPU
+    for the transformer's room."""
+    encoders = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+    if device.type == "cuda" and offload == "none" and encoders and encoders[0].device != device:
+        for encoder in encoders:  # a reused pipeline (LoadedPipelines): an earlier run sent them away
+            encoder.to(device)
     with torch.no_grad():
-        out = [pipe.encode_prompt(p, None, device=device, max_sequence_length=max_len)[:2] for p in prompts]
+        out = [family.encode_prompt(pipe, p, device, max_len) for p in prompts]
     if device.type == "cuda" and offload == "none":  # with offload, accelerate moves them itself
-        pipe.text_encoder.to("cpu")
-        pipe.text_encoder_2.to("cpu")
+        for encoder in encoders:
+            encoder.to("cpu")
         torch.cuda.empty_cache()
     return out
 

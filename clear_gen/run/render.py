@@ -104,7 +104,7 @@ class Run:
     """What every image of a run shares."""
 
     spec: RunSpec
-    pipe: Any  # FluxPipeline (FluxControlNetPipeline with --controlnet)
+    pipe: Any  # the family's pipeline (FluxPipeline; FluxControlNetPipeline with --controlnet)
     img2img: Any  # FluxImg2ImgPipeline sharing pipe's modules; None with one stage
     state_dict: dict[str, torch.Tensor] | None  # the CLEAR checkpoint, placed
     device: torch.device
@@ -189,7 +189,8 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
         remove_clear(controlnet)
     control = _control_kwargs(control_spec, picture) if controlnet is not None else {}
     _vae_tiling(run, stage)
-    geo = choice.geometry(stage.width, stage.height, emb[0].shape[1]) if stage.clear else None  # (1, T, D)
+    text_len = emb["prompt_embeds"].shape[1]  # (1, T, D)
+    geo = choice.geometry(stage.width, stage.height, text_len) if stage.clear else None
     compiling = _first_run(geo, settings.backend, device, transformer.dtype)
     # 2. Denoise, timing every step (and the GPU memory's high-water mark).
     if compiling:
@@ -234,12 +235,11 @@ def _control_kwargs(spec: ControlSpec, picture) -> dict[str, Any]:
 
 
 def _run_stage(run: Run, stage: Stage, embeds, image, seed: int, clock, control):
-    """One stage's diffusion; returns its packed latents (B, (H/16)(W/16), 64), not yet decoded.
-    `control`: the ControlNet pipelines' own arguments (_control_kwargs), or {}."""
+    """One stage's diffusion; returns its latents as the pipeline gives them (FLUX.1: packed tokens), not
+    yet decoded. `control`: the ControlNet pipelines' own arguments (_control_kwargs), or {}."""
     common = dict(
         **control,
-        prompt_embeds=embeds[0],
-        pooled_prompt_embeds=embeds[1],
+        **models.of(run.pipe.transformer).prompt_arguments(embeds),
         width=stage.width,
         height=stage.height,
         num_inference_steps=stage.steps,
@@ -279,8 +279,7 @@ def _decode(run: Run, latents: torch.Tensor, stage: Stage, what: str) -> Any:
     """The model's latents into a PIL image, as diffusers' pipelines do after their last step."""
     pipe = run.pipe
     vae = pipe.vae
-    latents = models.of(pipe.transformer).unpack_latents(latents, stage.width, stage.height)  # (B, C, h, w)
-    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+    latents = models.of(pipe.transformer).vae_latents(vae, latents, stage.width, stage.height)  # (B, C, h, w)
     with torch.no_grad():
         image = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
     _finite(image, run, stage, what)

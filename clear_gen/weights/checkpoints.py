@@ -30,6 +30,13 @@ def check_checkpoint_file(path: Path, what: str, family: str = models.DEFAULT) -
         raise ConfigError(f"{what} is not a readable .safetensors file ({e})") from None
     keys = [k for k in header if k != "__metadata__"]
     strange = next((k for k in sorted(keys) if not models.family(family).is_clear_key(k)), None)
+    other = models.checkpoint_family(keys) if strange is not None else None
+    if other is not None:  # CLEAR weights of another family's model
+        theirs, ours = models.family(other).LABEL, models.family(family).LABEL
+        raise ConfigError(
+            f"{what} holds CLEAR weights for {theirs} ({other}: its key {strange}), and the model is "
+            f"{ours} ({family}): give weights made for it (clear-gen distill), or --window R alone"
+        )
     if strange is not None or not keys:
         lora = strange is not None and ("lora_A" in strange or "lora_down" in strange)
         hint = "a LoRA: give it with --lora" if lora else "not CLEAR weights in the published format"

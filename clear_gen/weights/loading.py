@@ -1,6 +1,6 @@
-"""Loading: the FLUX.1 pipeline (placed per --offload; its transformer and T5 quantized per --quantize and
---quantize-text, or the transformer from a GGUF file; its --lora adapters; with --controlnet, diffusers'
-ControlNet pipeline), its img2img twin, and CLEAR's checkpoint.
+"""Loading: the model family's pipeline (placed per --offload; its transformer and main text encoder (FLUX.1's
+T5) quantized per --quantize and --quantize-text, or the transformer from a GGUF file; its --lora adapters;
+with --controlnet, diffusers' ControlNet pipeline), its img2img twin, and CLEAR's checkpoint.
 
 Everything here runs once per `generate` call, before the first image.
 """
@@ -54,10 +54,11 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def load_pipeline(weights: WeightsSpec, offload: str, device: torch.device, dtype: torch.dtype):
-    """FluxPipeline from a registry base, Hub repo or local directory, placed per the decided `offload`
-    (none, model or sequential); its transformer from a GGUF file or quantized on load (--quantize), T5
-    quantized on load (--quantize-text), its LoRAs. With a ControlNet: FluxControlNetPipeline with the same
-    modules and the ControlNet (in the compute dtype)."""
+    """The model family's pipeline (FLUX.1's: FluxPipeline) from a registry base, Hub repo or local
+    directory, placed per the decided `offload` (none, model or sequential); its transformer from a GGUF
+    file or quantized on load (--quantize), its main text encoder quantized on load (--quantize-text), its
+    LoRAs. With a ControlNet: FluxControlNetPipeline with the same modules and the ControlNet (in the
+    compute dtype)."""
     from .hub import resolve_base
 
     path = resolve_base(weights.model, weights.token, transformer_weights=weights.transformer is None)
@@ -65,7 +66,7 @@ def load_pipeline(weights: WeightsSpec, offload: str, device: torch.device, dtyp
     with _quiet_loading():
         parts = {
             "transformer": load_transformer(weights, path, dtype),
-            "text_encoder_2": load_t5(weights, path, dtype),
+            family.TEXT_ENCODER: load_text_encoder(weights, path, dtype),
         }
         try:
             pipe = family.pipeline_class().from_pretrained(
@@ -73,8 +74,8 @@ def load_pipeline(weights: WeightsSpec, offload: str, device: torch.device, dtyp
             )
         except (OSError, ValueError) as e:
             raise WeightsError(
-                f"{path} is not a complete FLUX.1 diffusers folder ({str(e).splitlines()[0][:160]}); "
-                f"fetch one with `clear-gen download --base dev`"
+                f"{path} is not a complete {family.LABEL} diffusers folder ({str(e).splitlines()[0][:160]}); "
+                f"fetch one with `clear-gen download --base {_base_name(weights.model)}`"
             ) from e
         load_loras(pipe, weights.loras, weights.token)  # before offload
         if control is not None:  # before offload too: model offload then moves it with the transformer
@@ -90,6 +91,14 @@ def load_pipeline(weights: WeightsSpec, offload: str, device: torch.device, dtyp
     if control is not None:
         family.use_exact_positions(pipe.controlnet)
     return pipe
+
+
+def _base_name(model: str) -> str:
+    """--model's registry name, for a download hint; else dev."""
+    from .registry import load_registry, named
+
+    base = named(load_registry().bases, model)
+    return base.name if base is not None else "dev"
 
 
 def load_transformer(weights: WeightsSpec, base: Path, dtype: torch.dtype):
@@ -115,11 +124,12 @@ def load_transformer(weights: WeightsSpec, base: Path, dtype: torch.dtype):
     return _quantized(transformer_class, base, "transformer", dtype, quantization)
 
 
-def load_t5(weights: WeightsSpec, base: Path, dtype: torch.dtype):
-    """T5 quantized while it loads (--quantize-text), or None: the pipeline loads the base's."""
+def load_text_encoder(weights: WeightsSpec, base: Path, dtype: torch.dtype):
+    """The family's main text encoder (FLUX.1's T5) quantized while it loads (--quantize-text), or None:
+    the pipeline loads the base's."""
     quantization = Q.text_config(weights.quantize_text, dtype)
-    text_encoder = models.family(weights.family).text_encoder_class()
-    return _quantized(text_encoder, base, "text_encoder_2", dtype, quantization)
+    family = models.family(weights.family)
+    return _quantized(family.text_encoder_class(), base, family.TEXT_ENCODER, dtype, quantization)
 
 
 def _quantized(kind, base: Path, subfolder: str, dtype: torch.dtype, quantization):

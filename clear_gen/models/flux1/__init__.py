@@ -1,5 +1,6 @@
-"""FLUX.1 [dev] and [schnell] in diffusers (FluxTransformer2DModel, FluxControlNetModel, FluxPipeline and
-their img2img and ControlNet twins): every fact about their layout that the rest of clear-gen needs.
+"""FLUX.1 [dev], [schnell] and [dev]'s fine-tunes (Krea [dev]) in diffusers (FluxTransformer2DModel,
+FluxControlNetModel, FluxPipeline and their img2img and ControlNet twins): every fact about their layout that
+the rest of clear-gen needs.
 
 The transformer's joint sequence is [text T ; image N], text first, in both block kinds; image tokens are
 row-major over the (H/16) x (W/16) grid (the VAE's /8, then 2 x 2 patches); positions reach attention only
@@ -10,14 +11,33 @@ feed-forward chunking in `chunking`, the VAE's exact tiled decode and encode in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from ...core.flops import FluxShape
-from ...core.positions import GridCache, exact_ids
+from ...core.positions import Grid, GridCache, exact_ids
+from ..attention import AttentionCall, AttentionParts, joint_call, joint_parts
+from ..layout import (  # noqa: F401  (part of this family's API: models.FAMILY_API)
+    BLOCK_KINDS,
+    attention_modules,
+    blocks,
+    compute_device,
+    rope_theta,
+    set_rope_theta,
+    single_blocks,
+)
+from ..layout import image_ids as _image_ids
+from ..layout import is_clear_key as _is_clear_key
+from .chunking import chunk_feed_forward  # noqa: F401
 
 NAME = "flux1"
+LABEL = "FLUX.1"  # how messages name the family
 TOKEN_PX = 16  # pixels per image token side: the VAE's factor 8 times the 2 x 2 packing
+SDEDIT = True  # diffusers has its img2img pipeline: the recipe's SDEdit stages run
+TEXT_ENCODER = "text_encoder_2"  # the component --quantize-text quantizes: T5
+SAMPLE_EMBEDDINGS = ("prompt_embeds", "pooled")  # of encode_prompt's: what a distillation sample keeps
 MODEL_CLASSES = ("FluxTransformer2DModel", "FluxControlNetModel")
 FORWARD_ARGS = (  # FluxTransformer2DModel.forward's positional parameters
     "hidden_states",
@@ -50,7 +70,6 @@ CONTROLNET_CONFIG_FIELDS = (  # what a ControlNet shares with the transformer it
     "pooled_projection_dim",
     "in_channels",
 )
-BLOCK_KINDS = ("transformer_blocks", "single_transformer_blocks")  # double-stream, then single-stream
 
 
 # ---------------------------------------------------------------- the forward call
@@ -77,29 +96,27 @@ def condition_embedder(module) -> torch.nn.Module | None:
 
 
 def image_ids(kwargs: dict) -> Tensor:
-    """img_ids as (N, 3) from a call's arguments by name (3-d ids are deprecated in diffusers)."""
-    ids = kwargs[IMAGE_IDS]
-    return ids[0] if ids.ndim == 3 else ids
+    """img_ids as (N, 3) from a call's arguments by name."""
+    return _image_ids(kwargs, IMAGE_IDS)
 
 
 # ---------------------------------------------------------------- blocks, attention, RoPE
 
 
-def attention_modules(model) -> dict[str, torch.nn.Module]:
-    """'transformer_blocks.{i}.attn' / 'single_transformer_blocks.{i}.attn' -> module, in that order."""
-    return {
-        f"{kind}.{i}.attn": block.attn for kind in BLOCK_KINDS for i, block in enumerate(getattr(model, kind))
-    }
+def attention_call(attn, args: tuple, kwargs: dict) -> AttentionCall:
+    """A processor call's arguments by meaning: FluxAttnProcessor's order in both block kinds."""
+    return joint_call(args, kwargs)
 
 
-def blocks(model) -> list[torch.nn.Module]:
-    return [*model.transformer_blocks, *model.single_transformer_blocks]
+def attention_parts(attn, hidden: Tensor, text: Tensor | None) -> AttentionParts:
+    """What FluxAttention computes around its attention (models.attention): joint attention."""
+    return joint_parts(attn, hidden, text)
 
 
-def single_blocks(model) -> list[torch.nn.Module]:
-    """The single-stream blocks (joint attention over [text ; image]): CLEAR's distillation loss reads
-    some of their attention outputs."""
-    return list(model.single_transformer_blocks)
+def attention_output(block, keep: Callable[[Tensor], None]):
+    """Hand `keep` a single-stream block's attention output (B, T + N, C), before any output projection,
+    at every call: the attention module's own output. Returns the hook's handle."""
+    return block.attn.register_forward_hook(lambda module, args, output: keep(output))
 
 
 def clear_projections(attention: str) -> tuple[str, ...]:
@@ -115,31 +132,7 @@ def clear_projections(attention: str) -> tuple[str, ...]:
 def is_clear_key(key: str) -> bool:
     """A key of a published CLEAR checkpoint for this family: an attention module's replaced projection
     (clear_projections) or its processor's spatial weight."""
-    kind, _, rest = key.partition(".")
-    if kind not in BLOCK_KINDS or not rest.split(".", 1)[0].isdigit():
-        return False
-    attention, _, tail = key.partition(".attn.")
-    projection, _, param = tail.rpartition(".")
-    return tail == "processor.spatial_weight" or (
-        projection in clear_projections(attention) and param in ("weight", "bias")
-    )
-
-
-def rope_theta(model) -> float:
-    return model.pos_embed.theta
-
-
-def set_rope_theta(model, theta: float) -> None:
-    model.pos_embed.theta = theta
-
-
-def compute_device(model) -> torch.device:
-    """Where the model computes: its weights' device, or under accelerate's sequential offload (the
-    weights on 'meta' between calls) its hook's execution device."""
-    hook = getattr(model.x_embedder, "_hf_hook", None)
-    if getattr(hook, "offload", False):
-        return torch.device(hook.execution_device)
-    return model.x_embedder.weight.device
+    return _is_clear_key(key, clear_projections)
 
 
 def flop_shape(config) -> FluxShape:
@@ -160,6 +153,18 @@ def text_length(config) -> int:
     schnell, as BFL's reference code sets them; the config tells them apart, not the name."""
     guidance = config.get("guidance_embeds", True) if isinstance(config, dict) else config.guidance_embeds
     return 512 if guidance else 256
+
+
+def encode_prompt(pipe, prompt: str, device, max_len: int) -> dict[str, Tensor]:
+    """One prompt's embeddings by name, each (1, ...): T5's `prompt_embeds` (1, T, 4096) and CLIP's
+    `pooled` (1, 768)."""
+    embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=device, max_sequence_length=max_len)
+    return {"prompt_embeds": embeds, "pooled": pooled}
+
+
+def prompt_arguments(embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    """encode_prompt's embeddings as the pipelines' call takes them."""
+    return {"prompt_embeds": embeds["prompt_embeds"], "pooled_prompt_embeds": embeds["pooled"]}
 
 
 def prompt_cut(pipe, prompt: str, max_len: int) -> str | None:
@@ -194,6 +199,35 @@ def unpack_latents(latents: Tensor, width: int, height: int) -> Tensor:
     latents = latents.view(b, h, w, c // 4, 2, 2)  # (B, H/16, W/16, 16, 2, 2)
     latents = latents.permute(0, 3, 1, 4, 2, 5)  # (B, 16, H/16, 2, W/16, 2)
     return latents.reshape(b, c // 4, 2 * h, 2 * w)  # (B, 16, H/8, W/8)
+
+
+def vae_latents(vae, latents: Tensor, width: int, height: int) -> Tensor:
+    """A pipeline's `output_type="latent"` result (packed tokens) as the VAE decodes it: unpacked, then
+    unscaled and unshifted as FluxPipeline does. (B, 16, H/8, W/8)."""
+    latents = unpack_latents(latents, width, height)
+    return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+
+def model_latents(vae, x0: Tensor) -> Tensor:
+    """VAE latents (B, 16, h, w) as the transformer takes them: shifted, scaled and packed, (B, N, 64)."""
+    return pack_latents((x0 - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
+def forward_inputs(
+    hidden: Tensor, embeds: dict[str, Tensor], timestep: Tensor, grid: Grid, guidance: Tensor | None
+) -> dict:
+    """The transformer's keyword arguments for packed tokens (B, N, 64) of an h x w grid, embeddings as
+    encode_prompt names them (batched), timestep sigma (B,) and guidance (B,) or None."""
+    device, text_len = hidden.device, embeds["prompt_embeds"].shape[1]
+    return dict(
+        hidden_states=hidden,
+        encoder_hidden_states=embeds["prompt_embeds"],
+        pooled_projections=embeds["pooled"],
+        timestep=timestep,  # sigma: the transformer multiplies by 1000, as FluxPipeline relies on
+        img_ids=exact_ids(grid, device),  # cached: the same tensor every step
+        txt_ids=torch.zeros(text_len, 3, device=device),
+        guidance=guidance,
+    )
 
 
 # ---------------------------------------------------------------- exact RoPE positions

@@ -29,10 +29,10 @@ def chunk_feed_forward(transformer, tokens: int | None) -> None:
     if tokens is not None and tokens < 1:
         raise ValueError(f"tokens must be positive, got {tokens}")
     for block in transformer.transformer_blocks:
-        _replace(block.ff, tokens, _chunked_ff)
-        _replace(block.ff_context, tokens, _chunked_ff)
+        replace_forward(block.ff, tokens, chunked_ff)
+        replace_forward(block.ff_context, tokens, chunked_ff)
     for block in transformer.single_transformer_blocks:
-        _replace(block, tokens, _chunked_single_block)
+        replace_forward(block, tokens, _chunked_single_block)
     transformer._ff_chunk_tokens = tokens
 
 
@@ -41,7 +41,7 @@ def chunk_tokens(transformer) -> int | None:
     return getattr(transformer, "_ff_chunk_tokens", None)
 
 
-def _replace(module: torch.nn.Module, tokens: int | None, chunked) -> None:
+def replace_forward(module: torch.nn.Module, tokens: int | None, chunked) -> None:
     """Put `chunked` in front of module's forward (an offload hook's, if any), or take it away."""
     if hasattr(module, _SAVED):  # undo a previous chunking first
         saved = getattr(module, _SAVED)
@@ -56,7 +56,7 @@ def _replace(module: torch.nn.Module, tokens: int | None, chunked) -> None:
     module.forward = partial(chunked, module, module.forward, tokens)
 
 
-def _chunked_ff(ff, forward, tokens: int, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+def chunked_ff(ff, forward, tokens: int, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     """FeedForward over token slices of (B, L, C), written into one (B, L, C_out) output."""
     length = hidden_states.shape[1]
     if length <= tokens:

@@ -1,7 +1,7 @@
 """A FLUX.1 model's shapes without its weights: the transformer's configuration and every component's
 parameter count, for the memory plan (memory.py).
 
-A registry base (dev, schnell, or their Hub repos) comes from the shapes shipped with the package
+A registry base (dev, schnell, krea, or their Hub repos) comes from the shapes shipped with the package
 (shapes.toml): no download, no network. A local diffusers folder (or a cached Hub snapshot) gives its
 own transformer/config.json and the safetensors headers of its other components. Anything else is
 planned with FLUX.1-dev's shapes, and says so.
@@ -11,39 +11,17 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
-from dataclasses import dataclass, fields, replace
-from math import prod
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ...core.flops import FluxShape
-from ...core.tensorfile import file_shapes
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ..shapes import ModelShapes, Params, TransformerFields, folder_params, read_toml, shipped
 
 SHAPES_FILE = Path(__file__).with_name("shapes.toml")
 TIMESTEP_CHANNELS = 256  # sinusoidal features of the timestep (and guidance) embedders
 
 
 @dataclass(frozen=True)
-class Params:
-    """One component's parameters as a quantizer sees them."""
-
-    linear: int  # weights of nn.Linear layers: what quantization stores in fewer bits
-    rows: int  # their output features, summed: one scale per row when quantized
-    other: int  # biases, norms, embeddings: kept in the compute dtype
-    largest: int  # the largest Linear weight: quantized layers dequantize one at a time
-
-    @property
-    def total(self) -> int:
-        return self.linear + self.other
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(TransformerFields):
     """The fields of a FluxTransformer2DModel config.json that size it."""
 
     num_layers: int = 19  # double-stream blocks
@@ -55,40 +33,22 @@ class TransformerConfig:
     in_channels: int = 64
     guidance_embeds: bool = True
 
-    @property
-    def hidden(self) -> int:
-        return self.attention_head_dim * self.num_attention_heads
-
-    @property
-    def text_len(self) -> int:
-        from . import text_length
-
-        return text_length(self)
-
-    @property
-    def flux_shape(self) -> FluxShape:
-        from . import flop_shape
-
-        return flop_shape(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TransformerConfig:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-
 
 @dataclass(frozen=True)
-class ModelShapes:
-    transformer: TransformerConfig
-    clip: Params  # text_encoder
-    t5: Params  # text_encoder_2
-    vae: int  # parameters
-    vae_tile: int  # px: the VAE's sample_size, its tile side when tiling
-    source: str  # where the shapes come from, for the plan's header
-    note: str | None = None  # an assumption worth telling
+class Flux1Shapes(ModelShapes):
+    """FLUX.1's shapes (its formulas are this module's and activations.py's): `text` is T5
+    (text_encoder_2), `text_small` CLIP (text_encoder)."""
 
-    @property
-    def text_len(self) -> int:
-        return self.transformer.text_len
+    transformer: TransformerConfig
+
+
+ModelShapes = Flux1Shapes  # this family's (models.shapes.ModelShapes is the contract)
+
+
+def mlp_params(cfg: TransformerConfig) -> int:
+    """Double blocks' ff and ff_context (C -> 4C -> C each), single blocks' proj_mlp (C -> 4C) and
+    proj_out (5C -> C): what each feed-forward slice runs again."""
+    return (16 * cfg.num_layers + 9 * cfg.num_single_layers) * cfg.hidden**2
 
 
 def _linears(cfg: TransformerConfig) -> list[tuple[int, int]]:
@@ -143,51 +103,18 @@ def clear_params(cfg: TransformerConfig, down_factor: int) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _shipped() -> dict:
-    return tomllib.loads(SHAPES_FILE.read_text(encoding="utf-8"))
+    return read_toml(SHAPES_FILE)
 
 
-def _shipped_params(name: str) -> Params:
-    d = _shipped()[name]
-    return Params(d["linear"], d["rows"], d["parameters"] - d["linear"], d["largest"])
-
-
-def shipped_shapes(base: str, source: str, note: str | None = None) -> ModelShapes:
+def shipped_shapes(base: str, source: str, note: str | None = None) -> Flux1Shapes:
     """The shapes of a registry base as shipped in shapes.toml (a base it does not list: dev's, noted)."""
     data = _shipped()
     if base not in data["transformer"]:
         note, base = note or f"{base}: no shipped shapes, planned with FLUX.1-dev's", "dev"
-    return ModelShapes(
-        transformer=TransformerConfig.from_dict(data["transformer"][base]),
-        clip=_shipped_params("text_encoder"),
-        t5=_shipped_params("text_encoder_2"),
-        vae=data["vae"]["parameters"],
-        vae_tile=data["vae"]["sample_size"],
-        source=source,
-        note=note,
-    )
+    return shipped(Flux1Shapes, TransformerConfig, data, base, source, note, "text_encoder_2", "text_encoder")
 
 
-def _header_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from every .safetensors file in a folder (headers only, no weights read)."""
-    shapes = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        shapes.update(file_shapes(path))
-    return shapes
-
-
-def folder_params(folder: Path) -> Params | None:
-    """A component's parameters from its safetensors headers: 2-D weights other than embeddings count
-    as Linear. None when the folder has no safetensors files."""
-    shapes = _header_shapes(folder)
-    if not shapes:
-        return None
-    linear = {k: s for k, s in shapes.items() if len(s) == 2 and k.endswith(".weight") and "embed" not in k}
-    total = sum(prod(s) for s in shapes.values())
-    sizes = [prod(s) for s in linear.values()] or [0]
-    return Params(sum(sizes), sum(s[0] for s in linear.values()), total - sum(sizes), max(sizes))
-
-
-def folder_shapes(folder: Path) -> ModelShapes:
+def folder_shapes(folder: Path) -> Flux1Shapes:
     """The shapes of a diffusers FLUX.1 folder: its configs and safetensors headers (dev's where absent)."""
     dev = shipped_shapes("dev", str(folder))
     config = folder / "transformer" / "config.json"
@@ -197,10 +124,10 @@ def folder_shapes(folder: Path) -> ModelShapes:
         json.loads(vae_config.read_text()).get("sample_size", dev.vae_tile) if vae_config.is_file() else None
     )
     vae = folder_params(folder / "vae")
-    return ModelShapes(
+    return Flux1Shapes(
         transformer=transformer or dev.transformer,
-        clip=folder_params(folder / "text_encoder") or dev.clip,
-        t5=folder_params(folder / "text_encoder_2") or dev.t5,
+        text=folder_params(folder / "text_encoder_2") or dev.text,
+        text_small=folder_params(folder / "text_encoder") or dev.text_small,
         vae=vae.total if vae else dev.vae,
         vae_tile=tile or dev.vae_tile,
         source=str(folder),
