@@ -18,10 +18,14 @@
 #                 flex-split backend (text rows apart, exact) timed whole
 #   compile-8k    an 8K step of 6 blocks, r = 8, eager then with --compile (regional), same process
 #   fp8dq-8k      the same with --quantize fp8dq --compile (fp8 matmuls)
+#   fa4-8k        the 8K attention op (the default r8-down4) by flex (Triton), flex-fa4 (FlashAttention-4
+#                 through flex) and gather side by side, each checked against the dense reference at 1K;
+#                 without the flash-attn-4 package flex-fa4 is a refused row, said why         ~150 s
 #   image-8k-r8, controlnet-8k, steps-2k-4k, plan: reruns only in practice
 #
 #   bash scripts/gpu_bench.sh                                              # on the GPU machine: into $OUT
 #   PARTS=attention-8k,compile-8k,fp8dq-8k bash scripts/gpu_bench.sh       # a rerun: what was skipped
+#   PARTS=fa4-8k bash scripts/gpu_bench.sh                                 # FlashAttention-4 vs Triton
 #   SMOKE=1 bash scripts/gpu_bench.sh                                      # tiny CPU settings: plumbing only
 #
 # Three files come back in $OUT (outside the device tool: bench_out/): rows.jsonl (every row as it lands and
@@ -34,6 +38,8 @@
 # .whl in the device tool's carry):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 torchao==0.18.0
+# flash-attn-4 (fa4-8k) does not fit that carry: its nvidia-cutlass-dsl-libs-cu13 wheel alone is 92 MB
+# (BENCHMARKS.md, *FlashAttention-4*); wheels put in .whl/ by other means are installed with the others.
 # Knobs: PYTHON (the interpreter), BUDGET (seconds), PARTS (comma-separated part names; default all),
 # PART_LIMITS ("name=seconds,...": a part's cap, e.g. to check that a killed part is reported).
 set -uo pipefail
@@ -107,6 +113,8 @@ part compile-8k 45 90 --what step --res "$BIG" --variant r8 --measure clear --co
   "${MODEL[@]}" --layers "$FEW"
 part fp8dq-8k 45 90 --what step --res "$BIG" --variant r8 --measure clear --compile --quantize "$FP8" \
   --repeats 1 "${MODEL[@]}" --layers "$FEW"
+# f. FlashAttention-4 through flex (flex-fa4, opt-in) against flex's Triton kernel and gather, each checked.
+part fa4-8k 60 180 --what attention --res "$BIG" --backend flex,flex-fa4,gather --repeats 3 "${MODEL[@]}"
 # Reruns: the r = 8 image, a union ControlNet's 15 blocks at 8K (training-free CLEAR r = 8 against full
 # attention, measured once), whole steps at 2K and 4K, the plan (CPU, seconds).
 part image-8k-r8 90 150 --what image "${IMAGE[@]}" --variant r8 "${MODEL[@]}"

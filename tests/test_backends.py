@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -201,7 +202,7 @@ def test_auto_picks_per_device_and_use_from_the_registry(compilers):
             "nope",
             CPU,
             False,
-            "unknown attention backend 'nope'; choose one of auto, flex, gather, flex-split, dense",
+            "unknown attention backend 'nope'; choose one of auto, flex, gather, flex-split, flex-fa4, dense",
         ),  # noqa: E501
     ],
 )
@@ -282,7 +283,7 @@ def test_no_module_outside_the_registry_names_a_backend():
     import re
 
     root = pathlib.Path(clear_gen.__file__).parent
-    named = re.compile(r"""["'](flex|flex-split|gather|dense)["']""")
+    named = re.compile(r"""["'](flex|flex-split|flex-fa4|gather|dense)["']""")
     hits = [
         f"{p.relative_to(root)}:{i}"
         for p in root.rglob("*.py")
@@ -291,6 +292,143 @@ def test_no_module_outside_the_registry_names_a_backend():
         if named.search(line)
     ]
     assert hits == []
+
+
+# ---------------------------------------------------------------- flex-fa4, CUDA patched in
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A CUDA GPU here as torch would show an H100 (compute capability 9.0) with flash-attn-4 installed;
+    set `capability` and `package` to change them."""
+    card = {"capability": (9, 0), "package": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: card["capability"])
+    monkeypatch.setattr(A, "_flash_attn_cute", lambda: card["package"])
+    monkeypatch.setattr(BACKENDS["flex"], "needs", None)  # Triton is there too
+    return card
+
+
+FLUX = Work(24, 128, torch.bfloat16)
+
+
+def test_flex_fa4_serves_hopper_and_blackwell_in_half_precision_and_auto_never_takes_it(hopper):
+    geo = Geometry(512, 32, 32, 8, 4)
+    for card in ((9, 0), (10, 0), (10, 3), (11, 0)):
+        hopper["capability"] = card
+        assert choose("flex-fa4", CUDA, geo, work=FLUX).name == "flex-fa4"
+        assert choose("flex-fa4", CUDA, geo, True, Work(24, 128, torch.float16)).name == "flex-fa4"
+        assert choose("auto", CUDA, geo, work=FLUX).name == "flex"  # off by default until measured
+    BACKENDS["flex"].failed["cuda"] = "the flex backend did not compile on cuda (...) in this process"
+    try:
+        assert choose("auto", CUDA, geo, work=FLUX).name == "gather"  # flex's fallback, not flex-fa4
+    finally:
+        BACKENDS["flex"].failed.pop("cuda")
+
+
+@pytest.mark.parametrize(
+    "card, package, work, says",
+    [
+        ((9, 0), False, FLUX, "the flex-fa4 backend needs FlashAttention-4's CuTe kernels: pip install "
+                              "flash-attn-4"),
+        (
+            (8, 0), True, FLUX,
+            "the flex-fa4 backend runs on Hopper and data-centre Blackwell GPUs (compute capability 9.x to "
+            "11.x), not on this 8.0 card: use --backend flex",
+        ),
+        ((12, 0), True, FLUX, "compute capability 9.x to 11.x), not on this 12.0 card: use --backend flex"),
+        ((9, 0), True, Work(24, 128, torch.float32), "the flex-fa4 backend does not take float32"),
+        (
+            (9, 0), True, Work(24, 256, torch.bfloat16),
+            "the flex-fa4 backend takes head dims of 16 to 128 in steps of 8, not 256: use --backend flex",
+        ),
+        ((9, 0), True, Work(24, 8, torch.bfloat16), "takes head dims of 16 to 128 in steps of 8, not 8"),
+    ],
+)  # fmt: skip
+def test_flex_fa4_that_cannot_serve_says_why_in_one_line_naming_the_fix(hopper, card, package, work, says):
+    hopper.update(capability=card, package=package)
+    with pytest.raises(ConfigError, match=re.escape(says)) as raised:
+        choose("flex-fa4", CUDA, Geometry(512, 32, 32, 8, 4), work=work)
+    assert str(raised.value).startswith("the flex-fa4 backend ") and "\n" not in str(raised.value)
+
+
+def test_flex_fa4_is_planned_for_a_gpu_elsewhere_without_looking_for_its_package_here(monkeypatch):
+    monkeypatch.setattr(A, "_flash_attn_cute", lambda: False)
+    assert choose("flex-fa4", CUDA, Geometry(512, 32, 32, 8, 4), work=FLUX).name == "flex-fa4"
+    with pytest.raises(
+        ConfigError, match=r"^the flex-fa4 backend does not run on cpu \(it runs on cuda\): use"
+    ):
+        choose("flex-fa4", CPU, Geometry(512, 32, 32, 8, 4))
+
+
+@pytest.mark.parametrize("card, rows", [((9, 0), 128), ((10, 0), 256)])
+def test_flex_fa4_runs_flex_with_the_flash_kernel_and_the_query_blocks_fa4_tiles(
+    hopper, monkeypatch, card, rows
+):
+    """The call FA4 gets, on CPU tensors: flex's FLASH kernel over CLEAR's block mask, with 128-row query
+    blocks on Hopper and 256-row ones on Blackwell (flash_attn.cute: 2 Q stages of 128 there)."""
+    hopper["capability"] = card
+    calls = []
+
+    def flash(q, k, v, block_mask, scale, kernel="AUTO"):
+        calls.append((block_mask, kernel))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(A, "compiled_flex", flash)
+    geo = Geometry(77, 16, 16, 8, 4)
+    fa4 = BACKENDS["flex-fa4"].run  # on CPU tensors: the call as it would go on a CUDA card
+    fa4(*qkv(geo), geo, 0.3)
+    ((mask, kernel),) = calls
+    assert kernel == "FLASH" and mask.BLOCK_SIZE == (rows, 128) and mask.q_num_blocks is None
+    assert mask.seq_lengths == (geo.q_len, geo.kv_len)
+    fa4(
+        *[t.clone().requires_grad_() for t in qkv(geo)], geo, 0.3
+    )  # training: the mask carries the query-block lists
+    assert calls[-1][0].q_num_blocks is not None and calls[-1][0].BLOCK_SIZE == (rows, 128)
+
+
+def test_flex_fa4_refused_by_flash_attn_when_it_runs_is_one_line_naming_the_fix(hopper, monkeypatch):
+    """flash_attn.cute checks block sizes and head dims when the kernel first runs, after the compile."""
+
+    def refuses(*args, **kwargs):
+        raise ValueError("Block sparse tensors forward have block size 128, which must be a multiple of 256.")
+
+    monkeypatch.setattr(A, "compiled_flex", refuses)
+    geo = Geometry(77, 16, 16, 8, 4)
+    with pytest.raises(ConfigError, match=r"^the flex-fa4 backend failed on this card \(Block sparse .* of "
+                       r"256\.\); use --backend flex$"):  # fmt: skip
+        BACKENDS["flex-fa4"].run(*qkv(geo), geo, 0.3)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(A, "compiled_flex", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not flash_attn's: as it is
+        BACKENDS["flex-fa4"].run(*qkv(geo), geo, 0.3)
+
+
+def test_each_flex_kernel_has_its_own_compiled_callable(monkeypatch):
+    """flex and flex-fa4 compile apart: "FLASH" is flex_attention with kernel_options BACKEND FLASH."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    built = []
+    monkeypatch.setattr(A, "_compiled_flex", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: built.append((fn, kw)) or (lambda *a, **k: a[0]))
+    geo = Geometry(7, 12, 20, 4)
+    q, k, v = qkv(geo)
+    for kernel in ("AUTO", "FLASH", "AUTO", "FLASH"):
+        A.compiled_flex(q, k, v, None, 0.3, kernel)
+    (auto, auto_kw), (flash, flash_kw) = built
+    assert auto is flex_attention and auto_kw == flash_kw == {"dynamic": False, "fullgraph": True}
+    assert flash.func is flex_attention and flash.keywords == {"kernel_options": {"BACKEND": "FLASH"}}
+
+
+def test_flex_fa4_on_this_cpu_machine_is_one_line_naming_the_fix(capsys):
+    args = ["a", "--res", "2048", "--variant", "r8", "--backend", "flex-fa4", "--device", "cpu", "--dry-run"]
+    code, _, err = run(args, capsys)
+    assert "the flex-fa4 backend does not run on cpu (it runs on cuda): use --backend auto" in one_error(
+        code, err
+    )
 
 
 # ---------------------------------------------------------------- clear-gen info --backends
@@ -302,11 +440,15 @@ def test_info_backends_lists_each_backend_on_one_line(capsys):
     lines = out.splitlines()
     assert "on this machine (cpu" in lines[0]
     rows = {line.split()[0]: line for line in lines[2:]}
-    assert list(rows) == ["flex", "gather", "flex-split", "dense"]
+    assert list(rows) == ["flex", "gather", "flex-split", "flex-fa4", "dense"]
     assert (
         "cpu: inference and training" in rows["gather"] and "trains on cuda, cpu, mps, xpu" in rows["gather"]
     )
     assert "runs on cuda, cpu, mps, trains on cuda" in rows["flex"]
+    assert (
+        "not here: the flex-fa4 backend does not run on cpu (it runs on cuda): use --backend auto"
+        in (rows["flex-fa4"])
+    )
 
 
 def test_info_backends_says_why_one_cannot_run_here(capsys, monkeypatch):
@@ -452,6 +594,29 @@ def test_bench_attention_measures_backends_side_by_side(monkeypatch):
     assert gather_512["clear_ms"] > 0 and gather_512["peak_mem_mb"] >= 0 and gather_512["check_ok"]
     assert dense_512["clear_ms"] is None and "too large" in dense_512["refused"]
     assert gather_512["full_ms"] == dense_512["full_ms"]  # full SDPA measured once a size
+
+
+def test_bench_attention_keeps_measuring_past_a_backend_that_is_refused_or_fails(monkeypatch):
+    """fa4-8k on a machine without flash-attn-4 (here: no CUDA): flex-fa4 a refused row, said why under the
+    table, unchecked; a kernel that raises when it runs a failed row; the others measured and checked."""
+    from clear_gen.bench import report as R
+    from clear_gen.bench import run as bench
+
+    def broken(*args):
+        raise RuntimeError("CuTe DSL: no kernel for this card\nlast line of the error")
+
+    monkeypatch.setattr(BACKENDS["dense"], "run", broken)
+    kw = dict(heads=2, head_dim=16, repeats=1, device="cpu", window=4, down_factor=1, text_len=128)
+    rows = bench("attention", res=[256], backend="flex-fa4,gather,dense", **kw)
+    fa4, gather_row, dense = rows
+    assert fa4["refused"].startswith("the flex-fa4 backend does not run on cpu (it runs on cuda)")
+    assert fa4["clear_ms"] is None and "check_ok" not in fa4
+    assert gather_row["clear_ms"] > 0 and gather_row["check_ok"] and gather_row["full_ms"] > 0
+    assert dense["failed"] == "RuntimeError: last line of the error" and "check_ok" not in dense
+    text = R.table_markdown(rows)
+    assert "| flex-fa4 | " in text and "| refused |" in text and "| failed |" in text
+    assert "- flex-fa4 at 256 px: refused: the flex-fa4 backend does not run on cpu" in text
+    assert "- dense at 256 px: failed: RuntimeError: last line of the error" in text
 
 
 def test_distill_trains_on_the_cpu_and_mps_with_gather(compilers):

@@ -196,7 +196,7 @@ def test_gpu_bench_smoke_brings_back_three_files_a_summary_and_a_killed_part(tmp
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "BUDGET": "400"}
-    env.update(PARTS="env,check,step-8k,step-8k-r8,image-8k,fp8dq-8k,plan", PART_LIMITS="step-8k-r8=1")
+    env.update(PARTS="env,check,step-8k,step-8k-r8,image-8k,fp8dq-8k,fa4-8k,plan", PART_LIMITS="step-8k-r8=1")
     done = subprocess.run(["bash", str(root / "scripts/gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -219,6 +219,12 @@ def test_gpu_bench_smoke_brings_back_three_files_a_summary_and_a_killed_part(tmp
     assert "## check" in text and "| 512 | 8 | 4 | 1536 | all |" in text and "## plan" in text
     assert "## fp8dq-8k" in text and "--quantize int8 --compile (plain: the same step before)" in text
     assert "| image-8k | done |" in text and "| all | 512x512 |" in text
+    assert (
+        "| fa4-8k | done |" in text
+    )  # FlashAttention-4 refused on a CPU, said why; flex and gather measured
+    assert "- flex-fa4 at 512 px: refused: the flex-fa4 backend does not run on cpu (it runs on cuda)" in text
+    fa4 = text.split("## fa4-8k")[1].split("\n## ")[0]
+    assert "| flex | " in fa4 and "| gather | " in fa4 and fa4.count("| pass ") == 2
 
 
 def test_summary_puts_a_failed_check_first_and_fits_in_ten_lines():

@@ -116,6 +116,29 @@ def test_analytic_block_mask_equals_create_block_mask(geo):
         )
 
 
+@pytest.mark.parametrize("rows", [256, 384])
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=str)
+def test_coarser_query_blocks_list_the_same_pairs_and_keep_full_blocks_full(geo, rows):
+    """Query blocks of 256 rows (FlashAttention-4 on Blackwell; key blocks stay 128): the blocks listed are
+    create_block_mask's at that size, each full one is truly full, none is both partial and full."""
+    ours = block_mask(geo, "cpu", rows=rows)
+    exact = create_block_mask(
+        make_mask_mod(geo), 1, 1, geo.q_len, geo.kv_len, device="cpu", BLOCK_SIZE=(rows, BLOCK)
+    )
+    assert ours.BLOCK_SIZE == (rows, BLOCK) and torch.equal(ours.to_dense(), exact.to_dense())
+    nq, nk = math.ceil(geo.q_len / rows), math.ceil(geo.kv_len / BLOCK)
+    padded = torch.ones(nq * rows, nk * BLOCK, dtype=torch.bool)  # past the ends: no row, no constraint
+    padded[: geo.q_len, : geo.kv_len] = reference_mask(geo)
+    truly_full = padded.view(nq, rows, nk, BLOCK).all(3).all(1)
+    num, idx = ours.full_kv_num_blocks[0, 0], ours.full_kv_indices[0, 0]
+    pnum, pidx = ours.kv_num_blocks[0, 0], ours.kv_indices[0, 0]
+    for i in range(nq):
+        full = idx[i, : num[i]].tolist()
+        assert all(truly_full[i, j] for j in full), i
+        assert not set(full) & set(pidx[i, : pnum[i]].tolist())
+    assert block_mask(geo, "cpu", True, rows).q_num_blocks is not None  # training: the transposed lists
+
+
 @pytest.mark.parametrize("window, bound", [(8, 1.8), (16, 1.65)])
 def test_computed_over_needed_pairs_at_8k(window, bound):
     geo = Geometry(512, 512, 512, window)  # 8192 x 8192 px

@@ -10,6 +10,9 @@ serve; nothing else in clear-gen tests a backend's name or a device type to choo
 - flex-split: flex with the text query rows run apart (SDPA over every text and image key): the same
   values; off by default (auto never takes it) until a GPU measures it faster (the attention part of
   scripts/gpu_bench.sh).
+- flex-fa4: flex through torch's CuTe-DSL FlashAttention-4 kernel (kernel_options BACKEND FLASH, from the
+  flash-attn-4 package) on Hopper and data-centre Blackwell GPUs, bf16/fp16; off by default (auto never
+  takes it) until the fa4-8k part of scripts/gpu_bench.sh shows it faster and exact there.
 - gather: the exact block-sparse kernel in plain torch (gather.py): the key blocks each query tile needs,
   gathered, and SDPA; no compiler, any device torch runs SDPA on, with a backward pass everywhere; chunks
   of tiles within a memory budget.
@@ -74,7 +77,10 @@ class Backend:
         """Why this backend cannot serve this device, size, call and use; None when it can."""
         where = device.type
         if where not in self.devices:
-            return f"the {self.name} backend does not run on {where} (it runs on {', '.join(self.devices)})"
+            return (
+                f"the {self.name} backend does not run on {where} (it runs on {', '.join(self.devices)}): "
+                "use --backend auto"
+            )
         if training and where not in self.backward:
             return (
                 f"the {self.name} backend has no backward pass on {where}: train there with --backend gather"
@@ -105,7 +111,7 @@ class Backend:
 # ---------------------------------------------------------------- flex
 
 
-_compiled_flex = None
+_compiled_flex: dict[str, Callable] = {}  # per flex kernel ("AUTO": inductor's choice; "FLASH": FA4)
 
 
 def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
@@ -117,22 +123,32 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: flo
     return compiled_flex(query, key, value, G.block_mask(geo, str(query.device), grad), scale)
 
 
-def compiled_flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float) -> Tensor:
+def compiled_flex(
+    query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float, kernel: str = "AUTO"
+) -> Tensor:
     """torch.compile'd flex_attention, one kernel per shape and dtype. (B, H, L, D) in and out.
 
+    `kernel`: flex's BACKEND kernel option, "AUTO" (Triton on CUDA, C++ on the CPU, Metal on MPS) or
+    "FLASH" (FlashAttention-4's CuTe-DSL kernel); each has its own compiled callable.
     Static shapes: one kernel per geometry and dtype, and inductor's CPU template fails to build with
     dynamic sizes. fullgraph=True makes dynamo raise at its recompile limit instead of silently running
     FlexAttention uncompiled, which would materialise the whole score matrix (out of memory at 8K). The
     limit is raised for this call only, not for the process.
     """
-    global _compiled_flex
-    if _compiled_flex is None:
+    if kernel not in _compiled_flex:
+        from functools import partial
+
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        fn = (
+            flex_attention
+            if kernel == "AUTO"
+            else partial(flex_attention, kernel_options={"BACKEND": kernel})
+        )
+        _compiled_flex[kernel] = torch.compile(fn, dynamic=False, fullgraph=True)
     try:
         with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
-            return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale)
+            return _compiled_flex[kernel](query, key, value, block_mask=block_mask, scale=scale)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         raise ConfigError(
             f"CLEAR compiled FlexAttention for {FLEX_RECOMPILE_LIMIT} different sizes in this process and "
@@ -195,6 +211,70 @@ def _triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# ---------------------------------------------------------------- flex-fa4
+
+FA4_ROWS = {9: 128, 10: 256, 11: 256}  # compute capability major -> query rows per block FA4 takes: its M
+# tile (128) times its Q stages (2 on Blackwell, flash_attn.cute's config); key blocks stay 128 (its N tile)
+FA4_HEAD_DIMS = range(16, 129, 8)  # flex's lowering: at least 16; FA4 on Blackwell: at most 128, 16 bytes
+
+
+def _flex_fa4(query: Tensor, key: Tensor, value: Tensor, geo: G.Geometry, scale: float) -> Tensor:
+    """`_flex` with FlashAttention-4's kernel in place of Triton's (flex's BACKEND "FLASH"), over CLEAR's
+    block mask with the query block FA4 tiles this card with. (B, H, L, D) in and out.
+
+    flash_attn.cute checks its inputs when the kernel first runs (block sizes, head dims), after inductor
+    compiled the graph: such a refusal is one line naming the fix, as a failed compile is."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    rows = FA4_ROWS[torch.cuda.get_device_capability(query.device)[0]]
+    mask = G.block_mask(geo, str(query.device), grad, rows)
+    try:
+        return compiled_flex(query, key, value, mask, scale, kernel="FLASH")
+    except Exception as e:
+        if not _fa4_refusal(e):
+            raise
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        raise ConfigError(f"the flex-fa4 backend failed on this card ({last}); use --backend flex") from None
+
+
+def _fa4_refusal(e: Exception) -> bool:
+    """flash_attn.cute's checks of its inputs (ValueError, AssertionError, NotImplementedError) or an error
+    of the CuTe DSL compiling its kernel (cutlass.base_dsl's DSLBaseError family)."""
+    checks = isinstance(e, (ValueError, AssertionError, NotImplementedError))
+    return checks or type(e).__module__.startswith(("cutlass", "flash_attn"))
+
+
+def _fa4_needs(device_type: str) -> str | None:
+    """What FlashAttention-4 through flex lacks here, when there is a CUDA GPU here (a plan for another
+    machine assumes it has them): the flash-attn-4 package, a Hopper or data-centre Blackwell card."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    if not _flash_attn_cute():
+        return "the flex-fa4 backend needs FlashAttention-4's CuTe kernels: pip install flash-attn-4"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in FA4_ROWS:
+        return (
+            f"the flex-fa4 backend runs on Hopper and data-centre Blackwell GPUs (compute capability 9.x to "
+            f"11.x), not on this {major}.{minor} card: use --backend flex"
+        )
+    return None
+
+
+def _fa4_too_large(geo: G.Geometry, work: Work | None) -> str | None:
+    if work is None or work.head_dim in FA4_HEAD_DIMS:
+        return None
+    dims = f"{FA4_HEAD_DIMS.start} to {FA4_HEAD_DIMS.stop - 1} in steps of {FA4_HEAD_DIMS.step}"
+    return f"the flex-fa4 backend takes head dims of {dims}, not {work.head_dim}: use --backend flex"
+
+
+@lru_cache(maxsize=1)
+def _flash_attn_cute() -> bool:
+    """flash-attn-4's module, as torch's FLASH kernel looks for it (flex_flash_attention.py)."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:  # no flash_attn package at all
+        return False
+
+
 # ---------------------------------------------------------------- dense
 
 
@@ -244,6 +324,11 @@ BACKENDS: dict[str, Backend] = {  # in order of preference for auto
     "flex-split": Backend(
         "flex-split", _flex_split, devices=("cuda", "cpu"), backward=("cuda",), compiles=True, auto=False,
         note="flex with the text query rows apart (SDPA); off by default", needs=_flex_needs,
+    ),
+    "flex-fa4": Backend(
+        "flex-fa4", _flex_fa4, devices=("cuda",), backward=("cuda",), compiles=True, auto=False,
+        note="flex through FlashAttention-4's CuTe kernel (sm 9.x-11.x, flash-attn-4); off by default",
+        dtypes=(torch.bfloat16, torch.float16), needs=_fa4_needs, too_large=_fa4_too_large,
     ),
     "dense": Backend(
         "dense", _dense, devices=EVERY_DEVICE, backward=EVERY_DEVICE, compiles=False,

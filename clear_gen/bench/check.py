@@ -95,7 +95,7 @@ def attention_check(
 
 # ---------------------------------------------------------------- env
 
-ENV_PACKAGES = ("triton", "diffusers", "torchao", "transformers", "huggingface-hub")
+ENV_PACKAGES = ("triton", "diffusers", "torchao", "transformers", "huggingface-hub", "flash-attn-4")
 
 
 def env_row(device: torch.device) -> dict:

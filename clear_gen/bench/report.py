@@ -39,7 +39,7 @@ def _timing_cells(row: dict) -> list[str]:
     if row.get("image_rows_ms") is not None:
         split = f"{row['image_rows_ms']:.1f} + {row['text_rows_ms']:.1f}"
         split += f" (split {row['split_ms']:.1f})" if row.get("split_ms") is not None else ""
-    clear = "refused" if row.get("refused") else _fmt(row["clear_ms"])
+    clear = "refused" if row.get("refused") else "failed" if row.get("failed") else _fmt(row["clear_ms"])
     if row.get("plain_ms") is not None:  # --compile / --quantize: the plain step, same process
         clear += f" (plain {row['plain_ms']:.1f})"
     return [full, clear, compile_s, speedup, peak, split, check]
@@ -55,7 +55,7 @@ TIMING_COLUMNS = (
 )  # fmt: skip
 CHECK_COLUMNS = ("res", "r", "f", "tokens", "query rows", "max err", "tol", "check")
 ENV_COLUMNS = ("device", "capability", "free / total GB", "torch", "CUDA", "triton", "diffusers", "torchao",
-               "transformers", "huggingface-hub", "Python")  # fmt: skip
+               "transformers", "huggingface-hub", "flash-attn-4", "Python")  # fmt: skip
 
 
 def _check_cells(row: dict) -> list[str]:
@@ -67,7 +67,8 @@ def _check_cells(row: dict) -> list[str]:
 
 def _env_cells(row: dict) -> list[str]:
     memory = "-" if row.get("total_gb") is None else f"{row['free_gb']:.1f} / {row['total_gb']:.1f}"
-    names = ("torch", "cuda", "triton", "diffusers", "torchao", "transformers", "huggingface-hub", "python")
+    names = ("torch", "cuda", "triton", "diffusers", "torchao", "transformers", "huggingface-hub",
+             "flash-attn-4", "python")  # fmt: skip
     return [row["device"], row.get("capability") or "-", memory, *(row.get(n) or "-" for n in names)]
 
 
@@ -195,7 +196,8 @@ def table(rows: list[dict]):
     """A rich Table of benchmark rows (all of one kind), titled with the device and settings."""
     from rich.table import Table
 
-    out = Table(title=title(rows), caption=image_summary(rows) or None)
+    caption = "\n".join(filter(None, [image_summary(rows), *_why_not(rows)]))
+    out = Table(title=title(rows), caption=caption or None)
     for col in _columns(rows):
         out.add_column(col, justify="right")
     for row in rows:
@@ -208,8 +210,18 @@ def table_markdown(rows: list[dict]) -> str:
     cols = _columns(rows)
     lines = [f"{title(rows)}\n", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    summary = image_summary(rows)
+    summary = "\n".join(filter(None, [image_summary(rows), *_why_not(rows)]))  # under the table
     return "\n".join(lines) + "\n" + (f"\n{summary}\n" if summary else "")
+
+
+def _why_not(rows: list[dict]) -> list[str]:
+    """One line per backend that did not run a size: '- flex-fa4 at 8192 px: refused: ...'."""
+    return [
+        f"- {row.get('backend')} at {row['res']} px: {how}: {row[how]}"
+        for row in rows
+        for how in ("refused", "failed")
+        if row.get(how)
+    ]
 
 
 # ---------------------------------------------------------------- a session as JSON lines
@@ -336,7 +348,7 @@ def _card(env: dict | None, rows: list[dict]) -> str:
 def _software(env: dict | None, rows: list[dict]) -> str:
     if env is None:
         return f"- software: torch {rows[0].get('torch', '?') if rows else '?'}"
-    names = ("triton", "diffusers", "torchao", "transformers", "huggingface-hub")
+    names = ("triton", "diffusers", "torchao", "transformers", "huggingface-hub", "flash-attn-4")
     others = ", ".join(f"{n} {env[n]}" for n in names if env.get(n))
     torch = f"torch {env['torch']} (CUDA {env.get('cuda') or '-'})"
     return f"- software: {torch}, {others}, Python {env['python']}"

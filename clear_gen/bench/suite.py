@@ -148,7 +148,9 @@ def _check_geometry(res: Sequence[int], window: int, down_factor: int, text_len:
 def attention_row(res: int, spec: BenchSpec, bench: Bench, backend: str, fulls: dict) -> dict:
     """CLEAR attention (the backend) versus full SDPA over the text + image tokens, heads x head_dim. Full
     SDPA runs once per size (`fulls`, by res) for all the backends a run compares. A backend that cannot
-    serve the size (dense's mask limit, gather's budget) gets a row saying so."""
+    serve the size (dense's mask limit, gather's budget, flex-fa4 without its package) gets a row saying so
+    (`refused`), and one that fails when it runs (a kernel that does not compile on this card) a row saying
+    how (`failed`): the others are still measured."""
     import torch.nn.functional as F
 
     from ..attention.backends import clear_attention
@@ -167,7 +169,12 @@ def attention_row(res: int, spec: BenchSpec, bench: Bench, backend: str, fulls: 
         row.update(refused=str(e), **fulls.get(res, {"full_ms": None}))
         return row
     clear = lambda: clear_attention(q, k, v, geo, scale, chosen.name)  # noqa: E731
-    clear_ms, first_ms, peak = timed(clear, device, repeats)
+    try:
+        clear_ms, first_ms, peak = timed(clear, device, repeats)
+    except Exception as e:  # one kernel's failure is a row of the comparison, not the end of it
+        last = (str(e).strip().splitlines() or [""])[-1][:200]
+        row.update(failed=f"{type(e).__name__}: {last}", **fulls.get(res, {"full_ms": None}))
+        return row
     row.update(backend=chosen.name, clear_ms=clear_ms, clear_compile_ms=first_ms - clear_ms, peak_mem_mb=peak)
     if res not in fulls:
         kq, vq = k[:, :, : geo.q_len], v[:, :, : geo.q_len]  # full attention: no down-sampled keys
@@ -424,6 +431,10 @@ def _rows(spec: BenchSpec, sizes, bench: Bench, say, emit) -> list[dict]:
     if o.what == "attention":
         check_geo = _check_geometry(sizes, *wf)
         for backend in spec.backends:
+            own = [row for row in rows if row["backend_asked"] == backend]
+            if own and all(row.get("refused") or row.get("failed") for row in own):
+                say(f"check: {backend} not checked (it did not run)")
+                continue
             check = attention_check(check_geo, spec.heads, spec.head_dim, dev, bench.dtype, backend)
             say(
                 f"check: CLEAR ({backend}) vs {REFERENCE} at {check['check_res']} px, "

@@ -98,7 +98,10 @@ def model_options(
     ),
     backend: str = typer.Option(
         None,
-        help="CLEAR kernel: auto, flex, gather, flex-split (text rows apart) or dense.",
+        help=(
+            "CLEAR kernel: auto, flex, gather, flex-split (text rows apart), flex-fa4 (FlashAttention-4) "
+            "or dense."
+        ),
         show_default="auto",
         rich_help_panel=MODEL,
     ),

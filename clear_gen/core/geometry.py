@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 BLOCK = 128  # FlexAttention's sparse block size (queries and keys)
 DEFAULT_TILE = (8, 16)  # image tokens per tile: rows x cols = 128 = one block
@@ -356,14 +357,43 @@ def _merge(nq: int, nk: int, parts) -> BlockLists:
 
 
 @lru_cache(maxsize=16)
-def block_mask(geo: Geometry, device: str, q_blocks: bool = False):
+def block_mask(geo: Geometry, device: str, q_blocks: bool = False, rows: int = BLOCK):
     """FlexAttention BlockMask of CLEAR for this geometry, cached: shared by all layers and steps.
 
     q_blocks: also the key blocks' query-block lists (the kv lists transposed), which FlexAttention's
-    backward pass needs; inference leaves them out.
+    backward pass needs; inference leaves them out. rows: query rows per block, a multiple of 128 (key
+    blocks stay 128): FlashAttention-4 on Blackwell takes 256 (coarser_rows).
     """
     lists, mask_mod = build_block_lists(geo), make_mask_mod(geo, device)
-    return _block_mask(lists, 0, mask_mod, (geo.q_len, geo.kv_len), device, q_blocks)
+    lists = lists if rows == BLOCK else coarser_rows(lists, rows // BLOCK)
+    return _block_mask(lists, 0, mask_mod, (geo.q_len, geo.kv_len), device, q_blocks, rows)
+
+
+def coarser_rows(lists: BlockLists, factor: int) -> BlockLists:
+    """The block lists with query blocks of `factor` x 128 rows: a key block is listed for a coarse block
+    when one of its 128-row blocks lists it, and full when each of them has it full (a block past the
+    sequence's end counts as full: its rows do not exist). Key blocks stay 128 wide; computed_pairs()
+    counts 128-row blocks, so it does not hold for these."""
+    nq, nk = lists.partial_idx.shape
+
+    def dense(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # (nq, nk) bool: the listed blocks
+        listed = (torch.arange(nk) < num.view(-1, 1)).int()  # (nq, nk): entries before each row's count
+        return torch.zeros(nq, nk, dtype=torch.int32).scatter_add_(1, idx.long(), listed) > 0
+
+    full = dense(lists.full_num, lists.full_idx)
+    listed = full | dense(lists.partial_num, lists.partial_idx)
+    pad = -nq % factor  # (nq + pad, nk) -> (nq / factor, factor, nk): the 128-row blocks of each coarse one
+    listed = F.pad(listed, (0, 0, 0, pad), value=False).view(-1, factor, nk).any(1)
+    full = F.pad(full, (0, 0, 0, pad), value=True).view(-1, factor, nk).all(1) & listed
+    return BlockLists(*_from_dense(listed & ~full), *_from_dense(full))
+
+
+def _from_dense(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, nk) bool -> (count (n,), indices (n, nk)), kept blocks first in order: FlexAttention's layout."""
+    num = keep.sum(1)
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    idx = torch.where(torch.arange(keep.shape[1]) < num.view(-1, 1), idx, 0)
+    return num.to(torch.int32), idx.to(torch.int32)
 
 
 def image_rows_block_mask(geo: Geometry, device: str):
@@ -383,9 +413,16 @@ def image_rows_block_mask(geo: Geometry, device: str):
 
 
 def _block_mask(
-    lists: BlockLists, first_row: int, mask_mod, seq_lengths: tuple[int, int], device: str, q_blocks=False
+    lists: BlockLists,
+    first_row: int,
+    mask_mod,
+    seq_lengths: tuple[int, int],
+    device: str,
+    q_blocks: bool = False,
+    rows: int = BLOCK,
 ):
-    """A BlockMask from our block lists' query-block rows first_row.. (no mask evaluated to build it)."""
+    """A BlockMask from our block lists' query-block rows first_row.. (no mask evaluated to build it);
+    query blocks of `rows` rows, key blocks of 128."""
     from torch.nn.attention.flex_attention import BlockMask
 
     as4d = lambda t: t[first_row:].to(device)[None, None]  # noqa: E731  (1, 1, nq[, width]): all batches, heads
@@ -394,7 +431,7 @@ def _block_mask(
         as4d(lists.partial_idx),
         as4d(lists.full_num),
         as4d(lists.full_idx),
-        BLOCK_SIZE=BLOCK,
+        BLOCK_SIZE=(rows, BLOCK),
         mask_mod=mask_mod,
         seq_lengths=seq_lengths,
         compute_q_blocks=q_blocks,
