@@ -22,6 +22,9 @@
 #                 through flex) and gather side by side, each checked against the dense reference at 1K;
 #                 without the flash-attn-4 package flex-fa4 is a refused row, said why         ~150 s
 #   image-8k-r8, controlnet-8k, steps-2k-4k, plan: reruns only in practice
+#   vae-8k        exact VAE tiling, the full-width random FLUX.1 VAE in bf16 (scripts/vae_tiling.py
+#                 --bench): exact against untiled decode and encode at 4K (error, times, peaks), then an
+#                 8K decode in 1024 px tiles (time, peak memory vs the plan's model)          ~200 s
 #
 #   bash scripts/gpu_bench.sh                                              # on the GPU machine: into $OUT
 #   PARTS=attention-8k,compile-8k,fp8dq-8k bash scripts/gpu_bench.sh       # a rerun: what was skipped
@@ -72,16 +75,23 @@ if [ "${SMOKE:-0}" = 1 ]; then  # plumbing check on a CPU: small everything
   MODEL=(--device cpu --heads 2 --head-dim 32 --layers 2) BIG=512 CHECK=256,512 MID=256,384 SIZES=256,384,512
   IMAGE=(--res 512 --stages 256,512 --steps 5 --vae-channels 8) FP8=int8  # fp8dq needs CUDA
   FEW=2 CN_LAYERS=1  # fewer blocks than MODEL's: the summary reports the whole model's step
+  VAE=(--device cpu --channels 8 --big 256 --small 128 --tile 64) VAE_S=(20 120)  # its part's MIN_S, MAX_S
 else
   MODEL=(--layers 57) BIG=8192 CHECK=1024,4096 MID=2048,4096 SIZES=2048,4096,8192  # 24 heads x 128, bf16
   IMAGE=(--res 8192 --steps 5)  # the default recipe, 5 steps a stage: 1K first pass, then 4 steps at 8K
   FP8=fp8dq  # dynamic fp8 activations and weights: fp8 matmuls (compute capability 8.9+)
   FEW=6 CN_LAYERS=15  # FEW: blocks of the compile/fp8 steps (2 double + 4 single); a union ControlNet's 15
+  VAE=(--device cuda --channels 128 --big 8192 --small 4096 --tile 1024) VAE_S=(200 280)  # FLUX.1's VAE
 fi
 
 # part NAME MIN_S MAX_S ARGS...: one `clear-gen bench`, rows appended to rows.jsonl as they land.
+# run_part NAME MIN_S MAX_S COMMAND...: any command that appends its rows to rows.jsonl itself.
 # Skipped when PARTS leaves it out or less than MIN_S of the budget is left; killed after MAX_S.
 part() {
+  local name=$1 min=$2 max=$3; shift 3
+  run_part "$name" "$min" "$max" $PY -m clear_gen bench "$@" --jsonl "$ROWS" --label "$name" --markdown "$MD"
+}
+run_part() {
   local name=$1 min=$2 max=$3 limit rc; shift 3
   if [ -n "${PARTS:-}" ] && [[ ",$PARTS," != *",$name,"* ]]; then status "$name" "not selected (PARTS)"; return; fi
   if [ "$(left)" -lt "$min" ]; then status "$name" "skipped: $(left) s of the budget left, needs ${min} s"; return; fi
@@ -89,7 +99,7 @@ part() {
   [[ ",${PART_LIMITS:-}," =~ ,$name=([0-9]+), ]] && limit=${BASH_REMATCH[1]}
   echo "== $name (cap ${limit}s, $(left)s of the budget left)"
   status "$name" "running (cap ${limit} s)"
-  timeout --kill-after=10 "$limit" $PY -m clear_gen bench "$@" --jsonl "$ROWS" --label "$name" --markdown "$MD"
+  timeout --kill-after=10 "$limit" "$@"
   rc=$?
   case $rc in
     0) status "$name" "done" ;;
@@ -122,4 +132,6 @@ part controlnet-8k 60 150 --what step --res "$BIG" --window 8 --down-factor 1 --
   --layers "$CN_LAYERS"
 part steps-2k-4k 60 150 --what step --res "$MID" --repeats 3 "${MODEL[@]}"
 part plan 10 60 --what plan --res "$SIZES"
+# f. Exact VAE tiling on the GPU: the 8K decode against the plan's memory model, exact against untiled at 4K.
+run_part vae-8k "${VAE_S[@]}" $PY scripts/vae_tiling.py --bench "${VAE[@]}" --dtype bf16 --jsonl "$ROWS" --label vae-8k
 echo "done in $(( $(date +%s) - START ))s; report in $MD"

@@ -3,6 +3,8 @@
     PYTHONPATH=. python scripts/vae_tiling.py                          # CPU: 1024 and 2048 px, 256 px tiles
     PYTHONPATH=. python scripts/vae_tiling.py --res 1024 --dtype bf16
     PYTHONPATH=. python scripts/vae_tiling.py --at-8k                  # + 8K on 'meta': live bytes, FLOPs
+    PYTHONPATH=. python scripts/vae_tiling.py --bench --device cuda --dtype bf16 --channels 128 \
+        --tile 1024 --jsonl rows.jsonl --label vae-8k                  # gpu_bench.sh's vae-8k part
 
 A random VAE of FLUX.1's layout (models.flux1.random.build_vae: 2 resnets a down block, 3 an up block,
 mid-block attention), `--channels` wide (FLUX.1's is 128). Each size decodes random latents and encodes a
@@ -10,7 +12,10 @@ random picture untiled, exactly tiled and with diffusers' tiles; errors against 
 in levels of the 8-bit picture, 255 = the whole range; encode: in units of the posterior mean); times are
 the median of `--repeats` calls after a warm-up. `--at-8k` runs the full-width VAE (128 channels, bf16) at
 8192 px on the 'meta' device: the bytes it keeps alive op by op (tests/live_bytes.py) beside the memory
-model (models/flux1/activations.py), and the FLOPs each way (torch's FLOP counter).
+model (models/flux1/activations.py), and the FLOPs each way (torch's FLOP counter). `--bench` runs
+clear_gen/bench/vae.py instead (exact tiles at `--big` px: time, peak memory against the plan's model; at
+`--small` px against the untiled VAE), one JSON row per call into `--jsonl` (tagged `--label`), as
+scripts/gpu_bench.sh's `vae-8k` part does; the report (clear_gen/bench/report.py) renders them.
 """
 
 from __future__ import annotations
@@ -118,6 +123,19 @@ def at_8k() -> list[str]:
     return lines
 
 
+def bench(args: argparse.Namespace) -> None:
+    """Each row of bench/vae.py as it lands: printed, and appended to --jsonl with its part."""
+    import json
+
+    from clear_gen.bench.report import append
+    from clear_gen.bench.vae import rows
+
+    for row in rows(args.device, DTYPES[args.dtype], args.channels, args.big, args.small, args.tile):
+        print(json.dumps(row), flush=True)
+        if args.jsonl:
+            append(args.jsonl, {**row, "part": args.label})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--res", default="1024,2048", help="square sides in px")
@@ -127,7 +145,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--at-8k", action="store_true", help="also the full-width VAE at 8K on 'meta'")
+    parser.add_argument("--bench", action="store_true", help="the GPU part's rows (bench/vae.py) instead")
+    parser.add_argument("--big", type=int, default=8192, help="--bench: px of the exact tiles' timing")
+    parser.add_argument("--small", type=int, default=4096, help="--bench: px of the error against untiled")
+    parser.add_argument("--jsonl", type=Path, help="--bench: append each row to this file")
+    parser.add_argument("--label", default="vae-8k", help="--bench: the rows' part")
     args = parser.parse_args()
+    if args.bench:
+        bench(args)
+        return
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     vae = build_vae(device, dtype, args.channels)
     where = f"on {device_name(device)}, torch {torch.__version__}"

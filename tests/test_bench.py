@@ -196,7 +196,9 @@ def test_gpu_bench_smoke_brings_back_three_files_a_summary_and_a_killed_part(tmp
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "BUDGET": "400"}
-    env.update(PARTS="env,check,step-8k,step-8k-r8,image-8k,fp8dq-8k,fa4-8k,plan", PART_LIMITS="step-8k-r8=1")
+    env.update(
+        PARTS="env,check,step-8k,step-8k-r8,image-8k,fp8dq-8k,fa4-8k,plan,vae-8k", PART_LIMITS="step-8k-r8=1"
+    )
     done = subprocess.run(["bash", str(root / "scripts/gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -225,6 +227,37 @@ def test_gpu_bench_smoke_brings_back_three_files_a_summary_and_a_killed_part(tmp
     assert "- flex-fa4 at 512 px: refused: the flex-fa4 backend does not run on cpu (it runs on cuda)" in text
     fa4 = text.split("## fa4-8k")[1].split("\n## ")[0]
     assert "| flex | " in fa4 and "| gather | " in fa4 and fa4.count("| pass ") == 2
+    assert "| vae-8k | done |" in text and "## vae-8k" in text and "exact VAE tiling on cpu" in text
+    assert re.search(r"\| decode \| 128 \| exact \| 64 \| .* levels \| .* levels \|", text)  # vs untiled, f32
+
+
+def test_the_vae_part_measures_exact_tiles_against_untiled_and_the_plan(tmp_path):
+    """bench/vae.py on the CPU, small: a row per call in the plan's order, exact tiles at rounding distance
+    from the untiled call (float32), each beside the plan's model; the report's table; an OOM row."""
+    from clear_gen.bench.vae import rows
+
+    made = list(rows("cpu", torch.float32, channels=8, big=192, small=128, tile=64))
+    assert [(r["op"], r["res"], r["tiling"]) for r in made] == [
+        ("decode", 128, "off"), ("decode", 128, "exact"), ("encode", 128, "off"), ("encode", 128, "exact"),
+        ("decode", 192, "exact"),
+    ]  # fmt: skip
+    assert all(r["seconds"] > 0 and r["model_gb"] > 0 and r["error"] is None for r in made)
+    decode, encode = made[1], made[3]  # exact, after the untiled call at the same size
+    assert decode["err_max"] < 0.01 and encode["err_max"] < 1e-4  # levels of 255; latent units
+    assert decode["ref_err_max"] < 0.01 and made[0]["ref_err_max"] == 0  # float32 is its own truth
+    assert made[4]["err_max"] is None and made[4]["ref_err_max"] is None  # the big size: no untiled call
+    oom = {**made[4], "seconds": None, "peak_gb": None, "error": "out of memory: CUDA out of memory."}
+    text = R.table_markdown([*made, oom])
+    assert text.startswith("exact VAE tiling on cpu") and "8 channels, float32" in text
+    assert (
+        "| op | px | tiling | tile px | s | peak GB | plan GB | peak / plan | vs untiled | vs float32 |"
+        in text
+    )
+    assert re.search(r"\| decode \| 128 \| exact \| 64 \| [0-9.]+ \| .* levels \|", text)
+    assert "| decode | 192 | exact | 64 | failed: out of memory: CUDA out of memory. | - |" in text
+    for row in made:  # as the part writes them: every call keeps its own row
+        R.append(tmp_path / "rows.jsonl", {**row, "part": "vae-8k"})
+    assert len(R.read(tmp_path / "rows.jsonl")[0]) == 5
 
 
 def test_summary_puts_a_failed_check_first_and_fits_in_ten_lines():

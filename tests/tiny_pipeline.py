@@ -32,10 +32,15 @@ def _tokenizers(tmp: Path):
     return clip, t5, len(words), len(pieces)
 
 
-def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
-    """Write a FluxPipeline with 1 double + 1 single block, `heads` heads of 16, a 4-level VAE; ~1 MB.
+def save_tiny_flux(
+    path: Path, seed: int = 0, heads: int = 2, vae_channels: int = 8, vae_attention: bool = True
+) -> Path:
+    """Write a FluxPipeline with 1 double + 1 single block, `heads` heads of 16, a 4-level VAE `vae_channels`
+    wide at every level (`vae_attention`: with its mid block's attention, as FLUX.1's); ~1 MB.
 
-    6 heads: 2 and 3 ranks of a sequence-parallel run each take a whole number of them."""
+    6 heads: 2 and 3 ranks of a sequence-parallel run each take a whole number of them. Without the mid
+    block's attention (quadratic in the latent's pixels: ~35 s a decode of 2048x6144 px on 2 CPU cores) a
+    picture of 10M px decodes in seconds (test_wide.py)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -75,13 +80,14 @@ def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 8, 8],
+        block_out_channels=[vae_channels] * 4,
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=4,
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        mid_block_add_attention=vae_attention,
         shift_factor=0.1159,
         scaling_factor=0.3611,
     )

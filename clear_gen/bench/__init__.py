@@ -1,8 +1,8 @@
 """`clear-gen bench`: CLEAR versus full attention on random FLUX.1-dev-sized weights (no download):
 `spec` (what is asked, parsed once), `suite` (plan, attention, check, step, env), `check` (CLEAR's kernel
 against the dense reference; what runs the benchmarks), `image` (a whole image by generate's code path),
-`report` (the JSON-lines report gpu_bench.sh writes, with its summary, readable without torch). May
-import everything but `cli`.
+`vae` (exact VAE tiling on a device: gpu_bench.sh's vae-8k part), `report` (the JSON-lines report
+gpu_bench.sh writes, with its summary, readable without torch). May import everything but `cli`.
 
 `clear_gen.bench.run("attention", res=[2048], heads=2, head_dim=64, device="cpu")` returns the rows.
 """

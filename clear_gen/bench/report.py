@@ -119,6 +119,29 @@ def _image_cells(row: dict) -> list[str]:
     ]  # fmt: skip
 
 
+VAE_COLUMNS = (
+    "op", "px", "tiling", "tile px", "s", "peak GB", "plan GB", "peak / plan", "vs untiled", "vs float32",
+)  # fmt: skip
+
+
+def _vae_cells(row: dict) -> list[str]:
+    """One VAE call of the vae-8k part (bench/vae.py): its time and peak beside the plan's model, exact
+    tiles' error against the untiled call and each one's against the untiled float32 call (mean / max;
+    decode: levels of 255; encode: latent units)."""
+    unit = "levels" if row["op"] == "decode" else "latent"
+    error, ref = (
+        "-" if row.get(f"{k}max") is None else f"{row[f'{k}mean']:.2g} / {row[f'{k}max']:.2g} {unit}"
+        for k in ("err_", "ref_err_")
+    )
+    seconds = f"failed: {row['error']}" if row.get("error") else _fmt(row.get("seconds"), ".2f")
+    peak, model = row.get("peak_gb"), row["model_gb"]
+    ratio = "-" if peak is None or not model else f"{peak / model:.2f}"
+    return [
+        row["op"], str(row["res"]), row["tiling"], str(row["tile"]), seconds, _fmt(peak), _fmt(model),
+        ratio, error, ref,
+    ]  # fmt: skip
+
+
 def image_summary(rows: list[dict]) -> str:
     """Where the whole image's time went, from its `all` row; '' without one."""
     total = next((r for r in rows if r["what"] == "image" and r.get("stage") == "all"), None)
@@ -141,7 +164,8 @@ def image_summary(rows: list[dict]) -> str:
 
 
 def _cells(row: dict) -> list[str]:
-    special = {"image": _image_cells, "comm": _comm_cells, "check": _check_cells, "env": _env_cells}
+    special = {"image": _image_cells, "comm": _comm_cells, "check": _check_cells, "env": _env_cells,
+               "vae": _vae_cells}  # fmt: skip
     if row["what"] in special:
         return special[row["what"]](row)
     head = [str(row["res"]), str(row["window"]), str(row["down_factor"]), str(row["tokens"])]
@@ -168,6 +192,10 @@ def title(rows: list[dict]) -> str:
     text = f"clear-gen bench --what {what} on {first['device']}, torch {first.get('torch', '?')}"
     if what == "env":
         return "what ran: versions, card, GPU memory"
+    if what == "vae":
+        return (f"exact VAE tiling on {first['device']}, torch {first.get('torch', '?')}: a random VAE of "
+                f"FLUX.1's layout, {first['channels']} channels, {first['dtype']}; peak: allocated above the "
+                "weights and input; plan: the memory model's activations")  # fmt: skip
     if what == "check":
         return (f"{text}: CLEAR (flex) against the dense reference in float32, one block's attention "
                 f"({first['heads']} heads x {first['head_dim']}, {first['dtype']})")  # fmt: skip
@@ -188,7 +216,7 @@ def title(rows: list[dict]) -> str:
 
 def _columns(rows: list[dict]) -> tuple[str, ...]:
     kinds = {"plan": PLAN_COLUMNS, "image": IMAGE_COLUMNS, "comm": COMM_COLUMNS, "check": CHECK_COLUMNS,
-             "env": ENV_COLUMNS}  # fmt: skip
+             "env": ENV_COLUMNS, "vae": VAE_COLUMNS}  # fmt: skip
     return kinds.get(rows[0]["what"], TIMING_COLUMNS)
 
 
@@ -229,7 +257,8 @@ def _why_not(rows: list[dict]) -> list[str]:
 
 def _key(row: dict) -> tuple:
     return (row.get("part"), row["what"], row.get("res"), row.get("window"), row.get("down_factor"),
-            row.get("stage"), row.get("gpus"), row.get("backend_asked"))  # fmt: skip
+            row.get("stage"), row.get("gpus"), row.get("backend_asked"), row.get("op"),
+            row.get("tiling"))  # fmt: skip
 
 
 def read(path: Path) -> tuple[list[dict], dict[str, str]]:

@@ -371,6 +371,8 @@ def generate_options(recipe: dict[str, Any], from_image: Path | None = None, **o
         )
     if from_image is not None and w is not None and not (long_sides or upscale_from or direct):
         opts = replace(opts, stages=None)  # a size given over --from: its stages are the recipe's again
+    if from_image is not None and (w is not None or long_sides or upscale_from or direct):
+        opts = replace(opts, first_size=None)  # new stages: the recipe sizes their first pass again
     if from_image is not None and w is not None:  # and so is its guidance, which the recipe picks by size
         opts = replace(opts, **{k: None for k in ("guide", "guide_level") if k not in given})
     if direct:

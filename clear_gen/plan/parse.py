@@ -350,15 +350,18 @@ def note_full_window(choice: ClearChoice, width: int, height: int, note) -> None
 
 def at_size(choice: ClearChoice, width: int, height: int, the_recipe: Recipe) -> ClearChoice:
     """The attention at this target: the default variant becomes full attention at or below the first
-    pass's side, where CLEAR is no faster (and only approximates the original model)."""
+    pass's side, where CLEAR is no faster (and only approximates the original model), and at a short side
+    no longer than the first pass's least, which makes the target its own first pass (recipe.py)."""
     if choice.chosen or the_recipe.high_res(width, height):
         return choice
-    side = the_recipe.first_pass_side
-    note = (
-        f"{width}x{height}: the original weights with full attention, as CLEAR is no faster "
-        f"at or below {side} px (--variant or --window forces CLEAR)"
+    side, short = the_recipe.first_pass_side, the_recipe.first_pass_short
+    why = (
+        f"as CLEAR is no faster at or below {side} px"
+        if max(width, height) <= side
+        else f"in one pass: a short side of {short} px or less is the first pass's own"
     )
-    return ClearChoice("none", None, note=note)
+    note = f"{width}x{height}: the original weights with full attention, {why} (--variant or --window forces"
+    return ClearChoice("none", None, note=f"{note} CLEAR)")
 
 
 # ---------------------------------------------------------------- stages
@@ -379,7 +382,9 @@ def asked_long_sides(stages: list[int] | None, width: int, height: int, the_reci
 def generate_stages(spec: RunSpec, choice: ClearChoice) -> tuple[Stage, ...]:
     """The stages of one generated image: a text-to-image first pass, then SDEdit stages."""
     opts, the_recipe = spec.asked, spec.recipe
-    sizes = _checked_sizes(opts.width, opts.height, opts.stages, choice, the_recipe)
+    sizes = _checked_sizes(opts.width, opts.height, opts.stages, choice, the_recipe, first_pass=True)
+    if len(sizes) > 1 and opts.first_size is not None:  # --from: the size the first pass was made at
+        sizes[0] = _first_size(opts.first_size)
     if len(sizes) == 1:
         guidance = the_recipe.direct_guidance if opts.guidance is None else opts.guidance
         return (_stage(spec, *sizes[0], choice.window is not None, opts.steps, guidance, False, 1.0),)
@@ -487,9 +492,16 @@ def _stage(
 
 
 def _checked_sizes(
-    width: int, height: int, long_sides: list[int] | None, choice: ClearChoice, the_recipe: Recipe
+    width: int,
+    height: int,
+    long_sides: list[int] | None,
+    choice: ClearChoice,
+    the_recipe: Recipe,
+    first_pass: bool = False,
 ) -> list[tuple[int, int]]:
-    """(w, h) of each stage at these long sides, every number checked: the last is the target."""
+    """(w, h) of each stage at these long sides, every number checked: the last is the target. With
+    `first_pass` the first of several is a full-attention text-to-image pass: its sides are multiples of
+    16 px only (a down factor's multiple would stretch it more when it is resized to the next stage)."""
     long_sides = asked_long_sides(long_sides, width, height, the_recipe)
     multiple = size_multiple(choice.down_factor)
     check_size(width, height, multiple)
@@ -497,7 +509,18 @@ def _checked_sizes(
         raise ConfigError(
             f"the last stage ({long_sides[-1]} px) must be the target's long side ({max(width, height)} px)"
         )
-    sizes = [scaled_size(width, height, side, multiple) for side in long_sides[:-1]] + [(width, height)]
-    for w, h in sizes:
-        check_size(w, h, multiple)
-    return sizes
+    multiples = [TOKEN_PX if first_pass and i == 0 else multiple for i in range(len(long_sides) - 1)]
+    sizes = [scaled_size(width, height, side, m) for side, m in zip(long_sides[:-1], multiples, strict=True)]
+    for (w, h), m in zip(sizes, multiples, strict=True):
+        check_size(w, h, m)
+    return [*sizes, (width, height)]
+
+
+def _first_size(text: str) -> tuple[int, int]:
+    """A recorded first pass's size, "WxH" (plan.records: what the first pass of a --from image was)."""
+    try:
+        w, h = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"the record's first pass size {text!r} is not WIDTHxHEIGHT") from None
+    check_size(w, h, TOKEN_PX)
+    return w, h

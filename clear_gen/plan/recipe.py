@@ -7,12 +7,18 @@ round, and which targets' SDEdit stages get projected-flow guidance (core/guide.
 reference high-resolution recipe (CLEAR_FACTS.md): a 1024 px first pass with the original model and full
 attention, then SDEdit stages with CLEAR (guided above 4096 px or beyond 2:1). A new recipe is one more
 entry.
+
+The first pass keeps the target's aspect: a long side of `first_pass_side`, a short side of at least
+`first_pass_short` (beyond 4:1 in `clear` the long side grows instead: 8192x1024 -> 2048x256), each side
+rounded to 16 px (it runs full attention with the original weights: a down factor's 64 px would stretch
+it, 320x1024 for 1:3 instead of 336x1024). A target no larger than its own first pass is one pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.sizes import TOKEN_PX, round_size
 from ..errors import ConfigError
 
 
@@ -23,6 +29,7 @@ class Recipe:
     name: str
     description: str
     first_pass_side: int  # long side of the full-attention first pass; at or below it, one pass alone
+    first_pass_short: int  # px: its short side at least this (the long side grows); at or below it, one pass
     first_steps: int  # the first pass's steps
     first_guidance: float
     steps: int  # each further (SDEdit) stage's steps, and a direct pass's
@@ -40,8 +47,15 @@ class Recipe:
     guide_ratio: float  # and one whose long side is more than this many times its short side
 
     def high_res(self, width: int, height: int) -> bool:
-        """Above the first pass's side: NTK scaling and proportional attention apply, CLEAR pays."""
-        return max(width, height) > self.first_pass_side
+        """Larger than its own first pass (long side above first_pass_side, short side above
+        first_pass_short): NTK scaling and proportional attention apply, CLEAR pays, stages follow."""
+        return max(width, height) > self.first_pass_side and min(width, height) > self.first_pass_short
+
+    def first_pass_size(self, width: int, height: int) -> tuple[int, int]:
+        """The first pass of a high_res target: its aspect, scaled to a long side of first_pass_side or up
+        to a short side of first_pass_short, whichever is larger, sides rounded to 16 px (module docs)."""
+        scale = max(self.first_pass_side / max(width, height), self.first_pass_short / min(width, height))
+        return round_size(width * scale, height * scale, TOKEN_PX)
 
     def vae_tiles(self, width: int, height: int) -> bool:
         return max(width, height) > self.vae_tiling_above
@@ -66,7 +80,9 @@ class Recipe:
     def long_sides(self, width: int, height: int) -> list[int]:
         """The stages' long sides when none are given: the first pass, then the target (or the target)."""
         long_side = max(width, height)
-        return [self.first_pass_side, long_side] if long_side > self.first_pass_side else [long_side]
+        if not self.high_res(width, height):
+            return [long_side]
+        return [max(self.first_pass_size(width, height)), long_side]
 
 
 RECIPES: dict[str, Recipe] = {
@@ -74,6 +90,7 @@ RECIPES: dict[str, Recipe] = {
         name="clear",
         description="CLEAR's reference: a 1024 px first pass with full attention, then SDEdit with CLEAR",
         first_pass_side=1024,
+        first_pass_short=256,  # 16 tokens: 4:1 keeps the reference's 1024 px long side (1024x256)
         first_steps=20,
         first_guidance=3.5,
         steps=20,

@@ -38,6 +38,7 @@ def image_record(
     extra = {
         "first_steps": opts.first_steps if several else None,
         "first_guidance": opts.first_guidance if several else None,
+        "first_size": f"{stages[0].width}x{stages[0].height}" if several else None,
         "ntk_factor": opts.ntk_factor,
         "proportional_attention": opts.proportional_attention,
         "max_sequence_length": opts.max_sequence_length,
@@ -125,6 +126,7 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         guidance=record.guidance,
         first_steps=extra.get("first_steps", GenerateOptions.first_steps),
         first_guidance=extra.get("first_guidance", GenerateOptions.first_guidance),
+        first_size=extra.get("first_size") or _legacy_first_size(record),
         seeds=[record.seed],
         max_sequence_length=extra.get("max_sequence_length"),
         ntk_factor=extra.get("ntk_factor"),
@@ -150,6 +152,19 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
     if {"controlnet", "control"} & overrides.keys():
         opts = replace(opts, **dict.fromkeys(CONTROL_FIELDS))
     return replace(opts, **overrides)
+
+
+def _legacy_first_size(record: ImageRecord) -> str | None:
+    """The first pass's size of a record made before `first_size` was recorded: its first stage's long side
+    at the target's aspect, rounded to the CLEAR variant's size multiple (64 px for a down factor of 4), as
+    it was then; None without a text-to-image first pass."""
+    from ..core.sizes import scaled_size, size_multiple
+
+    stages = record.stages or []
+    if "first_steps" not in (record.extra or {}) or len(stages) < 2:
+        return None
+    w, h = scaled_size(record.width, record.height, stages[0], size_multiple(record.down_factor or 1))
+    return f"{w}x{h}"
 
 
 def _control_options(control: dict | None) -> dict:

@@ -33,6 +33,7 @@ class GenerateOptions:
     down_factor: int | None = None
     clear_weights: str | None = None  # a local CLEAR .safetensors
     stages: list[int] | None = None  # long sides; the last is the target; None = recipe
+    first_size: str | None = None  # "WxH": the first pass's size as a PNG recorded it (--from); None: recipe
     strength: float = 0.7
     steps: int = 20  # steps of each CLEAR / target stage
     guidance: float | None = None  # target stages: 7.5 for SDEdit, 3.5 for direct text-to-image
