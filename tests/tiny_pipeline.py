@@ -32,11 +32,13 @@ def _tokenizers(tmp: Path):
     return clip, t5, len(words), len(pieces)
 
 
-def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
+def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2, pipeline: str = "FluxPipeline") -> Path:
     """Write a FluxPipeline with 1 double + 1 single block, `heads` heads of 16, a 4-level VAE; ~1 MB.
 
-    6 heads: 2 and 3 ranks of a sequence-parallel run each take a whole number of them."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    6 heads: 2 and 3 ranks of a sequence-parallel run each take a whole number of them. `pipeline`: the
+    class it is saved as (FluxKontextPipeline: a tiny FLUX.1 Kontext, in path / "kontext")."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     path.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
         shift=3.0,
         use_dynamic_shifting=True,
     )
-    pipe = FluxPipeline(
+    pipe = getattr(diffusers, pipeline)(
         scheduler=scheduler,
         vae=vae,
         text_encoder=clip,
@@ -114,10 +116,11 @@ def save_tiny_flux(path: Path, seed: int = 0, heads: int = 2) -> Path:
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
-    pipe.save_pretrained(path / "flux")
+    folder = path / ("flux" if pipeline == "FluxPipeline" else "kontext")
+    pipe.save_pretrained(folder)
     for leftover in ("vocab.json", "merges.txt"):
         (path / leftover).unlink()
-    return path / "flux"
+    return folder
 
 
 def tiny_controlnet(transformer_config: dict, union: bool, seed: int = 7, **config):
