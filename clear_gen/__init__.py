@@ -19,6 +19,7 @@ _PUBLIC = {  # name -> the module that defines it
     "original_attention": ".attention",
     "generate": ".run.generate",
     "upscale": ".run.upscale",
+    "edit": ".run.edit",
     "LoadedPipelines": ".run.generate",
     "Hooks": ".run.render",
     "GenerateOptions": ".plan.spec",

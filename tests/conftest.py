@@ -98,3 +98,11 @@ def tiny2(tmp_path_factory):
     from tiny_pipeline import save_tiny_flux2
 
     return save_tiny_flux2(tmp_path_factory.mktemp("model2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext(tmp_path_factory):
+    """The tiny FLUX.1 pipeline saved as a FluxKontextPipeline (tiny FLUX.1 Kontext), once per session."""
+    from tiny_pipeline import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("kontext"), pipeline="FluxKontextPipeline")

@@ -33,15 +33,22 @@ def _tokenizers(tmp: Path):
 
 
 def save_tiny_flux(
-    path: Path, seed: int = 0, heads: int = 2, vae_channels: int = 8, vae_attention: bool = True
+    path: Path,
+    seed: int = 0,
+    heads: int = 2,
+    vae_channels: int = 8,
+    vae_attention: bool = True,
+    pipeline: str = "FluxPipeline",
 ) -> Path:
     """Write a FluxPipeline with 1 double + 1 single block, `heads` heads of 16, a 4-level VAE `vae_channels`
     wide at every level (`vae_attention`: with its mid block's attention, as FLUX.1's); ~1 MB.
 
     6 heads: 2 and 3 ranks of a sequence-parallel run each take a whole number of them. Without the mid
     block's attention (quadratic in the latent's pixels: ~35 s a decode of 2048x6144 px on 2 CPU cores) a
-    picture of 10M px decodes in seconds (test_wide.py)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    picture of 10M px decodes in seconds (test_wide.py). `pipeline`: the class it is saved as
+    (FluxKontextPipeline: a tiny FLUX.1 Kontext, in path / "kontext")."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     path.mkdir(parents=True, exist_ok=True)
@@ -111,7 +118,7 @@ def save_tiny_flux(
         shift=3.0,
         use_dynamic_shifting=True,
     )
-    pipe = FluxPipeline(
+    pipe = getattr(diffusers, pipeline)(
         scheduler=scheduler,
         vae=vae,
         text_encoder=clip,
@@ -120,10 +127,11 @@ def save_tiny_flux(
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
-    pipe.save_pretrained(path / "flux")
+    folder = path / ("flux" if pipeline == "FluxPipeline" else "kontext")
+    pipe.save_pretrained(folder)
     for leftover in ("vocab.json", "merges.txt"):
         (path / leftover).unlink()
-    return path / "flux"
+    return folder
 
 
 def tiny_controlnet(transformer_config: dict, union: bool, seed: int = 7, **config):

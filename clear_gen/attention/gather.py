@@ -34,6 +34,7 @@ from ..core import geometry as G
 BUDGET_BYTES = 1 << 30  # working memory of one chunk of tiles (or rows), on the attention's device
 MASK_BYTES_PER_PAIR = 32  # an evaluated mask: its int32 temporaries, the bool and the additive mask
 MAX_PATTERNS = 1024  # 128 x 128 mask patterns kept per geometry (64 MiB in float32), else evaluated
+MASK_PIECE = 64  # block pairs whose mask is evaluated at once (1M entries)
 BLOCK = G.BLOCK
 
 
@@ -104,7 +105,8 @@ def patterns(geo: G.Geometry) -> tuple[Tensor, Tensor] | None:
     k = t.blocks[listed]
     both = (q_corner[q, :1] >= 0) & (k_corner[k, :1] >= 0)
     dy, dx = torch.where(both, k_corner[k] - q_corner[q], 0).unbind(1)
-    span = 2 * (geo.height + geo.width) + 1  # offsets in (-span / 2, span / 2)
+    extent = int(max(coordinates[0].max(), coordinates[1].max()))  # the largest coordinate
+    span = 2 * extent + 3  # offsets in (-span / 2, span / 2)
     key = ((q_shape[q] * (int(k_shape.max()) + 1) + k_shape[k]) * span + dy) * span + dx  # one int64 a pair
     unique, inverse = torch.unique(key, return_inverse=True)
     if unique.numel() >= MAX_PATTERNS:
@@ -120,14 +122,16 @@ def patterns(geo: G.Geometry) -> tuple[Tensor, Tensor] | None:
 
 def _block_shapes(geo: G.Geometry, length: int, coordinates) -> tuple[Tensor, Tensor]:
     """(shape id (nb,), image corner (nb, 2), -1 without image tokens) of the blocks of positions 0..length:
-    a shape is the blocks' token kinds (text, image, down-sampled, padding) and grid positions relative to
-    the corner, so that two blocks of one shape see the same mask from any block at the same offset."""
+    a shape is the blocks' token kinds (text, image, reference, down-sampled, padding) and positions
+    relative to the corner (kv_coordinates': grid units, or fine units with a reference), so that two blocks
+    of one shape see the same mask from any block at the same offset."""
     n = math.ceil(length / BLOCK)
     ys, xs = (t[: n * BLOCK].long().view(n, BLOCK) for t in coordinates)
     pos = torch.arange(n * BLOCK).view(n, BLOCK)
     kind = (pos >= geo.text_len).long() + (pos >= geo.q_len).long() + (pos >= length).long() * 3
-    image = kind == 1
-    big = geo.height + geo.width
+    kind += 4 * ((pos >= geo.text_len + geo.grid_len) & (pos < geo.q_len)).long()  # the reference's: 5
+    image = (kind == 1) | (kind == 5)
+    big = int(max(ys.max(), xs.max())) + 1
     corner = torch.stack([torch.where(image, c, big).amin(1) for c in (ys, xs)], 1)  # (n, 2)
     rel = [torch.where(image, c - corner[:, i : i + 1], 0) for i, c in enumerate((ys, xs))]
     shape = torch.unique(torch.cat([kind, *rel], 1), dim=0, return_inverse=True)[1]
@@ -137,11 +141,15 @@ def _block_shapes(geo: G.Geometry, length: int, coordinates) -> tuple[Tensor, Te
 def pair_masks(geo: G.Geometry, mask_mod, q_blocks: Tensor, k_blocks: Tensor) -> Tensor:
     """CLEAR's mask of (query block, key block) pairs: (E, 128, 128) bool. Keys past kv_len are masked;
     query rows past q_len (the last tile's padding) see every real key, so that they stay finite and
-    their zero gradient stays zero."""
+    their zero gradient stays zero. Evaluated MASK_PIECE pairs at a time: a mask_mod's temporaries (int64
+    with a reference picture's grid) stay small beside the bool it returns."""
+    out = torch.empty(len(q_blocks), BLOCK, BLOCK, dtype=torch.bool, device=q_blocks.device)
     offsets = torch.arange(BLOCK, device=q_blocks.device)
-    q = (q_blocks * BLOCK).view(-1, 1, 1) + offsets.view(1, -1, 1)  # (E, 128, 1)
-    k = (k_blocks * BLOCK).view(-1, 1, 1) + offsets.view(1, 1, -1)  # (E, 1, 128)
-    return (mask_mod(0, 0, q, k) | (q >= geo.q_len)) & (k < geo.kv_len)
+    for s in range(0, len(q_blocks), MASK_PIECE):
+        q = (q_blocks[s : s + MASK_PIECE] * BLOCK).view(-1, 1, 1) + offsets.view(1, -1, 1)  # (e, 128, 1)
+        k = (k_blocks[s : s + MASK_PIECE] * BLOCK).view(-1, 1, 1) + offsets.view(1, 1, -1)  # (e, 1, 128)
+        out[s : s + MASK_PIECE] = (mask_mod(0, 0, q, k) | (q >= geo.q_len)) & (k < geo.kv_len)
+    return out
 
 
 # ---------------------------------------------------------------- sizes and chunks

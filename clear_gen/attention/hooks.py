@@ -20,15 +20,16 @@ from .state import ClearState, Layout
 @lru_cache(maxsize=8)
 def device_layout(geo: G.Geometry, device: str) -> Layout:
     """The layout of a geometry with its permutations on the device, copied there once."""
-    perm = G.tile_order(geo.height, geo.width, geo.tile).to(device)
-    return Layout(geo, perm, G.inverse_order(geo.height, geo.width, geo.tile).to(device))
+    return Layout(geo, G.image_order(geo).to(device), G.image_inverse(geo).to(device))
 
 
 def register(model, state: ClearState) -> None:
     """The input and output hooks on `model` (and on a ControlNet's condition embedder)."""
     state.hooks = [
         model.register_forward_pre_hook(lambda m, a, k: _pre_hook(state, m, a, k), with_kwargs=True),
-        model.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o)),
+        # first of the output hooks: any other (FLUX.1 Kontext's reference, models/flux1/kontext.py) sees
+        # the model's output in row-major order
+        model.register_forward_hook(lambda m, a, o: _post_hook(state, m, a, o), prepend=True),
     ]
     embedder = state.family.condition_embedder(model)
     if embedder is not None:
@@ -49,10 +50,18 @@ def _pre_hook(state: ClearState, module, args: tuple, kwargs: dict):
     hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
     ids = family.image_ids(kwargs)  # (N, axes)
     grid = state.grids(ids)  # found once per ids tensor, not at every step (no GPU sync)
-    h, w, f = grid.height, grid.width, state.config.down_factor
-    if h % f or w % f:
-        raise ConfigError(f"CLEAR with down factor {f} needs a token grid divisible by {f}; got {h} x {w}")
-    geo = G.image_geometry(family.text_tokens(module, text), h, w, state.config.window, f)
+    h, w, f, ref = grid.height, grid.width, state.config.down_factor, grid.reference
+    for gh, gw in [(h, w)] + ([(ref.height, ref.width)] if ref is not None else []):
+        if gh % f or gw % f:
+            raise ConfigError(
+                f"CLEAR with down factor {f} needs token grids divisible by {f}; got {gh} x {gw}"
+            )
+    if ref is not None and state.parallel is not None:
+        raise ConfigError(
+            "torchrun's sequence mode does not run a reference picture (an edit): use --parallel data"
+        )
+    reference = (ref.height, ref.width) if ref is not None else None
+    geo = G.image_geometry(family.text_tokens(module, text), h, w, state.config.window, f, reference)
     state.layout = device_layout(geo, str(hidden.device))
     perm = state.layout.perm
     kwargs["hidden_states"] = hidden[:, perm]  # (B, N, C) tile order

@@ -44,6 +44,18 @@ def pool_keys(x: Tensor, geo: G.Geometry, inv: Tensor, weight: Tensor) -> Tensor
     return torch.cat(pieces, dim=1)
 
 
+def pool_grids(x: Tensor, geo: G.Geometry, inv: Tensor, weight: Tensor) -> Tensor:
+    """pool_keys over every grid of the image tokens x (B, N, H, D), tile order: the image's cells, then a
+    reference's (each grid pooled on its own: geometry.Geometry.grids). (B, M, H, D)."""
+    if not geo.ref_len:
+        return pool_keys(x, geo, inv, weight)
+    parts = []
+    for offset, grid in geo.grids():
+        rows = slice(offset, offset + grid.grid_len)
+        parts.append(pool_keys(x[:, rows], grid, inv[rows] - offset, weight))
+    return torch.cat(parts, dim=1)
+
+
 def _tile_bands(x: Tensor, geo: G.Geometry) -> list[tuple[int, Tensor]]:
     """Tile-ordered (B, N, H, D) as rows of tiles: whole-height ones, then the cut last one if any."""
     th, w = geo.tile[0], geo.width
@@ -103,9 +115,9 @@ class ClearAttnProcessor(torch.nn.Module):
             assert query.shape[1] == geo.q_len, (query.shape, geo)
             if geo.down_factor > 1:
                 image = slice(geo.text_len, geo.q_len)
-                key = torch.cat([key, pool_keys(key[:, image], geo, layout.inv, self.spatial_weight)], dim=1)
+                key = torch.cat([key, pool_grids(key[:, image], geo, layout.inv, self.spatial_weight)], dim=1)
                 value = torch.cat(
-                    [value, pool_keys(value[:, image], geo, layout.inv, self.spatial_weight)], 1
+                    [value, pool_grids(value[:, image], geo, layout.inv, self.spatial_weight)], 1
                 )
         del v_parts
         # 3. Attention over (B, H, L, D).
@@ -125,9 +137,9 @@ class ClearAttnProcessor(torch.nn.Module):
         (B, kv_len, H, D) each."""
         if geo.down_factor > 1:
             keys = key[:, geo.text_len : geo.q_len]
-            key[:, geo.q_len :] = pool_keys(keys, geo, layout.inv, self.spatial_weight)
+            key[:, geo.q_len :] = pool_grids(keys, geo, layout.inv, self.spatial_weight)
             values = v_parts[-1][:, -geo.image_len :].unflatten(-1, (-1, head_dim))  # (B, N, H, D)
-            v_parts.append(pool_keys(values, geo, layout.inv, self.spatial_weight).flatten(2, 3))
+            v_parts.append(pool_grids(values, geo, layout.inv, self.spatial_weight).flatten(2, 3))
         value = torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0]  # (B, kv_len, H * D)
         return key, value.unflatten(-1, (-1, head_dim))  # (B, kv_len, H, D)
 

@@ -1,5 +1,5 @@
-"""The commands that make images: `generate` (also `clear-gen PROMPT`), `upscale` and `compare`. Each
-parses its arguments into GenerateOptions (options.py), calls one library function and prints."""
+"""The commands that make images: `generate` (also `clear-gen PROMPT`), `upscale`, `edit` and `compare`.
+Each parses its arguments into GenerateOptions (options.py), calls one library function and prints."""
 
 from __future__ import annotations
 
@@ -160,6 +160,107 @@ def upscale(
     # 2. Upscale, showing progress and a timing table on stderr, JSON on stdout.
     with GenerateDisplay(err, as_json) as display:
         run_upscale(opts, inputs, target, display.hooks())
+
+
+@app.command()
+@options.with_options(
+    options.attention_options,
+    options.recipe_options,
+    options.output_options,
+    shown={"model": "kontext", "guidance": "2.5", "first_steps": "28", "first_guidance": "2.5"},
+)
+def edit(
+    args: list[str] = typer.Argument(
+        None,
+        help='The picture (PNG, JPEG, WebP) and the instruction, e.g. photo.jpg "make it night".',
+        metavar="IMAGE INSTRUCTION",
+        show_default=False,
+    ),
+    res: int = typer.Option(
+        None,
+        help="Long side of the result in px.",
+        show_default="the picture's",
+        rich_help_panel=options.SIZE,
+    ),
+    scale: float = typer.Option(
+        None,
+        help="Factor of the picture's size, aspect kept.",
+        show_default="1",
+        rich_help_panel=options.SIZE,
+    ),
+    width: int = typer.Option(None, help="Width in px (aspect kept if alone).", rich_help_panel=options.SIZE),
+    height: int = typer.Option(
+        None, help="Height in px (aspect kept if alone).", rich_help_panel=options.SIZE
+    ),
+    stages: str = typer.Option(
+        None,
+        help="Long side of each stage, e.g. 1024,4096.",
+        show_default="1024,target",
+        rich_help_panel=options.SIZE,
+    ),
+    direct: bool = typer.Option(
+        False, "--direct", help="No first pass: one pass at the target.", rich_help_panel=options.SIZE
+    ),
+    seed: list[int] = typer.Option(
+        None,
+        help="Seed; repeat for several results.",
+        show_default="random",
+        metavar="INT",
+        rich_help_panel=options.PROMPTS,
+    ),
+    count: int = typer.Option(None, help="Results, random seeds.", rich_help_panel=options.PROMPTS),
+    from_image: Path = typer.Option(
+        None,
+        "--from",
+        help="Re-run what a clear-gen PNG stores, its picture included; options given win.",
+        rich_help_panel=options.PROMPTS,
+    ),
+    **recipe: Any,
+) -> None:
+    """Edit a picture at 2K-8K with FLUX.1 Kontext: a 1024 px pass, then SDEdit stages with CLEAR."""
+    from dataclasses import replace
+
+    from ..files.source import UpscaleTarget, edit_arguments
+    from ..run.edit import edit as run_edit
+    from ..run.edit import edit_options
+
+    # 1. Parse: the picture and the instruction, the size (the picture's, unless given), the recipe.
+    picture, instruction = edit_arguments(args or [], from_image is not None)
+    as_json = recipe.pop("as_json")
+    if direct and stages:
+        raise ConfigError("give only one of --stages and --direct")
+    long_sides = options.ints(stages, "--stages")
+    sized = any(v is not None for v in (res, scale, width, height))
+    target = UpscaleTarget(res, scale, width, height) if sized else None
+    if target is None and long_sides:  # no size given: the last stage is the target
+        target = UpscaleTarget(res=long_sides[-1])
+    elif target is None and (picture is not None or from_image is None):  # the picture's own size
+        target = UpscaleTarget(scale=1.0)
+    model = recipe["model"] or (None if from_image is not None else "kontext")
+    opts = options.generate_options(
+        {**recipe, "model": model, "recipe": "kontext"},
+        from_image,
+        prompts=[instruction] if instruction else None,
+        seeds=list(seed or []) or None,
+        count=count,
+    )
+    opts = edit_options(opts, picture, target)
+    if direct:
+        opts = replace(opts, stages=[max(opts.width, opts.height)])
+    elif long_sides:
+        opts = replace(opts, stages=long_sides)
+    elif from_image is not None and target is not None:  # a new size over --from: the recipe's stages
+        opts = replace(opts, stages=None, guide=recipe.get("guide"), guide_level=recipe.get("guide_level"))
+    if recipe["dry_run"]:
+        from ..plan.memory import plan_run
+
+        _print_plans([("", plan_run(opts))], as_json)
+        return
+    # 2. Edit, showing progress and a timing table on stderr, JSON on stdout.
+    from .display import GenerateDisplay
+
+    with GenerateDisplay(err, as_json) as display:
+        display.summary(run_edit(opts, hooks=display.hooks()))
 
 
 @app.command()

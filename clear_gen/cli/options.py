@@ -15,6 +15,7 @@ import typer
 from ..errors import ConfigError
 from ..files.record import record_from_image
 from ..files.text import prompt_lines
+from ..plan.recipe import RECIPES
 from ..plan.spec import GenerateOptions
 
 
@@ -58,6 +59,7 @@ SIZE, MODEL, RECIPE, PROMPTS = "Size", "Model and attention", "Recipe", "Prompts
 OUTPUT, RUN, WHAT, SHAPE, SPEED = "Output", "Run", "What", "Model shape", "Speed"
 CONTROL = "ControlNet"
 DEFAULTS = GenerateOptions(prompts=[])  # the defaults shown in --help are the ones a run uses
+RECIPE_DEFAULTS = RECIPES[DEFAULTS.recipe]
 
 
 def size_options(
@@ -131,12 +133,15 @@ def sampling_options(
         None, help="Guidance of the CLEAR stages.", show_default="7.5; 3.5 --direct", rich_help_panel=RECIPE
     ),
     first_steps: int = typer.Option(
-        None, help="Steps of the first pass.", show_default=str(DEFAULTS.first_steps), rich_help_panel=RECIPE
+        None,
+        help="Steps of the first pass.",
+        show_default=str(RECIPE_DEFAULTS.first_steps),
+        rich_help_panel=RECIPE,
     ),
     first_guidance: float = typer.Option(
         None,
         help="Guidance of the first pass.",
-        show_default=str(DEFAULTS.first_guidance),
+        show_default=str(RECIPE_DEFAULTS.first_guidance),
         rich_help_panel=RECIPE,
     ),
     strength: float = typer.Option(
@@ -318,19 +323,32 @@ def output_options(
     """Where images go and what is printed: generate's and upscale's (only its signature is used)."""
 
 
-def with_options(*groups: Callable | tuple[Callable, ...]) -> Callable:
+def with_options(*groups: Callable | tuple[Callable, ...], shown: dict[str, str] | None = None) -> Callable:
     """Append the options of `groups` (size_options, attention_options, ..., or tuples of them) to a
-    command's own; Typer passes them in as keyword arguments (**recipe)."""
+    command's own; Typer passes them in as keyword arguments (**recipe). `shown`: option name -> the default
+    --help shows for this command (edit's model and guidance), where it differs from the group's."""
     flat = [g for group in groups for g in (group if isinstance(group, tuple) else (group,))]
 
     def decorate(command: Callable) -> Callable:
         sig = inspect.signature(command, eval_str=True)
         own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         shared = [p for g in flat for p in inspect.signature(g, eval_str=True).parameters.values()]
+        shared = [_shown(p, (shown or {}).get(p.name)) for p in shared]
         command.__signature__ = sig.replace(parameters=own + [p.replace(kind=p.KEYWORD_ONLY) for p in shared])
         return command
 
     return decorate
+
+
+def _shown(param: inspect.Parameter, default: str | None) -> inspect.Parameter:
+    """The option with another default shown in --help (a copy: the group's stays as it is)."""
+    if default is None:
+        return param
+    import copy
+
+    info = copy.copy(param.default)
+    info.show_default = default
+    return param.replace(default=info)
 
 
 def generate_options(recipe: dict[str, Any], from_image: Path | None = None, **own: Any) -> GenerateOptions:

@@ -61,6 +61,33 @@ def split_arguments(args: list[str], prompt: str | None) -> tuple[list[Path], st
     return inputs, words[0] if words else None
 
 
+def edit_arguments(args: list[str], from_record: bool = False) -> tuple[Path | None, str | None]:
+    """(picture, instruction) of `clear-gen edit IMAGE INSTRUCTION`: the argument naming an existing file is
+    the picture, the other one the instruction. With --from (`from_record`) either may be left out: the
+    record's then."""
+    picture, words = None, []
+    for arg in args:
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{arg} is a folder: edit takes one picture")
+        if path.is_file():
+            if picture is not None:
+                raise ConfigError(f"edit takes one picture; got {picture} and {arg}")
+            picture = path
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            raise ConfigError(f"{arg}: no such file")
+        else:
+            words.append(arg)
+    if len(words) > 1:
+        raise ConfigError(
+            f"more than one instruction: {', '.join(repr(w) for w in words[:3])}; quote the instruction as "
+            "one argument (the others are not existing files)"
+        )
+    if picture is None and not from_record:
+        raise ConfigError('no picture to edit: clear-gen edit IMAGE "what to change"')
+    return picture, words[0] if words else None
+
+
 def image_files(inputs: list[Path]) -> tuple[list[tuple[Path, bool]], list[str]]:
     """(file, found in a folder) for every input, folders expanded to their images (sorted); notes for
     folder entries that cannot be read (a batch skips them and goes on)."""

@@ -2,10 +2,11 @@
 its forward's arguments, blocks and attention modules (and what they compute around the attention),
 RoPE, latent packing, pipeline classes, text encoders and length, shapes for the memory plan (`shapes`),
 a random full-size builder for benchmarks (`random`, FLUX.1's), its VAE's exact tiled decode and encode
-(`vae`, installed per stage by `set_vae_tiling`). `flux1` is FLUX.1 [dev], [schnell] and
-their fine-tunes (Krea [dev]); `flux2` is FLUX.2 [klein]. What families share is in `attention` (joint
-attention), `layout` (diffusers' FLUX block lists) and `shapes` (the memory plan's contract). May import
-`core` and `errors` only.
+(`vae`, installed per stage by `set_vae_tiling`), and the reference picture of a model that edits
+(`EDIT_PIPELINES`: FLUX.1 Kontext's `reference_size`, `reference_latents`, `reference_tokens`). `flux1`
+is FLUX.1 [dev], [schnell] and their fine-tunes (Krea [dev], Kontext [dev]); `flux2` is FLUX.2 [klein].
+What families share is in `attention` (joint attention), `layout` (diffusers' FLUX block lists) and
+`shapes` (the memory plan's contract). May import `core` and `errors` only.
 
 A family is chosen by name (weights.toml's `family` field of a base: `family(name)`), by the model in
 hand (`of(module)`: its diffusers class), by a diffusers folder (`folder_family`: its transformer's
@@ -34,7 +35,8 @@ FAMILY_API = (  # what every family module defines (tests hold each family to it
     "pack_latents", "unpack_latents", "vae_latents", "model_latents", "forward_inputs",
     "use_exact_positions", "chunk_feed_forward", "pipeline_class", "transformer_class", "controlnet_class",
     "text_encoder_class", "shapes", "activations", "ORIGINAL_KEY", "DIFFUSERS_KEY", "ORIGINAL_PREFIX",
-    "convert_original", "prompt_cut", "set_vae_tiling",
+    "convert_original", "prompt_cut", "set_vae_tiling", "EDIT_PIPELINES", "reference_size",
+    "reference_latents", "reference_tokens",
 )  # fmt: skip
 
 

@@ -219,7 +219,7 @@ def _attention(
         extra = (linear_flops(net_shape, text_len, stage.tokens), attention_flops(net_shape, pairs))
     if not stage.clear:
         return "full", 1.0, (linear + extra[0], attention_flops(shape, all_pairs) + extra[1])
-    geo = choice.geometry(stage.width, stage.height, text_len)
+    geo = choice.geometry(stage.width, stage.height, text_len, reference=stage.reference)
     density = needed_pairs(geo) / (geo.q_len * geo.kv_len)
     attention = attention_flops(shape, build_block_lists(geo).computed_pairs())
     return choice.attention_label, density, (linear + extra[0], attention + extra[1])

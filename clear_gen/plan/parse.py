@@ -2,7 +2,9 @@
 
 Every user error that can be found from the arguments alone is raised here, by the one parser of each
 option (attention, sizes, numbers, quantization, LoRAs, ControlNet, cache, offload, device names), so
-nothing below validates them again. The stages of each image come from the run's recipe (recipe.py).
+nothing below validates them again. The stages of each image come from the run's recipe (recipe.py). An
+edit (`GenerateOptions.edit`, FLUX.1 Kontext) is a generation whose every stage also reads the picture's
+reference tokens (`edit_spec`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from ..core.sizes import MAX_SIDE, MIN_SIDE, TOKEN_PX, check_size, scaled_size, 
 from ..errors import ConfigError, DeviceError, WeightsError
 from ..weights.spec import WeightsSpec
 from .recipe import Recipe, recipe
-from .spec import VAE_TILINGS, ClearChoice, GenerateOptions, OutputSpec, RunSpec, Settings, Stage, parse_cache
+from .spec import (
+    VAE_TILINGS,
+    ClearChoice,
+    EditSpec,
+    GenerateOptions,
+    OutputSpec,
+    RunSpec,
+    Settings,
+    Stage,
+    parse_cache,
+)
 
 MAX_COUNT = (
     10_000  # --count: images of one run (each job is made lazily, but a typo should not run for weeks)
@@ -62,16 +74,45 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
         text_len=text_length(opts),
     )
     if upscale:
+        if opts.edit is not None:
+            raise ConfigError("upscale takes no picture to edit: run clear-gen edit")
         return spec
     attention = at_size(attention, opts.width, opts.height, the_recipe)
     check_family(attention, family, opts.model)
     note_full_window(attention, opts.width, opts.height, note)
-    spec = replace(spec, attention=attention, stages=generate_stages(spec, attention))
+    spec = replace(spec, attention=attention, edit=edit_spec(spec, attention, note) if opts.edit else None)
+    spec = replace(spec, stages=generate_stages(spec, attention))
     check_model_runs(spec, spec.stages, "give --direct for one text-to-image pass at the target")
     check_backend_serves(spec, attention, spec.stages)
     if guide_kind(opts.guide) not in (None, "none") and all(s.guide == "none" for s in spec.stages):
         note(f"--guide {opts.guide}: no stage to guide (only CLEAR's SDEdit stages are guided)")
     return spec
+
+
+def edit_spec(spec: RunSpec, choice: ClearChoice, note) -> EditSpec:
+    """An edit's picture read (one line when it cannot be), for a model that edits, and the size of its
+    reference tokens: the model's for the picture, in multiples of the CLEAR stages' size multiple (each
+    grid's sides divisible by the down factor)."""
+    from .. import models
+    from ..files.source import load_source
+    from ..weights.shapes import model_edits
+
+    opts, weights = spec.asked, spec.weights
+    if not model_edits(weights.model):
+        raise ConfigError(
+            f"--model {weights.model} does not edit pictures: an edit needs FLUX.1 Kontext [dev] (--model "
+            "kontext) or a diffusers folder of it"
+        )
+    if weights.controlnet is not None:
+        raise ConfigError("an edit takes no --controlnet: the picture it edits steers it")
+    source = load_source(Path(opts.edit).expanduser())
+    for text in source.notes:
+        note(f"{source.path.name}: {text}")
+    if opts.edit_sha256 is not None and opts.edit_sha256 != source.sha256:
+        note(f"{source.path.name} changed since the image was made (sha256 {opts.edit_sha256[:12]}... then, "
+             f"{source.sha256[:12]}... now): the result will differ")  # fmt: skip
+    reference = models.family(weights.family).reference_size(*source.size, size_multiple(choice.down_factor))
+    return EditSpec(source, reference)
 
 
 def _note_changed(choice: ClearChoice, sha256: str | None, note) -> None:
@@ -388,7 +429,9 @@ def generate_stages(spec: RunSpec, choice: ClearChoice) -> tuple[Stage, ...]:
     if len(sizes) == 1:
         guidance = the_recipe.direct_guidance if opts.guidance is None else opts.guidance
         return (_stage(spec, *sizes[0], choice.window is not None, opts.steps, guidance, False, 1.0),)
-    first = _stage(spec, *sizes[0], False, opts.first_steps, opts.first_guidance, False, 1.0)
+    steps = the_recipe.first_steps if opts.first_steps is None else opts.first_steps
+    guidance = the_recipe.first_guidance if opts.first_guidance is None else opts.first_guidance
+    first = _stage(spec, *sizes[0], False, steps, guidance, False, 1.0)
     return (first, *sdedit_stages(spec, choice, sizes[1:]))
 
 
@@ -431,7 +474,7 @@ def check_backend_serves(spec: RunSpec, choice: ClearChoice, stages: tuple[Stage
                 choose(
                     spec.settings.backend,
                     device,
-                    choice.geometry(s.width, s.height, spec.text_len),
+                    choice.geometry(s.width, s.height, spec.text_len, reference=s.reference),
                     work=work,
                 )
             except ConfigError as e:
@@ -486,8 +529,22 @@ def _stage(
     proportional = asked_prop if asked_prop is not None else (high_res and the_recipe.proportional_above)
     net_clear = clear and max(w, h) > the_recipe.controlnet_clear_above
     vae, tile = the_recipe.vae_tiling(spec.settings.vae_tiling, w, h), spec.settings.vae_tile
+    reference = spec.edit.reference if spec.edit is not None else None  # an edit's, in every stage
     return Stage(
-        w, h, clear, steps, guidance, sdedit, strength, ntk, proportional, vae, tile, net_clear, *guide
+        w,
+        h,
+        clear,
+        steps,
+        guidance,
+        sdedit,
+        strength,
+        ntk,
+        proportional,
+        vae,
+        tile,
+        net_clear,
+        *guide,
+        reference,
     )
 
 

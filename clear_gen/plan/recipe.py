@@ -5,8 +5,9 @@ side, steps and guidance), each further stage's img2img (steps, guidance, streng
 the RoPE and softmax-scale changes above the first pass's side, when the VAE tiles, how stage sizes
 round, and which targets' SDEdit stages get projected-flow guidance (core/guide.py). `clear` is CLEAR's
 reference high-resolution recipe (CLEAR_FACTS.md): a 1024 px first pass with the original model and full
-attention, then SDEdit stages with CLEAR (guided above 4096 px or beyond 2:1). A new recipe is one more
-entry.
+attention, then SDEdit stages with CLEAR (guided above 4096 px or beyond 2:1). `kontext` is the same with
+FLUX.1 Kontext's own sampling numbers, for `clear-gen edit` (README, "Editing: FLUX.1 Kontext"). A new
+recipe is one more entry.
 
 The first pass keeps the target's aspect: a long side of `first_pass_side`, a short side of at least
 `first_pass_short` (beyond 4:1 in `clear` the long side grows instead: 8192x1024 -> 2048x256), each side
@@ -16,7 +17,7 @@ it, 320x1024 for 1:3 instead of 336x1024). A target no larger than its own first
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.sizes import TOKEN_PX, round_size
 from ..errors import ConfigError
@@ -108,6 +109,16 @@ RECIPES: dict[str, Recipe] = {
         guide_ratio=2.0,
     ),
 }
+RECIPES["kontext"] = replace(
+    RECIPES["clear"],
+    name="kontext",
+    description="FLUX.1 Kontext's edit: its sampling (28 steps, guidance 2.5) for a 1024 px first pass with "
+    "the reference, then CLEAR's SDEdit stages with the reference (guidance 2.5: Kontext's, not tuned)",
+    first_steps=28,  # diffusers' FluxKontextPipeline and BFL's examples: 28 steps, guidance 2.5
+    first_guidance=2.5,
+    sdedit_guidance=2.5,
+    direct_guidance=2.5,
+)
 DEFAULT_RECIPE = "clear"
 
 

@@ -36,8 +36,8 @@ def image_record(
     cache = spec.settings.cache
     guided = next((s for s in stages if s.guide != "none"), None)  # a run's guided stages share one guide
     extra = {
-        "first_steps": opts.first_steps if several else None,
-        "first_guidance": opts.first_guidance if several else None,
+        "first_steps": stages[0].steps if several else None,
+        "first_guidance": stages[0].guidance if several else None,
         "first_size": f"{stages[0].width}x{stages[0].height}" if several else None,
         "ntk_factor": opts.ntk_factor,
         "proportional_attention": opts.proportional_attention,
@@ -60,6 +60,8 @@ def image_record(
         "guide_level": guided.guide_level if guided else None,
         "vae_tiling": opts.vae_tiling if opts.vae_tiling != GenerateOptions.vae_tiling else None,
         "vae_tile": opts.vae_tile,
+        "recipe": opts.recipe if opts.recipe != GenerateOptions.recipe else None,
+        "edit_source": spec.edit.record() if spec.edit is not None else None,  # the picture an edit changed
     }  # fmt: skip
     model = Path(weights.model).expanduser()
     return ImageRecord(
@@ -94,7 +96,8 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
     attention as a whole, so `--from x.png --variant r16` does not conflict with x.png's custom window;
     likewise `--quantize` or `--transformer` replaces the record's transformer (a GGUF file or a quantized
     base's), `--lora` the record's LoRAs and `--controlnet` (or --control, --control-mode, --control-scale)
-    the record's ControlNet."""
+    the record's ControlNet. An edit's record edits its picture again (`edit_source`), unless `edit` names
+    another."""
     extra = record.extra or {}
     compared = extra.get("compare")
     if isinstance(compared, dict):
@@ -124,8 +127,8 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         strength=record.strength if record.strength is not None else GenerateOptions.strength,
         steps=record.steps,
         guidance=record.guidance,
-        first_steps=extra.get("first_steps", GenerateOptions.first_steps),
-        first_guidance=extra.get("first_guidance", GenerateOptions.first_guidance),
+        first_steps=extra.get("first_steps"),
+        first_guidance=extra.get("first_guidance"),
         first_size=extra.get("first_size") or _legacy_first_size(record),
         seeds=[record.seed],
         max_sequence_length=extra.get("max_sequence_length"),
@@ -144,7 +147,11 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         guide_level=extra.get("guide_level"),
         vae_tiling=extra.get("vae_tiling", GenerateOptions.vae_tiling),  # a v0.1 record: auto (exact)
         vae_tile=extra.get("vae_tile"),
+        recipe=extra.get("recipe", GenerateOptions.recipe),
+        **_edit_options(extra.get("edit_source")),
     )
+    if "edit" in overrides:  # another picture: its own sha256
+        opts = replace(opts, edit_sha256=None)
     if ATTENTION_FIELDS & overrides.keys():
         opts = replace(opts, **dict.fromkeys(ATTENTION_FIELDS))
     if TRANSFORMER_FIELDS.keys() & overrides.keys():
@@ -165,6 +172,13 @@ def _legacy_first_size(record: ImageRecord) -> str | None:
         return None
     w, h = scaled_size(record.width, record.height, stages[0], size_multiple(record.down_factor or 1))
     return f"{w}x{h}"
+
+
+def _edit_options(source: dict | None) -> dict:
+    """GenerateOptions' edit fields from a record's `edit_source` (spec.EditSpec.record)."""
+    if not isinstance(source, dict):
+        return {}
+    return {"edit": source.get("file"), "edit_sha256": source.get("sha256")}
 
 
 def _control_options(control: dict | None) -> dict:

@@ -11,8 +11,10 @@ the decided one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.sizes import TOKEN_PX
 from ..errors import ConfigError
@@ -37,8 +39,8 @@ class GenerateOptions:
     strength: float = 0.7
     steps: int = 20  # steps of each CLEAR / target stage
     guidance: float | None = None  # target stages: 7.5 for SDEdit, 3.5 for direct text-to-image
-    first_steps: int = 20
-    first_guidance: float = 3.5
+    first_steps: int | None = None  # the first pass's; None: the recipe's (20; kontext: 28)
+    first_guidance: float | None = None  # None: the recipe's (3.5; kontext: 2.5)
     seeds: list[int] | None = None
     count: int = 1
     max_sequence_length: int | None = None  # None: the model's (512 for dev, 256 for schnell)
@@ -73,6 +75,8 @@ class GenerateOptions:
     guide_level: int | None = None  # its Haar low-pass level; None: the recipe's (1)
     vae_tiling: str = "auto"  # auto | exact | fast | off; auto: exact in the stages the recipe tiles
     vae_tile: int | None = None  # px, a tile's side; None: the VAE's sample_size (1024 for FLUX.1)
+    edit: str | None = None  # a picture to edit (FLUX.1 Kontext): its tokens join every stage's
+    edit_sha256: str | None = None  # --from: the picture's sha256 then (a note when it changed)
 
 
 @dataclass(frozen=True)
@@ -93,11 +97,14 @@ class Stage:
     controlnet_clear: bool = False  # a ControlNet's blocks get CLEAR too (training-free, f = 1)
     guide: str = "none"  # projected-flow guidance towards the stage's start picture (CLEAR SDEdit stages)
     guide_level: int = 1  # its Haar low-pass level
+    reference: tuple[int, int] | None = None  # px (width, height) of an edit's reference tokens
 
     @property
     def tokens(self) -> int:
-        """Image tokens of this stage: (height / 16) x (width / 16)."""
-        return (self.height // TOKEN_PX) * (self.width // TOKEN_PX)
+        """Image tokens the transformer runs in this stage: (height / 16) x (width / 16), and an edit's
+        reference tokens."""
+        ref = (self.reference[0] // TOKEN_PX) * (self.reference[1] // TOKEN_PX) if self.reference else 0
+        return (self.height // TOKEN_PX) * (self.width // TOKEN_PX) + ref
 
     @property
     def long_side(self) -> int:
@@ -153,6 +160,20 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class EditSpec:
+    """The picture an edit changes (FLUX.1 Kontext), and the size of its reference tokens."""
+
+    source: Any  # files.source.Source: the picture (PIL, RGB), its path and sha256
+    reference: tuple[int, int]  # px (width, height): the model's size for it (its reference_size)
+
+    def record(self) -> dict[str, Any]:
+        """What a PNG records of it (`extra.edit_source`), so that `--from` edits it again."""
+        src = self.source
+        path = os.path.abspath(src.path)
+        return {"file": path, "sha256": src.sha256, "width": src.size[0], "height": src.size[1]}
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One run, parsed and checked (plan.parse): what every layer below the entry points reads."""
 
@@ -166,6 +187,7 @@ class RunSpec:
     output: OutputSpec
     text_len: int  # T5 tokens of every prompt
     stages: tuple[Stage, ...] = ()  # generate's; an upscale's are per picture (its jobs')
+    edit: EditSpec | None = None  # an edit's picture (FLUX.1 Kontext)
 
     @property
     def width(self) -> int:
@@ -227,13 +249,22 @@ class ClearChoice:
         a local file."""
         return None if self.weights is not None or self.label in ("custom", "none") else self.label
 
-    def geometry(self, width: int, height: int, text_len: int, down_factor: int | None = None):
+    def geometry(
+        self,
+        width: int,
+        height: int,
+        text_len: int,
+        down_factor: int | None = None,
+        reference: tuple[int, int] | None = None,
+    ):
         """CLEAR's geometry.Geometry for a width x height px image (16 px a token) and this window; with
-        `down_factor`, that one instead of the choice's (a ControlNet's training-free CLEAR: 1)."""
+        `down_factor`, that one instead of the choice's (a ControlNet's training-free CLEAR: 1); with
+        `reference`, (width, height) px of an edit's reference tokens after the image's."""
         from ..core.geometry import image_geometry
 
         f = self.down_factor if down_factor is None else down_factor
-        return image_geometry(text_len, height // TOKEN_PX, width // TOKEN_PX, self.window, f)
+        ref = (reference[1] // TOKEN_PX, reference[0] // TOKEN_PX) if reference else None
+        return image_geometry(text_len, height // TOKEN_PX, width // TOKEN_PX, self.window, f, ref)
 
     @property
     def attention_label(self) -> str:

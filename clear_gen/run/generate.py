@@ -23,7 +23,7 @@ from ..attention import remove_clear
 from ..attention.weights import cpu_copies
 from ..core.clock import now
 from ..core.device import dtype_note, resolve_dtype
-from ..errors import ClearGenError, DeviceError
+from ..errors import ClearGenError, ConfigError, DeviceError
 from ..files import output
 from ..files.record import ImageRecord, RunTiming
 from ..plan import gpus
@@ -124,8 +124,9 @@ def _check(opts: GenerateOptions | RunSpec, world: parallel.World, device, hooks
         plan, offload = None, "none"  # placed by whoever built it
         if spec.attention.note:
             hooks.note(spec.attention.note)
+    reference = spec.edit.source.image if spec.edit is not None else None  # an edit's picture
     jobs = [
-        Job(p, seed, spec.stages, control=picture, control_info=info)
+        Job(p, seed, spec.stages, control=picture, control_info=info, reference=reference)
         for p in spec.prompts
         for seed in spec.seeds
     ]
@@ -142,9 +143,11 @@ def run_dtype(spec: RunSpec, device: torch.device, hooks: Hooks) -> torch.dtype:
 
 
 def check_sequence(spec: RunSpec, world: parallel.World, stages) -> None:
-    """Sequence mode: the ranks split the model's heads (its config, read before loading)."""
+    """Sequence mode: the ranks split the model's heads (its config, read before loading); it runs no edit."""
     from ..weights.shapes import model_shapes
 
+    if world.sequence and any(s.reference for s in stages):
+        raise ConfigError("torchrun's sequence mode does not run an edit yet: use --parallel data")
     if world.sequence and any(s.clear for s in stages):
         config = model_shapes(spec.weights.model).transformer
         parallel.check_heads(world, models.family(spec.weights.family).flop_shape(config).heads)

@@ -196,6 +196,8 @@ def _stock_key(step: StepCall, geo: Geometry, device) -> tuple:
         geo.text_len,
         geo.height,
         geo.width,
+        geo.ref_height,  # an edit's reference picture (FLUX.1 Kontext): more tokens
+        geo.ref_width,
         hidden.shape[0],
         hidden.dtype,
         str(device),

@@ -97,6 +97,7 @@ class Job:
     source: dict[str, Any] | None = None  # the picture's file, sha256 and size, recorded in the PNG
     control: Any = None  # the ControlNet's picture (PIL), with --controlnet
     control_info: dict[str, Any] | None = None  # what the PNG records of the ControlNet (control.py)
+    reference: Any = None  # the picture an edit changes (PIL): its tokens join every stage's calls
 
 
 @dataclass
@@ -127,9 +128,11 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
     `started`: where this image's wall time begins (the run's start for the first image).
     """
     image, stage_paths, save_s, hooks, n = job.first, [], 0.0, run.hooks, len(job.stages)
+    reference = _reference(run, job)
     for i, stage in enumerate(job.stages):
         hooks.stage_start(i, n, stage)
-        latents, stage_timing = _stage(run, stage, emb, image, job.seed, job.control)
+        with _reference_tokens(run.pipe.transformer, reference):  # an edit: its picture joins every call
+            latents, stage_timing = _stage(run, stage, emb, image, job.seed, job.control)
         _finite(latents, run, stage, f"stage {i + 1}/{n}'s latents")
         if i == n - 1 and not run.world.writes:
             timing.stages.append(stage_timing)
@@ -153,6 +156,16 @@ def make_image(run: Run, job: Job, emb, timing: RunTiming, started: float) -> Im
     timing.save_s = save_s + seconds
     timing.total_s = time.perf_counter() - started
     return ImageResult(path, record, timing, stage_paths)
+
+
+def _reference(run: Run, job: Job):
+    """An edit's reference tokens and their grid, encoded once for all its stages (the VAE untiled: the
+    reference is about a megapixel); None for any other job."""
+    if job.reference is None:
+        return None
+    family, width_height = models.of(run.pipe.transformer), job.stages[0].reference
+    family.set_vae_tiling(run.pipe.vae, "off", job.stages[0].vae_tile)  # each stage sets its own after
+    return family.reference_latents(run.pipe, job.reference, *width_height)
 
 
 def clear_kwargs(choice: ClearChoice, stage: Stage, state_dict, backend: str) -> dict:
@@ -190,7 +203,8 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     control = _control_kwargs(control_spec, picture) if controlnet is not None else {}
     _vae_tiling(run, stage)
     text_len = emb["prompt_embeds"].shape[1]  # (1, T, D)
-    geo = choice.geometry(stage.width, stage.height, text_len) if stage.clear else None
+    reference = stage.reference  # an edit's reference tokens' size, or None
+    geo = choice.geometry(stage.width, stage.height, text_len, reference=reference) if stage.clear else None
     compiling = _first_run(geo, settings.backend, device, transformer.dtype)
     # 2. Denoise, timing every step (and the GPU memory's high-water mark).
     if compiling:
@@ -226,6 +240,13 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     elif not stage.clear:
         timing.full_step_s = timing.step_s
     return run.world.share(latents), timing  # sequence mode: rank 0's latents, so the ranks never drift
+
+
+def _reference_tokens(transformer, reference):
+    """While on, the transformer's calls carry an edit's reference tokens (the family's reference_tokens)."""
+    if reference is None:
+        return nullcontext()
+    return models.of(transformer).reference_tokens(transformer, *reference)
 
 
 def _control_kwargs(spec: ControlSpec, picture) -> dict[str, Any]:
@@ -265,7 +286,7 @@ def _finite(tensor: torch.Tensor, run: Run, stage: Stage, what: str) -> None:
         return
     spec, dtype = run.spec, dtype_name(run.pipe.transformer.dtype)
     if stage.clear:
-        geo = spec.attention.geometry(stage.width, stage.height, spec.text_len)
+        geo = spec.attention.geometry(stage.width, stage.height, spec.text_len, reference=stage.reference)
         kernel = f"CLEAR on the {choose(spec.settings.backend, run.device, geo).name} backend"
     else:
         kernel = "stock attention"
@@ -359,6 +380,9 @@ def _record(run: Run, job: Job, stages: list[Stage], timing: RunTiming, started:
     clear = [s for s in stages if s.clear]
     backend = None
     if clear:  # the kernel CLEAR ran with (auto's choice) at the largest CLEAR stage
-        geo = run.spec.attention.geometry(clear[-1].width, clear[-1].height, run.spec.text_len)
+        last = clear[-1]
+        geo = run.spec.attention.geometry(
+            last.width, last.height, run.spec.text_len, reference=last.reference
+        )
         backend = choose(run.spec.settings.backend, run.device, geo).name
     return image_record(run.spec, job, stages, timings, dtype, device_name(run.device), backend)

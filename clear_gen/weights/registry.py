@@ -62,6 +62,7 @@ class Base:
     allow_patterns: tuple[str, ...]  # the diffusers folders, not the single-file checkpoint beside them
     description: str
     family: str = "flux1"  # its adapter in models/ (models.FAMILIES)
+    edit: bool = False  # it edits a picture given as a reference (FLUX.1 Kontext: `clear-gen edit`)
 
 
 # What a diffusers FluxControlNetModel folder needs (its config and weights, sharded or not).
@@ -134,6 +135,7 @@ _BASE_FIELDS: dict[str, tuple[type, bool]] = {
     "allow_patterns": (list, True),
     "description": (str, True),
     "family": (str, False),
+    "edit": (bool, False),
 }
 _CONTROLNET_FIELDS: dict[str, tuple[type, bool]] = {
     "repo": (str, True),
@@ -204,6 +206,7 @@ def _base(name: str, table: Any) -> Base:
         allow_patterns=tuple(patterns),
         description=f["description"],
         family=_family(name, f.get("family", "flux1")),
+        edit=f.get("edit", False),
     )
 
 

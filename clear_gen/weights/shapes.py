@@ -22,6 +22,25 @@ def model_family(model: str) -> str:
         return models.DEFAULT
 
 
+def model_edits(model: str) -> bool:
+    """Whether --model edits a picture given as a reference (FLUX.1 Kontext): a registry base's `edit`; a
+    local folder's or a cached Hub snapshot's model_index.json names a pipeline its family lists in
+    EDIT_PIPELINES. A Hub repo that is not cached cannot tell: False."""
+    import json
+
+    try:
+        base, folder = _where(model)
+    except WeightsError:
+        return False
+    if base is not None:
+        return base.edit
+    try:
+        kind = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):  # no folder, or not a diffusers pipeline's
+        return False
+    return kind in models.family(_family(None, folder)).EDIT_PIPELINES
+
+
 def model_shapes(model: str):
     """The shapes (models.<family>.shapes.ModelShapes) of --model: a local folder, a registry base or its
     repo, a cached Hub snapshot, else FLUX.1-dev's (with a note)."""

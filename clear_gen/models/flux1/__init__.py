@@ -1,12 +1,13 @@
-"""FLUX.1 [dev], [schnell] and [dev]'s fine-tunes (Krea [dev]) in diffusers (FluxTransformer2DModel,
-FluxControlNetModel, FluxPipeline and their img2img and ControlNet twins): every fact about their layout that
-the rest of clear-gen needs.
+"""FLUX.1 [dev], [schnell] and [dev]'s fine-tunes (Krea [dev], Kontext [dev]) in diffusers
+(FluxTransformer2DModel, FluxControlNetModel, FluxPipeline and their img2img and ControlNet twins): every fact
+about their layout that the rest of clear-gen needs.
 
 The transformer's joint sequence is [text T ; image N], text first, in both block kinds; image tokens are
 row-major over the (H/16) x (W/16) grid (the VAE's /8, then 2 x 2 patches); positions reach attention only
 through RoPE (`img_ids`, `txt_ids` -> `pos_embed`, theta 10000). Shapes for the memory plan are in
 `shapes` (activations' bytes in `activations`), a random full-size pipeline for benchmarks in `random`,
-feed-forward chunking in `chunking`, the VAE's exact tiled decode and encode in `vae`.
+feed-forward chunking in `chunking`, the VAE's exact tiled decode and encode in `vae`, Kontext's reference
+picture (its size, its tokens, the transformer called with them) in `kontext`.
 """
 
 from __future__ import annotations
@@ -302,4 +303,5 @@ def text_encoder_class():
 
 
 from . import activations, shapes  # noqa: E402, F401  (its submodules: models.family("flux1").shapes)
+from .kontext import EDIT_PIPELINES, reference_latents, reference_size, reference_tokens  # noqa: E402, F401
 from .vae import set_vae_tiling  # noqa: E402, F401

@@ -342,5 +342,17 @@ def text_encoder_class():
     return Qwen3ForCausalLM
 
 
+# ---------------------------------------------------------------- editing (a reference picture)
+
+EDIT_PIPELINES = ()  # Flux2KleinPipeline's reference pictures: not run by clear-gen yet
+
+
+def _no_edit(*args, **kwargs):
+    raise ConfigError(f"clear-gen does not edit pictures with {LABEL} ({NAME}): FLUX.1 Kontext [dev] does")
+
+
+reference_size = reference_latents = reference_tokens = _no_edit
+
+
 from ..flux1.vae import set_vae_tiling  # noqa: E402, F401  (FLUX.2's VAE: FLUX.1's encoder and decoder blocks)
 from . import activations, shapes  # noqa: E402, F401  (its submodules: models.family("flux2").shapes)
