@@ -56,6 +56,7 @@ class StageProgress:
         s = self.stage
         attention = "CLEAR" if s.clear else "full attention"
         attention += f", {s.guide} guidance" if s.guide != "none" else ""
+        attention += ", DyPE" if s.dype else ""
         return f"{self.label}: {s.width}x{s.height}, {attention}, {self.total} step{'s' * (self.total > 1)}"
 
     def add(self, done: int, total: int, seconds: float) -> None:

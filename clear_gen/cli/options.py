@@ -151,7 +151,17 @@ def sampling_options(
         None, help="RoPE NTK factor.", show_default="10 above 1024 px, else 1", rich_help_panel=RECIPE
     ),
     proportional_attention: str = typer.Option(
-        "auto", help="Proportional attention: on, off or auto (on above 1024 px).", rich_help_panel=RECIPE
+        "auto",
+        help="Proportional attention: on, off or auto (on above 1024 px, off with --dype).",
+        rich_help_panel=RECIPE,
+    ),
+    dype: bool = typer.Option(
+        None,
+        "--dype/--no-dype",
+        help="DyPE: RoPE that follows each step's noise level in the CLEAR stages, instead of the NTK "
+        "factor (patent pending for commercial use, per its authors).",
+        show_default="off",
+        rich_help_panel=RECIPE,
     ),
     max_sequence_length: int = typer.Option(
         None, help="T5 tokens, up to 512.", show_default="512; 256 schnell", rich_help_panel=RECIPE

@@ -51,6 +51,20 @@ def set_rope_theta(model, theta: float) -> None:
     model.pos_embed.theta = theta
 
 
+def rope_axes(model) -> tuple[int, ...]:
+    """Dims of each RoPE axis (FLUX.1: 16 text/index, 56 rows, 56 columns)."""
+    return tuple(model.pos_embed.axes_dim)
+
+
+def set_rope(model, rotary: Callable | None) -> None:
+    """From now on RoPE's cos and sin of positions (S, axes) are `rotary(ids)`'s; None: the stock
+    embedder's again (DyPE, run/dype.py)."""
+    if rotary is None:
+        vars(model.pos_embed).pop("forward", None)
+    else:
+        model.pos_embed.forward = rotary
+
+
 def compute_device(model) -> torch.device:
     """Where the model computes: its weights' device, or under accelerate's sequential offload (the
     weights on 'meta' between calls) its hook's execution device."""

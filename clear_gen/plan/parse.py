@@ -86,6 +86,7 @@ def parse(opts: GenerateOptions, note=lambda text: None, upscale: bool = False) 
     check_backend_serves(spec, attention, spec.stages)
     if guide_kind(opts.guide) not in (None, "none") and all(s.guide == "none" for s in spec.stages):
         note(f"--guide {opts.guide}: no stage to guide (only CLEAR's SDEdit stages are guided)")
+    note_dype(opts, spec.stages, note)
     return spec
 
 
@@ -113,6 +114,16 @@ def edit_spec(spec: RunSpec, choice: ClearChoice, note) -> EditSpec:
              f"{source.sha256[:12]}... now): the result will differ")  # fmt: skip
     reference = models.family(weights.family).reference_size(*source.size, size_multiple(choice.down_factor))
     return EditSpec(source, reference)
+
+
+def note_dype(opts: GenerateOptions, stages: tuple[Stage, ...], note) -> None:
+    """--dype: say so when it changes nothing, and when it sets aside an asked --ntk-factor."""
+    if not opts.dype:
+        return
+    if not any(s.dype for s in stages):
+        note(f"--dype: no CLEAR stage above {dype_base_px()} px, so DyPE changes nothing")
+    elif opts.ntk_factor is not None:
+        note(f"--ntk-factor {opts.ntk_factor:g} is not used in DyPE's stages: DyPE sets RoPE's frequencies")
 
 
 def _note_changed(choice: ClearChoice, sha256: str | None, note) -> None:
@@ -524,9 +535,12 @@ def _stage(
     """A Stage with the recipe's knobs decided for its size (the asked ones win)."""
     opts, the_recipe = spec.asked, spec.recipe
     high_res = the_recipe.high_res(w, h)
+    dype = opts.dype and clear and max(w, h) > dype_base_px()  # at or below it DyPE's RoPE is the original
     ntk = opts.ntk_factor if opts.ntk_factor is not None else (the_recipe.high_res_ntk if high_res else 1.0)
+    ntk = 1.0 if dype else ntk  # DyPE sets RoPE's frequencies itself (note_dype)
     asked_prop = opts.proportional_attention
-    proportional = asked_prop if asked_prop is not None else (high_res and the_recipe.proportional_above)
+    auto_prop = high_res and the_recipe.proportional_above and not dype  # DyPE's mscale instead (README)
+    proportional = asked_prop if asked_prop is not None else auto_prop
     net_clear = clear and max(w, h) > the_recipe.controlnet_clear_above
     vae, tile = the_recipe.vae_tiling(spec.settings.vae_tiling, w, h), spec.settings.vae_tile
     reference = spec.edit.reference if spec.edit is not None else None  # an edit's, in every stage
@@ -545,7 +559,15 @@ def _stage(
         net_clear,
         *guide,
         reference,
+        dype,
     )
+
+
+def dype_base_px() -> int:
+    """The side up to which DyPE changes nothing: the model's training side (FLUX.1: 64 tokens, 1024 px)."""
+    from ..core.dype import BASE_SIDE
+
+    return BASE_SIDE * TOKEN_PX
 
 
 def _checked_sizes(

@@ -41,6 +41,7 @@ def image_record(
         "first_size": f"{stages[0].width}x{stages[0].height}" if several else None,
         "ntk_factor": opts.ntk_factor,
         "proportional_attention": opts.proportional_attention,
+        "dype": True if opts.dype else None,  # only when on: a record without it ran none
         "max_sequence_length": opts.max_sequence_length,
         "clear_weights": str(choice.weights) if clear and choice.weights is not None else None,
         "clear_weights_sha256": choice.sha256 if clear else None,
@@ -134,6 +135,7 @@ def options_from_record(record: ImageRecord, **overrides) -> GenerateOptions:
         max_sequence_length=extra.get("max_sequence_length"),
         ntk_factor=extra.get("ntk_factor"),
         proportional_attention=extra.get("proportional_attention"),
+        dype=bool(extra.get("dype", False)),
         dtype=extra.get("dtype"),
         backend=extra.get("backend_asked") or extra.get("backend", GenerateOptions.backend),
         quantize=extra.get("quantize", GenerateOptions.quantize),

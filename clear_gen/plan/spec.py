@@ -45,7 +45,8 @@ class GenerateOptions:
     count: int = 1
     max_sequence_length: int | None = None  # None: the model's (512 for dev, 256 for schnell)
     ntk_factor: float | None = None  # None: 10 above 1024 px, else 1
-    proportional_attention: bool | None = None  # None: on above 1024 px
+    proportional_attention: bool | None = None  # None: on above 1024 px (off in DyPE's stages)
+    dype: bool = False  # DyPE's Dy-YaRN RoPE in the CLEAR stages instead of the NTK factor (core/dype.py)
     keep_stages: bool = False
     out: str | None = None
     device: str = "auto"
@@ -98,6 +99,7 @@ class Stage:
     guide: str = "none"  # projected-flow guidance towards the stage's start picture (CLEAR SDEdit stages)
     guide_level: int = 1  # its Haar low-pass level
     reference: tuple[int, int] | None = None  # px (width, height) of an edit's reference tokens
+    dype: bool = False  # DyPE's RoPE at each step (CLEAR stages; ntk_factor is then 1)
 
     @property
     def tokens(self) -> int:

@@ -33,6 +33,7 @@ from ..plan.records import image_record
 from ..plan.spec import ClearChoice, RunSpec, Stage
 from ..weights.spec import ControlSpec
 from . import world as parallel
+from .dype import dynamic_rope
 from .guide import projected_flow
 from .measure import (
     StepCall,
@@ -215,7 +216,8 @@ def _stage(run: Run, stage: Stage, emb, image, seed: int, picture) -> tuple[torc
     control_call = capture_transformer_call(controlnet) if controlnet is not None else nullcontext({})
     with capture_transformer_call(transformer) as inputs, control_call as control_inputs:
         with clock.watching(controlnet if controlnet is not None else transformer), cache as blocks:
-            latents = _run_stage(run, stage, emb, image, seed, clock, control)
+            with dynamic_rope(_rope_models(transformer, controlnet, stage), stage):  # --dype
+                latents = _run_stage(run, stage, emb, image, seed, clock, control)
     timing = _timing(stage, choice, clock, geo, blocks)
     timing.gpus = run.world.size if run.shards is not None and stage.clear else 1  # stock stages: replicated
     record_peak_memory(timing, device)
@@ -247,6 +249,11 @@ def _reference_tokens(transformer, reference):
     if reference is None:
         return nullcontext()
     return models.of(transformer).reference_tokens(transformer, *reference)
+
+
+def _rope_models(transformer, controlnet, stage: Stage) -> list:
+    """The models whose RoPE DyPE sets in a stage: those running CLEAR (where the NTK factor applies)."""
+    return [transformer] + ([controlnet] if controlnet is not None and stage.controlnet_clear else [])
 
 
 def _control_kwargs(spec: ControlSpec, picture) -> dict[str, Any]:

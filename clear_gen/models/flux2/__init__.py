@@ -39,7 +39,9 @@ from ..layout import (  # noqa: F401  (part of this family's API: models.FAMILY_
     attention_modules,
     blocks,
     compute_device,
+    rope_axes,
     rope_theta,
+    set_rope,
     set_rope_theta,
     single_blocks,
 )
