@@ -545,22 +545,10 @@ def _stage(
     vae, tile = the_recipe.vae_tiling(spec.settings.vae_tiling, w, h), spec.settings.vae_tile
     reference = spec.edit.reference if spec.edit is not None else None  # an edit's, in every stage
     return Stage(
-        w,
-        h,
-        clear,
-        steps,
-        guidance,
-        sdedit,
-        strength,
-        ntk,
-        proportional,
-        vae,
-        tile,
-        net_clear,
-        *guide,
-        reference,
-        dype,
-    )
+        w, h, clear, steps, guidance, sdedit, strength=strength, ntk_factor=ntk, proportional=proportional,
+        vae_tiling=vae, vae_tile=tile, controlnet_clear=net_clear, guide=guide[0], guide_level=guide[1],
+        reference=reference, dype=dype,
+    )  # fmt: skip
 
 
 def dype_base_px() -> int:
